@@ -1,0 +1,204 @@
+"""Bayesian classifier and regressor models: stock Pyro models over a network with priors.
+
+Both are :class:`~pyro.nn.PyroModule`s whose ``forward(x, y=None)`` is the Pyro
+model. The likelihood sits in ``pyro.plate("data", dataset_size,
+subsample_size=len(x))``, so the log likelihood of a minibatch is scaled to the
+whole dataset and a minibatch ELBO is an unbiased estimate of the full one.
+The weight sites are named after the network's parameters with the prefix
+``net.``, e.g. ``net.conv1.weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Optional, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+from torch.func import functional_call, vmap
+
+from pyro_bq._validation import check_int, check_module, check_positive
+from pyro_bq.priors import Prior, bq_priors, prior_sites
+
+__all__ = ["BayesianModel", "BayesianClassifier", "BayesianRegressor"]
+
+
+class BayesianModel(PyroModule):
+    """Shared machinery: priors on ``net``, minibatch scaling, batched prediction.
+
+    Subclasses define the likelihood in :meth:`forward`.
+    """
+
+    def __init__(self, net: nn.Module, prior: Prior, dataset_size: int, *, expose=None):
+        super().__init__()
+        check_module("net", net)
+        self.dataset_size = check_int("dataset_size", dataset_size, low=1)
+        self.net = bq_priors(net, prior, expose=expose)
+        self.prior = prior
+        # A parameter-free twin of the network for vectorized prediction with
+        # torch.func; every tensor it uses is supplied at call time.
+        object.__setattr__(self, "_template", copy.deepcopy(net).to("meta").eval())
+        object.__setattr__(
+            self, "_initial_params", {f"net.{k}": v.detach().clone() for k, v in net.named_parameters()}
+        )
+
+    # -- sites -----------------------------------------------------------------
+    @property
+    def weight_sites(self) -> list[str]:
+        """Names of the latent weight sites, e.g. ``['net.conv1.weight', ...]``."""
+        return [f"net.{name}" for name in prior_sites(self.net)]
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """The network's weights as given to the constructor, keyed by site name."""
+        return {k: v for k, v in self._initial_params.items() if k in set(self.weight_sites)}
+
+    # -- input checks ------------------------------------------------------------
+    def _check_inputs(self, x, y=None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[0] < 1:
+            raise ValueError(f"x must have shape (batch, ...features) with batch >= 1, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has {y.shape[0]} rows but x has {x.shape[0]}; they must match")
+
+    def _run_net(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.net(x)
+        except RuntimeError as err:
+            if "shape" in str(err) or "size" in str(err):
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)}, which {type(self._template).__name__} cannot take: {err}"
+                ) from err
+            raise
+
+    # -- vectorized prediction ---------------------------------------------------------
+    def batched_forward(self, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Network outputs for ``S`` weight samples at once: shape ``(S, N, ...)``.
+
+        ``samples`` maps every weight site to a tensor with a leading sample
+        dimension ``S``. All samples go through one vectorized call
+        (:func:`torch.func.vmap`); deterministic parameters and buffers
+        (e.g. BatchNorm) are shared across samples. The network runs in eval mode.
+        """
+        self._check_inputs(x)
+        missing = [s for s in self.weight_sites if s not in samples]
+        if missing:
+            raise ValueError(f"samples lacks weight sites {missing}")
+        shared = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
+        batched = {name[len("net."):]: samples[name] for name in self.weight_sites}
+
+        def one(params):
+            return functional_call(self._template, {**shared, **params}, (x,))
+
+        try:
+            return vmap(one)(batched)
+        except RuntimeError as err:
+            if "shape" in str(err) or "size" in str(err):
+                raise ValueError(f"x has shape {tuple(x.shape)}, which the network cannot take: {err}") from err
+            raise
+
+
+class BayesianClassifier(BayesianModel):
+    """Bayesian classifier with a categorical likelihood over ``net``'s logits.
+
+    :param net: a ``torch.nn.Module`` that maps ``x`` to logits ``(N, C)``.
+    :param prior: a :class:`~pyro_bq.priors.Prior` for the weights.
+    :param dataset_size: number of training examples; minibatch likelihoods are
+        scaled by ``dataset_size / len(x)``.
+    :param expose: which parameters get priors, as in :func:`~pyro_bq.bq_priors`.
+
+    Sites: the weights ``net.*``, ``logits`` (deterministic) and ``obs``.
+
+    Usage::
+
+        model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=60000)
+        guide = AutoMeanFieldNormal(model)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+        svi.step(x, y)
+    """
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_inputs(x, y)
+        logits = self._run_net(x)
+        if logits.dim() != 2:
+            raise ValueError(f"net must return logits of shape (N, C), got {tuple(logits.shape)}")
+        if y is not None:
+            if y.dtype not in (torch.int64, torch.int32, torch.uint8):
+                raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+            if y.dim() != 1:
+                raise ValueError(f"y must be a vector of class labels, got shape {tuple(y.shape)}")
+        with pyro.plate("data", size=self.dataset_size, subsample_size=x.shape[0]):
+            pyro.deterministic("logits", logits, event_dim=1)
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+
+class BayesianRegressor(BayesianModel):
+    """Bayesian regressor with a Gaussian likelihood.
+
+    :param noise: a positive float for fixed observation noise, or ``"learned"``
+        for a noise scale learned as a point estimate (a positive ``PyroParam``
+        named ``noise``).
+    :param noise_init: starting value of a learned noise scale.
+
+    Sites: the weights ``net.*``, ``loc`` (deterministic) and ``obs``.
+    The network's output of shape ``(N,)`` or ``(N, 1)`` is the mean.
+
+    Usage::
+
+        model = BayesianRegressor(nn.Linear(3, 1), IIDNormal(1.0), dataset_size=100, noise=0.1)
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        prior: Prior,
+        dataset_size: int,
+        noise: Union[float, str] = "learned",
+        *,
+        noise_init: float = 1.0,
+        expose=None,
+    ):
+        super().__init__(net, prior, dataset_size, expose=expose)
+        if isinstance(noise, str):
+            if noise != "learned":
+                raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
+            self.noise = PyroParam(torch.tensor(check_positive("noise_init", noise_init)), constraints.positive)
+            self.learned_noise = True
+        else:
+            self.register_buffer("noise", torch.tensor(check_positive("noise", noise)))
+            self.learned_noise = False
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_inputs(x, y)
+        loc = self._run_net(x)
+        if loc.dim() == 2 and loc.shape[-1] == 1:
+            loc = loc.squeeze(-1)
+        if loc.dim() != 1:
+            raise ValueError(f"net must return one output per example, got shape {tuple(loc.shape)}")
+        if y is not None:
+            if not y.is_floating_point():
+                raise TypeError(f"y must be a floating-point tensor of targets, got dtype {y.dtype}")
+            y = y.reshape(loc.shape)
+        noise = self.noise
+        with pyro.plate("data", size=self.dataset_size, subsample_size=x.shape[0]):
+            pyro.deterministic("loc", loc)
+            pyro.sample("obs", dist.Normal(loc, noise), obs=y)
+        return loc
+
+    def batched_forward(self, samples, x):
+        out = super().batched_forward(samples, x)
+        return out.squeeze(-1) if out.dim() == 3 and out.shape[-1] == 1 else out
+
+    def noise_scale(self) -> torch.Tensor:
+        """The observation noise scale (a detached scalar tensor)."""
+        return self.noise.detach() if isinstance(self.noise, torch.Tensor) else torch.as_tensor(self.noise)

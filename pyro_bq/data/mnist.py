@@ -1,0 +1,128 @@
+"""MNIST and Fashion-MNIST as in-memory tensors.
+
+The IDX files are decoded once with numpy (no per-item PIL work) and
+normalised with MNIST's mean and std (0.1307, 0.3081), Fashion-MNIST too, so
+that an out-of-distribution set goes through the same preprocessing.
+
+Root directory resolution: the ``root`` argument, then the environment
+variable ``PYRO_BQ_DATA``, then ``~/.cache/pyro_bq/data``. The folder uses
+torchvision's layout, ``ROOT/MNIST/raw/train-images-idx3-ubyte(.gz)``; a
+read-only folder works (the ``.gz`` files are read directly).
+``download=True`` hands over to torchvision, which fetches the files into a
+writable ROOT.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from pyro_bq._validation import check_int
+
+from .dataset import InMemoryDataset
+
+__all__ = ["resolve_root", "load_mnist", "load_fashion_mnist", "MNIST_MEAN", "MNIST_STD", "DataNotFoundError"]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
+_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST"}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are not where pyro_bq looked."""
+
+
+def resolve_root(root: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """The data root: ``root``, else ``$PYRO_BQ_DATA``, else ``~/.cache/pyro_bq/data``."""
+    if root is not None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path (str or os.PathLike), got {type(root).__name__}")
+        return Path(root).expanduser()
+    env = os.environ.get("PYRO_BQ_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "pyro_bq" / "data"
+
+
+def _read_idx(path: Path, magic: int, expected_count: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            buf = fh.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read {path}: {err}; the file is damaged, delete it and provide it again") from err
+    header = np.frombuffer(buf[:4], dtype=">u4")
+    if len(buf) < 8 or int(header[0]) != magic:
+        raise ValueError(f"{path} is not an IDX file (bad magic number); provide the original MNIST-format file")
+    ndim = magic & 0xFF
+    dims = np.frombuffer(buf[4 : 4 + 4 * ndim], dtype=">u4").astype(int)
+    if dims[0] != expected_count:
+        raise ValueError(f"{path} holds {dims[0]} items, expected {expected_count}")
+    data = np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: {data.size} bytes of data for shape {tuple(dims)}")
+    return data.reshape(tuple(dims))
+
+
+def _find(raw: Path, stem: str) -> Optional[Path]:
+    for candidate in (raw / stem, raw / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: Optional[int]) -> InMemoryDataset:
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a bool, got {type(train).__name__}")
+    if limit is not None:
+        limit = check_int("limit", limit, low=1)
+    base = resolve_root(root)
+    raw = base / name / "raw"
+    img_stem, lbl_stem, count = _FILES[train]
+    img_path, lbl_path = _find(raw, img_stem), _find(raw, lbl_stem)
+    if (img_path is None or lbl_path is None) and download:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, _TORCHVISION[name])(str(base), train=train, download=True)
+        img_path, lbl_path = _find(raw, img_stem), _find(raw, lbl_stem)
+    if img_path is None or lbl_path is None:
+        raise DataNotFoundError(
+            f"{name} ({'train' if train else 'test'}) not found: looked for {raw / img_stem}[.gz] and "
+            f"{raw / lbl_stem}[.gz]. Pass root=<folder with {name}/raw/>, set PYRO_BQ_DATA, "
+            "or use download=True when online."
+        )
+    images = _read_idx(img_path, 0x00000803, count)
+    labels = _read_idx(lbl_path, 0x00000801, count)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
+    if normalize:
+        x.sub_(MNIST_MEAN).div_(MNIST_STD)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return InMemoryDataset(x, y, name=f"{name}-{'train' if train else 'test'}")
+
+
+def load_mnist(root=None, train: bool = True, *, download: bool = False, normalize: bool = True, limit: Optional[int] = None) -> InMemoryDataset:
+    """MNIST as an :class:`InMemoryDataset` of ``x`` (N, 1, 28, 28) float and ``y`` (N,) long.
+
+    :param root: data root (see :func:`resolve_root`).
+    :param train: the 60,000 training images, or the 10,000 test images.
+    :param download: let torchvision download missing files into ``root``.
+    :param normalize: apply ``(x - 0.1307) / 0.3081``; otherwise pixels are in [0, 1].
+    :param limit: keep only the first ``limit`` examples.
+    """
+    return _load("MNIST", root, train, download, normalize, limit)
+
+
+def load_fashion_mnist(root=None, train: bool = True, *, download: bool = False, normalize: bool = True, limit: Optional[int] = None) -> InMemoryDataset:
+    """Fashion-MNIST, preprocessed exactly like :func:`load_mnist`."""
+    return _load("FashionMNIST", root, train, download, normalize, limit)
