@@ -74,6 +74,14 @@ class AutoGaussianSites(AutoGuide):
         if not sites:
             raise ValueError("the model has no latent sample sites: did you pass a model built with bq_priors?")
         self.sites = sites
+        # Plates come from the guide's own sites only: an unobserved likelihood
+        # (model traced without y) must not make the guide draw subsample indices.
+        self._prototype_frames = {
+            frame.name: frame
+            for name in sites
+            for frame in self.prototype_trace.nodes[name]["cond_indep_stack"]
+            if frame.vectorized
+        }
         self._setup_params(self.prototype_trace)
 
     def _setup_params(self, trace) -> None:
