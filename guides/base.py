@@ -12,6 +12,8 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Iterable, NamedTuple
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -19,6 +21,45 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
 
 __all__ = ["AutoGaussianSites", "SiteInfo"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class _FusedNormal(dist.Normal):
+    """A plain ``Normal(loc, scale)`` whose one draw was made ahead of time.
+
+    The fused guide path draws all sites' weights in one flat operation
+    (``value = loc + scale * eps``) and hands each site its view through this
+    class: the first ``rsample()`` returns the prepared draw, every other call
+    draws afresh, and ``log_prob`` of the prepared draw is computed from ``eps``
+    (same value and gradient as ``Normal.log_prob``, fewer full-size operations).
+    """
+
+    _bq_exact_gaussian = True  # samples are exactly loc + scale * eps (see inference.reparam)
+
+    def __init__(self, loc, scale, value, eps):
+        super().__init__(loc, scale, validate_args=False)
+        self._pending = value
+        self._value = value
+        self._eps = eps
+
+    def rsample(self, sample_shape=torch.Size()):
+        if self._pending is not None and not sample_shape:
+            value, self._pending = self._pending, None
+            return value
+        return super().rsample(sample_shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape).detach()
+
+    def log_prob(self, value):
+        if value is self._value:
+            return self._eps.square().mul_(-0.5).sub_(_HALF_LOG_2PI) - self.scale.log()
+        return super().log_prob(value)
+
+    def expand(self, batch_shape, _instance=None):
+        return dist.Normal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
 
 
 class SiteInfo(NamedTuple):
@@ -87,6 +128,21 @@ class AutoGaussianSites(AutoGuide):
     def _setup_params(self, trace) -> None:
         """Create the guide's parameters once the sites are known (subclasses)."""
 
+    def _fused_loc_scale(self):
+        """Flat ``(loc, scale)`` of all sites when every site samples a plain
+        ``Normal`` whose loc and scale are views of them (site order, offsets of
+        :attr:`sites`); ``None`` otherwise. Enables one fused draw for all sites."""
+        return None
+
+    def _needs_plates(self) -> bool:
+        if self.create_plates is not None:
+            return True
+        return any(
+            frame.vectorized
+            for name in self.sites
+            for frame in self.prototype_trace.nodes[name]["cond_indep_stack"]
+        )
+
     def setup(self, *args, **kwargs) -> "AutoGaussianSites":
         """Trace the model with example inputs and create the parameters now.
 
@@ -128,6 +184,15 @@ class AutoGaussianSites(AutoGuide):
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        needed = self.__dict__.get("_plates_needed")
+        if needed is None:
+            needed = self.__dict__["_plates_needed"] = self._needs_plates()
+        if not needed:
+            # every site is global: no plate to enter (and no subsample to draw)
+            fused = self._fused_loc_scale()
+            if fused is not None:
+                return self._forward_fused(*fused)
+            return {name: pyro.sample(name, self.get_posterior(name)) for name in self.sites}
         plates = self._create_plates(*args, **kwargs)
         result = {}
         for name in self.sites:
@@ -137,6 +202,22 @@ class AutoGaussianSites(AutoGuide):
                     if frame.vectorized:
                         stack.enter_context(plates[frame.name])
                 result[name] = pyro.sample(name, self.get_posterior(name))
+        return result
+
+    def _split(self, flat: torch.Tensor) -> list:
+        """Views of a flat vector (last dim) per site, shaped like the sites."""
+        lead = flat.shape[:-1]
+        chunks = flat.split([info.numel for info in self.sites.values()], dim=-1)
+        return [c.view(lead + info.shape) for c, info in zip(chunks, self.sites.values())]
+
+    def _forward_fused(self, loc, scale) -> dict[str, torch.Tensor]:
+        eps = torch.empty_like(loc).normal_()
+        value = torch.addcmul(loc, scale, eps)
+        result = {}
+        parts = zip(self.sites.items(), self._split(loc), self._split(scale), self._split(value), self._split(eps))
+        for (name, info), loc_i, scale_i, value_i, eps_i in parts:
+            fn = _FusedNormal(loc_i, scale_i, value_i, eps_i).to_event(info.event_dim)
+            result[name] = pyro.sample(name, fn)
         return result
 
     @torch.no_grad()
@@ -171,4 +252,10 @@ class AutoGaussianSites(AutoGuide):
         self._require_setup()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        fused = self._fused_loc_scale()
+        if fused is not None:
+            loc, scale = fused
+            eps = torch.empty((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+            flat = torch.addcmul(loc, scale, eps)
+            return dict(zip(self.sites, self._split(flat)))
         return {name: self.get_posterior(name).rsample((num_samples,)) for name in self.sites}

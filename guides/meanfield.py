@@ -125,6 +125,18 @@ class AutoMeanFieldNormal(AutoGaussianSites):
         info = self._check_site(name)
         return flat[info.offset : info.offset + info.numel].view(info.shape)
 
+    def _fused_loc_scale(self):
+        # only when this class's own loc/scale layout is in use: subclasses that
+        # change get_loc_scale, flat_loc_scale or get_posterior take the per-site path
+        cls = type(self)
+        if (
+            cls.get_loc_scale is AutoMeanFieldNormal.get_loc_scale
+            and cls.flat_loc_scale is AutoMeanFieldNormal.flat_loc_scale
+            and cls.get_posterior is AutoGaussianSites.get_posterior
+        ):
+            return self.flat_loc_scale()
+        return None
+
     def get_loc_scale(self, name):
         info = self._check_site(name)
         sl = slice(info.offset, info.offset + info.numel)

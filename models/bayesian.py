@@ -70,6 +70,18 @@ class BayesianModel(PyroModule):
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"y has {y.shape[0]} rows but x has {x.shape[0]}; they must match")
 
+    def _data_plate(self, x: torch.Tensor) -> pyro.plate:
+        """The minibatch plate, scaled by ``dataset_size / len(x)``.
+
+        The minibatch *is* the subsample, so its indices are given explicitly
+        (``arange``) instead of drawing a random permutation of the whole
+        dataset at every step (which the model never uses).
+        """
+        n = x.shape[0]
+        if n > self.dataset_size:
+            return pyro.plate("data", size=self.dataset_size, subsample_size=n)
+        return pyro.plate("data", size=self.dataset_size, subsample=torch.arange(n, device=x.device))
+
     def _run_net(self, x: torch.Tensor) -> torch.Tensor:
         try:
             return self.net(x)
@@ -136,7 +148,7 @@ class BayesianClassifier(BayesianModel):
                 raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
             if y.dim() != 1:
                 raise ValueError(f"y must be a vector of class labels, got shape {tuple(y.shape)}")
-        with pyro.plate("data", size=self.dataset_size, subsample_size=x.shape[0]):
+        with self._data_plate(x):
             pyro.deterministic("logits", logits, event_dim=1)
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
@@ -190,7 +202,7 @@ class BayesianRegressor(BayesianModel):
                 raise TypeError(f"y must be a floating-point tensor of targets, got dtype {y.dtype}")
             y = y.reshape(loc.shape)
         noise = self.noise
-        with pyro.plate("data", size=self.dataset_size, subsample_size=x.shape[0]):
+        with self._data_plate(x):
             pyro.deterministic("loc", loc)
             pyro.sample("obs", dist.Normal(loc, noise), obs=y)
         return loc

@@ -9,10 +9,12 @@ shape, the event dimensions and the Pyro site.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Iterable, Optional, Union
 
 import pyro.distributions as dist
 import torch
+import torch.distributions as tdist
 from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from torch import nn
@@ -32,6 +34,36 @@ __all__ = [
 
 #: Layer types whose ``weight`` and ``bias`` get a prior by default.
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _ConstNormal(dist.Normal):
+    """``Normal(loc0, scale0)`` with Python-number parameters, broadcast to a shape.
+
+    Same distribution as ``dist.Normal(torch.full(shape, loc0), torch.full(shape, scale0))``;
+    its ``log_prob`` and its KL divergence from a Normal guide use the scalar
+    parameters directly (fewer full-size operations in every SVI step), and it
+    does not re-validate the whole weight tensor at every step.
+    """
+
+    def __init__(self, loc0: float, scale0: float, like: torch.Tensor):
+        self._loc0, self._scale0 = float(loc0), float(scale0)
+        loc = torch.full((), self._loc0, dtype=like.dtype, device=like.device).expand(like.shape)
+        scale = torch.full((), self._scale0, dtype=like.dtype, device=like.device).expand(like.shape)
+        super().__init__(loc, scale, validate_args=False)
+
+    def log_prob(self, value):
+        z = value - self._loc0 if self._loc0 else value
+        out = z.square().mul_(-0.5 / self._scale0**2).sub_(math.log(self._scale0) + 0.5 * math.log(2 * math.pi))
+        return out if out.shape == self.batch_shape else out.expand(torch.broadcast_shapes(out.shape, self.batch_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        return dist.Normal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
+
+
+@tdist.kl.register_kl(tdist.Normal, _ConstNormal)
+def _kl_normal_const(q, p):
+    loc = q.loc - p._loc0 if p._loc0 else q.loc
+    return (loc.square() + q.scale.square()).mul_(0.5 / p._scale0**2).add_(math.log(p._scale0) - 0.5) - q.scale.log()
 
 
 class Prior:
@@ -65,8 +97,7 @@ class IIDNormal(Prior):
         self.scale = check_positive("scale", scale)
 
     def distribution(self, module_name, param_name, param):
-        zeros = torch.zeros_like(param)
-        return dist.Normal(zeros, zeros + self.scale)
+        return _ConstNormal(0.0, self.scale, param)
 
 
 class LayerwiseNormal(Prior):
@@ -91,8 +122,7 @@ class LayerwiseNormal(Prior):
 
     def distribution(self, module_name, param_name, param):
         fan_in = self._fan_in.get(module_name, param[0].numel() if param.dim() >= 2 else param.numel())
-        zeros = torch.zeros_like(param)
-        return dist.Normal(zeros, zeros + self.gain / fan_in**0.5)
+        return _ConstNormal(0.0, self.gain / fan_in**0.5, param)
 
 
 class ScaleMixtureNormal(Prior):

@@ -1,1 +1,56 @@
-"""Placeholder package; filled in by its issue."""
+"""Probabilistic weight fixing networks (PWFN): Gaussian weights started from a
+pretrained net, a sigma regulariser, and iterative clustering onto (additive)
+powers of two.
+
+Usage::
+
+    from pyro_bq.guides import init_to_pretrained
+    from pyro_bq.pwfn import PWFN, AutoPWFN
+
+    guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net))
+    result = PWFN(model, guide, train, test_data=test, num_epochs=1).run()
+    quantized = guide.median()          # every weight on a codebook value
+"""
+
+from pyro_bq.guides.pwfn import AutoPWFN
+
+from .clustering import ClusterConfig, ClusterLevel, ClusterResult, cluster_guide_, prefix_within_tau, pwfn_cluster
+from .driver import DEFAULT_SCHEDULE, PWFN, PWFNResult, check_schedule
+from .metrics import (
+    accuracy,
+    compression_stats,
+    ensemble_accuracy,
+    fl_bias_excluded_sites,
+    unique_values,
+    weight_entropy,
+)
+from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective, sigma_regularizer
+from .sigma_init import pow2_bracket, pwfn_sigma_init, quantile, relative_pow2_distances
+
+__all__ = [
+    "AutoPWFN",
+    "PWFN",
+    "PWFNResult",
+    "PWFNObjective",
+    "DEFAULT_SCHEDULE",
+    "DEFAULT_S",
+    "DEFAULT_ALPHA",
+    "check_schedule",
+    "ClusterConfig",
+    "ClusterLevel",
+    "ClusterResult",
+    "pwfn_cluster",
+    "cluster_guide_",
+    "prefix_within_tau",
+    "sigma_regularizer",
+    "pwfn_sigma_init",
+    "pow2_bracket",
+    "relative_pow2_distances",
+    "quantile",
+    "weight_entropy",
+    "unique_values",
+    "fl_bias_excluded_sites",
+    "compression_stats",
+    "accuracy",
+    "ensemble_accuracy",
+]

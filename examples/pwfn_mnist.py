@@ -1,0 +1,157 @@
+"""PWFN on real MNIST: pretrain LeNet-5 (or load it), fix its weights onto
+(additive) powers of two in rounds, print the round log and a final table.
+
+    python examples/pwfn_mnist.py --data-dir ../shared/data                # full run
+    python examples/pwfn_mnist.py --train-limit 2000 --test-limit 1000 \\
+        --pretrain-epochs 1 --num-steps 20 --schedule 0.5 1.0              # a quick look
+
+The pretrained net is cached with ``--pretrained PATH`` (pickle-free
+``pyro_bq.io`` checkpoint): loaded when the file exists, written otherwise.
+``--checkpoint-dir`` makes the PWFN rounds resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def pretrain(net, train, *, epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for epoch in range(epochs):
+        for xb, yb in train.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
+            opt.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            opt.step()
+    net.eval()
+
+
+@torch.no_grad()
+def net_accuracy(net, data, batch_size: int = 1000) -> float:
+    correct = 0
+    for xb, yb in data.batches(batch_size):
+        correct += int((net(xb).argmax(-1) == yb).sum())
+    return correct / len(data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: $PYRO_BQ_DATA or ../shared/data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    p.add_argument("--pretrained", default=None, help="pretrained LeNet-5 checkpoint: loaded if present, else written")
+    p.add_argument("--pretrain-epochs", type=int, default=5)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--num-epochs", type=int, default=1, help="training epochs per PWFN round")
+    p.add_argument("--num-steps", type=int, default=None, help="training steps per round (overrides --num-epochs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the means during the rounds")
+    p.add_argument("--scale-lr", type=float, default=1e-2, help="Adam learning rate of the scales")
+    p.add_argument("--schedule", type=float, nargs="+", default=None, help="fixing fractions p_t (default: the paper's)")
+    p.add_argument("--mode", choices=("paper", "elbo"), default="paper")
+    p.add_argument("--no-prior", action="store_true", help="the paper's 'no prior' variant (uniform initial sigma)")
+    p.add_argument("--S", type=float, default=0.05, help="regulariser target sigma")
+    p.add_argument("--alpha", type=float, default=2.0**-11, help="regulariser weight")
+    p.add_argument("--b", type=int, default=None, help="starting precision 2^-b of the centres")
+    p.add_argument("--tau", type=float, default=None, help="starting threshold (mean distance in sigmas)")
+    p.add_argument("--max-order", type=int, default=None)
+    p.add_argument("--max-b", type=int, default=None)
+    p.add_argument("--zero-fix", type=float, default=None)
+    p.add_argument("--eval-samples", type=int, default=20, help="ensemble size")
+    p.add_argument("--checkpoint-dir", default=None, help="resumable PWFN rounds")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(args) -> dict:
+    import pyro
+
+    from pyro_bq import IIDNormal
+    from pyro_bq.data import load_mnist
+    from pyro_bq.guides import init_to_pretrained
+    from pyro_bq.io import load_checkpoint, save_checkpoint
+    from pyro_bq.models import BayesianClassifier, LeNet5
+    from pyro_bq.pwfn import DEFAULT_SCHEDULE, PWFN, AutoPWFN, ClusterConfig, compression_stats
+
+    torch.manual_seed(args.seed)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    train = load_mnist(args.data_dir, train=True, limit=args.train_limit)
+    test = load_mnist(args.data_dir, train=False, limit=args.test_limit)
+
+    net = LeNet5()
+    path = Path(args.pretrained) if args.pretrained else None
+    t0 = time.perf_counter()
+    if path is not None and path.exists():
+        net.load_state_dict(load_checkpoint(path)["net"])
+        print(f"loaded pretrained LeNet-5 from {path}")
+    else:
+        pretrain(net, train, epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=args.batch_size, seed=args.seed)
+        print(f"pretrained LeNet-5 for {args.pretrain_epochs} epoch(s) in {time.perf_counter() - t0:.1f}s")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(path, {"net": net.state_dict()})
+    net.eval()
+    base_acc = net_accuracy(net, test)
+    base_stats = compression_stats({f"net.{k}": v for k, v in net.named_parameters()})
+    print(f"pretrained accuracy {100 * base_acc:.2f}%  entropy {base_stats['entropy']:.1f} bits  "
+          f"unique {base_stats['unique']}")
+
+    model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=len(train))
+    guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net), prior_init=not args.no_prior)
+    cfg = {}
+    if args.b is not None:
+        cfg["b"] = args.b
+    if args.tau is not None:
+        cfg["tau"] = args.tau
+    if args.max_order is not None:
+        cfg["max_order"] = args.max_order
+    if args.max_b is not None:
+        cfg["max_b"] = args.max_b
+        cfg["b"] = min(cfg.get("b", ClusterConfig().b), args.max_b)
+    if args.zero_fix is not None:
+        cfg["zero_fix"] = args.zero_fix
+    cluster = ClusterConfig(**cfg)
+    schedule = tuple(args.schedule) if args.schedule else DEFAULT_SCHEDULE
+    runner = PWFN(
+        model, guide, train, test_data=test, schedule=schedule, mode=args.mode, S=args.S, alpha=args.alpha,
+        cluster=cluster, num_epochs=args.num_epochs, num_steps=args.num_steps, batch_size=args.batch_size,
+        lr=args.lr, scale_lr=args.scale_lr, seed=args.seed, checkpoint_dir=args.checkpoint_dir, eval_samples=args.eval_samples,
+        progress=not args.no_progress,
+    )
+    t1 = time.perf_counter()
+    result = runner.run()
+    elapsed = time.perf_counter() - t1
+    f = result.final
+
+    def pct(v):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+
+    rows = [
+        ("pretrained accuracy", pct(base_acc)),
+        ("PWFN point accuracy", pct(f.get("accuracy"))),
+        (f"PWFN ensemble accuracy ({f.get('ensemble_samples')} samples)", pct(f.get("ensemble_accuracy"))),
+        ("  mean accuracy of one sample", pct(f.get("ensemble_member_accuracy"))),
+        ("weight entropy (bits)", f"{f['entropy']:.3f}  (pretrained {base_stats['entropy']:.1f})"),
+        ("weight entropy w/o FL-bias", f"{f['entropy_wo_fl_bias']:.3f}"),
+        ("unique values", f"{f['unique']}  (w/o FL-bias {f['unique_wo_fl_bias']})"),
+        ("fraction fixed", f"{100 * f['fraction_fixed']:.1f}%"),
+        ("PWFN time", f"{elapsed:.0f}s"),
+    ]
+    print("\nfinal table (mode=%s, %s)" % (args.mode, "no prior" if args.no_prior else "prior init"))
+    width = max(len(r[0]) for r in rows)
+    for name, val in rows:
+        print(f"  {name:<{width}}  {val}")
+    print("  codebook: " + ", ".join(f"{c:g}" for c in f["codebook"]))
+    return {"pretrained_accuracy": base_acc, "rounds": result.rounds, **f, "guide": guide, "model": model}
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -1,0 +1,182 @@
+"""The PWFN guide: a Gaussian per weight, started from a pretrained network,
+with PWFN's power-of-two-aware initial scales and a per-weight freeze mask.
+
+See :mod:`pyro_bq.pwfn` for the training objective (Eq. 2-3), the clustering
+(Algorithm 1) and the driver that alternates them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from pyro_bq._validation import check_positive, check_type
+
+from .meanfield import AutoMeanFieldNormal, softplus_inverse
+
+__all__ = ["AutoPWFN"]
+
+
+class AutoPWFN(AutoMeanFieldNormal):
+    """Mean-field Normal guide for probabilistic weight fixing (PWFN).
+
+    Every weight ``w_i`` has ``q(w_i) = Normal(mu_i, sigma_i)``. ``mu`` starts
+    at a pretrained network (pass ``init_loc_fn=init_to_pretrained(net)``);
+    ``sigma`` starts from Eq. 12-13 of the paper
+    (:func:`pyro_bq.pwfn.sigma_init.pwfn_sigma_init`: small next to a power of
+    two, large half-way between two, normalised by the 0.75 quantile over the
+    whole network, clamped to ``[2**-30, 0.05]``). With ``prior_init=False``
+    it is the paper's "PWFN (no prior)" variant: every sigma starts at
+    ``init_scale``.
+
+    Weights can be *fixed* (frozen on a cluster centre) by the clustering
+    step: the boolean buffer :attr:`fixed` marks them and the buffers
+    :attr:`fixed_loc` / :attr:`fixed_scale` hold their values. For fixed
+    weights :meth:`get_loc_scale` returns the buffer values through a
+    ``torch.where``, so their gradients with respect to ``loc`` and
+    ``scale_raw`` are exactly zero and a fresh optimizer never moves them;
+    :meth:`enforce_fixed_` additionally writes the values into the parameters.
+
+    :param model: a Pyro model, usually a :class:`~pyro_bq.models.BayesianClassifier`.
+    :param init_loc_fn: ``site -> initial loc``; use :func:`init_to_pretrained`
+        (required by the paper's training mode, see :class:`pyro_bq.pwfn.PWFNObjective`).
+    :param prior_init: True (default): Eq. 12-13 scales; False: uniform ``init_scale``.
+    :param init_scale: the uniform initial sigma of the no-prior variant. The
+        paper does not give its value; the default ``0.05**2`` is the sigma
+        Eq. 12 assigns to a weight at the 0.75 quantile.
+
+    Usage::
+
+        guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net))
+        guide.setup(x, y)
+        guide.num_fixed, guide.fraction_fixed   # 0, 0.0 before clustering
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        init_loc_fn: Optional[Callable[[dict], torch.Tensor]] = None,
+        prior_init: bool = True,
+        init_scale: float = 0.05**2,
+        create_plates=None,
+    ):
+        check_type("prior_init", prior_init, bool)
+        init_scale = check_positive("init_scale", init_scale)
+        super().__init__(model, init_loc_fn=init_loc_fn, init_scale=init_scale, create_plates=create_plates)
+        self.prior_init = prior_init
+
+    # -- set-up -------------------------------------------------------------------
+    def _setup_params(self, trace) -> None:
+        locs = []
+        for name in self.sites:
+            locs.append(self._initial_loc(name, trace.nodes[name]).reshape(-1))
+        loc = torch.cat(locs).detach()
+        if self.prior_init:
+            from pyro_bq.pwfn.sigma_init import pwfn_sigma_init
+
+            scale = pwfn_sigma_init(loc)
+        else:
+            scale = torch.full_like(loc, self.init_scale)
+        self.loc = torch.nn.Parameter(loc.clone())
+        self.scale_raw = torch.nn.Parameter(softplus_inverse(scale.clamp_min(1e-30)))
+        self.register_buffer("fixed", torch.zeros(loc.shape, dtype=torch.bool))
+        self.register_buffer("fixed_loc", torch.zeros_like(loc))
+        self.register_buffer("fixed_scale", torch.ones_like(loc))
+
+    # -- loc and scale, with fixed weights taken from the buffers -----------------------
+    def flat_loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All locs and scales as two flat vectors in site order (fixed ones from the buffers)."""
+        self._require_setup()
+        loc, scale = self.loc, F.softplus(self.scale_raw)
+        if self._any_fixed():
+            loc = torch.where(self.fixed, self.fixed_loc, loc)
+            scale = torch.where(self.fixed, self.fixed_scale, scale)
+        return loc, scale
+
+    def _any_fixed(self) -> bool:
+        flag = getattr(self, "_any_fixed_cache", None)
+        if flag is None:
+            flag = bool(self.fixed.any())
+            object.__setattr__(self, "_any_fixed_cache", flag)
+        return flag
+
+    def _invalidate(self) -> None:
+        object.__setattr__(self, "_any_fixed_cache", None)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._invalidate()
+
+    def get_loc_scale(self, name):
+        info = self._check_site(name)
+        sl = slice(info.offset, info.offset + info.numel)
+        loc, scale = self.loc[sl], F.softplus(self.scale_raw[sl])
+        if self._any_fixed():
+            fixed = self.fixed[sl]
+            loc = torch.where(fixed, self.fixed_loc[sl], loc)
+            scale = torch.where(fixed, self.fixed_scale[sl], scale)
+        return loc.view(info.shape), scale.view(info.shape)
+
+    # -- the freeze mask ------------------------------------------------------------------
+    @property
+    def num_fixed(self) -> int:
+        self._require_setup()
+        return int(self.fixed.sum())
+
+    @property
+    def fraction_fixed(self) -> float:
+        return self.num_fixed / max(1, self.num_params)
+
+    @torch.no_grad()
+    def fix_(self, index: torch.Tensor, value: torch.Tensor, scale: torch.Tensor) -> "AutoPWFN":
+        """Freeze the flat weights ``index`` at loc ``value`` with scale ``scale``. Returns ``self``."""
+        self._require_setup()
+        index = torch.as_tensor(index, dtype=torch.long, device=self.loc.device).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_params):
+            raise ValueError(f"index must lie in [0, {self.num_params}), got values outside")
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device).expand(index.shape)
+        scale = torch.as_tensor(scale, dtype=self.loc.dtype, device=self.loc.device).expand(index.shape)
+        if not bool(torch.isfinite(value).all()) or not bool((scale > 0).all()):
+            raise ValueError("value must be finite and scale positive for every fixed weight")
+        self.fixed[index] = True
+        self.fixed_loc[index] = value
+        self.fixed_scale[index] = scale
+        self._invalidate()
+        return self.enforce_fixed_()
+
+    @torch.no_grad()
+    def set_fixed_(self, fixed: torch.Tensor, fixed_loc: torch.Tensor, fixed_scale: torch.Tensor) -> "AutoPWFN":
+        """Replace the whole freeze state (flat vectors of length :attr:`num_params`). Returns ``self``."""
+        self._require_setup()
+        n = self.num_params
+        for name, t in (("fixed", fixed), ("fixed_loc", fixed_loc), ("fixed_scale", fixed_scale)):
+            if not isinstance(t, torch.Tensor) or t.shape != (n,):
+                raise ValueError(f"{name} must be a tensor of shape ({n},)")
+        if fixed.dtype != torch.bool:
+            raise TypeError(f"fixed must be a bool tensor, got dtype {fixed.dtype}")
+        if not bool((fixed_scale[fixed] > 0).all()):
+            raise ValueError("fixed_scale must be positive for every fixed weight")
+        self.fixed.copy_(fixed)
+        self.fixed_loc.copy_(torch.where(fixed, fixed_loc, torch.zeros_like(fixed_loc)))
+        self.fixed_scale.copy_(torch.where(fixed, fixed_scale, torch.ones_like(fixed_scale)))
+        self._invalidate()
+        return self.enforce_fixed_()
+
+    @torch.no_grad()
+    def enforce_fixed_(self) -> "AutoPWFN":
+        """Write the fixed values into ``loc`` / ``scale_raw`` (a no-op for free weights). Returns ``self``."""
+        self._require_setup()
+        if self._any_fixed():
+            self.loc.copy_(torch.where(self.fixed, self.fixed_loc, self.loc))
+            raw = softplus_inverse(self.fixed_scale.clamp_min(1e-30))
+            self.scale_raw.copy_(torch.where(self.fixed, raw, self.scale_raw))
+        return self
+
+    @torch.no_grad()
+    def codebook(self) -> torch.Tensor:
+        """Sorted unique values of the fixed weights (empty before any clustering)."""
+        self._require_setup()
+        return torch.unique(self.fixed_loc[self.fixed])

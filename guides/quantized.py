@@ -1,0 +1,227 @@
+"""The quantized guide: a float guide seen through per-site quantizers.
+
+:class:`QuantizedGuide` wraps a *copy* of a trained :class:`AutoGaussianSites`
+guide (the original is never modified) and a calibrated
+:class:`~pyro_bq.quant.policies.SiteQuantizers` per site:
+
+* :meth:`QuantizedGuide.get_loc_scale` passes the wrapped guide's ``loc`` and
+  ``scale`` through their quantizers (VPQ, JQ);
+* :meth:`QuantizedGuide.get_posterior` returns, for sites whose samples are
+  quantized (SPQ, JQ), a :class:`QuantizedNormal`: a ``Normal`` whose
+  ``rsample`` puts each draw on the sample quantizer's grid.
+
+Every quantizer uses a straight-through estimator, so the guide trains with
+stock SVI (quantization-aware fine-tuning of the wrapped guide's float
+parameters). Because :class:`QuantizedNormal` *is a* ``Normal``,
+``TraceMeanField_ELBO`` finds the closed-form Normal-Normal KL by the class
+hierarchy: the KL term is that of the underlying Gaussian. ``Trace_ELBO``
+scores a quantized draw with the Gaussian density. Both are therefore
+Gaussian surrogates for the discrete distribution of the quantized weights --
+the usual straight-through approximation, exact in the limit of fine grids.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Optional
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .base import AutoGaussianSites
+
+__all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide"]
+
+
+def copy_guide(guide: AutoGaussianSites) -> AutoGaussianSites:
+    """A deep copy of a Pyro AutoGuide that leaves the original usable.
+
+    (``AutoGuide.__getstate__`` drops the model reference of the object being
+    copied; this restores it on both.)
+    """
+    model, master = guide._model, guide.master
+    try:
+        new = copy.deepcopy(guide)
+    finally:
+        guide._model, guide.master = model, master
+    new._model = model
+    new.master = None
+    return new
+
+
+class QuantizedNormal(dist.Normal):
+    """``Normal(loc, scale)`` whose draws are put on ``quantizer``'s grid (straight-through).
+
+    ``log_prob`` and the KL divergence are those of the Gaussian.
+
+    Usage::
+
+        d = QuantizedNormal(loc, scale, UniformQuantizer(4).calibrate(loc))
+        w = d.rsample((8,))        # on the grid
+    """
+
+    def __init__(self, loc, scale, quantizer, validate_args=None):
+        self.quantizer = quantizer
+        super().__init__(loc, scale, validate_args=validate_args)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.quantizer(super().rsample(sample_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(QuantizedNormal, _instance)
+        new.quantizer = self.quantizer
+        return super().expand(batch_shape, _instance=new)
+
+
+class PackedNormalBase(AutoGaussianSites):
+    """A Gaussian guide that holds ``loc`` and ``scale`` values verbatim (what :func:`load_packed` builds).
+
+    Both are flat ``nn.Parameter``s in site order; ``scale`` is used through ``abs``.
+
+    Usage::
+
+        base = PackedNormalBase(model, {"net.fc.weight": (loc, scale), ...}).setup(x)
+    """
+
+    def __init__(self, model, values: Mapping[str, tuple], *, create_plates=None):
+        super().__init__(model, create_plates=create_plates)
+        self._values = dict(values)
+
+    def _setup_params(self, trace) -> None:
+        locs, scales = [], []
+        for name, info in self.sites.items():
+            if name not in self._values:
+                raise ValueError(f"no stored values for site {name!r}; stored sites: {list(self._values)}")
+            loc, scale = self._values[name]
+            if tuple(loc.shape) != tuple(info.shape) or tuple(scale.shape) != tuple(info.shape):
+                raise ValueError(f"stored values for site {name!r} have shape {tuple(loc.shape)}, "
+                                 f"the model's site has shape {tuple(info.shape)}")
+            locs.append(loc.reshape(-1))
+            scales.append(scale.reshape(-1))
+        extra = set(self._values) - set(self.sites)
+        if extra:
+            raise ValueError(f"stored sites {sorted(extra)} are not in the model; its sites are {list(self.sites)}")
+        self.loc = nn.Parameter(torch.cat(locs).clone())
+        self.scale = nn.Parameter(torch.cat(scales).clone())
+        self._values = {}
+
+    def get_loc_scale(self, name):
+        info = self._check_site(name)
+        sl = slice(info.offset, info.offset + info.numel)
+        return self.loc[sl].view(info.shape), self.scale[sl].abs().view(info.shape)
+
+
+class QuantizedGuide(AutoGaussianSites):
+    """A guide whose ``loc``/``scale``/samples are quantized per site; made by :func:`pyro_bq.quant.quantize`.
+
+    :param guide: a set-up :class:`AutoGaussianSites` guide (it is copied
+        unless ``copy=False``).
+    :param quantizers: ``{site: SiteQuantizers}`` of *calibrated* quantizers;
+        sites not listed stay float.
+    :param policy: the policy that made it (kept for :meth:`recalibrate_`).
+
+    The wrapped float guide is ``self.base``; its parameters are what SVI
+    fine-tunes (quantization-aware training through the straight-through
+    estimator). ``median()`` and ``quantiles()`` are those of the quantized
+    distribution (quantization is monotone, so quantiles map through it).
+
+    Usage::
+
+        qguide = quantize(guide, JQ(4))
+        Predictive(model, guide=qguide, num_samples=32)(x)
+        svi = SVI(model, qguide, pyro.optim.Adam({"lr": 1e-4}), TraceMeanField_ELBO())  # fine-tune
+    """
+
+    def __init__(self, guide: AutoGaussianSites, quantizers: Mapping[str, object], *, policy=None,
+                 copy: bool = True):
+        if not isinstance(guide, AutoGaussianSites):
+            raise TypeError(f"guide must be a pyro_bq AutoGaussianSites guide (e.g. AutoMeanFieldNormal), "
+                            f"got {type(guide).__name__}")
+        if guide.prototype_trace is None:
+            raise ValueError("guide has no parameters yet: call it once with example inputs, or guide.setup(x), first")
+        if guide.model is None:
+            raise ValueError("guide has lost its model reference (was it deep-copied? use copy_guide)")
+        super().__init__(guide.model, create_plates=guide.create_plates)
+        base = copy_guide(guide) if copy else guide
+        self.base = base
+        base.master = None  # the wrapped guide is only asked for loc and scale
+        self.prototype_trace = guide.prototype_trace
+        self._prototype_frames = dict(guide._prototype_frames)
+        self.sites = dict(guide.sites)
+        unknown = set(quantizers) - set(self.sites)
+        if unknown:
+            raise ValueError(f"quantizers given for unknown sites {sorted(unknown)}; sites are {list(self.sites)}")
+        self.quantizers = dict(quantizers)
+        self.policy = policy
+
+    def _site_quantizers(self, name):
+        return self.quantizers.get(name)
+
+    # -- the extension points -----------------------------------------------------
+    def get_loc_scale(self, name):
+        loc, scale = self.base.get_loc_scale(name)
+        sq = self._site_quantizers(name)
+        if sq is not None:
+            if sq.loc is not None:
+                loc = sq.loc(loc)
+            if sq.scale is not None:
+                scale = sq.scale(scale)
+        return loc, scale
+
+    def get_posterior(self, name):
+        sq = self._site_quantizers(name)
+        if sq is None or sq.sample is None:
+            return super().get_posterior(name)
+        loc, scale = self.get_loc_scale(name)
+        return QuantizedNormal(loc, scale, sq.sample, validate_args=False).to_event(self.sites[name].event_dim)
+
+    # -- summaries of the quantized distribution -------------------------------------
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        out = {}
+        for name in self.sites:
+            loc = self.get_loc_scale(name)[0].detach().clone()
+            sq = self._site_quantizers(name)
+            out[name] = sq.sample.quantize(loc) if sq is not None and sq.sample is not None else loc
+        return out
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs):
+        out = super().quantiles(quantiles, *args, **kwargs)
+        for name, value in out.items():
+            sq = self._site_quantizers(name)
+            if sq is not None and sq.sample is not None:
+                out[name] = sq.sample.quantize(value)
+        return out
+
+    # -- maintenance ------------------------------------------------------------------
+    def recalibrate_(self) -> "QuantizedGuide":
+        """Re-calibrate every quantizer on the current float parameters (in place; returns self).
+
+        Useful during quantization-aware fine-tuning, e.g. as ``fit_svi(..., step_hook=qguide.recalibrate_)``.
+        Needs the policy the guide was made with.
+        """
+        if self.policy is None:
+            raise RuntimeError("recalibrate_ needs the policy this guide was made with (policy=None here)")
+        from pyro_bq.quant.quantize import calibrate_site
+
+        with torch.no_grad():
+            for name in self.sites:
+                loc, scale = self.base.get_loc_scale(name)
+                native = self.base.scale_quantizer(name) if hasattr(self.base, "scale_quantizer") else None
+                self.quantizers[name] = calibrate_site(self.policy, name, loc.detach(), scale.detach(),
+                                                       native_scale=native)
+        return self
+
+    def float_guide(self) -> AutoGaussianSites:
+        """A copy of the wrapped float guide (e.g. after fine-tuning)."""
+        return copy_guide(self.base)
+
+    def extra_repr(self) -> str:
+        n = sum(1 for s in self.quantizers.values() if not s.is_float)
+        return f"policy={self.policy!r}, quantized_sites={n}/{len(self.sites)}"

@@ -1,0 +1,462 @@
+"""Data-parallel SVI on PyTorch's own distributed engine (``torch.distributed``).
+
+Launch any script that calls :func:`~pyro_bq.inference.fit_svi` (directly, or
+through the PWFN driver or the study's training step) with ``torchrun``; the
+model and the guide stay stock Pyro and unchanged::
+
+    torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --data-dir DATA
+
+What happens under ``torchrun`` (``WORLD_SIZE > 1``):
+
+* **Process group.** :func:`init_distributed` joins the group that torchrun
+  describes in the environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+  ``MASTER_PORT``). Backend: ``nccl`` when CUDA is available, else ``gloo``;
+  override with the ``backend`` argument or ``$PYRO_BQ_DIST_BACKEND``. The
+  ``timeout`` bounds the rendezvous and, on gloo, every collective, so a dead
+  or stuck rank makes the others fail with :class:`DistributedError` instead of
+  hanging. ``fit_svi`` calls it itself when torchrun's variables are set.
+* **Data.** ``batch_size`` is the *global* batch. Every rank holds the full
+  dataset; the epoch order is ``data.epoch_order(epoch, seed)`` on every rank
+  (shared, deterministic seed), and each global batch is cut into
+  ``world_size`` contiguous, disjoint shards (:func:`shard_batch`), so each rank
+  sees a disjoint shard of each epoch, reshuffled per epoch.
+* **Gradients.** After ``elbo.loss_and_grads`` and before the Pyro optimizer
+  step, the gradients of all parameters in the step's param trace are
+  all-reduced: rank ``r`` contributes ``w_r * grad_r`` with
+  ``w_r = b_r / B`` (its shard size over the global batch size; ``1/world_size``
+  for even shards). This explicit all-reduce rather than
+  ``DistributedDataParallel``: Pyro creates parameters lazily and steps them
+  one by one through the param store; a DDP wrapper would need the parameters
+  up front and would change what users pass to SVI, while the all-reduce sits
+  between the two calls that ``pyro.infer.SVI.step`` already makes.
+* **ELBO scaling.** The model's ``pyro.plate("data", N, subsample_size=b_r)``
+  scales each rank's likelihood to the full dataset size ``N``, so rank ``r``'s
+  loss is ``KL + N/b_r * sum(nll over its shard)``. Then
+  ``sum_r w_r * loss_r = KL + N/B * sum(nll over the global batch)``: the
+  averaged gradient is exactly the single-process gradient of the global
+  batch, uneven shards included.
+* **Seeds.** Data order: ``seed`` on every rank. Weight sampling: rank 0 uses
+  ``seed`` (so one process behaves exactly as before), rank ``r`` uses
+  :func:`rank_seed` ``(seed, r)``.
+* **Checkpoints, logging.** Only rank 0 writes checkpoints and shows progress.
+  A checkpoint holds rank 0's RNG state under ``"rng"`` and every rank's under
+  ``"rng_ranks"``; on resume rank 0 reads the file and broadcasts its bytes, so
+  ranks on other machines need no shared folder. Resuming with the same number
+  of ranks continues exactly; with a different number the steps, parameters
+  and optimizer state carry over, and ranks without a saved RNG state are
+  seeded from ``(seed, rank, step)``.
+
+Usage::
+
+    from pyro_bq.inference import fit_svi
+    from pyro_bq.inference.distributed import init_distributed
+
+    info = init_distributed()           # torchrun sets the environment; no-op otherwise
+    fit_svi(model, guide, train, num_steps=1000, batch_size=256, checkpoint_dir="ckpt")
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pyro_bq._validation import check_choice, check_int, check_positive
+
+__all__ = [
+    "DistInfo",
+    "DistributedError",
+    "default_backend",
+    "init_distributed",
+    "destroy_distributed",
+    "dist_info",
+    "rank_seed",
+    "shard_batch",
+    "broadcast_modules",
+    "BACKENDS",
+]
+
+BACKENDS = ("gloo", "nccl")
+_ENV_BACKEND = "PYRO_BQ_DIST_BACKEND"
+_ENV_TIMEOUT = "PYRO_BQ_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0
+
+
+class DistributedError(RuntimeError):
+    """A collective operation failed: another rank died, timed out or disagreed."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that writes checkpoints and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def default_backend() -> str:
+    """``$PYRO_BQ_DIST_BACKEND`` if set, else ``"nccl"`` with CUDA, else ``"gloo"``."""
+    env = os.environ.get(_ENV_BACKEND)
+    if env:
+        return check_choice(_ENV_BACKEND, env, BACKENDS)
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def launched_distributed() -> bool:
+    """True when the environment describes a group of more than one process (torchrun)."""
+    return (_env_int("WORLD_SIZE") or 1) > 1
+
+
+def dist_info() -> DistInfo:
+    """The current process group (or a single process when none is initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    backend = dist.get_backend()
+    local_rank = _env_int("LOCAL_RANK") or 0
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+
+
+def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] = None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Without torchrun's variables (``WORLD_SIZE`` unset or 1) nothing is
+    initialised and a single-process :class:`DistInfo` is returned, so one
+    script runs both ways. Calling it again returns the existing group.
+
+    :param backend: ``"gloo"`` or ``"nccl"``; default :func:`default_backend`.
+    :param timeout: seconds for the rendezvous and (gloo) each collective;
+        default ``$PYRO_BQ_DIST_TIMEOUT`` or 600.
+    :raises ValueError: for an unknown backend, a bad timeout, ``nccl``
+        without CUDA, or an incomplete torchrun environment.
+
+    Usage::
+
+        info = init_distributed()          # under torchrun --nproc_per_node 2
+        print(info.rank, info.world_size, info.backend)
+    """
+    if backend is not None:
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        check_choice("backend", backend, BACKENDS)
+    if timeout is None:
+        timeout = float(os.environ.get(_ENV_TIMEOUT, DEFAULT_TIMEOUT))
+    timeout = check_positive("timeout", timeout)
+    if dist.is_available() and dist.is_initialized():
+        return dist_info()
+    if not launched_distributed():
+        return DistInfo()
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed support")
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE > 1 but the environment lacks {missing}; launch with torchrun "
+            "(e.g. torchrun --standalone --nproc_per_node 2 script.py)"
+        )
+    backend = backend or default_backend()
+    local_rank = _env_int("LOCAL_RANK") or 0
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA GPUs; use backend='gloo' on CPU")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    return dist_info()
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if any (call at the end of a torchrun script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The weight-sampling seed of ``rank``: ``seed`` on rank 0, a distinct derived seed elsewhere.
+
+    Usage::
+
+        pyro.set_rng_seed(rank_seed(0, dist.get_rank()))
+    """
+    seed = check_int("seed", seed, low=0)
+    rank = check_int("rank", rank, low=0)
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
+def shard_batch(indices: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, float]:
+    """Rank ``rank``'s shard of a global batch and its gradient weight ``b_r / B``.
+
+    The global batch is cut into ``world_size`` contiguous pieces whose sizes
+    differ by at most one. A rank left without examples (a global batch
+    smaller than the world) gets the batch's first example and weight 0, so
+    every rank runs the same collectives.
+
+    Usage::
+
+        local, weight = shard_batch(order[:256], rank=1, world_size=4)   # 64 indices, 0.25
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.numel() == 0:
+        raise ValueError("indices must be a non-empty 1-D tensor of example indices")
+    world_size = check_int("world_size", world_size, low=1)
+    rank = check_int("rank", rank, low=0, high=world_size - 1)
+    local = torch.tensor_split(indices, world_size)[rank]
+    if local.numel() == 0:
+        return indices[:1], 0.0
+    return local, local.numel() / indices.numel()
+
+
+def broadcast_modules(*modules) -> None:
+    """Copy rank 0's parameters and buffers into the same modules on every rank (in place).
+
+    A no-op in a single process. Code that changes parameters outside
+    :func:`~pyro_bq.inference.fit_svi` with rank-dependent randomness (e.g. a
+    clustering step between training rounds) calls it to keep the ranks equal.
+
+    Usage::
+
+        cluster_weights(guide)           # may differ between ranks
+        broadcast_modules(model, guide)  # now rank 0's result everywhere
+    """
+    info = dist_info()
+    if info.distributed:
+        DataParallel(info).broadcast_modules(*modules)
+
+
+# ---------------------------------------------------------------------------------------
+# The collectives fit_svi needs (internal).
+
+
+def _fail(info: DistInfo, what: str, err: BaseException) -> DistributedError:
+    return DistributedError(
+        f"rank {info.rank} of {info.world_size}: {what} failed ({type(err).__name__}: {err}). "
+        "Another rank probably died, raised an error or timed out; see its output."
+    )
+
+
+def _signature(names: Iterable[str], tensors: Iterable[torch.Tensor]) -> int:
+    text = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(names, tensors))
+    return zlib.crc32(text.encode()) & 0xFFFFF  # 20 bits: its square sums exactly in float64
+
+
+class DataParallel:
+    """The collectives of a data-parallel :func:`fit_svi` run (one object per run)."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+
+    # -- small helpers ---------------------------------------------------------------
+    def _run(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DistributedError:
+            raise
+        except (RuntimeError, ConnectionError, OSError) as err:  # DistBackendError is a RuntimeError
+            raise _fail(self.info, what, err) from err
+
+    def all_gather(self, obj, what: str) -> list:
+        out = [None] * self.info.world_size
+        self._run(what, dist.all_gather_object, out, obj)
+        return out
+
+    def agree(self, settings: dict, error: Optional[str] = None) -> None:
+        """Check that every rank was given the same ``settings``; raise on every rank if not.
+
+        ``error`` is a problem found on this rank only (e.g. rank 0's checkpoint
+        folder is not writable); it is raised as ``ValueError`` on every rank.
+        """
+        everyone = self.all_gather((settings, error), "the start-up handshake")
+        for rank, (_, err) in enumerate(everyone):
+            if err is not None:
+                raise ValueError(f"rank {rank}: {err}")
+        for key, value in settings.items():
+            values = [s[key] for s, _ in everyone]
+            if any(v != values[0] for v in values):
+                raise ValueError(
+                    f"{key} differs between ranks ({values}); every rank must call fit_svi with the same "
+                    "arguments and the same full dataset (fit_svi shards the data itself)"
+                )
+
+    def all_ok(self, ok: bool, what: str) -> bool:
+        flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64, device=self.info.device)
+        self._run(what, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
+    # -- state -----------------------------------------------------------------------
+    def broadcast_file(self, path: Optional[Path]) -> Optional[Path]:
+        """Rank 0 sends the bytes of ``path`` (or None); other ranks get a temporary copy."""
+        dev = self.info.device
+        if self.info.is_main:
+            payload = Path(path).read_bytes() if path is not None else b""
+            size = torch.tensor([len(payload) if path is not None else -1], dtype=torch.int64, device=dev)
+        else:
+            size = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._run("broadcasting the checkpoint size", dist.broadcast, size, src=0)
+        n = int(size.item())
+        if n < 0:
+            return None
+        if self.info.is_main:
+            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev) if n else torch.zeros(0, dtype=torch.uint8, device=dev)
+        else:
+            buf = torch.empty(n, dtype=torch.uint8, device=dev)
+        if n:
+            self._run("broadcasting the checkpoint", dist.broadcast, buf, src=0)
+        if self.info.is_main:
+            return Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f"pyro_bq-rank{self.info.rank}-", suffix=".bq")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.cpu().numpy().tobytes())
+        return Path(tmp)
+
+    def broadcast_modules(self, *modules) -> None:
+        """Copy rank 0's parameters and buffers into every rank's modules (in place)."""
+        tensors = []
+        for module in modules:
+            if isinstance(module, torch.nn.Module):
+                state = module.state_dict(keep_vars=True)
+                tensors += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
+        with torch.no_grad():
+            for t in tensors:
+                data = t.data
+                if not data.is_contiguous() or (self.info.backend == "nccl" and not data.is_cuda):
+                    data = data.contiguous().to(self.info.device)
+                self._run("broadcasting rank 0's parameters", dist.broadcast, data, src=0)
+                if data is not t.data:
+                    t.data.copy_(data)
+
+    # -- the per-step gradient average -----------------------------------------------
+    def average(self, params: dict, loss: float, weight: float, buffers: dict, step: int) -> float:
+        """Replace every gradient by ``sum_r w_r grad_r`` and return ``sum_r w_r loss_r``.
+
+        Floating-point buffers (BatchNorm statistics) get the same weighted average.
+        Parameters without a gradient on every rank keep ``grad = None``.
+        """
+        names = sorted(params)
+        bnames = sorted(buffers)
+        sig = _signature(names + bnames, [params[n] for n in names] + [buffers[n] for n in bnames])
+        w = float(weight)
+        meta = torch.tensor(
+            [0.0 if w == 0 else w * loss, float(sig), float(sig) ** 2, 1.0],
+            dtype=torch.float64,
+            device=self.info.device,
+        )
+        self._run(f"the all-reduce of step {step}", dist.all_reduce, meta)
+        R = self.info.world_size
+        if meta[3].item() != R or meta[1].item() != R * sig or meta[2].item() != R * float(sig) ** 2:
+            raise DistributedError(
+                f"rank {self.info.rank}: the ranks' models and guides have different parameters at step {step}; "
+                "every rank must build the same model and guide"
+            )
+        # one flat buffer per (dtype, device): weighted grads, then has-grad flags, then buffers
+        groups: dict = {}
+        for n in names:
+            p = params[n]
+            groups.setdefault((p.dtype, p.device), ([], []))[0].append(n)
+        for n in bnames:
+            b = buffers[n]
+            groups.setdefault((b.dtype, b.device), ([], []))[1].append(n)
+        for (dtype, device), (pnames, bn) in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            parts = []
+            for n in pnames:
+                g = params[n].grad
+                if g is None or w == 0:
+                    parts.append(torch.zeros(params[n].numel(), dtype=dtype, device=device))
+                else:
+                    parts.append(g.reshape(-1) * w)
+            parts.append(
+                torch.tensor(
+                    [0.0 if (params[n].grad is None or w == 0) else 1.0 for n in pnames], dtype=dtype, device=device
+                )
+            )
+            parts += [buffers[n].reshape(-1) * w for n in bn]
+            flat = torch.cat(parts)
+            comm = flat if self.info.backend != "nccl" or flat.is_cuda else flat.to(self.info.device)
+            self._run(f"the gradient all-reduce of step {step}", dist.all_reduce, comm)
+            flat = comm.to(device)
+            at = 0
+            pieces = []
+            for n in pnames:
+                k = params[n].numel()
+                pieces.append((n, flat[at : at + k]))
+                at += k
+            flags = flat[at : at + len(pnames)]
+            at += len(pnames)
+            for (n, piece), flag in zip(pieces, flags.tolist()):
+                p = params[n]
+                if flag == 0:
+                    p.grad = None
+                else:
+                    p.grad = piece.view_as(p).clone()
+            with torch.no_grad():
+                for n in bn:
+                    k = buffers[n].numel()
+                    buffers[n].copy_(flat[at : at + k].view_as(buffers[n]))
+                    at += k
+        return float(meta[0].item())
+
+
+def floating_buffers(*modules) -> dict:
+    """Floating-point buffers of the given modules, keyed ``"{i}.{name}"``."""
+    out = {}
+    for i, module in enumerate(modules):
+        if isinstance(module, torch.nn.Module):
+            for name, b in module.named_buffers():
+                if b.is_floating_point():
+                    out[f"{i}.{name}"] = b
+    return out
+
+
+def resolve(distributed: Optional[bool], backend: Optional[str] = None) -> Optional[DataParallel]:
+    """The :class:`DataParallel` helper for ``fit_svi(distributed=...)``, or None for one process.
+
+    ``None``: data-parallel when a process group of more than one rank exists
+    or torchrun's environment describes one (then it is initialised).
+    """
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
+    if distributed is False:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        if launched_distributed():
+            init_distributed(backend)
+        elif distributed:
+            raise ValueError(
+                "distributed=True but no process group exists and WORLD_SIZE is not > 1; "
+                "launch with torchrun --nproc_per_node N or call init_distributed() first"
+            )
+    info = dist_info()
+    if info.world_size <= 1:
+        return None
+    return DataParallel(info)

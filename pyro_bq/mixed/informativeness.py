@@ -1,0 +1,283 @@
+"""Weight informativeness ``|mu| / sigma`` and its per-layer aggregates.
+
+Every function takes a *posterior*: either a trained pyro_bq guide (any
+:class:`~pyro_bq.guides.AutoGaussianSites`, read through its public
+``get_loc_scale``) or a mapping ``{site_name: (loc, scale)}``. Results are
+keyed by Pyro site name, in the guide's site order.
+
+Usage::
+
+    info = layer_informativeness(guide, aggregate="entropy")
+    norm = normalized_informativeness(info)        # in [0, 1], square-rooted
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Iterable, Optional, Union
+
+import torch
+
+from pyro_bq._validation import check_choice
+
+__all__ = [
+    "posterior_params",
+    "site_sizes",
+    "informativeness",
+    "layer_informativeness",
+    "normalized_informativeness",
+    "mean_bits",
+    "BitAllocation",
+    "check_candidate_bits",
+    "check_target",
+]
+
+
+@contextmanager
+def single_thread():
+    """Run a block with one intra-op thread, then restore the setting.
+
+    The allocators are many small tensor operations; on a shared, loaded
+    machine two intra-op threads made them 30-100x slower than one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def posterior_params(posterior, sites: Optional[Iterable[str]] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{site: (loc, scale)}`` as detached tensors, validated.
+
+    :param posterior: a pyro_bq guide (``AutoGaussianSites``; it must have been
+        run or ``setup`` once) or a mapping ``{site: (loc, scale)}``.
+    :param sites: optional subset of site names (default: all, in guide order).
+    :raises TypeError: if ``posterior`` is neither.
+    :raises ValueError: on unknown sites, shape mismatches, non-finite values or
+        a scale that is not strictly positive.
+    """
+    if isinstance(posterior, Mapping):
+        raw = dict(posterior)
+        if not raw:
+            raise ValueError("posterior must map at least one site name to (loc, scale); got an empty mapping")
+        get = raw.__getitem__
+        names = list(raw)
+    elif hasattr(posterior, "get_loc_scale") and hasattr(posterior, "sites"):
+        if not posterior.sites:
+            raise ValueError(
+                "posterior is a guide without sites yet: run it once on example inputs or call guide.setup(x, y)"
+            )
+        get = posterior.get_loc_scale
+        names = list(posterior.sites)
+    else:
+        raise TypeError(
+            "posterior must be a pyro_bq guide (AutoGaussianSites) or a mapping {site_name: (loc, scale)}, "
+            f"got {type(posterior).__name__}"
+        )
+    if sites is not None:
+        sites = list(sites)
+        unknown = [s for s in sites if s not in names]
+        if unknown:
+            raise ValueError(f"unknown sites {unknown}; the posterior's sites are {names}")
+        if not sites:
+            raise ValueError("sites must name at least one site")
+        names = sites
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            pair = get(name)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise TypeError(f"posterior[{name!r}] must be a (loc, scale) pair of tensors")
+            loc, scale = (torch.as_tensor(v).detach() for v in pair)
+            if loc.shape != scale.shape:
+                raise ValueError(
+                    f"site {name!r}: loc has shape {tuple(loc.shape)} but scale has shape {tuple(scale.shape)}"
+                )
+            if loc.numel() == 0:
+                raise ValueError(f"site {name!r} is empty")
+            if not bool(torch.isfinite(loc).all()):
+                raise ValueError(f"site {name!r}: loc must be finite")
+            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                bad = scale[~(torch.isfinite(scale) & (scale > 0))].flatten()[:3].tolist()
+                raise ValueError(
+                    f"site {name!r}: sigma (the posterior scale) must be finite and > 0 everywhere; "
+                    f"found values such as {bad}"
+                )
+            out[name] = (loc.float(), scale.float())
+    return out
+
+
+def site_sizes(params: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
+    """Number of weights per site."""
+    return {name: int(loc.numel()) for name, (loc, _) in params.items()}
+
+
+def informativeness(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-weight informativeness ``|loc| / scale`` (Eq. 1).
+
+    :raises ValueError: if ``scale`` is not strictly positive or the shapes differ.
+    """
+    loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+    if loc.shape != scale.shape:
+        raise ValueError(f"loc and scale must have the same shape, got {tuple(loc.shape)} and {tuple(scale.shape)}")
+    if not bool((scale > 0).all()):
+        raise ValueError("scale (sigma) must be > 0 everywhere")
+    return loc.abs() / scale
+
+
+def layer_informativeness(posterior, aggregate: str = "mean", sites=None) -> dict[str, float]:
+    """Aggregate informativeness per site.
+
+    ``aggregate="mean"``: the mean of ``|mu|/sigma`` over the site (Eq. 2).
+    ``aggregate="entropy"``: the confidence ``1 - H / log n`` of the site, where
+    ``H`` is the entropy of the weights' informativeness normalised to sum to
+    one (Eq. 15); a single-weight site has confidence 1.
+    """
+    check_choice("aggregate", aggregate, ("mean", "entropy"))
+    params = validated(posterior, sites)
+    out = {}
+    for name, (loc, scale) in params.items():
+        info = informativeness(loc, scale).flatten().double()
+        if aggregate == "mean":
+            out[name] = float(info.mean())
+        else:
+            n = info.numel()
+            total = info.sum()
+            if n == 1 or total <= 0:
+                out[name] = 1.0 if n == 1 else 0.0
+                continue
+            p = info / total
+            h = -(torch.special.xlogy(p, p)).sum()
+            out[name] = float(1.0 - h / math.log(n))
+    return out
+
+
+def normalized_informativeness(layer_info: Mapping[str, float]) -> dict[str, float]:
+    """Min-max normalise per-layer informativeness to [0, 1], then take the square root.
+
+    When every layer has the same value, all get 1 (no layer is less informative).
+    """
+    if not layer_info:
+        raise ValueError("layer_info must hold at least one site")
+    values = torch.tensor([float(v) for v in layer_info.values()], dtype=torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("layer informativeness must be finite")
+    lo, hi = values.min(), values.max()
+    if hi - lo <= 0:
+        norm = torch.ones_like(values)
+    else:
+        norm = ((values - lo) / (hi - lo)).sqrt()
+    return {name: float(v) for name, v in zip(layer_info, norm)}
+
+
+def _is_params(obj) -> bool:
+    return isinstance(obj, dict) and all(
+        isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], torch.Tensor) for v in obj.values()
+    ) and getattr(obj, "_validated", False)
+
+
+class _Params(dict):
+    """A validated ``{site: (loc, scale)}`` dict (internal)."""
+
+    _validated = True
+
+
+def validated(posterior, sites=None) -> "_Params":
+    """Internal: validated params, reused without re-checking."""
+    if _is_params(posterior):
+        return posterior
+    return _Params(posterior_params(posterior, sites))
+
+
+def mean_bits(bits: Mapping[str, Union[int, float, torch.Tensor]], sizes: Mapping[str, int]) -> float:
+    """Mean bits per weight, weighted by site size (Eq. 8).
+
+    ``bits[site]`` is an int (one width for the whole site) or a tensor of the
+    site's shape (per-parameter widths).
+    """
+    total, count = 0.0, 0
+    for name, b in bits.items():
+        if name not in sizes:
+            raise ValueError(f"bits names site {name!r}, which is not among {list(sizes)}")
+        n = int(sizes[name])
+        if isinstance(b, torch.Tensor) and b.numel() > 1:
+            if b.numel() != n:
+                raise ValueError(f"bits[{name!r}] has {b.numel()} entries, the site has {n} weights")
+            total += float(b.double().sum())
+        else:
+            total += float(b) * n
+        count += n
+    if count == 0:
+        raise ValueError("bits must name at least one site")
+    return total / count
+
+
+class BitAllocation(dict):
+    """A bit map ``{site_name: bits}`` plus what produced it.
+
+    It *is* a ``dict`` keyed by Pyro site name, with an ``int`` per site for
+    per-layer allocators or an integer tensor of the site's shape for
+    per-parameter ones, so it can be handed to any quantization policy that
+    takes per-site bits. Extra attributes:
+
+    * ``method``: e.g. ``"QIU"``, ``"QINU"``, ``"RB"``, ``"SMOL"``;
+    * ``mean_bits``: mean bits per weight weighted by site size (Eq. 8);
+    * ``sizes``: weights per site;
+    * ``grid``: how the allocator expects each site's means to be quantized
+      (``"uniform-percentile"``, ``"gaussian-lloyd"``, ``"uniform-interval"``, ``"signed"``);
+    * ``info``: method-specific details (scale factor, boundaries, loss history, ...).
+
+    Usage::
+
+        alloc = quantile_inform(guide, 3.2)
+        alloc["net.fc1.weight"], alloc.mean_bits
+    """
+
+    def __init__(self, bits, *, method: str, sizes: Mapping[str, int], grid: str, info: Optional[dict] = None):
+        super().__init__(bits)
+        self.method = method
+        self.sizes = dict(sizes)
+        self.grid = grid
+        self.info = dict(info or {})
+        self.mean_bits = mean_bits(self, self.sizes)
+
+    def layer_bits(self) -> dict[str, float]:
+        """Bits per site: the width, or the mean width for per-parameter maps."""
+        return {k: (float(v.double().mean()) if isinstance(v, torch.Tensor) else float(v)) for k, v in self.items()}
+
+    def __repr__(self) -> str:
+        return f"BitAllocation({self.method}, mean_bits={self.mean_bits:.3f}, sites={len(self)})"
+
+
+def check_candidate_bits(candidate_bits) -> list[int]:
+    """Sorted unique positive ints; raises on an empty or invalid set."""
+    if isinstance(candidate_bits, (str, bytes)) or not hasattr(candidate_bits, "__iter__"):
+        raise TypeError(f"candidate_bits must be an iterable of ints, got {type(candidate_bits).__name__}")
+    values = list(candidate_bits)
+    if not values:
+        raise ValueError("candidate_bits must hold at least one bit-width (e.g. range(2, 9)); got an empty set")
+    out = set()
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, torch.Tensor) and v.numel() == 1):
+            raise TypeError(f"candidate_bits must hold ints, got {v!r}")
+        v = int(v)
+        if not 1 <= v <= 32:
+            raise ValueError(f"candidate_bits must lie in [1, 32], got {v}")
+        out.add(v)
+    return sorted(out)
+
+
+def check_target(target_mean_bits, candidates: list[int]) -> float:
+    """A finite number within ``[min(candidates), max(candidates)]``."""
+    if isinstance(target_mean_bits, bool) or not isinstance(target_mean_bits, (int, float)):
+        raise TypeError(f"target_mean_bits must be a number, got {type(target_mean_bits).__name__}")
+    g = float(target_mean_bits)
+    if not math.isfinite(g) or not candidates[0] <= g <= candidates[-1]:
+        raise ValueError(
+            f"target_mean_bits must lie within the candidate range [{candidates[0]}, {candidates[-1]}], got {g}"
+        )
+    return g

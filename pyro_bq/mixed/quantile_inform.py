@@ -1,0 +1,182 @@
+"""Quantile Inform: per-layer bit-widths from aggregated informativeness.
+
+Each site's informativeness (mean of ``|mu|/sigma``, or the entropy-based
+confidence) is min-max normalised and square-rooted to ``I_j`` in [0, 1].
+With ``K`` candidate widths ``b_1 < ... < b_K`` and a scale factor ``f > 0``
+the thresholds ``f * k / K`` (``k = 1..K-1``) split [0, 1]; a site gets the
+width of the cell its ``I_j`` falls in, ``b_{1 + #(thresholds <= I_j)}``.
+A larger ``f`` gives fewer bits. The mean bits (weighted by site size) is a
+step function of ``f`` that only changes where some ``I_j * K / k`` equals
+``f``, so the search evaluates all those breakpoints in one vectorized pass
+and takes the one whose mean bits is nearest to the target.
+
+QIU and QINU share this allocation and differ in the grid they quantize a
+site's means onto: ``2**b`` uniform levels on the 5th-95th percentile range
+(QIU), or Gaussian-quantile levels refined by the median (Lloyd-Max style)
+iteration (QINU); see :func:`quantize_means`.
+
+Usage::
+
+    alloc = quantile_inform(guide, 3.2, candidate_bits=range(2, 9))   # QIU
+    alloc = quantile_inform(guide, 3.2, grid="gaussian")              # QINU
+    locs = quantize_means(guide, alloc)        # {site: quantized loc}
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Iterable
+
+import torch
+
+from pyro_bq._validation import check_choice
+
+from .informativeness import (
+    BitAllocation,
+    check_candidate_bits,
+    check_target,
+    layer_informativeness,
+    normalized_informativeness,
+    single_thread,
+    site_sizes,
+    validated,
+)
+from .lloyd_max import gaussian_quantile_levels, lloyd_max_median, percentile_interval, quantize_to_levels, quantize_uniform
+
+__all__ = ["quantile_inform", "bits_for_scale", "quantize_means", "gaussian_levels"]
+
+_GRIDS = {"uniform": ("QIU", "uniform-percentile"), "gaussian": ("QINU", "gaussian-lloyd")}
+
+
+def bits_for_scale(norm_info: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Widths for one or many scale factors: ``scale`` of shape ``(M,)`` gives ``(M, N)``."""
+    k = candidates.numel()
+    scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1)
+    idx = torch.floor(norm_info.reshape(1, -1) * k / scale + 1e-12).clamp(0, k - 1).long()
+    return candidates[idx]
+
+
+def quantile_inform(
+    posterior,
+    target_mean_bits: float,
+    *,
+    candidate_bits: Iterable[int] = range(2, 9),
+    aggregate: str = "mean",
+    grid: str = "uniform",
+    mode: str = "nearest",
+    sites=None,
+) -> BitAllocation:
+    """Allocate per-site widths whose size-weighted mean is as close as possible to the target.
+
+    :param posterior: a trained pyro_bq guide or ``{site: (loc, scale)}``.
+    :param target_mean_bits: target mean bits per weight (``gamma``), within the candidate range.
+    :param candidate_bits: allowed widths.
+    :param aggregate: ``"mean"`` (Eq. 2) or ``"entropy"`` (Eq. 15).
+    :param grid: ``"uniform"`` (QIU) or ``"gaussian"`` (QINU); recorded in the result.
+    :param mode: ``"nearest"`` (mean bits closest to the target) or ``"at_most"``
+        (the largest mean bits not above it).
+    :returns: a :class:`BitAllocation` (``info`` holds the scale factor, the
+        normalised informativeness and the achievable mean bits).
+    :raises ValueError: for an empty candidate set, a target outside the
+        candidate range, a non-positive sigma, or an unknown option.
+    """
+    with single_thread():
+        return _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, grid, mode, sites)
+
+
+def _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, grid, mode, sites) -> BitAllocation:
+    candidates = check_candidate_bits(candidate_bits)
+    gamma = check_target(target_mean_bits, candidates)
+    check_choice("grid", grid, tuple(_GRIDS))
+    check_choice("mode", mode, ("nearest", "at_most"))
+    params = validated(posterior, sites)
+    sizes = site_sizes(params)
+    raw = layer_informativeness(params, aggregate=aggregate)
+    norm = normalized_informativeness(raw)
+    names = list(params)
+    info = torch.tensor([norm[n] for n in names], dtype=torch.float64)
+    size = torch.tensor([sizes[n] for n in names], dtype=torch.float64)
+    cand = torch.tensor(candidates, dtype=torch.float64)
+    k = len(candidates)
+
+    # breakpoints of the step function, and just above each one, plus "all minimum"
+    ks = torch.arange(1, k, dtype=torch.float64)
+    bp = (info.reshape(-1, 1) * k / ks.reshape(1, -1)).flatten()
+    bp = bp[bp > 0]
+    scales = torch.cat([bp, bp * (1 + 1e-9), torch.tensor([float(k) + 1.0])]) if bp.numel() else torch.tensor([1.0])
+    bits = bits_for_scale(info, cand, scales)  # (M, N)
+    means = (bits * size).sum(-1) / size.sum()
+    if mode == "nearest":
+        gap = (means - gamma).abs()
+        # ties: prefer the allocation not above the target, then the smaller scale
+        best = int(torch.argmin(gap + 1e-12 * (means > gamma + 1e-12)))
+    else:
+        ok = means <= gamma + 1e-12
+        if not bool(ok.any()):
+            best = int(torch.argmin(means))
+        else:
+            best = int(torch.argmax(torch.where(ok, means, torch.full_like(means, -1.0))))
+    chosen = {n: int(b) for n, b in zip(names, bits[best].tolist())}
+    method, grid_name = _GRIDS[grid]
+    return BitAllocation(
+        chosen,
+        method=method,
+        sizes=sizes,
+        grid=grid_name,
+        info={
+            "scale": float(scales[best]),
+            "target": gamma,
+            "aggregate": aggregate,
+            "layer_informativeness": raw,
+            "normalized_informativeness": norm,
+            "achievable_mean_bits": sorted(set(round(float(m), 6) for m in means)),
+        },
+    )
+
+
+@lru_cache(maxsize=64)
+def _std_levels(bits: int, max_iter: int) -> torch.Tensor:
+    return lloyd_max_median(gaussian_quantile_levels(bits), max_iter=max_iter).levels
+
+
+def gaussian_levels(bits: int, mean: float, std: float, *, max_iter: int = 200) -> torch.Tensor:
+    """QINU levels for ``Normal(mean, std)``: Gaussian-quantile start refined by the median iteration."""
+    return mean + std * _std_levels(int(bits), int(max_iter)).clone()
+
+
+def quantize_means(posterior, allocation: BitAllocation, *, grid: str | None = None, max_iter: int = 200) -> dict:
+    """Quantize each site's posterior means with the allocation's widths.
+
+    ``grid`` defaults to ``allocation.grid``: ``"uniform-percentile"`` (QIU),
+    ``"gaussian-lloyd"`` (QINU, a Normal fitted to the site's means),
+    ``"uniform-interval"`` (Random Bits, its learned ``alpha``/``beta`` in
+    ``allocation.info``). Per-parameter allocations (SMOL) carry their own
+    quantized means in ``allocation.info["locs"]``. Sites not in the
+    allocation are returned unchanged. Returns ``{site: tensor}``.
+    """
+    params = validated(posterior)
+    grid = grid or allocation.grid
+    check_choice("grid", grid, ("uniform-percentile", "gaussian-lloyd", "uniform-interval", "signed"))
+    out = {}
+    for name, (loc, _) in params.items():
+        if name not in allocation:
+            out[name] = loc.clone()
+            continue
+        b = allocation[name]
+        if grid == "signed":
+            out[name] = allocation.info["locs"][name].to(loc).clone()
+        elif grid == "uniform-percentile":
+            a, c = percentile_interval(loc)
+            out[name] = quantize_uniform(loc, a, c, int(b))
+        elif grid == "uniform-interval":
+            a, c = allocation.info["alpha"][name], allocation.info["beta"][name]
+            out[name] = quantize_uniform(loc, a, c, int(b))
+        else:
+            flat = loc.double().flatten()
+            std = float(flat.std()) if flat.numel() > 1 else 0.0
+            if std <= 0:
+                out[name] = loc.clone()
+                continue
+            levels = gaussian_levels(int(b), float(flat.mean()), std, max_iter=max_iter)
+            out[name] = quantize_to_levels(loc.double(), levels).to(loc.dtype)
+    return out

@@ -1,0 +1,263 @@
+"""SMOL-style precision learning on a trained BNN's means, per parameter or per layer (SMOL-L).
+
+Each weight ``w = c * theta`` of a site is written in units of a per-site
+scale ``c = max|mu| / 2``, so ``theta`` lies in ``[-2, 2]``, the range of the
+signed-bit value map ``v_j = 2**(1-j)``: with ``p`` signed bits a value can be
+any odd multiple of ``2**(1-p)`` of magnitude below 2, i.e. ``2**p`` levels
+(Appendix B's counting: no separate sign bit), and the rounding error is at
+most ``2**(1-p)``.
+
+Precision training (Eq. 11-12) replaces the rounding error by uniform noise
+of the same size: ``theta + sigmoid(s) * eps`` with ``eps ~ U(-1, 1)`` and
+``s = logit(2**(1-p))``, so ``sigmoid(s) = 2**(1-p)``; the penalty
+``lambda * sum log2(1 + exp(-s))`` equals ``lambda * sum (p - 1)``. ``theta``
+and ``s`` are trained together on the data's cross-entropy (``theta`` starting
+at the posterior means and projected back to ``[-2, 2]`` after each step).
+The learned precision of a weight is then ``ceil(p)`` (clamped to
+``[1, max_bits]``), and ``theta`` is fine-tuned under quantization with the
+straight-through estimator. With ``granularity="layer"`` (SMOL-L) there is
+one ``s`` per site.
+
+Usage::
+
+    alloc, tuned_guide = smol(model, guide, train, lam=1e-5)
+    alloc["net.fc1.weight"]            # integer tensor of the site's shape
+    qguide = quantize(tuned_guide, allocation_policy(alloc))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pyro_bq._validation import check_choice, check_float, check_int, check_positive
+
+from .informativeness import BitAllocation, site_sizes, validated
+
+__all__ = [
+    "noise_amplitude",
+    "s_from_bits",
+    "bits_from_s",
+    "smol_penalty",
+    "signed_quantize",
+    "signed_levels",
+    "smol",
+    "site_scales",
+]
+
+_LN2 = math.log(2.0)
+
+
+def noise_amplitude(bits) -> torch.Tensor:
+    """``2**(1-p)``: half-width of the uniform noise standing in for ``p``-bit rounding."""
+    return torch.pow(2.0, 1.0 - torch.as_tensor(bits, dtype=torch.float64))
+
+
+def s_from_bits(bits) -> torch.Tensor:
+    """``s = logit(2**(1-p))`` (requires ``p > 1``; ``p -> 1`` as ``s -> inf``)."""
+    b = torch.as_tensor(bits, dtype=torch.float64)
+    if not bool((b > 1).all()):
+        raise ValueError(f"bits must be > 1 for a finite s = logit(2**(1-p)), got {b.min().item()}")
+    return torch.logit(noise_amplitude(b))
+
+
+def bits_from_s(s: torch.Tensor) -> torch.Tensor:
+    """``p = 1 + log2(1 + exp(-s))``, the inverse of :func:`s_from_bits`."""
+    return 1.0 + F.softplus(-s) / _LN2
+
+
+def smol_penalty(s: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * sum(log2(1 + exp(-s)))`` (Eq. 12), computed stably."""
+    return lam * (F.softplus(-s) / _LN2).sum()
+
+
+def signed_quantize(theta: torch.Tensor, bits) -> torch.Tensor:
+    """Nearest ``p``-signed-bit value: an odd multiple of ``2**(1-p)`` with magnitude below 2.
+
+    ``bits`` (int or integer tensor, >= 1) broadcasts against ``theta``.
+    """
+    b = torch.as_tensor(bits, dtype=theta.dtype, device=theta.device)
+    half = torch.pow(2.0, 1.0 - b)  # half the spacing; levels are (2k + 1) * half
+    k = torch.floor(theta / (2 * half))
+    top = 2.0 - half
+    return torch.clamp((2 * k + 1) * half, -top, top)
+
+
+def signed_levels(bits: int) -> torch.Tensor:
+    """All ``2**bits`` values of ``bits`` signed bits, ascending."""
+    bits = check_int("bits", bits, low=1, high=24)
+    half = 2.0 ** (1 - bits)
+    return (2 * torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float64) + 1) * half
+
+
+def site_scales(params) -> dict[str, float]:
+    """Per-site scale ``c = max|mu| / 2`` (so ``mu / c`` lies in ``[-2, 2]``)."""
+    out = {}
+    for name, (loc, _) in params.items():
+        m = float(loc.abs().max())
+        out[name] = m / 2 if m > 0 else 1.0
+    return out
+
+
+def smol(
+    model,
+    guide,
+    data,
+    *,
+    lam: float = 1e-5,
+    granularity: str = "parameter",
+    precision_steps: int = 300,
+    finetune_steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    s_lr: float = 2e-2,
+    finetune_lr: float = 3e-4,
+    init_bits: float = 8.0,
+    max_bits: int = 8,
+    seed: int = 0,
+    sites=None,
+):
+    """Learn per-parameter (or per-site) precisions, then fine-tune the means under them.
+
+    :param model: the :class:`~pyro_bq.models.BayesianClassifier` (its
+        ``batched_forward`` runs the deterministic network).
+    :param guide: the trained guide; it is not modified.
+    :param data: an :class:`~pyro_bq.data.InMemoryDataset` of training examples.
+    :param lam: ``lambda`` of Eq. 12 (larger: fewer bits). The data term is the
+        mean cross-entropy of a minibatch.
+    :param granularity: ``"parameter"`` (SMOL) or ``"layer"`` (SMOL-L).
+    :param precision_steps, finetune_steps: minibatch steps of each phase.
+    :param init_bits: starting precision (> 1).
+    :param max_bits: largest precision handed out.
+    :returns: ``(allocation, tuned_guide)``: a :class:`BitAllocation` (integer
+        tensors of each site's shape, or ints for SMOL-L; ``grid="signed"``,
+        ``info`` holds ``scales``, ``locs`` (the quantized means), the
+        continuous mean precision and the loss histories) and a copy of
+        ``guide`` whose means are the fine-tuned float means.
+    """
+    from pyro_bq.data.dataset import InMemoryDataset
+
+    if not isinstance(data, InMemoryDataset):
+        raise TypeError(f"data must be a pyro_bq InMemoryDataset, got {type(data).__name__}")
+    lam = check_float("lam", lam, low=0.0)
+    check_choice("granularity", granularity, ("parameter", "layer"))
+    precision_steps = check_int("precision_steps", precision_steps, low=0)
+    finetune_steps = check_int("finetune_steps", finetune_steps, low=0)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    lr, s_lr, finetune_lr = (check_positive(n, v) for n, v in (("lr", lr), ("s_lr", s_lr), ("finetune_lr", finetune_lr)))
+    init_bits = check_float("init_bits", init_bits, low=1.0, low_open=True)
+    max_bits = check_int("max_bits", max_bits, low=1, high=16)
+    seed = check_int("seed", seed, low=0)
+
+    params = validated(guide, sites)
+    names = list(params)
+    sizes = site_sizes(params)
+    scales = site_scales(params)
+    all_params = validated(guide)
+    fixed = {n: loc for n, (loc, _) in all_params.items() if n not in params}
+    theta = {n: (params[n][0] / scales[n]).clamp(-2, 2).clone().requires_grad_(True) for n in names}
+    s0 = float(s_from_bits(init_bits))
+    if granularity == "parameter":
+        s = {n: torch.full_like(params[n][0], s0).requires_grad_(True) for n in names}
+    else:
+        s = {n: torch.tensor(s0).requires_grad_(True) for n in names}
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def forward(weights, xb):
+        full = {**{k: v[None] for k, v in fixed.items()}, **{k: v[None] for k, v in weights.items()}}
+        return model.batched_forward(full, xb)[0]
+
+    def batches(steps, epoch0):
+        done, epoch = 0, epoch0
+        while done < steps:
+            for xb, yb in data.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
+                yield xb, yb
+                done += 1
+                if done >= steps:
+                    return
+            epoch += 1
+
+    precision_loss = []
+    opt = torch.optim.Adam([{"params": list(theta.values()), "lr": lr}, {"params": list(s.values()), "lr": s_lr}])
+    with torch.enable_grad():
+        for xb, yb in batches(precision_steps, 0):
+            weights = {}
+            for n in names:
+                eps = torch.rand(theta[n].shape, generator=gen) * 2 - 1
+                weights[n] = scales[n] * (theta[n] + torch.sigmoid(s[n]) * eps)
+            ce = F.cross_entropy(forward(weights, xb), yb)
+            pen = sum(smol_penalty(s[n].expand_as(theta[n]), lam) for n in names)
+            loss = ce + pen
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for n in names:
+                    theta[n].clamp_(-2, 2)
+            precision_loss.append((float(ce.detach()), float(pen.detach())))
+
+    with torch.no_grad():
+        cont = {n: bits_from_s(s[n].detach()).expand_as(theta[n]) for n in names}
+        bits = {n: torch.ceil(cont[n] - 1e-6).clamp(1, max_bits).to(torch.int64) for n in names}
+        cont_mean = sum(float(cont[n].double().sum()) for n in names) / sum(sizes[n] for n in names)
+
+    finetune_loss = []
+    opt = torch.optim.Adam(list(theta.values()), lr=finetune_lr)
+    with torch.enable_grad():
+        for xb, yb in batches(finetune_steps, 10_000):
+            weights = {}
+            for n in names:
+                q = signed_quantize(theta[n].detach(), bits[n])
+                weights[n] = scales[n] * (theta[n] + (q - theta[n]).detach())  # straight-through
+            ce = F.cross_entropy(forward(weights, xb), yb)
+            opt.zero_grad()
+            ce.backward()
+            opt.step()
+            with torch.no_grad():
+                for n in names:
+                    theta[n].clamp_(-2, 2)
+            finetune_loss.append(float(ce.detach()))
+
+    with torch.no_grad():
+        locs = {n: scales[n] * signed_quantize(theta[n].detach(), bits[n]) for n in names}
+        float_locs = {n: scales[n] * theta[n].detach() for n in names}
+    out_bits = bits if granularity == "parameter" else {n: int(bits[n].flatten()[0]) for n in names}
+    alloc = BitAllocation(
+        out_bits,
+        method="SMOL" if granularity == "parameter" else "SMOL-L",
+        sizes={n: sizes[n] for n in names},
+        grid="signed",
+        info={
+            "scales": scales,
+            "locs": locs,
+            "lambda": lam,
+            "continuous_mean_bits": cont_mean,
+            "precision_loss": precision_loss,
+            "finetune_loss": finetune_loss,
+        },
+    )
+    return alloc, with_locs(guide, float_locs)
+
+
+def with_locs(guide, locs: dict):
+    """A copy of a mean-field guide whose means at the sites of ``locs`` are replaced.
+
+    Works for guides that keep all means in one flat ``loc`` parameter with
+    ``guide.sites[name].offset`` (e.g. :class:`~pyro_bq.guides.AutoMeanFieldNormal`).
+    """
+    from pyro_bq.guides.quantized import copy_guide
+
+    if not hasattr(guide, "loc") or not isinstance(getattr(guide, "loc", None), torch.Tensor):
+        raise TypeError(
+            f"with_locs needs a guide with one flat 'loc' parameter (AutoMeanFieldNormal), got {type(guide).__name__}"
+        )
+    new = copy_guide(guide)
+    with torch.no_grad():
+        for name, value in locs.items():
+            info = new.sites[name]
+            new.loc[info.offset : info.offset + info.numel] = value.reshape(-1).to(new.loc)
+    return new

@@ -1,0 +1,395 @@
+"""PWFN clustering (Algorithm 1 of the paper), vectorized over weights.
+
+One call fixes free weights until a target count is reached:
+
+1. Candidate centres: :func:`~pyro_bq.quant.codebook.pow2_codebook` -- the
+   powers of two down to ``2**-b``, their sums of up to ``order`` terms, both
+   signs, and zero (``include_zero``).
+2. Every free weight's nearest centre under ``D(w_i, c) = |mu_i - c| / sigma_i``
+   (Eq. 6; the nearest centre in sigma units is the nearest in value, so it is
+   one :func:`torch.searchsorted`). ``n_k`` counts the weights per centre.
+3. The most popular centre ``c_k`` is taken; the free weights are ordered by
+   ``D(w, c_k)`` and the longest nearest-first prefix whose running mean of
+   ``D`` stays ``<= tau`` is fixed to ``c_k`` (Eq. 7-8). Their ``sigma``
+   becomes the (population) standard deviation of their ``mu`` (floored at
+   ``sigma_min`` so a lone weight keeps a positive scale).
+4. Then the next most popular centre, and so on. Once every centre has been
+   tried at the current ``tau`` (none can take a weight), the level is
+   raised: ``tau += tau_step`` (1 in the paper), ``order += 1`` and
+   ``b += b_step`` (2 in the paper), up to ``max_order`` / ``max_b``; the
+   raised level carries over to later rounds. (Once ``b`` and ``order`` are
+   at their caps, a run of failed levels is skipped in one jump of ``tau`` to
+   the first multiple of ``tau_step`` that lets a weight in: the same result
+   as raising it one step at a time, without millions of empty passes when
+   some ``sigma`` is tiny.)
+5. The last group of a round is cut so that exactly ``target`` weights are
+   fixed (the nearest ones), so the fixed fraction follows the schedule ``p_t``.
+
+Readings of the garbled or silent parts of the paper, chosen so that the
+procedure terminates and produces the few-centre codebooks the paper reports:
+
+* "the next most popular cluster": each centre is tried at most once per
+  level; a centre whose prefix is empty is skipped rather than ending the round.
+* Eq. 6 divides by the weight's own ``sigma_i`` ("how many sigmas away is the
+  centre from the weight").
+* Sorting all free weights for every centre is replaced by an exact
+  equivalent: every weight with ``D <= tau`` belongs to the prefix, and only
+  weights with ``tau < D <= tau + slack`` (``slack = sum over the former of
+  tau - D``) can extend it, so only those are sorted.
+* Tail sweep: a weight whose ``sigma`` is tiny (Eq. 13 allows ``2**-30``)
+  but whose ``mu`` has drifted off every centre can sit 10^5 sigmas from the
+  nearest one; the exact rule then needs one full pass per handful of such
+  weights. After ``max_jumps`` jumps in one call, the weights still needed
+  (the nearest ones in sigmas) go to their nearest centre in one pass, one
+  group (and one std) per centre. This is where the exact rule would put
+  almost all of them, as ``tau`` then exceeds their distance to their
+  nearest centre only.
+* ``zero_fix``: an option (off by default, not in the paper; in the spirit of
+  WFN's zero distance) that first fixes every free weight with
+  ``|mu| <= zero_fix`` to 0.
+
+No step loops over weights; the Python loops run over centres and levels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from pyro_bq._validation import check_float, check_int, check_type
+from pyro_bq.quant.codebook import nearest_code_index, pow2_codebook
+
+__all__ = ["ClusterConfig", "ClusterLevel", "ClusterResult", "pwfn_cluster", "cluster_guide_", "prefix_within_tau"]
+
+SIGMA_FLOOR = 2.0**-30
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Settings of the PWFN clustering.
+
+    :param b: starting precision: the smallest power of two is ``2**-b`` (0..max_b).
+    :param order: starting order ``r`` (number of powers added), >= 1.
+    :param tau: starting threshold on the mean distance in sigmas (> 0).
+    :param tau_step: increase of ``tau`` when no centre can take a weight (> 0; 1 in the paper).
+    :param b_step: increase of ``b`` at the same time (>= 0; 2 in the paper).
+    :param max_b: largest ``b`` (<= 40).
+    :param max_order: largest order.
+    :param max_exp: exponent of the largest power of two; None: the smallest
+        ``e`` with ``2**e >= max|mu|`` (at least ``-b``).
+    :param include_zero: zero is a candidate centre (it is in the paper's set).
+    :param zero_fix: fix free weights with ``|mu| <= zero_fix`` to 0 first (0 = off).
+    :param sigma_min: floor of the scale given to fixed weights (> 0).
+    :param max_jumps: after this many ``tau`` jumps in one call (codebook at
+        its cap, see below), the weights still needed are fixed to their nearest
+        centre in one vectorized sweep.
+    """
+
+    b: int = 7
+    order: int = 1
+    tau: float = 1.0
+    tau_step: float = 1.0
+    b_step: int = 2
+    max_b: int = 30
+    max_order: int = 3
+    max_exp: Optional[int] = None
+    include_zero: bool = True
+    zero_fix: float = 0.0
+    sigma_min: float = SIGMA_FLOOR
+    max_jumps: int = 16
+
+    def __post_init__(self):
+        check_int("max_b", self.max_b, low=0, high=40)
+        check_int("b", self.b, low=0, high=self.max_b)
+        check_int("max_order", self.max_order, low=1, high=8)
+        check_int("order", self.order, low=1, high=self.max_order)
+        check_float("tau", self.tau, low=0.0, low_open=True)
+        check_float("tau_step", self.tau_step, low=0.0, low_open=True)
+        check_int("b_step", self.b_step, low=0, high=40)
+        if self.max_exp is not None:
+            check_int("max_exp", self.max_exp, low=-40, high=40)
+        check_type("include_zero", self.include_zero, bool)
+        check_float("zero_fix", self.zero_fix, low=0.0)
+        check_float("sigma_min", self.sigma_min, low=0.0, low_open=True)
+        check_int("max_jumps", self.max_jumps, low=0)
+
+    def start_level(self) -> "ClusterLevel":
+        return ClusterLevel(self.b, self.order, float(self.tau))
+
+
+@dataclass(frozen=True)
+class ClusterLevel:
+    """The current precision ``b``, order and threshold ``tau`` (they only grow)."""
+
+    b: int
+    order: int
+    tau: float
+
+    def raised(self, cfg: ClusterConfig) -> "ClusterLevel":
+        return ClusterLevel(
+            min(self.b + cfg.b_step, cfg.max_b), min(self.order + 1, cfg.max_order), self.tau + cfg.tau_step
+        )
+
+    def as_dict(self) -> dict:
+        return {"b": self.b, "order": self.order, "tau": self.tau}
+
+
+@dataclass
+class ClusterResult:
+    """What :func:`pwfn_cluster` returns: new freeze state and a log of the groups fixed."""
+
+    fixed: torch.Tensor
+    fixed_loc: torch.Tensor
+    fixed_scale: torch.Tensor
+    level: ClusterLevel
+    groups: list = field(default_factory=list)  # dicts: centre, count, std, tau
+    num_new: int = 0
+
+
+_BINS = 4096
+
+
+def _extras_within_slack(vals: torch.Tensor, tau: float, slack: float) -> torch.Tensor:
+    """Mask of the smallest ``vals`` (all > tau) whose summed ``val - tau`` stays within ``slack``.
+
+    Exact, in linear time: the excesses are bucketed into ``_BINS`` value
+    bins; whole bins are taken while the running sum fits, and only the one
+    bin where it stops is sorted.
+    """
+    excess = (vals - tau).double()
+    lo, hi = 0.0, float(excess.max())
+    if hi <= lo:
+        return excess <= slack
+    bins = (excess * (_BINS / hi)).long().clamp_(0, _BINS - 1)  # monotone in the value
+    sums = torch.bincount(bins, weights=excess, minlength=_BINS)
+    cum = torch.cumsum(sums, 0)
+    full = int((cum <= slack * (1 + 1e-12)).sum())  # bins 0..full-1 fit entirely (cum is non-decreasing)
+    take = bins < full
+    if full < _BINS:
+        rest = slack - (float(cum[full - 1]) if full > 0 else 0.0)
+        part = (bins == full).nonzero().squeeze(1)
+        pv, order = torch.sort(excess[part])
+        k = int((torch.cumsum(pv, 0) <= rest * (1 + 1e-12)).sum())
+        if k:
+            take[part[order[:k]]] = True
+    return take
+
+
+def prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None) -> torch.Tensor:
+    """Bool mask of the longest nearest-first prefix of ``d`` with running mean ``<= tau``.
+
+    Entries of ``d`` that are ``inf`` never qualify. With ``limit`` the prefix
+    is cut to the ``limit`` smallest distances (ties broken by position).
+    Exact, without sorting all of ``d``: see the module docstring.
+    """
+    inside = d <= tau
+    count_a = int(inside.sum())
+    slack = float((tau - d[inside]).double().sum()) if count_a else 0.0
+    chosen = inside
+    if slack > 0:
+        cand = (d > tau) & (d <= tau + slack)
+        if bool(cand.any()):
+            idx = cand.nonzero().squeeze(1)
+            extra = _extras_within_slack(d[idx], tau, slack)
+            if bool(extra.any()):
+                chosen = chosen.clone()
+                chosen[idx[extra]] = True
+    if limit is not None:
+        n = int(chosen.sum())
+        if n > limit:
+            if limit <= 0:
+                return torch.zeros_like(chosen)
+            sub = chosen.nonzero().squeeze(1)
+            ds = d[sub]
+            th = torch.kthvalue(ds, limit).values
+            take = ds < th
+            need_eq = limit - int(take.sum())
+            eq = ds == th
+            take = take | (eq & (torch.cumsum(eq.long(), 0) <= need_eq))
+            out = torch.zeros_like(chosen)
+            out[sub[take]] = True
+            return out
+    return chosen
+
+
+def _sweep_to_nearest(d_near, nearest, codebook, need, *, fix_many, level):
+    """Fix the ``need`` weights nearest (in sigmas) to any centre onto their nearest centre."""
+    sel = prefix_within_tau(d_near, float("inf"), limit=need) if need < int(torch.isfinite(d_near).sum()) \
+        else torch.isfinite(d_near)
+    fix_many(sel, nearest[sel], codebook)
+
+
+def _auto_max_exp(mu: torch.Tensor, b: int) -> int:
+    m = float(mu.abs().max()) if mu.numel() else 0.0
+    if m <= 0:
+        return 0
+    return max(int(math.ceil(math.log2(m))), -b)
+
+
+@torch.no_grad()
+def pwfn_cluster(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_loc: torch.Tensor,
+    fixed_scale: torch.Tensor,
+    target: int,
+    config: ClusterConfig = ClusterConfig(),
+    level: Optional[ClusterLevel] = None,
+) -> ClusterResult:
+    """Fix free weights onto power-of-two centres until ``target`` weights are fixed.
+
+    A pure function: the inputs are flat vectors (all weights of the network)
+    and are not modified; the result holds new tensors.
+
+    :param mu: posterior means.
+    :param sigma: posterior scales (> 0).
+    :param fixed: bool mask of the weights already fixed.
+    :param fixed_loc: centres of the fixed weights (ignored elsewhere).
+    :param fixed_scale: scales of the fixed weights (ignored elsewhere).
+    :param target: number of fixed weights wanted at the end (``ceil(p_t * N)``).
+    :param config: :class:`ClusterConfig`.
+    :param level: the level to start at (default ``config.start_level()``).
+
+    Usage::
+
+        res = pwfn_cluster(mu, sigma, fixed, fixed_loc, fixed_scale, target=len(mu))
+        res.fixed.all(), torch.unique(res.fixed_loc)
+    """
+    n = mu.numel()
+    for name, t in (("mu", mu), ("sigma", sigma), ("fixed_loc", fixed_loc), ("fixed_scale", fixed_scale)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != n or not t.is_floating_point():
+            raise ValueError(f"{name} must be a flat floating tensor of length {n}")
+    if not isinstance(fixed, torch.Tensor) or fixed.dtype != torch.bool or fixed.shape != mu.shape:
+        raise ValueError(f"fixed must be a bool tensor of shape ({n},)")
+    target = check_int("target", target, low=0, high=n)
+    check_type("config", config, ClusterConfig)
+    level = level if level is not None else config.start_level()
+    if not bool(torch.isfinite(mu).all()):
+        raise ValueError("mu must be finite")
+    if not bool((sigma > 0).all()):
+        raise ValueError("sigma must be positive for every weight")
+
+    fixed = fixed.clone()
+    fixed_loc = fixed_loc.clone()
+    fixed_scale = fixed_scale.clone()
+    groups: list[dict] = []
+    free_idx = (~fixed).nonzero().squeeze(1)
+    mu_f, sig_f = mu[free_idx], sigma[free_idx]
+    alive = torch.ones(free_idx.numel(), dtype=torch.bool, device=mu.device)
+    need = target - (n - free_idx.numel())
+    num_new = 0
+
+    def fix(sel: torch.Tensor, centre: float):
+        nonlocal need, num_new
+        vals = mu_f[sel]
+        std = float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0
+        std = max(std, config.sigma_min)
+        gi = free_idx[sel]
+        fixed[gi] = True
+        fixed_loc[gi] = centre
+        fixed_scale[gi] = std
+        alive[sel] = False
+        k = int(vals.numel())
+        need -= k
+        num_new += k
+        groups.append({"centre": float(centre), "count": k, "std": std, "tau": level.tau})
+
+    def fix_many(sel: torch.Tensor, code_idx: torch.Tensor, codebook: torch.Tensor):
+        """Fix the weights ``sel`` to ``codebook[code_idx]``, one group per code (vectorized)."""
+        nonlocal need, num_new
+        k_codes = codebook.numel()
+        vals = mu_f[sel].double()
+        cnt = torch.bincount(code_idx, minlength=k_codes).double()
+        s1 = torch.bincount(code_idx, weights=vals, minlength=k_codes)
+        s2 = torch.bincount(code_idx, weights=vals * vals, minlength=k_codes)
+        mean = s1 / cnt.clamp_min(1)
+        std = (s2 / cnt.clamp_min(1) - mean * mean).clamp_min(0).sqrt().clamp_min(config.sigma_min)
+        gi = free_idx[sel]
+        fixed[gi] = True
+        fixed_loc[gi] = codebook[code_idx]
+        fixed_scale[gi] = std[code_idx].to(fixed_scale.dtype)
+        alive[sel] = False
+        k = int(sel.sum())
+        need -= k
+        num_new += k
+        for j in cnt.nonzero().squeeze(1).tolist():
+            groups.append({"centre": float(codebook[j]), "count": int(cnt[j]), "std": float(std[j]), "tau": level.tau,
+                           "sweep": True})
+
+    if config.zero_fix > 0 and free_idx.numel():
+        sel = mu_f.abs() <= config.zero_fix
+        if bool(sel.any()):
+            fix(sel, 0.0)
+
+    max_exp = config.max_exp if config.max_exp is not None else _auto_max_exp(mu, 0)
+    inf = torch.tensor(float("inf"), dtype=mu.dtype, device=mu.device)
+    jumps = 0
+    while need > 0:
+        if int(alive.sum()) < alive.numel() // 2:  # drop fixed weights from the working arrays
+            free_idx, mu_f, sig_f = free_idx[alive], mu_f[alive], sig_f[alive]
+            alive = torch.ones(free_idx.numel(), dtype=torch.bool, device=mu.device)
+        b = level.b
+        codebook = pow2_codebook(
+            b, level.order, max_exp=max(max_exp, -b), include_zero=config.include_zero, dtype=mu.dtype
+        ).to(mu.device)
+        k_codes = codebook.numel()
+        nearest = nearest_code_index(mu_f, codebook)
+        counts = torch.bincount(nearest[alive], minlength=k_codes)
+        nxt = level.raised(config)
+        if nxt.b == level.b and nxt.order == level.order:
+            # The codebook can no longer grow, so failed levels only add
+            # tau_step to tau: jump over the ones that cannot fix anything.
+            d_near = torch.where(alive, (mu_f - codebook[nearest]).abs() / sig_f, inf)
+            d_min = float(d_near.min())
+            if d_min > level.tau:
+                steps = math.ceil((d_min - level.tau) / config.tau_step)
+                level = ClusterLevel(level.b, level.order, level.tau + steps * config.tau_step)
+                jumps += 1
+                if jumps > config.max_jumps:
+                    _sweep_to_nearest(d_near, nearest, codebook, need, fix_many=fix_many, level=level)
+                    break
+        tried = torch.zeros(k_codes, dtype=torch.bool, device=mu.device)
+        while need > 0:
+            cand = counts.masked_fill(tried, 0)
+            k = int(torch.argmax(cand))
+            if int(cand[k]) <= 0:
+                break
+            tried[k] = True
+            c = codebook[k]
+            d = torch.where(alive, (mu_f - c).abs() / sig_f, inf)
+            sel = prefix_within_tau(d, level.tau, limit=need)
+            if not bool(sel.any()):
+                continue
+            counts -= torch.bincount(nearest[sel], minlength=k_codes)
+            fix(sel, float(c))
+        if need > 0:
+            level = level.raised(config)
+    return ClusterResult(fixed, fixed_loc, fixed_scale, level, groups, num_new)
+
+
+def cluster_guide_(guide, fraction: float, config: ClusterConfig = ClusterConfig(), level=None) -> ClusterResult:
+    """Run :func:`pwfn_cluster` on an :class:`~pyro_bq.guides.pwfn.AutoPWFN` guide and freeze the result.
+
+    ``fraction`` is ``p_t``: afterwards ``ceil(p_t * N)`` weights are fixed
+    (or more, if more were already fixed). Mutates ``guide``; returns the result.
+    """
+    from pyro_bq.guides.pwfn import AutoPWFN
+
+    check_type("guide", guide, AutoPWFN, "an AutoPWFN guide")
+    fraction = check_float("fraction", fraction, low=0.0, high=1.0)
+    guide._require_setup()
+    n = guide.num_params
+    target = n if fraction >= 1.0 else min(n, int(math.ceil(fraction * n - 1e-9)))
+    target = max(target, guide.num_fixed)
+    with torch.no_grad():
+        mu = guide.loc.detach()
+        sigma = torch.nn.functional.softplus(guide.scale_raw.detach())
+        res = pwfn_cluster(
+            mu, sigma, guide.fixed, guide.fixed_loc, guide.fixed_scale, target, config, level
+        )
+    guide.set_fixed_(res.fixed, res.fixed_loc, res.fixed_scale)
+    return res

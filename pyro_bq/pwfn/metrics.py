@@ -1,0 +1,145 @@
+"""Compression and accuracy figures of a PWFN network.
+
+* weight-space entropy (bits): the Shannon entropy of the empirical
+  distribution of weight values, ``-sum_v p_v log2 p_v`` with ``p_v`` the
+  fraction of weights equal to ``v`` -- over all weights, and "w/o FL-bias":
+  without the first and last layers and without biases (the paper's Table 1);
+* the number of unique values and the codebook (the sorted unique values);
+* point-estimate accuracy (the means, i.e. ``guide.median()``) and the
+  accuracy of an ensemble of sampled networks (softmax probabilities
+  averaged over ``num_samples`` draws, 20 in the paper; the mean accuracy of
+  the individual draws is reported too).
+
+"First" and "last" layer are the modules of the first and last weight sites
+in model order (``net.conv1`` and ``net.fc3`` for LeNet-5); a bias is a site
+whose name ends in ``bias``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+from pyro_bq._validation import check_int
+
+__all__ = [
+    "weight_entropy",
+    "unique_values",
+    "fl_bias_excluded_sites",
+    "compression_stats",
+    "accuracy",
+    "ensemble_accuracy",
+]
+
+
+def _flat(values) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().reshape(-1)
+    if isinstance(values, Mapping):
+        if not values:
+            raise ValueError("values must hold at least one site")
+        return torch.cat([v.detach().reshape(-1) for v in values.values()])
+    raise TypeError(f"values must be a tensor or a dict site -> tensor, got {type(values).__name__}")
+
+
+def weight_entropy(values) -> float:
+    """Entropy in bits of the empirical distribution of the values (tensor or dict of tensors).
+
+    Usage::
+
+        weight_entropy(torch.tensor([0., 0., 0.5, 0.5]))   # 1.0
+    """
+    flat = _flat(values)
+    if flat.numel() == 0:
+        raise ValueError("values must hold at least one weight")
+    _, counts = torch.unique(flat, return_counts=True)
+    p = counts.double() / flat.numel()
+    return float(-(p * torch.log2(p)).sum())
+
+
+def unique_values(values) -> torch.Tensor:
+    """Sorted unique values (the codebook actually used)."""
+    return torch.unique(_flat(values))
+
+
+def _layer(site: str) -> str:
+    return site.rsplit(".", 1)[0] if "." in site else site
+
+
+def fl_bias_excluded_sites(sites) -> list[str]:
+    """The sites that remain after dropping the first and last layers and every bias."""
+    sites = list(sites)
+    if not sites:
+        return []
+    first, last = _layer(sites[0]), _layer(sites[-1])
+    return [s for s in sites if _layer(s) not in (first, last) and not s.endswith("bias")]
+
+
+def compression_stats(weights: Mapping[str, torch.Tensor]) -> dict:
+    """Entropy, unique count and codebook, overall and w/o first/last layers and biases.
+
+    :param weights: dict site -> tensor in model order (e.g. ``guide.median()``).
+    """
+    if not isinstance(weights, Mapping) or not weights:
+        raise TypeError("weights must be a non-empty dict site -> tensor (e.g. guide.median())")
+    inner = fl_bias_excluded_sites(weights)
+    out = {
+        "num_weights": int(_flat(weights).numel()),
+        "entropy": weight_entropy(weights),
+        "unique": int(unique_values(weights).numel()),
+        "codebook": unique_values(weights).tolist(),
+    }
+    if inner:
+        sub = {k: weights[k] for k in inner}
+        out["entropy_wo_fl_bias"] = weight_entropy(sub)
+        out["unique_wo_fl_bias"] = int(unique_values(sub).numel())
+    else:
+        out["entropy_wo_fl_bias"] = float("nan")
+        out["unique_wo_fl_bias"] = 0
+    return out
+
+
+@torch.no_grad()
+def _predict(model, samples: Mapping[str, torch.Tensor], data, batch_size: int) -> torch.Tensor:
+    """Mean softmax probabilities over the sample dimension and per-sample correctness."""
+    probs_sum, correct_each, n = None, None, 0
+    for xb, yb in data.batches(batch_size):
+        logits = model.batched_forward(samples, xb)  # [S, B, C]
+        probs = torch.softmax(logits, -1)
+        mean = probs.mean(0)
+        c_ens = (mean.argmax(-1) == yb).sum()
+        c_each = (logits.argmax(-1) == yb[None]).sum(1)
+        probs_sum = c_ens if probs_sum is None else probs_sum + c_ens
+        correct_each = c_each if correct_each is None else correct_each + c_each
+        n += len(yb)
+    return probs_sum.double() / n, correct_each.double() / n
+
+
+def accuracy(model, weights: Mapping[str, torch.Tensor], data, *, batch_size: int = 1000) -> float:
+    """Accuracy of the network with the given weights (e.g. ``guide.median()``) on ``data``."""
+    batch_size = check_int("batch_size", batch_size, low=1)
+    samples = {k: v.unsqueeze(0) for k, v in weights.items()}
+    acc, _ = _predict(model, samples, data, batch_size)
+    return float(acc)
+
+
+def ensemble_accuracy(
+    model, guide, data, *, num_samples: int = 20, batch_size: int = 500, seed: Optional[int] = 0
+) -> dict:
+    """Accuracy of the averaged prediction of ``num_samples`` weight draws from ``guide``.
+
+    Returns ``{"ensemble": acc, "mean_member": mean accuracy of the draws}``.
+    """
+    num_samples = check_int("num_samples", num_samples, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    if seed is not None:
+        gen_state = torch.get_rng_state()
+        torch.manual_seed(seed)
+    try:
+        samples = guide.sample_latents(num_samples)
+    finally:
+        if seed is not None:
+            torch.set_rng_state(gen_state)
+    acc, each = _predict(model, samples, data, batch_size)
+    return {"ensemble": float(acc), "mean_member": float(each.mean())}

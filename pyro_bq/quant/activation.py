@@ -1,0 +1,254 @@
+"""Activation quantization for Bayesian models.
+
+:func:`quantize_activations` returns a *new* model whose activation modules
+are replaced by :class:`FakeQuantActivation`: the activation function (the
+original one, or a bounded one such as ReLU6 or hardtanh) followed by a
+``bits``-bit uniform grid over a calibrated range. The weight site names are
+unchanged, so a guide trained on the original model still fits the new one.
+
+Ranges are calibrated per *call* of an activation module (LeNet-5 uses one
+``act`` module four times; each use gets its own range) by
+:func:`calibrate_activations_`, on data and on several posterior weight
+samples: the range covers the activations of every sample, so the
+quantization grid does not clip away the differences between samples, which
+is where the epistemic uncertainty lives. A bounded activation never leaves
+its natural range (``[0, 6]`` for ReLU6, ``[-1, 1]`` for hardtanh), so its
+grid is fixed by the function itself and the same for every weight sample;
+with ``range="natural"`` no data is needed. A plain ReLU has no upper bound,
+so its range must be calibrated.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Union
+
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+from pyro_bq._validation import check_choice, check_int
+
+from .quantizers import check_bits
+
+__all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "calibrate_activations",
+           "BOUNDED_ACTIVATIONS"]
+
+#: activation names accepted by :func:`quantize_activations`
+BOUNDED_ACTIVATIONS = {"relu6": lambda: nn.ReLU6(), "hardtanh": lambda: nn.Hardtanh()}
+_ACTIVATIONS = {**BOUNDED_ACTIVATIONS, "relu": lambda: nn.ReLU()}
+_REPLACEABLE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+
+
+def _natural_range(act: nn.Module):
+    if isinstance(act, nn.ReLU6):
+        return 0.0, 6.0
+    if isinstance(act, nn.Hardtanh):  # ReLU6 is a Hardtanh too; checked first
+        return float(act.min_val), float(act.max_val)
+    if isinstance(act, nn.Tanh):
+        return -1.0, 1.0
+    if isinstance(act, nn.Sigmoid):
+        return 0.0, 1.0
+    return None
+
+
+class _ResetCalls:
+    """Forward pre-hook of the root network: restart the call counters of its fake-quant activations."""
+
+    def __init__(self, modules):
+        self.modules = list(modules)
+
+    def __call__(self, module, args):
+        for m in self.modules:
+            m._call = 0
+        return None
+
+
+class FakeQuantActivation(nn.Module):
+    """An activation followed by ``bits``-bit fake quantization over a per-call range.
+
+    :param activation: the activation module (e.g. ``nn.ReLU6()``).
+    :param bits: an int from 1 to 16.
+    :param range: ``"calibrated"`` (set by :func:`calibrate_activations_`) or
+        ``"natural"`` (the bounds of a bounded activation).
+    :param max_calls: how many uses per forward pass the module supports.
+
+    The forward value is on the grid; the gradient passes straight through.
+
+    Usage::
+
+        act = FakeQuantActivation(nn.ReLU6(), bits=4, range="natural")
+        y = act(torch.randn(3, 5))
+    """
+
+    def __init__(self, activation: nn.Module, bits: int = 8, *, range: str = "calibrated", max_calls: int = 16):
+        super().__init__()
+        if not isinstance(activation, nn.Module):
+            raise TypeError(f"activation must be an nn.Module, got {type(activation).__name__}")
+        self.activation = activation
+        self.bits = check_bits("bits", bits, allow_tensor=False)
+        self.range = check_choice("range", range, ("calibrated", "natural"))
+        max_calls = check_int("max_calls", max_calls, low=1)
+        natural = _natural_range(activation)
+        if range == "natural" and natural is None:
+            raise ValueError(f"range='natural' needs a bounded activation (ReLU6, Hardtanh, Tanh, Sigmoid), "
+                             f"got {type(activation).__name__}; use range='calibrated'")
+        lo, hi = natural if natural is not None else (0.0, 0.0)
+        self.register_buffer("lo", torch.full((max_calls,), lo))
+        self.register_buffer("hi", torch.full((max_calls,), hi))
+        self.register_buffer("ready", torch.full((max_calls,), range == "natural"))
+        self._call = 0
+        self._stats: Optional[dict] = None
+
+    def forward(self, x):
+        y = self.activation(x)
+        k = self._call
+        self._call += 1
+        if k >= self.lo.numel():
+            raise RuntimeError(f"FakeQuantActivation was called {k + 1} times in one forward pass; "
+                               f"build it with max_calls >= {k + 1}")
+        if self._stats is not None:  # calibration: record the range of this call
+            lo, hi = float(y.detach().min()), float(y.detach().max())
+            old = self._stats.get(k)
+            self._stats[k] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+            return y
+        lo, hi = self.lo[k], self.hi[k]
+        levels = 2.0**self.bits - 1
+        step = torch.clamp((hi - lo) / levels, min=1e-12)
+        q = torch.clamp(torch.floor((y.detach() - lo) / step + 0.5), 0, levels) * step + lo
+        return q + (y - y.detach())
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, range={self.range!r}"
+
+
+def _plain_net(model) -> nn.Module:
+    """A plain (non-Pyro) copy of ``model``'s network with its current deterministic parameters."""
+    net = copy.deepcopy(model._template).to_empty(device="cpu")
+    state = model.net.state_dict()
+    own = net.state_dict()
+    for key, value in own.items():
+        src = state.get(key)
+        if src is None:
+            src = model._initial_params.get(f"net.{key}")
+        if src is not None:
+            value.copy_(src)
+    return net
+
+
+def quantize_activations(
+    model,
+    bits: int = 8,
+    *,
+    activation: Union[None, str, type] = None,
+    range: str = "calibrated",
+    guide=None,
+    data: Optional[torch.Tensor] = None,
+    num_samples: int = 8,
+    max_calls: int = 16,
+):
+    """A new model whose activations are quantized to ``bits`` bits (``model`` is untouched).
+
+    :param model: a :class:`~pyro_bq.models.BayesianClassifier` (or another
+        :class:`~pyro_bq.models.BayesianModel` whose constructor takes ``(net, prior, dataset_size)``).
+    :param activation: replace every activation module by ``"relu6"``,
+        ``"hardtanh"``, ``"relu"`` or an ``nn.Module`` class; ``None`` keeps
+        the network's own activation functions.
+    :param range: ``"calibrated"`` or ``"natural"`` (bounded activations only).
+    :param guide, data, num_samples: when given, calibrate the ranges at once
+        with :func:`calibrate_activations_` on ``data`` and ``num_samples``
+        posterior samples of ``guide`` (plus its median).
+
+    Only activation *modules* are replaced (functional calls such as
+    ``F.relu`` inside ``forward`` are not seen); a ValueError says so when the
+    network has none.
+
+    Usage::
+
+        qmodel = quantize_activations(model, 4, activation="relu6", guide=qguide, data=x_calib)
+        Predictive(qmodel, guide=qguide, num_samples=32)(x)
+    """
+    from pyro_bq.models.bayesian import BayesianModel
+
+    if not isinstance(model, BayesianModel):
+        raise TypeError(f"model must be a pyro_bq BayesianModel (e.g. BayesianClassifier), got {type(model).__name__}")
+    bits = check_bits("bits", bits, allow_tensor=False)
+    check_choice("range", range, ("calibrated", "natural"))
+    if activation is None:
+        make = None
+    elif isinstance(activation, str):
+        check_choice("activation", activation, tuple(_ACTIVATIONS))
+        make = _ACTIVATIONS[activation]
+    elif isinstance(activation, type) and issubclass(activation, nn.Module):
+        make = activation
+    else:
+        raise TypeError(f"activation must be None, one of {sorted(_ACTIVATIONS)} or an nn.Module class, got {activation!r}")
+    net = _plain_net(model)
+    replaced = []
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, _REPLACEABLE):
+                act = make() if make is not None else child
+                fq = FakeQuantActivation(act, bits, range=range, max_calls=max_calls)
+                setattr(module, child_name, fq)
+                replaced.append(fq)
+    if not replaced:
+        raise ValueError(f"{type(net).__name__} has no activation modules to quantize (functional activations "
+                         "such as F.relu cannot be replaced); build the network with activation modules")
+    net.register_forward_pre_hook(_ResetCalls(replaced))
+    sites = {s[len("net."):] for s in model.weight_sites}
+    kwargs = {}
+    if hasattr(model, "learned_noise"):
+        kwargs["noise"] = "learned" if model.learned_noise else float(model.noise)
+    new = type(model)(net, model.prior, model.dataset_size, expose=sites, **kwargs)
+    if hasattr(model, "learned_noise") and model.learned_noise:
+        new.load_state_dict({k: v for k, v in model.state_dict().items() if k == "noise_unconstrained"}, strict=False)
+    if guide is not None and data is not None:
+        calibrate_activations_(new, guide, data, num_samples=num_samples)
+    elif range == "calibrated" and (guide is not None or data is not None):
+        raise ValueError("pass both guide and data to calibrate, or neither (then call calibrate_activations_ later)")
+    return new
+
+
+def _fake_quant_modules(model):
+    return [m for m in model.net.modules() if isinstance(m, FakeQuantActivation)]
+
+
+@torch.no_grad()
+def calibrate_activations_(model, guide, data: torch.Tensor, *, num_samples: int = 8) -> None:
+    """Set the ranges of ``model``'s fake-quant activations in place (``calibrated`` ones only).
+
+    The range of each activation call covers its values on ``data`` under the
+    guide's median and ``num_samples`` posterior samples.
+
+    Usage::
+
+        calibrate_activations_(qmodel, guide, x_train[:512], num_samples=8)
+    """
+    num_samples = check_int("num_samples", num_samples, low=0)
+    mods = _fake_quant_modules(model)
+    if not mods:
+        raise ValueError("model has no FakeQuantActivation modules; make it with quantize_activations first")
+    draws = [guide.median()]
+    if num_samples:
+        samples = guide.sample_latents(num_samples)
+        draws += [{k: v[i] for k, v in samples.items()} for i in range(num_samples)]
+    for m in mods:
+        m._stats = {}
+    try:
+        for weights in draws:  # a handful of calibration passes, not a hot path
+            poutine.condition(model, data=weights)(data)
+    finally:
+        stats = [m._stats for m in mods]
+        for m in mods:
+            m._stats = None
+    for m, st in zip(mods, stats):
+        if m.range != "calibrated":
+            continue
+        for k, (lo, hi) in st.items():
+            m.lo[k] = min(lo, 0.0)
+            m.hi[k] = max(hi, 0.0)
+            m.ready[k] = True
+
+
+calibrate_activations = calibrate_activations_

@@ -1,0 +1,285 @@
+"""Policies: which guide tensor of which site gets which quantizer.
+
+A guide holds, per weight site, a ``loc`` and a ``scale``; a draw from it is a
+``sample``. These are the three *quantities* a policy can quantize:
+
+* :class:`VPQ` (variational parameter quantization): ``loc`` uniformly and
+  ``scale`` logarithmically; sampling stays in float.
+* :class:`SPQ` (sampled parameter quantization): float ``loc`` and ``scale``;
+  every sampled weight is quantized with a quantizer calibrated on the
+  posterior (the envelope ``loc +- calib_width * scale``).
+* :class:`JQ` (joint quantization): both; the sample quantizer is calibrated
+  on the quantized posterior.
+* :class:`FloatPolicy`: nothing is quantized (the baseline).
+
+Bits are resolved per site and quantity, most specific first:
+``site_bits[site][quantity]`` > ``site_bits[site]`` > ``loc_bits`` /
+``scale_bits`` / ``sample_bits`` > ``bits``. Keys of ``site_bits`` and
+entries of ``skip`` are exact site names or regular expressions (matched with
+:func:`re.fullmatch`); an exact name wins over a pattern. A bit value is an
+int from 1 to 16 or, for uniform quantizers, an integer tensor of the site's
+shape (per-parameter precision), so the ``{site: int}`` and
+``{site: tensor}`` maps of :mod:`pyro_bq.mixed` plug in as ``site_bits``.
+
+The one extension point is :meth:`Policy.configure_site`, which returns the
+(uncalibrated) quantizers of one site.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+
+from pyro_bq._validation import check_float, check_type
+
+from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer, check_bits
+
+__all__ = ["Policy", "VPQ", "SPQ", "JQ", "FloatPolicy", "SiteQuantizers", "QUANTITIES", "make_policy"]
+
+QUANTITIES = ("loc", "scale", "sample")
+MODES = ("float", "vpq", "spq", "jq")
+
+
+@dataclass
+class SiteQuantizers:
+    """The quantizers of one site (``None``: that quantity stays float)."""
+
+    loc: Optional[Quantizer] = None
+    scale: Optional[Quantizer] = None
+    sample: Optional[Quantizer] = None
+
+    @property
+    def is_float(self) -> bool:
+        return self.loc is None and self.scale is None and self.sample is None
+
+
+def default_loc_quantizer() -> UniformQuantizer:
+    """Per-channel symmetric uniform grid with an MSE-searched range."""
+    return UniformQuantizer(8, symmetric=True, per_channel=True, range="mse")
+
+
+def default_scale_quantizer() -> Log2Quantizer:
+    """Per-channel power-of-two grid anchored at the largest scale."""
+    return Log2Quantizer(4, per_channel=True)
+
+
+def default_sample_quantizer() -> UniformQuantizer:
+    """Per-channel symmetric uniform grid with an MSE-searched range."""
+    return UniformQuantizer(8, symmetric=True, per_channel=True, range="mse")
+
+
+def _check_bits_value(name, value):
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(QUANTITIES)
+        if unknown:
+            raise ValueError(f"{name} has unknown quantities {sorted(unknown)}; allowed: {', '.join(QUANTITIES)}")
+        return {k: check_bits(f"{name}[{k!r}]", v) for k, v in value.items()}
+    return check_bits(name, value)
+
+
+class Policy:
+    """Base policy; ``mode`` is one of ``"float"``, ``"vpq"``, ``"spq"``, ``"jq"``.
+
+    :param bits: default bits of every quantized quantity (int from 1 to 16).
+    :param loc_bits, scale_bits, sample_bits: bits per quantity (override ``bits``).
+    :param site_bits: ``{site name or regex: bits}`` where bits is an int, an
+        integer tensor of the site's shape, or ``{"loc"|"scale"|"sample": bits}``.
+    :param skip: site names or regexes that stay float (e.g. first and last layer).
+    :param loc_quantizer, scale_quantizer, sample_quantizer: quantizer templates;
+        their bits are replaced by the resolved bits. Defaults: per-channel
+        symmetric uniform with MSE range for ``loc`` and ``sample``,
+        per-channel :class:`Log2Quantizer` for ``scale``.
+    :param calib_width: the sample quantizer is calibrated on
+        ``loc +- calib_width * scale`` (SPQ, JQ).
+
+    Usage::
+
+        policy = JQ(4, skip=[r"net\\.conv1\\..*"], site_bits={"net.fc3.weight": 8})
+        qguide = quantize(guide, policy)
+    """
+
+    mode = "float"
+
+    def __init__(
+        self,
+        bits: int = 8,
+        *,
+        loc_bits=None,
+        scale_bits=None,
+        sample_bits=None,
+        site_bits: Optional[Mapping[str, object]] = None,
+        skip: Union[str, Iterable[str]] = (),
+        loc_quantizer: Optional[Quantizer] = None,
+        scale_quantizer: Optional[Quantizer] = None,
+        sample_quantizer: Optional[Quantizer] = None,
+        calib_width: float = 2.0,
+    ):
+        self.bits = check_bits("bits", bits, allow_tensor=False)
+        self.quantity_bits = {}
+        for q, b in (("loc", loc_bits), ("scale", scale_bits), ("sample", sample_bits)):
+            if b is not None:
+                self.quantity_bits[q] = check_bits(f"{q}_bits", b)
+        if site_bits is None:
+            site_bits = {}
+        if not isinstance(site_bits, Mapping):
+            raise TypeError(f"site_bits must be a mapping {{site name or regex: bits}}, got {type(site_bits).__name__}")
+        self.site_bits = {}
+        for key, value in site_bits.items():
+            check_type("site_bits key", key, str)
+            self._compile(key, "site_bits")
+            self.site_bits[key] = _check_bits_value(f"site_bits[{key!r}]", value)
+        if isinstance(skip, str):
+            skip = [skip]
+        self.skip = []
+        for s in skip:
+            check_type("skip entry", s, str)
+            self._compile(s, "skip")
+            self.skip.append(s)
+        self.loc_quantizer = self._template("loc_quantizer", loc_quantizer, default_loc_quantizer)
+        self.scale_quantizer = self._template("scale_quantizer", scale_quantizer, default_scale_quantizer)
+        self.sample_quantizer = self._template("sample_quantizer", sample_quantizer, default_sample_quantizer)
+        self.calib_width = check_float("calib_width", calib_width, low=0.0)
+
+    @staticmethod
+    def _compile(pattern, what):
+        try:
+            return re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{what} entry {pattern!r} is neither a site name nor a valid regex: {err}") from None
+
+    @staticmethod
+    def _template(name, value, default):
+        if value is None:
+            return default()
+        if not isinstance(value, Quantizer):
+            raise TypeError(f"{name} must be a pyro_bq Quantizer (UniformQuantizer, Log2Quantizer, "
+                            f"CodebookQuantizer), got {type(value).__name__}")
+        return value
+
+    # -- matching -------------------------------------------------------------------
+    @staticmethod
+    def _lookup(keys, name):
+        if name in keys:
+            return name
+        for key in keys:
+            if re.fullmatch(key, name):
+                return key
+        return None
+
+    def check_sites(self, sites: Iterable[str]) -> None:
+        """Raise ValueError if a ``site_bits`` key or ``skip`` entry matches no site."""
+        sites = list(sites)
+        for what, keys in (("site_bits", list(self.site_bits)), ("skip", self.skip)):
+            for key in keys:
+                if key not in sites and not any(re.fullmatch(key, s) for s in sites):
+                    raise ValueError(f"{what} entry {key!r} matches no site; the guide's sites are {sites}")
+
+    def skipped(self, name: str) -> bool:
+        return self._lookup(self.skip, name) is not None
+
+    def bits_for(self, name: str, quantity: str):
+        """The resolved bits (int or tensor) of ``quantity`` at site ``name``."""
+        key = self._lookup(list(self.site_bits), name)
+        if key is not None:
+            value = self.site_bits[key]
+            if isinstance(value, dict):
+                if quantity in value:
+                    return value[quantity]
+            else:
+                return value
+        return self.quantity_bits.get(quantity, self.bits)
+
+    def quantizes(self, quantity: str) -> bool:
+        return {"float": False, "vpq": quantity in ("loc", "scale"), "spq": quantity == "sample",
+                "jq": True}[self.mode]
+
+    # -- the extension point ---------------------------------------------------------
+    def configure_site(self, name: str, shape: torch.Size) -> SiteQuantizers:
+        """Uncalibrated quantizers of site ``name`` (``None`` for a float quantity)."""
+        if self.skipped(name):
+            return SiteQuantizers()
+        out = {}
+        for quantity in QUANTITIES:
+            if not self.quantizes(quantity):
+                continue
+            bits = self.bits_for(name, quantity)
+            template = getattr(self, f"{quantity}_quantizer")
+            if isinstance(bits, torch.Tensor):
+                try:
+                    torch.broadcast_shapes(bits.shape, tuple(shape))
+                except RuntimeError:
+                    raise ValueError(f"bits tensor for site {name!r} ({quantity}) has shape {tuple(bits.shape)}, "
+                                     f"which does not broadcast to the site's shape {tuple(shape)}") from None
+            out[quantity] = template.with_bits(bits)
+        return SiteQuantizers(**out)
+
+    def __repr__(self) -> str:
+        extra = []
+        if self.quantity_bits:
+            extra.append(", ".join(f"{k}_bits={v if isinstance(v, int) else 'tensor'}" for k, v in self.quantity_bits.items()))
+        if self.site_bits:
+            extra.append(f"site_bits={len(self.site_bits)} entries")
+        if self.skip:
+            extra.append(f"skip={self.skip}")
+        return f"{type(self).__name__}({self.bits}{''.join(', ' + e for e in extra)})"
+
+
+class FloatPolicy(Policy):
+    """No quantization: the float baseline (``quantize`` still returns a copy).
+
+    Usage::
+
+        baseline = quantize(guide, FloatPolicy())
+    """
+
+    mode = "float"
+
+    def __init__(self, **kwargs):
+        super().__init__(8, **kwargs)
+
+
+class VPQ(Policy):
+    """Variational parameter quantization: ``loc`` uniform, ``scale`` log2; float sampling.
+
+    Usage::
+
+        qguide = quantize(guide, VPQ(4))
+    """
+
+    mode = "vpq"
+
+
+class SPQ(Policy):
+    """Sampled parameter quantization: float parameters, every sampled weight quantized.
+
+    Usage::
+
+        qguide = quantize(guide, SPQ(4))
+    """
+
+    mode = "spq"
+
+
+class JQ(Policy):
+    """Joint quantization: VPQ plus quantized samples.
+
+    Usage::
+
+        qguide = quantize(guide, JQ(4, skip=["net.conv1.weight"]))
+    """
+
+    mode = "jq"
+
+
+_BY_MODE = {"float": FloatPolicy, "vpq": VPQ, "spq": SPQ, "jq": JQ}
+
+
+def make_policy(mode: str, bits: int = 8, **kwargs) -> Policy:
+    """A policy from its mode name (``"float"``, ``"vpq"``, ``"spq"``, ``"jq"``; case-insensitive)."""
+    if not isinstance(mode, str) or mode.lower() not in _BY_MODE:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    cls = _BY_MODE[mode.lower()]
+    return cls(**kwargs) if cls is FloatPolicy else cls(bits, **kwargs)

@@ -1,0 +1,240 @@
+"""Settings of the Dirty-MNIST study and the list of configurations it evaluates."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from pyro_bq._validation import check_float, check_int
+
+__all__ = [
+    "StudyConfig",
+    "RowSpec",
+    "QUANT_POLICIES",
+    "EXTRA_ROWS",
+    "ALL_POLICIES",
+    "DEFAULT_BITS",
+    "BITS_RANGE",
+    "check_out_dir",
+]
+
+#: Post-hoc quantization policies evaluated at every bit width.
+QUANT_POLICIES = ("vpq", "spq", "jq")
+#: Rows that depend on other parts of pyro_bq (added when those are available).
+EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
+#: Every name ``--policies`` accepts.
+ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
+DEFAULT_BITS = (8, 6, 4, 3, 2)
+#: Allowed weight and activation bit widths.
+BITS_RANGE = (2, 16)
+
+
+def check_out_dir(name: str, path) -> Path:
+    """Create ``path`` if needed and make sure it is a writable folder; raise ValueError otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} exists and is not a folder; choose a writable folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name} {str(path)!r} cannot be created ({err.strerror or err}); choose a writable folder") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {str(path)!r} is not writable; choose a writable folder")
+    return path
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One evaluated configuration: a guide family, its bits and the activation bits (or None)."""
+
+    family: str
+    bits: Optional[int] = None
+    act_bits: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        base = self.family if self.bits is None else f"{self.family}{self.bits}"
+        return base if self.act_bits is None else f"{base}+act{self.act_bits}"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """All settings of a study run; validated at construction.
+
+    :param data_dir: data root with ``MNIST/raw`` and ``FashionMNIST/raw``.
+    :param out_dir: where results, plots, checkpoints and caches go (created; must be writable).
+    :param cache_dir: cache of the generated Ambiguous-MNIST (default ``out_dir/cache``).
+    :param policies: families to evaluate, from :data:`ALL_POLICIES`; ``float`` is always evaluated.
+    :param bits: bit widths of the post-hoc policies (each in 2..16).
+    :param act_bits: bits of the activation-quantized variants (2..16).
+    :param act_policies: families that also get an activation-quantized variant.
+    :param num_epochs: SVI epochs over Dirty-MNIST; ``pretrain_epochs``: epochs of
+        the deterministic LeNet-5 the guide starts from.
+    :param num_samples: weight draws per evaluation; ``eval_limit`` rows per test set.
+    :param mnist_limit: MNIST training rows (``None``: all 60,000).
+    :param amnist_train_images, amnist_test_images: unique generated Ambiguous-MNIST images.
+    :param checkpoint: optional trained guide (``guide.bq`` of an earlier run) to load instead of training.
+
+    Usage::
+
+        cfg = StudyConfig(data_dir="data", out_dir="runs/study", bits=(4, 3))
+        results = run_study(cfg)
+    """
+
+    data_dir: Optional[str] = None
+    out_dir: str = "dirty-mnist-study"
+    cache_dir: Optional[str] = None
+    seed: int = 0
+    policies: tuple = ALL_POLICIES
+    bits: tuple = DEFAULT_BITS
+    act_bits: int = 8
+    act_policies: tuple = ("float", "jq", "logquant")
+    num_epochs: int = 1
+    pretrain_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    init_scale: float = 1e-2
+    prior_gain: float = 1.0
+    num_samples: int = 20
+    eval_limit: Optional[int] = 2000
+    mnist_limit: Optional[int] = None
+    amnist_train_images: int = 2000
+    amnist_test_images: int = 500
+    amnist_source: str = "auto"
+    amnist_fit_size: int = 20000
+    amnist_vae_epochs: int = 4
+    logquant_bits: int = 4
+    logquant_steps: int = 300
+    arviz_samples: int = 50
+    arviz_limit: int = 500
+    calib_rows: int = 512
+    extra_steps: int = 200
+    mixed_bits: float = 4.0
+    checkpoint: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        for name in ("data_dir", "cache_dir", "checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
+            if value is not None:
+                set_(name, os.fspath(value))
+        if not isinstance(self.out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(self.out_dir).__name__}")
+        set_("out_dir", os.fspath(self.out_dir))
+        check_int("seed", self.seed, low=0)
+        pol = (self.policies,) if isinstance(self.policies, str) else tuple(self.policies)
+        pol = tuple(p.strip().lower() if isinstance(p, str) else p for p in pol)
+        for p in pol:
+            if p not in ALL_POLICIES:
+                raise ValueError(f"policies: unknown policy {p!r}; allowed: {', '.join(ALL_POLICIES)}")
+        set_("policies", tuple(dict.fromkeys(("float",) + pol)))
+        bits = (self.bits,) if isinstance(self.bits, int) else tuple(self.bits)
+        if not bits:
+            raise ValueError(f"bits must list at least one bit width in {BITS_RANGE[0]}..{BITS_RANGE[1]}")
+        for b in bits:
+            check_int("bits", b, low=BITS_RANGE[0], high=BITS_RANGE[1])
+        set_("bits", tuple(sorted(set(int(b) for b in bits), reverse=True)))
+        check_int("act_bits", self.act_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
+        ap = (self.act_policies,) if isinstance(self.act_policies, str) else tuple(self.act_policies)
+        ap = tuple(p.strip().lower() for p in ap)
+        for p in ap:
+            if p not in ALL_POLICIES:
+                raise ValueError(f"act_policies: unknown policy {p!r}; allowed: {', '.join(ALL_POLICIES)}")
+        set_("act_policies", ap)
+        check_int("num_epochs", self.num_epochs, low=1)
+        check_int("pretrain_epochs", self.pretrain_epochs, low=0)
+        check_int("batch_size", self.batch_size, low=1)
+        check_float("lr", self.lr, low=0.0, low_open=True)
+        check_float("init_scale", self.init_scale, low=0.0, low_open=True)
+        check_float("prior_gain", self.prior_gain, low=0.0, low_open=True)
+        check_int("num_samples", self.num_samples, low=2)
+        if self.eval_limit is not None:
+            check_int("eval_limit", self.eval_limit, low=10)
+        if self.mnist_limit is not None:
+            check_int("mnist_limit", self.mnist_limit, low=1, high=60000)
+        check_int("amnist_train_images", self.amnist_train_images, low=1)
+        check_int("amnist_test_images", self.amnist_test_images, low=1)
+        if self.amnist_source not in ("auto", "original", "generated"):
+            raise ValueError(f"amnist_source must be one of 'auto', 'original', 'generated'; got {self.amnist_source!r}")
+        check_int("amnist_fit_size", self.amnist_fit_size, low=10, high=60000)
+        check_int("amnist_vae_epochs", self.amnist_vae_epochs, low=1)
+        check_int("logquant_bits", self.logquant_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
+        check_int("logquant_steps", self.logquant_steps, low=1)
+        check_int("arviz_samples", self.arviz_samples, low=1)
+        check_int("arviz_limit", self.arviz_limit, low=1)
+        check_int("calib_rows", self.calib_rows, low=1)
+        check_int("extra_steps", self.extra_steps, low=1)
+        check_float("mixed_bits", self.mixed_bits, low=2.0, high=8.0)
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir).expanduser()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else self.out_path / "cache"
+
+    def amnist_config(self):
+        from pyro_bq.data.ambiguous import AmbiguousConfig
+
+        return AmbiguousConfig(
+            seed=self.seed, num_train_images=self.amnist_train_images, num_test_images=self.amnist_test_images,
+            vae_train_size=self.amnist_fit_size, ensemble_train_size=self.amnist_fit_size,
+            vae_epochs=self.amnist_vae_epochs,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def _digest(self, keys) -> str:
+        d = self.to_dict()
+        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def train_fingerprint(self) -> str:
+        """Changes exactly when the trained float guide would change."""
+        return self._digest(
+            ("seed", "num_epochs", "pretrain_epochs", "batch_size", "lr", "init_scale", "prior_gain", "mnist_limit",
+             "amnist_train_images", "amnist_test_images", "amnist_source", "amnist_fit_size", "amnist_vae_epochs",
+             "checkpoint")
+        )
+
+    def eval_fingerprint(self) -> str:
+        """Changes when any evaluated number of an existing row would change."""
+        return self.train_fingerprint() + "-" + self._digest(
+            ("num_samples", "eval_limit", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
+             "extra_steps", "mixed_bits")
+        )
+
+    def rows(self) -> list[RowSpec]:
+        """The configurations to evaluate, in table order."""
+        out = []
+
+        def add(family, bits=None):
+            out.append(RowSpec(family, bits))
+            if family in self.act_policies:
+                out.append(RowSpec(family, bits, self.act_bits))
+
+        add("float")
+        for fam in QUANT_POLICIES:
+            if fam in self.policies:
+                for b in self.bits:
+                    add(fam, b)
+        if "logquant" in self.policies:
+            add("logquant", self.logquant_bits)
+        for fam in ("pwfn", "qi", "rb", "smol"):
+            if fam in self.policies:
+                add(fam)
+        return out

@@ -1,0 +1,110 @@
+"""The study's results table in Markdown, CSV and JSON (all written atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["write_tables", "markdown_table", "COLUMNS", "HEADERS"]
+
+COLUMNS = (
+    "config",
+    "policy",
+    "bits",
+    "act_bits",
+    "accuracy",
+    "nll",
+    "ece",
+    "auroc_mi_fashion",
+    "auroc_ee_ambiguous",
+    "bits_per_param",
+    "packed_bytes",
+)
+#: Markdown headers of :data:`COLUMNS`.
+HEADERS = {
+    "config": "config",
+    "policy": "policy",
+    "bits": "bits",
+    "act_bits": "act bits",
+    "accuracy": "MNIST acc",
+    "nll": "NLL",
+    "ece": "ECE",
+    "auroc_mi_fashion": "AUROC MI (MNIST vs Fashion)",
+    "auroc_ee_ambiguous": "AUROC EE (MNIST vs Ambiguous)",
+    "bits_per_param": "bits/param",
+    "packed_bytes": "packed bytes",
+}
+
+
+def _fmt(key, value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if key in ("accuracy", "auroc_mi_fashion", "auroc_ee_ambiguous", "ece", "nll"):
+            return f"{value:.4f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _finite(obj):
+    """NaN and infinities become None, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table with the study's columns."""
+    lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(c, row.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict], out: Path, *, skipped: Optional[dict] = None, data_info: Optional[dict] = None,
+                 config=None) -> dict:
+    """Write ``results.md``, ``results.csv`` and ``results.json`` into ``out``; return their paths."""
+    from pyro_bq.io.container import atomic_write_bytes
+
+    out = Path(out)
+    skipped = dict(skipped or {})
+    md = ["# Dirty-MNIST study", ""]
+    md.append(markdown_table(rows))
+    md.append("")
+    md.append("MNIST acc, NLL and ECE on MNIST test; AUROC MI: mutual information (epistemic) as the score for "
+              "telling Fashion-MNIST from MNIST; AUROC EE: expected entropy (aleatoric) for telling "
+              "Ambiguous-MNIST from MNIST. bits/param and packed bytes: the guide's packed file (float: 64 bits).")
+    if skipped:
+        md += ["", "Skipped configurations:", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()]
+    if data_info:
+        md += ["", "Ambiguous-MNIST: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in data_info.items())]
+    atomic_write_bytes(out / "results.md", ["\n".join(md).encode() + b"\n"])
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS})
+    atomic_write_bytes(out / "results.csv", [buf.getvalue().encode()])
+
+    payload = {
+        "columns": list(COLUMNS),
+        "rows": [{c: row.get(c) for c in COLUMNS} | {"details": row.get("details", {})} for row in rows],
+        "skipped": skipped,
+        "ambiguous_mnist": data_info or {},
+        "config": config.to_dict() if config is not None else None,
+    }
+    text = json.dumps(_finite(payload), indent=2, allow_nan=False)
+    atomic_write_bytes(out / "results.json", [text.encode()])
+    return {"markdown": str(out / "results.md"), "csv": str(out / "results.csv"), "json": str(out / "results.json")}

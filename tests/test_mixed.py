@@ -1,0 +1,339 @@
+"""Bit allocators of pyro_bq.mixed on toy posteriors (fast)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyro_bq.mixed import (
+    BitAllocation,
+    allocation_policy,
+    bits_from_s,
+    bits_table,
+    expected_abs_error,
+    gaussian_quantile_levels,
+    layer_informativeness,
+    lloyd_max_median,
+    mean_bits,
+    median_condition_residual,
+    noise_amplitude,
+    normalized_informativeness,
+    plot_bits,
+    quantile_inform,
+    quantize_means,
+    quantize_to_levels,
+    quantize_uniform,
+    random_bits,
+    s_from_bits,
+    signed_quantize,
+    smol_penalty,
+)
+
+
+def toy_two_layer(seed=0, n=400):
+    """Layer "informative" has |mu|/sigma ~ 100, layer "vague" ~ 1; same size."""
+    g = torch.Generator().manual_seed(seed)
+    mu_a = torch.randn(n, generator=g)
+    mu_b = torch.randn(n, generator=g)
+    return {
+        "informative": (mu_a, torch.full((n,), 0.01)),
+        "vague": (mu_b, torch.full((n,), 1.0)),
+    }
+
+
+def toy_many(num_layers, seed=0, size=50):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(num_layers):
+        mu = torch.randn(size, generator=g)
+        sigma = torch.rand(size, generator=g) * 0.1 + 0.02 * (i + 1) ** 1.3
+        out[f"layer{i}"] = (mu, sigma)
+    return out
+
+
+# -- informativeness --------------------------------------------------------------------
+
+def test_mean_and_entropy_aggregation_by_hand():
+    post = {"a": (torch.tensor([1.0, -2.0, 0.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 2.0]))}
+    assert layer_informativeness(post, "mean")["a"] == pytest.approx((1 + 2 + 0 + 2) / 4)
+    p = torch.tensor([1.0, 2.0, 0.0, 2.0]) / 5
+    h = -sum(float(v * math.log(v)) for v in p if v > 0)
+    assert layer_informativeness(post, "entropy")["a"] == pytest.approx(1 - h / math.log(4))
+
+
+def test_normalisation_is_minmax_then_sqrt():
+    norm = normalized_informativeness({"a": 1.0, "b": 3.0, "c": 2.0})
+    assert norm == pytest.approx({"a": 0.0, "b": 1.0, "c": math.sqrt(0.5)})
+
+
+def test_mean_bits_weights_by_site_size():
+    assert mean_bits({"a": 2, "b": 8}, {"a": 3, "b": 1}) == pytest.approx((6 + 8) / 4)
+    assert mean_bits({"a": torch.tensor([1, 3]), "b": 4}, {"a": 2, "b": 2}) == pytest.approx(3.0)
+
+
+# -- Quantile Inform --------------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregate", ["mean", "entropy"])
+@pytest.mark.parametrize("grid", ["uniform", "gaussian"])
+def test_qi_gives_informative_layer_more_bits(aggregate, grid):
+    post = toy_two_layer()
+    if aggregate == "entropy":
+        # entropy confidence rewards a few dominant weights: make the informative layer sparse
+        mu, s = post["informative"]
+        mu = torch.where(torch.arange(mu.numel()) % 20 == 0, mu * 100, mu * 0.01)
+        post["informative"] = (mu, s)
+    a = quantile_inform(post, 4.0, candidate_bits=range(2, 9), aggregate=aggregate, grid=grid)
+    assert a["informative"] > a["vague"]
+    assert a.method == ("QIU" if grid == "uniform" else "QINU")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), target=st.floats(2.0, 7.6))
+def test_qi_scaling_search_hits_target(seed, target):
+    post = toy_many(20, seed=seed)
+    a = quantile_inform(post, target, candidate_bits=range(2, 9))
+    assert abs(a.mean_bits - target) <= 0.05
+    assert set(a.values()) <= set(range(2, 9))
+
+
+def test_qi_at_most_mode_never_exceeds_target():
+    post = toy_many(7, seed=3, size=10)
+    for target in (2.3, 3.2, 4.4, 5.9):
+        a = quantile_inform(post, target, mode="at_most")
+        assert a.mean_bits <= target + 1e-9
+
+
+def test_qi_more_informative_never_fewer_bits():
+    post = toy_many(10, seed=1)
+    a = quantile_inform(post, 4.0)
+    info = a.info["normalized_informativeness"]
+    names = sorted(info, key=info.get)
+    widths = [a[n] for n in names]
+    assert widths == sorted(widths)
+
+
+# -- Random Bits ----------------------------------------------------------------------
+
+def test_rb_informative_layer_more_bits_loss_decreases_and_mean_hits_target():
+    post = toy_two_layer()
+    a = random_bits(post, 4.0, candidate_bits=range(2, 9), num_steps=600)
+    assert a["informative"] > a["vague"]
+    loss = a.info["loss"]
+    assert loss[-1] < loss[0]
+    assert loss[-1] <= min(loss[:50])
+    assert abs(a.info["expected_mean_bits"] - 4.0) <= 0.1
+    assert abs(a.mean_bits - 4.0) <= 0.1
+    assert a.method == "RB" and a.grid == "uniform-interval"
+
+
+def test_rb_budget_rounding_mean_close_to_target():
+    post = toy_many(12, seed=5)
+    for target in (3.2, 4.5):
+        a = random_bits(post, target, num_steps=400, rounding="budget")
+        assert abs(a.info["expected_mean_bits"] - target) <= 0.1
+        assert abs(a.mean_bits - target) <= 0.1
+
+
+def test_rb_boundaries_never_increase_site_error():
+    from pyro_bq.mixed.informativeness import validated
+    from pyro_bq.mixed.random_bits import RandomBitsProblem
+
+    post = toy_many(4, seed=2)
+    a = random_bits(post, 2.5, candidate_bits=range(2, 9), num_steps=200, boundary_every=5, boundary_steps=3)
+    prob = RandomBitsProblem(validated(post), list(range(2, 9)))
+    lm = torch.tensor([2.0 ** a[n] - 1 for n in prob.names])
+    start = prob.site_errors(prob.alpha, prob.beta, lm)
+    alpha = torch.tensor([a.info["alpha"][n] for n in prob.names])
+    beta = torch.tensor([a.info["beta"][n] for n in prob.names])
+    end = prob.site_errors(alpha, beta, lm)
+    assert bool((end <= start * (1 + 1e-5)).all())
+    assert bool((beta > alpha).all())
+
+
+# -- Lloyd-Max / grids -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
+def test_lloyd_max_never_increases_error(bits):
+    r = lloyd_max_median(gaussian_quantile_levels(bits), max_iter=300)
+    errs = torch.tensor(r.errors, dtype=torch.float64)
+    assert bool((errs[1:] <= errs[:-1] + 1e-13).all())
+    assert errs[-1] <= errs[0]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lloyd_max_fixed_point_satisfies_median_conditions(bits):
+    init = gaussian_quantile_levels(bits)
+    assert median_condition_residual(init).abs().max() > 1e-4  # the start is not a fixed point
+    r = lloyd_max_median(init, max_iter=5000, tol=1e-13)
+    assert r.converged
+    assert median_condition_residual(r.levels).abs().max() < 1e-9
+    # symmetric, like the Normal
+    assert torch.allclose(r.levels, -r.levels.flip(0), atol=1e-9)
+
+
+def test_gaussian_quantile_levels_by_hand():
+    lv = gaussian_quantile_levels(2)  # boundaries at the quartiles
+    a = float(torch.special.ndtri(torch.tensor(0.75, dtype=torch.float64)))
+    tail = float(torch.special.ndtri(torch.tensor(7 / 8, dtype=torch.float64)))
+    assert lv.tolist() == pytest.approx([-tail, -a / 2, a / 2, tail])
+
+
+def test_expected_abs_error_matches_monte_carlo():
+    lv = torch.tensor([-1.3, -0.2, 0.4, 1.1], dtype=torch.float64)
+    z = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mc = float((z - quantize_to_levels(z, lv)).abs().mean())
+    assert expected_abs_error(lv) == pytest.approx(mc, abs=3e-3)
+
+
+def test_quantize_uniform_grid():
+    x = torch.tensor([-5.0, 0.0, 0.26, 0.5, 5.0])
+    q = quantize_uniform(x, 0.0, 1.0, 2)  # levels 0, 1/3, 2/3, 1
+    assert q.tolist() == pytest.approx([0.0, 0.0, 1 / 3, 2 / 3, 1.0])
+
+
+# -- SMOL ------------------------------------------------------------------------------
+
+def test_smol_noise_and_penalty_by_hand():
+    # p = 3 bits: noise half-width 2**(1-3) = 1/4; s = logit(1/4) = log(1/3)
+    assert float(noise_amplitude(3)) == pytest.approx(0.25)
+    s = s_from_bits(3.0)
+    assert float(s) == pytest.approx(math.log(1 / 3))
+    assert float(torch.sigmoid(s)) == pytest.approx(0.25)
+    # log2(1 + e^-s) = log2(1 + 3) = 2 = p - 1
+    assert float(smol_penalty(s.reshape(1), 0.5)) == pytest.approx(0.5 * 2.0)
+    s2 = torch.tensor([0.0, 2.0, -1.5])
+    expected = 1e-3 * sum(math.log2(1 + math.exp(-v)) for v in s2.tolist())
+    assert float(smol_penalty(s2, 1e-3)) == pytest.approx(expected)
+    p = torch.tensor([1.5, 2.0, 4.25, 8.0], dtype=torch.float64)
+    assert torch.allclose(bits_from_s(s_from_bits(p)), p)
+    with pytest.raises(ValueError, match="bits"):
+        s_from_bits(1.0)
+
+
+def test_signed_quantize_levels_and_error_bound():
+    # two signed bits: +-0.5, +-1.5
+    theta = torch.tensor([-1.9, -0.7, -0.1, 0.1, 0.9, 1.2, 1.99])
+    assert signed_quantize(theta, 2).tolist() == pytest.approx([-1.5, -0.5, -0.5, 0.5, 0.5, 1.5, 1.5])
+    x = torch.rand(10_000, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    for p in range(1, 7):
+        q = signed_quantize(x, p)
+        assert len(torch.unique(q)) <= 2**p
+        assert float((q - x).abs().max()) <= 2.0 ** (1 - p) + 1e-6
+
+
+# -- validation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alloc", [quantile_inform, random_bits])
+def test_bad_input_errors(alloc):
+    post = toy_two_layer()
+    with pytest.raises(ValueError, match="target_mean_bits"):
+        alloc(post, 9.0, candidate_bits=range(2, 9))
+    with pytest.raises(ValueError, match="target_mean_bits"):
+        alloc(post, 1.5, candidate_bits=[2, 4])
+    with pytest.raises(ValueError, match="candidate_bits"):
+        alloc(post, 3.0, candidate_bits=[])
+    with pytest.raises(TypeError, match="target_mean_bits"):
+        alloc(post, "3")
+    bad = dict(post)
+    bad["vague"] = (post["vague"][0], torch.zeros(400))
+    with pytest.raises(ValueError, match="sigma"):
+        alloc(bad, 3.0)
+    bad["vague"] = (post["vague"][0], -torch.ones(400))
+    with pytest.raises(ValueError, match="sigma"):
+        alloc(bad, 3.0)
+    with pytest.raises(TypeError, match="posterior"):
+        alloc([1, 2], 3.0)
+
+
+# -- policies and reporting --------------------------------------------------------------
+
+@pytest.fixture
+def small_guide():
+    from pyro_bq import IIDNormal
+    from pyro_bq.guides import AutoMeanFieldNormal
+    from pyro_bq.models import MLP, BayesianClassifier
+
+    torch.manual_seed(0)
+    model = BayesianClassifier(MLP((6, 16, 3)), IIDNormal(1.0), dataset_size=64)
+    guide = AutoMeanFieldNormal(model, init_scale=0.05)
+    guide.setup(torch.randn(4, 6))
+    return model, guide
+
+
+def test_allocations_plug_into_policies(small_guide):
+    from pyro_bq.quant import JQ, VPQ, quantize
+
+    model, guide = small_guide
+    for alloc in (
+        quantile_inform(guide, 4.0),
+        quantile_inform(guide, 4.0, grid="gaussian"),
+        random_bits(guide, 4.0, num_steps=100),
+    ):
+        assert isinstance(alloc, BitAllocation) and isinstance(alloc, dict)
+        assert set(alloc) == set(guide.sites)
+        q = quantize(guide, allocation_policy(alloc, "vpq"))
+        med, ref = q.median(), quantize_means(guide, alloc)
+        for name in guide.sites:
+            levels = torch.unique(med[name])
+            assert levels.numel() <= 2 ** alloc[name]
+            if alloc.grid != "uniform-percentile":
+                assert torch.allclose(med[name], ref[name], atol=1e-6)
+        quantize(guide, VPQ(8, site_bits=alloc))  # a plain policy takes the map too
+        quantize(guide, allocation_policy(alloc, "jq"))
+
+
+def test_per_parameter_bits_plug_into_policy(small_guide):
+    from pyro_bq.mixed.smol import site_scales
+    from pyro_bq.mixed.informativeness import validated
+    from pyro_bq.quant import quantize
+
+    model, guide = small_guide
+    params = validated(guide)
+    bits = {n: (torch.arange(loc.numel()) % 4 + 1).reshape(loc.shape) for n, (loc, _) in params.items()}
+    scales = site_scales(params)
+    alloc = BitAllocation(bits, method="SMOL", sizes={n: l.numel() for n, (l, _) in params.items()}, grid="signed",
+                          info={"scales": scales})
+    q = quantize(guide, allocation_policy(alloc))
+    med = q.median()
+    for n, (loc, _) in params.items():
+        expected = scales[n] * signed_quantize(loc / scales[n], bits[n])
+        assert torch.allclose(med[n], expected, atol=1e-6)
+    assert alloc.mean_bits == pytest.approx(2.5, abs=0.1)
+
+
+def test_smol_runs_and_lambda_lowers_bits(small_guide):
+    from pyro_bq.data import InMemoryDataset
+    from pyro_bq.mixed import smol
+
+    model, guide = small_guide
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    data = InMemoryDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
+    low, tuned = smol(model, guide, data, lam=0.0, precision_steps=15, finetune_steps=3, batch_size=32, s_lr=0.2)
+    high, _ = smol(model, guide, data, lam=1.0, precision_steps=15, finetune_steps=3, batch_size=32, s_lr=0.2)
+    for name, (loc, _) in zip(guide.sites, (guide.get_loc_scale(n) for n in guide.sites)):
+        assert high[name].shape == loc.shape and high[name].dtype == torch.int64
+    assert high.mean_bits < low.mean_bits
+    assert 1 <= high.mean_bits <= 8
+    # the quantized means are on each weight's signed grid
+    for name in guide.sites:
+        c = high.info["scales"][name]
+        q = high.info["locs"][name] / c
+        assert torch.allclose(signed_quantize(q, high[name]), q, atol=1e-5)
+    layer, _ = smol(model, guide, data, lam=1.0, granularity="layer", precision_steps=5, finetune_steps=2, batch_size=32)
+    assert all(isinstance(v, int) for v in layer.values()) and layer.method == "SMOL-L"
+    with pytest.raises(ValueError, match="granularity"):
+        smol(model, guide, data, granularity="channel")
+
+
+def test_bits_table_and_plot(tmp_path):
+    post = toy_many(5)
+    allocs = {"QIU": quantile_inform(post, 4.0), "RB": random_bits(post, 4.0, num_steps=50)}
+    table = bits_table(allocs)
+    for name in post:
+        assert name in table
+    assert f"{allocs['QIU'].mean_bits:.3f}" in table
+    plot_bits(allocs, tmp_path / "bits.png")
+    assert (tmp_path / "bits.png").stat().st_size > 1000

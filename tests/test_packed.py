@@ -1,0 +1,157 @@
+"""Bit packing, packed files (exact reload, size, corruption) and memory accounting."""
+
+import os
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from guide_contract import tiny_classifier
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyro.infer import Predictive
+
+from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.io import CorruptFileError
+from pyro_bq.quant import (
+    JQ,
+    SPQ,
+    VPQ,
+    CodebookQuantizer,
+    FloatPolicy,
+    Log2Quantizer,
+    UniformQuantizer,
+    load_packed,
+    memory_report,
+    pack_bits,
+    quantize,
+    save_packed,
+    unpack_bits,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 16), n=st.integers(0, 300), seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_roundtrip_fixed_bits(bits, n, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2**bits, size=n)
+    buf = pack_bits(codes, bits)
+    assert buf.dtype == np.uint8 and buf.size == -(-n * bits // 8)
+    assert np.array_equal(unpack_bits(buf, n, bits), codes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_roundtrip_per_element_bits(n, seed):
+    rng = np.random.default_rng(seed)
+    widths = rng.integers(1, 17, size=n)
+    codes = rng.integers(0, 2**widths)
+    buf = pack_bits(codes, widths)
+    assert buf.size == -(-int(widths.sum()) // 8)
+    assert np.array_equal(unpack_bits(buf, n, widths), codes)
+
+
+def test_packing_is_vectorized_enough_for_a_million_codes():
+    codes = np.random.default_rng(0).integers(0, 8, size=1_000_000)
+    buf = pack_bits(codes, 3)
+    assert buf.size == 375_000
+    assert np.array_equal(unpack_bits(buf, codes.size, 3), codes)
+
+
+def _setup(net="mlp"):
+    model, x, y = tiny_classifier(net)
+    guide = AutoMeanFieldNormal(model, init_scale=0.05)
+    guide(x, y)
+    return model, guide, x
+
+
+def _predict(model, guide, x, seed=11):
+    pyro.set_rng_seed(seed)
+    return Predictive(model, guide=guide, num_samples=4, return_sites=["logits"])(x)["logits"]
+
+
+POLICIES = {
+    "float": lambda: FloatPolicy(),
+    "vpq4": lambda: VPQ(4),
+    "spq3": lambda: SPQ(3),
+    "jq2": lambda: JQ(2, skip=["net.3.bias"]),
+    "jq-asym-percentile": lambda: JQ(
+        5, loc_quantizer=UniformQuantizer(8, symmetric=False, range="percentile"), scale_bits=3
+    ),
+    "jq-pot-codebook": lambda: JQ(
+        4, loc_quantizer=CodebookQuantizer(4, family="pot", per_channel=True),
+        sample_quantizer=CodebookQuantizer(4, family="apot"), scale_quantizer=Log2Quantizer(4, per_channel=False),
+    ),
+    "jq-per-element-bits": lambda: JQ(
+        4, site_bits={"net.1.weight": torch.randint(1, 9, (16, 784), generator=torch.Generator().manual_seed(0))}
+    ),
+}
+
+
+@pytest.mark.parametrize("which", list(POLICIES))
+def test_load_packed_predicts_exactly_what_was_saved(which, tmp_path):
+    model, guide, x = _setup()
+    q = quantize(guide, POLICIES[which]())
+    path = tmp_path / "g.bq"
+    size = save_packed(q, path)
+    assert size == os.path.getsize(path)
+    loaded = load_packed(path, model)
+    assert torch.equal(_predict(model, q, x), _predict(model, loaded, x))
+    for name in q.sites:
+        a, b = q.get_loc_scale(name), loaded.get_loc_scale(name)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the report predicts the file's size within 1% (it is exact here)
+    report = memory_report(q)
+    assert abs(report.file_bytes - size) <= 0.01 * size
+
+
+def test_memory_report_counts_codes_metadata_and_floats():
+    model, guide, x = _setup()
+    n = guide.num_params
+    fl = memory_report(quantize(guide, FloatPolicy()))
+    assert fl.bits_per_param == 64.0 and fl.total_bits == 64 * n
+    per_tensor = JQ(4, loc_quantizer=UniformQuantizer(8), scale_quantizer=Log2Quantizer(4), sample_quantizer=UniformQuantizer(8))
+    r = memory_report(quantize(guide, per_tensor))
+    # 4-bit loc + 4-bit scale codes; per site: a float32 loc range, an int16 exponent, a float32 sample range
+    assert r.total_bits == 8 * n + len(guide.sites) * (32 + 16 + 32)
+    spq = memory_report(quantize(guide, SPQ(4)))
+    assert spq.bits_per_param > 64.0  # float parameters plus the sample quantizer's ranges
+    assert "bits/param" in r.table()
+
+
+def test_packed_4bit_jq_lenet_is_at_most_a_seventh_of_the_float_file(tmp_path):
+    model, guide, x = _setup("lenet")
+    fsize = save_packed(guide, tmp_path / "float.bq")
+    q = quantize(guide, JQ(4))
+    qsize = save_packed(q, tmp_path / "jq4.bq")
+    assert qsize * 7 <= fsize
+    report = memory_report(q)
+    assert abs(report.file_bytes - qsize) <= 0.01 * qsize
+    assert abs(report.float_file_bytes - fsize) <= 0.01 * fsize
+
+
+def test_truncated_or_corrupted_files_give_a_clear_error(tmp_path):
+    model, guide, x = _setup()
+    path = tmp_path / "g.bq"
+    save_packed(quantize(guide, JQ(3)), path)
+    raw = path.read_bytes()
+    (tmp_path / "cut.bq").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptFileError, match="truncated|checksum"):
+        load_packed(tmp_path / "cut.bq", model)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    (tmp_path / "flip.bq").write_bytes(bytes(flipped))
+    with pytest.raises(CorruptFileError, match="checksum|corrupt"):
+        load_packed(tmp_path / "flip.bq", model)
+    torch.save({"a": 1}, tmp_path / "pickle.pt")
+    with pytest.raises(CorruptFileError):
+        load_packed(tmp_path / "pickle.pt", model)
+
+
+def test_loading_into_a_different_model_is_refused(tmp_path):
+    model, guide, x = _setup("mlp")
+    path = tmp_path / "g.bq"
+    save_packed(quantize(guide, VPQ(4)), path)
+    other, _, _ = tiny_classifier("lenet")
+    with pytest.raises(ValueError, match="site"):
+        load_packed(path, other)

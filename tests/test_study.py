@@ -1,0 +1,158 @@
+"""The Dirty-MNIST study command: end to end with tiny settings, resumption, bad input."""
+
+import json
+import math
+import os
+
+import pytest
+
+from pyro_bq.study import StudyConfig
+from pyro_bq.study.cli import main as study_main
+from pyro_bq.study.report import COLUMNS
+
+TINY = [
+    "--mnist-limit", "600", "--amnist-train-images", "60", "--amnist-test-images", "30",
+    "--amnist-fit-size", "600", "--amnist-vae-epochs", "1", "--eval-limit", "120", "--num-samples", "4",
+    "--policies", "jq,logquant", "--bits", "4", "--act-policies", "jq", "--logquant-steps", "3",
+    "--arviz-samples", "4", "--arviz-limit", "30", "--no-progress", "--threads", "1",
+]
+EXPECTED_ROWS = ["float", "jq4", "jq4+act8", "logquant4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    from pyro_bq.cli import main as cli_main
+
+    assert cli_main(["study", "--data-dir", str(data_root), "--out-dir", str(out), *TINY]) == 0
+    return out
+
+
+def test_every_output_file_exists(tiny_run):
+    out = tiny_run
+    for name in ("results.md", "results.csv", "results.json", "uncertainty_densities.png", "reliability_float.png",
+                 "metrics_vs_bits.png", "ambiguous_mnist_samples.png", "study_config.json"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in ("uncertainty_densities.png", "metrics_vs_bits.png", "ambiguous_mnist_samples.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    for row in EXPECTED_ROWS:
+        assert (out / "configs" / f"{row}.json").is_file()
+        assert (out / "configs" / f"{row}.nc").is_file()
+    assert len(list((out / "train").glob("*/guide.bq"))) == 1
+
+
+def test_json_has_every_configuration_and_column_in_range(tiny_run):
+    data = json.loads((tiny_run / "results.json").read_text())
+    assert data["columns"] == list(COLUMNS)
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == EXPECTED_ROWS
+    for name, r in rows.items():
+        assert set(COLUMNS) <= set(r)
+        for key in ("accuracy", "ece", "auroc_mi_fashion", "auroc_ee_ambiguous"):
+            assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
+        assert r["nll"] > 0 and math.isfinite(r["nll"])
+        assert r["packed_bytes"] > 0
+    assert rows["float"]["bits_per_param"] == pytest.approx(64.0)
+    assert 4.0 < rows["jq4"]["bits_per_param"] < 16.0
+    assert rows["jq4"]["packed_bytes"] < rows["float"]["packed_bytes"] / 3
+    assert rows["jq4+act8"]["act_bits"] == 8 and rows["jq4"]["act_bits"] is None
+    # the Markdown and CSV tables carry the same configurations
+    md = (tiny_run / "results.md").read_text()
+    assert all(f"| {name} |" in md for name in EXPECTED_ROWS)
+    csv_lines = (tiny_run / "results.csv").read_text().strip().splitlines()
+    assert csv_lines[0].split(",") == list(COLUMNS) and len(csv_lines) == 1 + len(EXPECTED_ROWS)
+    # rows the run was not asked for are not in the table, and skipped rows are explained
+    assert "pwfn" not in rows and isinstance(data["skipped"], dict)
+    assert data["ambiguous_mnist"]["source"] == "generated"
+
+
+def test_arviz_inference_data_per_configuration(tiny_run):
+    import arviz as az
+
+    idata = az.from_netcdf(tiny_run / "configs" / "jq4.nc")
+    assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data"} <= set(idata.groups())
+    assert idata.posterior.sizes["draw"] == 4
+    assert idata.observed_data["obs"].shape == (30,)
+
+
+def test_rerun_skips_finished_work(tiny_run, data_root, caplog):
+    out = tiny_run
+    guide_file = next((out / "train").glob("*/guide.bq"))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "configs").iterdir()}
+    guide_mtime = guide_file.stat().st_mtime_ns
+    caplog.set_level("INFO", logger="pyro_bq.study")
+    assert study_main(["--data-dir", str(data_root), "--out-dir", str(out), *TINY]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "configs").iterdir()}
+    assert after == before  # no configuration re-evaluated
+    assert guide_file.stat().st_mtime_ns == guide_mtime  # no re-training
+    assert any("4 finished configuration(s) skipped" in r.getMessage() for r in caplog.records)
+    # a removed row is redone, and only that one
+    (out / "configs" / "jq4.json").unlink()
+    assert study_main(["--data-dir", str(data_root), "--out-dir", str(out), *TINY]) == 0
+    redone = {p.name: p.stat().st_mtime_ns for p in (out / "configs").iterdir()}
+    assert redone["float.json"] == before["float.json"] and redone["jq4.nc"] != before["jq4.nc"]
+    assert json.loads((out / "results.json").read_text())["rows"][1]["config"] == "jq4"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--policies", "jq,nosuch"], "unknown policy 'nosuch'"),
+        (["--bits", "4,1"], "bits must lie in [2, 16]"),
+        (["--bits", "17"], "bits must lie in [2, 16]"),
+        (["--act-bits", "32"], "act_bits must lie in [2, 16]"),
+        (["--bits", "four"], "comma-separated integers"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        study_main(["--out-dir", str(tmp_path / "o"), *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_dir_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        study_main(["--out-dir", str(blocker)])
+    assert "--out-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study_main(["--out-dir", str(blocker / "below")])
+    assert "cannot be created" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(SystemExit):
+            study_main(["--out-dir", str(ro)])
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_study_config_validation_names_the_argument():
+    with pytest.raises(ValueError, match="policies"):
+        StudyConfig(policies=("jq", "fp4"))
+    with pytest.raises(ValueError, match="bits"):
+        StudyConfig(bits=(8, 0))
+    with pytest.raises(ValueError, match="bits"):
+        StudyConfig(bits=())
+    with pytest.raises(TypeError, match="seed"):
+        StudyConfig(seed=1.5)
+    with pytest.raises(ValueError, match="amnist_source"):
+        StudyConfig(amnist_source="web")
+    cfg = StudyConfig(policies="JQ", bits=(3, 4, 4), act_policies=())
+    assert cfg.policies == ("float", "jq") and cfg.bits == (4, 3)
+    assert [r.name for r in cfg.rows()] == ["float", "jq4", "jq3"]
+    # every default row is named once
+    names = [r.name for r in StudyConfig().rows()]
+    assert len(names) == len(set(names)) and "jq4+act8" in names and "logquant4" in names
+
+
+def test_pyro_bq_cli_rejects_unknown_commands(capsys):
+    from pyro_bq.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["stduy"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main([]) == 2
