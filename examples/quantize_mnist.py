@@ -139,11 +139,11 @@ def check_thresholds(rows) -> list[str]:
     for r in rows:
         if r["policy"] in ("VPQ", "SPQ", "JQ") and r["bits"] in (8, 4):
             d_acc, d_au = base["accuracy"] - r["accuracy"], base["auroc_mi"] - r["auroc_mi"]
-            line(d_acc <= 0.3 and d_au <= 0.02, f"{r['policy']} {r['bits']} bits: -{d_acc:.2f} points, -{d_au:.4f} AUROC")
+            line(d_acc <= 0.3 and d_au <= 0.02, f"{r['policy']} {r['bits']} bits: {-d_acc:+.2f} points, {-d_au:+.4f} AUROC vs float")
     for r in rows:
         if r["policy"] in ("JQ", "JQ+QAT") and r["bits"] == 3:
             d_acc, d_au = base["accuracy"] - r["accuracy"], base["auroc_mi"] - r["auroc_mi"]
-            line(d_acc <= 1.0 and d_au <= 0.03, f"{r['policy']} 3 bits: -{d_acc:.2f} points, -{d_au:.4f} AUROC")
+            line(d_acc <= 1.0 and d_au <= 0.03, f"{r['policy']} 3 bits: {-d_acc:+.2f} points, {-d_au:+.4f} AUROC vs float")
         if r["policy"] == "JQ+QAT" and r["bits"] == 2:
             line(r["accuracy"] >= 95.0, f"JQ+QAT 2 bits: {r['accuracy']:.2f}% (>= 95)")
         if r["policy"] == "JQ" and r["bits"] == 4:

@@ -23,7 +23,7 @@ the usual straight-through approximation, exact in the limit of fine grids.
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Optional
+from typing import Mapping
 
 import pyro.distributions as dist
 import torch
@@ -148,6 +148,12 @@ class QuantizedGuide(AutoGaussianSites):
             raise ValueError("guide has lost its model reference (was it deep-copied? use copy_guide)")
         super().__init__(guide.model, create_plates=guide.create_plates)
         base = copy_guide(guide) if copy else guide
+        if copy:  # the copy's PyroModule children join this guide's context (Pyro refuses used ones)
+            from pyro.nn.module import PyroModule, _Context
+
+            for _, module in base.named_modules():
+                if module is not base and isinstance(module, PyroModule):
+                    module._pyro_context = _Context()
         self.base = base
         base.master = None  # the wrapped guide is only asked for loc and scale
         self.prototype_trace = guide.prototype_trace
@@ -158,6 +164,8 @@ class QuantizedGuide(AutoGaussianSites):
             raise ValueError(f"quantizers given for unknown sites {sorted(unknown)}; sites are {list(self.sites)}")
         self.quantizers = dict(quantizers)
         self.policy = policy
+        #: False: always draw site by site (set by load_packed to match the saved guide)
+        self.fused = True
 
     def _site_quantizers(self, name):
         return self.quantizers.get(name)
@@ -179,6 +187,16 @@ class QuantizedGuide(AutoGaussianSites):
             return super().get_posterior(name)
         loc, scale = self.get_loc_scale(name)
         return QuantizedNormal(loc, scale, sq.sample, validate_args=False).to_event(self.sites[name].event_dim)
+
+    def _fused_loc_scale(self):
+        # Sites that sample a plain Normal (float and VPQ sites) can share the
+        # base class's one-draw path: then a FloatPolicy guide draws exactly
+        # what its float guide draws under the same seed, and VPQ differs from
+        # float only by the quantization of loc and scale.
+        if not self.fused or any(sq.sample is not None for sq in self.quantizers.values()):
+            return None
+        locs, scales = zip(*(self.get_loc_scale(name) for name in self.sites))
+        return torch.cat([t.reshape(-1) for t in locs]), torch.cat([t.reshape(-1) for t in scales])
 
     # -- summaries of the quantized distribution -------------------------------------
     @torch.no_grad()

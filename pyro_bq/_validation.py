@@ -131,7 +131,7 @@ def check_bool(name: str, value: Any) -> bool:
 
     :raises TypeError: naming ``name``.
     """
-    if not isinstance(value, (bool, np_bool_types())):
+    if not isinstance(value, (bool, _np_bool_types())):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({_short(value)})")
     return bool(value)
 
@@ -302,7 +302,7 @@ def check_site_names(name: str, value: Any, known: Iterable[str], *, nonempty: b
     return items
 
 
-def np_bool_types() -> tuple:
+def _np_bool_types() -> tuple:
     try:
         import numpy as np
 

@@ -45,6 +45,8 @@ class _ConstNormal(dist.Normal):
     does not re-validate the whole weight tensor at every step.
     """
 
+    _bq_exact_gaussian = True  # its samples are exactly loc + scale * eps (see inference.reparam)
+
     def __init__(self, loc0: float, scale0: float, like: torch.Tensor):
         self._loc0, self._scale0 = float(loc0), float(scale0)
         loc = torch.full((), self._loc0, dtype=like.dtype, device=like.device).expand(like.shape)

@@ -284,3 +284,39 @@ def test_a_checkpoint_is_not_accepted_as_another_kind_of_file(tmp_path):
     save_checkpoint(tmp_path / "c.bq", {"a": 1})
     with pytest.raises(CorruptFileError, match="expected a 'packed-guide'"):
         read_container(tmp_path / "c.bq", "packed-guide")
+
+
+# -- resuming with settings that do not match the checkpoint -------------------------------------
+
+
+def _fit(train, folder, *, hidden=8, **kw):
+    from pyro_bq import IIDNormal
+    from pyro_bq.guides import AutoMeanFieldNormal
+    from pyro_bq.inference import fit_svi
+    from pyro_bq.models import MLP, BayesianClassifier
+
+    torch.manual_seed(0)
+    model = BayesianClassifier(MLP((784, hidden, 10)), IIDNormal(1.0), dataset_size=len(train))
+    args = dict(num_steps=4, batch_size=50, checkpoint_dir=folder, checkpoint_every=2, progress=False)
+    args.update(kw)
+    return fit_svi(model, AutoMeanFieldNormal(model), train, **args)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "pyro_bq/inference/train.py fit_svi: resuming from a checkpoint of another architecture fails in "
+    "torch's load_state_dict with RuntimeError 'size mismatch' instead of a ValueError naming the checkpoint file"))
+def test_resuming_another_architecture_names_the_checkpoint(mnist_small, tmp_path):
+    train = mnist_small[0].subset(200)
+    _fit(train, tmp_path, hidden=8, num_steps=2)
+    with pytest.raises(ValueError, match="ckpt-2.bq"):
+        _fit(train, tmp_path, hidden=9)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pyro_bq/inference/train.py fit_svi: the checkpoint does not record seed, batch_size or the dataset, so a "
+    "resume with another batch_size/seed/dataset silently continues a different data order (a run that is neither)"))
+def test_resuming_with_other_settings_is_refused(mnist_small, tmp_path):
+    train = mnist_small[0].subset(200)
+    _fit(train, tmp_path, num_steps=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        _fit(train, tmp_path, batch_size=40)

@@ -60,10 +60,18 @@ def _env(**extra):
     return env
 
 
+_USED_PORTS: set = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this session (jobs start concurrently)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _USED_PORTS:
+            _USED_PORTS.add(port)
+            return port
 
 
 def _torchrun_start(nproc, args):
@@ -352,31 +360,36 @@ def _max_state_diff(a, b):
 
 
 @pytest.mark.slow
-def test_resume_exactly_with_the_same_ranks_and_from_one_process_in_two(data_root, tmp_path):
-    """(1) A 2-process run stopped at step 3 and resumed by 2 processes to step 6 ends
-    bit for bit where an uninterrupted 2-process run ends (rank RNG states restored).
-    (2) A 1-process checkpoint of step 3 resumed by 2 processes matches 6 single-process steps."""
-    whole = _Job(_start(2, _args(data_root, tmp_path / "whole.bq")))
-    first = _Job(_start(2, _args(data_root, tmp_path / "a3.bq", "--checkpoint-dir", tmp_path / "a", steps=3)))
-    _reference(data_root, tmp_path / "ref6.bq")
-    one_proc_ckpt = tmp_path / "b"
+def test_resume_with_the_same_ranks_continues_and_from_one_process_in_two(data_root, tmp_path):
+    """(1) A 2-process run stopped at step 3 and resumed by 2 processes to step 6 ends where an
+    uninterrupted 2-process run ends (max |delta| <= 1e-6). Here the posterior scales start at
+    1e-2, so the weight noise matters: a 1-process run differs by far more, hence the match
+    shows that each rank's RNG state was restored. (2) A 1-process checkpoint of step 3
+    resumed by 2 processes matches 6 single-process steps within LOC_ATOL."""
+    noisy = ("--init-scale", "1e-2")
+    whole = _Job(_start(2, _args(data_root, tmp_path / "whole.bq", *noisy)))
+    first = _Job(_start(2, _args(data_root, tmp_path / "a3.bq", "--checkpoint-dir", tmp_path / "a", *noisy, steps=3)))
     from dist_worker import run
 
     threads = torch.get_num_threads()
     try:
-        run(_args(data_root, tmp_path / "b3.bq", "--checkpoint-dir", one_proc_ckpt, steps=3))
+        run(_args(data_root, tmp_path / "noisy1.bq", *noisy))
+        run(_args(data_root, tmp_path / "ref6.bq"))
+        run(_args(data_root, tmp_path / "b3.bq", "--checkpoint-dir", tmp_path / "b", steps=3))
     finally:
         torch.set_num_threads(threads)
-    assert [r[0] for r in first.result()] == [0, 0]
-    second = _Job(_start(2, _args(data_root, tmp_path / "a6.bq", "--checkpoint-dir", tmp_path / "a")))
-    from_one = _Job(_start(2, _args(data_root, tmp_path / "b6.bq", "--checkpoint-dir", one_proc_ckpt)))
+    assert [r[0] for r in first.result()] == [0, 0], first.result()
+    second = _Job(_start(2, _args(data_root, tmp_path / "a6.bq", "--checkpoint-dir", tmp_path / "a", *noisy)))
+    from_one = _Job(_start(2, _args(data_root, tmp_path / "b6.bq", "--checkpoint-dir", tmp_path / "b")))
     for job in (whole, second, from_one):
         assert [r[0] for r in job.result()] == [0, 0], job.result()
     resumed, uninterrupted = load_checkpoint(tmp_path / "a6.bq"), load_checkpoint(tmp_path / "whole.bq")
     assert resumed["resumed_from"].endswith("ckpt-3.bq")
-    for k in uninterrupted["guide"]:
-        assert torch.equal(resumed["guide"][k], uninterrupted["guide"][k]), k
-    assert resumed["losses"] == uninterrupted["losses"]
+    resume_delta = _max_state_diff(tmp_path / "a6.bq", tmp_path / "whole.bq")
+    noise_delta = _max_state_diff(tmp_path / "noisy1.bq", tmp_path / "whole.bq")
+    assert resume_delta <= 1e-6, (resume_delta, resumed["losses"], uninterrupted["losses"])
+    assert noise_delta > 1e-4, noise_delta
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(uninterrupted["losses"]), rtol=1e-6, atol=0)
     b6 = load_checkpoint(tmp_path / "b6.bq")
     assert b6["resumed_from"].endswith("ckpt-3.bq") and b6["world_size"] == 2
     assert _max_loc_diff(tmp_path / "b6.bq", tmp_path / "ref6.bq") <= LOC_ATOL

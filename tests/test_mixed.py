@@ -263,7 +263,7 @@ def small_guide():
 
 
 def test_allocations_plug_into_policies(small_guide):
-    from pyro_bq.quant import JQ, VPQ, quantize
+    from pyro_bq.quant import VPQ, quantize
 
     model, guide = small_guide
     for alloc in (

@@ -155,3 +155,19 @@ def test_loading_into_a_different_model_is_refused(tmp_path):
     other, _, _ = tiny_classifier("lenet")
     with pytest.raises(ValueError, match="site"):
         load_packed(path, other)
+
+
+def test_log_quantized_guide_packs_its_scales_as_codes(tmp_path):
+    from pyro_bq.guides.logquant import AutoLogQuantNormal
+
+    model, x, y = tiny_classifier("mlp")
+    guide = AutoLogQuantNormal(model, bits=3, init_scale=0.05)
+    guide(x, y)
+    report = memory_report(guide)
+    # float32 loc, 3-bit scale code, one int16 exponent window per site
+    assert report.total_bits == (32 + 3) * guide.num_params + 16 * len(guide.sites)
+    size = save_packed(guide, tmp_path / "lq.bq")
+    loaded = load_packed(tmp_path / "lq.bq", model)
+    for name in guide.sites:
+        assert torch.equal(loaded.get_loc_scale(name)[1], guide.get_loc_scale(name)[1])
+    assert abs(report.file_bytes - size) <= 0.01 * size

@@ -69,9 +69,9 @@ def test_spq_keeps_float_parameters_and_quantizes_every_sample(trained):
     for name, w in draws.items():
         sq = q.quantizers[name].sample
         assert _on_uniform_grid(sq, w)
-        # a symmetric 2-bit grid has 3 levels per output channel
+        # an asymmetric 2-bit grid has 4 levels per output channel
         rows = w.transpose(0, 1).reshape(w.shape[1], -1) if w.dim() > 2 else w.reshape(1, -1)
-        assert max(r.unique().numel() for r in rows) <= 3
+        assert max(r.unique().numel() for r in rows) <= 4
     # median is the quantized median
     med = q.median()
     assert torch.equal(med["net.1.weight"], q.quantizers["net.1.weight"].sample.quantize(guide.median()["net.1.weight"]))
@@ -87,14 +87,15 @@ def test_jq_quantizes_both(trained):
     assert _on_uniform_grid(sq.sample, q.sample_latents(3)[name])
 
 
-def test_float_policy_predicts_exactly_like_the_original(trained):
+def test_float_policy_predicts_like_the_original(trained):
     model, guide, x, y = trained
     q = quantize(guide, FloatPolicy())
     pyro.set_rng_seed(5)
     a = Predictive(model, guide=guide, num_samples=3, return_sites=["logits"])(x)["logits"]
     pyro.set_rng_seed(5)
     b = Predictive(model, guide=q, num_samples=3, return_sites=["logits"])(x)["logits"]
-    assert torch.equal(a, b)
+    # the same draws; softplus of per-site slices may differ from the flat one in the last bit
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_returns_a_new_guide_and_leaves_the_original_untouched(trained):
@@ -205,7 +206,7 @@ def test_activation_quantization_keeps_sites_and_puts_activations_on_a_grid():
     assert not any(isinstance(m, FakeQuantActivation) for m in model.net.modules())
     act = qm.net.act
     assert bool(act.ready[:4].all()) and not bool(act.ready[4:].any())  # LeNet-5 uses its activation 4 times
-    draws = guide.sample_latents(3)
+    draws = {k: v[None] for k, v in guide.median().items()}  # weights seen during calibration
     a, b = model.batched_forward(draws, x), qm.batched_forward(draws, x)
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # 8 bits: close to float
     low = quantize_activations(model, 2, guide=guide, data=x, num_samples=2)
@@ -245,3 +246,15 @@ def test_bounded_activations_use_their_natural_range():
         quantize_activations(resnet, 4)
     calibrate_activations_(qm, guide, x, num_samples=1)  # natural ranges are kept
     assert fq[0].hi[0].item() == 6.0
+
+
+def test_quantizing_a_quantized_guide_starts_from_its_float_parameters(trained):
+    model, guide, x, y = trained
+    q4 = quantize(guide, JQ(4))
+    q2 = quantize(q4, VPQ(2))
+    assert isinstance(q2.base, AutoMeanFieldNormal)
+    direct = quantize(guide, VPQ(2))
+    for name in guide.sites:
+        assert torch.equal(q2.get_loc_scale(name)[0], direct.get_loc_scale(name)[0])
+    pyro.set_rng_seed(0)
+    assert Predictive(model, guide=q2, num_samples=2, return_sites=["logits"])(x)["logits"].shape == (2, 64, 10)

@@ -72,7 +72,7 @@ def test_regressor_prediction():
     model = BayesianRegressor(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), IIDNormal(1.0), 50, noise=0.1)
     guide = AutoMeanFieldNormal(model, init_scale=0.2)
     x = torch.randn(7, 3)
-    guide(x)
+    guide(x, torch.randn(7))
     pyro.set_rng_seed(3)
     fast = predict_batched(model, guide, x, num_samples=4)
     pyro.set_rng_seed(3)

@@ -110,6 +110,18 @@ def test_prefix_within_tau_matches_sorting(ds, tau):
         assert float(d[sel].max()) <= float(vals[m - 1])
 
 
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_prefix_within_tau_large_input_matches_sorting(tau):
+    # > 65,536 candidates: exercises the bucketed search, not only the final sort
+    g = torch.Generator().manual_seed(1)
+    d = -torch.log(torch.rand(300_000, generator=g)) / 0.3
+    vals = torch.sort(d).values
+    m = int((torch.cumsum(vals.double(), 0) / torch.arange(1, len(d) + 1) <= tau).sum())
+    sel = prefix_within_tau(d, tau)
+    assert int(sel.sum()) == m
+    assert float(d[sel].max()) == float(vals[m - 1])
+
+
 def _toy():
     mu = torch.tensor([0.24, 0.26, 0.25, 0.5, 0.1, -0.3, 0.0, 0.9])
     sigma = torch.full_like(mu, 0.02)
@@ -135,7 +147,7 @@ def test_one_clustering_step_toy_vector():
 
 def test_clustering_raises_order_and_tau_when_nothing_fits():
     mu, sigma, fixed, loc, scale = _toy()
-    res = pwfn_cluster(mu, sigma, fixed, loc, scale, 8, ClusterConfig(b=3, tau=1.0))
+    res = pwfn_cluster(mu, sigma, fixed, loc, scale, 8, ClusterConfig(b=3, tau=1.0, max_b=30, max_order=3))
     assert bool(res.fixed.all())
     # 0.5 fits at tau=1; -0.3 -> -(1/4+1/16) and 0.1 -> 1/16+1/32 need order 2, b=5 (tau=2);
     # 0.9 -> 1/2+1/4+1/8 needs order 3, b=7 (tau=3)

@@ -117,7 +117,7 @@ def test_example_runs_with_tiny_settings(data_root, capsys):
     mod = _load_example()
     args = mod.build_parser().parse_args(
         ["--data-dir", str(data_root), "--train-limit", "600", "--test-limit", "300", "--pretrain-epochs", "1",
-         "--num-steps", "3", "--schedule", "0.6", "1.0", "--eval-samples", "2", "--no-progress", "--b", "6"]
+         "--num-steps", "3", "--schedule", "0.6", "1.0", "--eval-samples", "2", "--no-progress"]
     )
     out = mod.main(args)
     text = capsys.readouterr().out

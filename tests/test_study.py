@@ -13,10 +13,10 @@ from pyro_bq.study.report import COLUMNS
 TINY = [
     "--mnist-limit", "600", "--amnist-train-images", "60", "--amnist-test-images", "30",
     "--amnist-fit-size", "600", "--amnist-vae-epochs", "1", "--eval-limit", "120", "--num-samples", "4",
-    "--policies", "jq,logquant", "--bits", "4", "--act-policies", "jq", "--logquant-steps", "3",
+    "--policies", "jq,logquant,qi", "--bits", "4", "--act-policies", "jq", "--logquant-steps", "3",
     "--arviz-samples", "4", "--arviz-limit", "30", "--no-progress", "--threads", "1",
 ]
-EXPECTED_ROWS = ["float", "jq4", "jq4+act8", "logquant4"]
+EXPECTED_ROWS = ["float", "jq4", "jq4+act8", "logquant4", "qi"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,10 @@ def test_json_has_every_configuration_and_column_in_range(tiny_run):
     assert 4.0 < rows["jq4"]["bits_per_param"] < 16.0
     assert rows["jq4"]["packed_bytes"] < rows["float"]["packed_bytes"] / 3
     assert rows["jq4+act8"]["act_bits"] == 8 and rows["jq4"]["act_bits"] is None
+    # by default the first and last layers stay at 8 bits (--ends-bits)
+    extra = json.loads((tiny_run / "configs" / "jq4.json").read_text())["row"]["extra"]
+    assert extra["ends_bits"] == 8
+    assert extra["end_sites"] == ["net.conv1.bias", "net.conv1.weight", "net.fc3.bias", "net.fc3.weight"]
     # the Markdown and CSV tables carry the same configurations
     md = (tiny_run / "results.md").read_text()
     assert all(f"| {name} |" in md for name in EXPECTED_ROWS)
@@ -86,7 +90,7 @@ def test_rerun_skips_finished_work(tiny_run, data_root, caplog):
     after = {p.name: p.stat().st_mtime_ns for p in (out / "configs").iterdir()}
     assert after == before  # no configuration re-evaluated
     assert guide_file.stat().st_mtime_ns == guide_mtime  # no re-training
-    assert any("4 finished configuration(s) skipped" in r.getMessage() for r in caplog.records)
+    assert any("5 finished configuration(s) skipped" in r.getMessage() for r in caplog.records)
     # a removed row is redone, and only that one
     (out / "configs" / "jq4.json").unlink()
     assert study_main(["--data-dir", str(data_root), "--out-dir", str(out), *TINY]) == 0
@@ -139,6 +143,8 @@ def test_study_config_validation_names_the_argument():
         StudyConfig(bits=())
     with pytest.raises(TypeError, match="seed"):
         StudyConfig(seed=1.5)
+    with pytest.raises(ValueError, match="ends_bits"):
+        StudyConfig(ends_bits=40)
     with pytest.raises(ValueError, match="amnist_source"):
         StudyConfig(amnist_source="web")
     cfg = StudyConfig(policies="JQ", bits=(3, 4, 4), act_policies=())

@@ -656,7 +656,7 @@ def save_image_grid(images: torch.Tensor, path: PathLike, *, nrow: int = 16, lab
             ax.set_title(" ".join(f"{int(c)}:{int(counts[c])}" for c in top if counts[c] > 0), fontsize=6, pad=1)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.2)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1.0 - (0.5 / (nrows + 1) if title else 0.0)))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

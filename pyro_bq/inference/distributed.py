@@ -91,12 +91,27 @@ DEFAULT_TIMEOUT = 600.0
 
 
 class DistributedError(RuntimeError):
-    """A collective operation failed: another rank died, timed out or disagreed."""
+    """A collective operation failed: another rank died, timed out or disagreed.
+
+    Usage::
+
+        try:
+            fit_svi(model, guide, train, num_steps=1000)
+        except DistributedError as err:   # a peer died: restart the job; it resumes
+            print(err)
+    """
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands in the process group."""
+    """Where this process stands in the process group.
+
+    Usage::
+
+        info = dist_info()
+        if info.is_main:
+            print(f"rank 0 of {info.world_size}")
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -115,7 +130,12 @@ class DistInfo:
 
 
 def default_backend() -> str:
-    """``$PYRO_BQ_DIST_BACKEND`` if set, else ``"nccl"`` with CUDA, else ``"gloo"``."""
+    """``$PYRO_BQ_DIST_BACKEND`` if set, else ``"nccl"`` with CUDA, else ``"gloo"``.
+
+    Usage::
+
+        backend = default_backend()   # "gloo" on a CPU-only machine
+    """
     env = os.environ.get(_ENV_BACKEND)
     if env:
         return check_choice(_ENV_BACKEND, env, BACKENDS)
@@ -135,12 +155,24 @@ def _env_int(name: str) -> Optional[int]:
 
 
 def launched_distributed() -> bool:
-    """True when the environment describes a group of more than one process (torchrun)."""
+    """True when the environment describes a group of more than one process (torchrun).
+
+    Usage::
+
+        if launched_distributed():
+            init_distributed()
+    """
     return (_env_int("WORLD_SIZE") or 1) > 1
 
 
 def dist_info() -> DistInfo:
-    """The current process group (or a single process when none is initialised)."""
+    """The current process group (or a single process when none is initialised).
+
+    Usage::
+
+        if dist_info().is_main:
+            save_checkpoint(path, state)   # only rank 0 writes
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
     backend = dist.get_backend()
@@ -197,7 +229,16 @@ def init_distributed(backend: Optional[str] = None, *, timeout: Optional[float] 
 
 
 def destroy_distributed() -> None:
-    """Leave the process group, if any (call at the end of a torchrun script)."""
+    """Leave the process group, if any (call at the end of a torchrun script).
+
+    Usage::
+
+        init_distributed()
+        try:
+            fit_svi(model, guide, train)
+        finally:
+            destroy_distributed()
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -23,7 +23,6 @@ def default_cache() -> Path:
 
 
 def _build(dataset_size: int):
-    from pyro_bq.guides import AutoMeanFieldNormal
     from pyro_bq.models import BayesianClassifier, LeNet5
     from pyro_bq.priors import IIDNormal
 
@@ -51,8 +50,10 @@ def train_lenet5_bnn(
     pretrain_epochs = check_int("pretrain_epochs", pretrain_epochs, low=0)
     svi_epochs = check_int("svi_epochs", svi_epochs, low=1)
     check_positive("lr", lr)
+    from pyro_bq.models import LeNet5
+
     seed_everything(seed)
-    net, _ = _build(len(train))
+    net = LeNet5()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for epoch in range(pretrain_epochs):
         for xb, yb in train.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):

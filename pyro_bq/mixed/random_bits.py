@@ -157,7 +157,9 @@ def random_bits(
         times ``boundary_lr * (beta - alpha)^2 / 2`` so steps are scale free).
     :param boundary_every: check the boundaries every this many steps (they
         change ``tau``, whose recomputation costs one pass over all weights).
-    :returns: a :class:`BitAllocation` whose ``info`` holds ``loss`` (per step),
+    :returns: a :class:`BitAllocation` whose ``info`` holds ``loss`` (Eq. 9 with
+        the final ``eta``, before each step, then at the end), ``optimized_loss``
+        (with the growing ``eta`` actually optimized),
         ``expected_mean_bits``, ``expected_bits``, ``probs``, ``alpha``, ``beta``.
     """
     # thousands of tiny tensor ops: intra-op threads only add synchronisation
@@ -199,7 +201,7 @@ def _random_bits(
     beta1, beta2 = 0.9, 0.999
     cand = prob.cand
     step_size = torch.full((n,), boundary_lr)
-    losses = []
+    losses, warm_losses = [], []
     with torch.enable_grad():
         for step in range(num_steps):
             p = torch.softmax(phi, dim=-1)
@@ -215,7 +217,11 @@ def _random_bits(
                 m_hat = adam_m / (1 - beta1 ** (step + 1))
                 v_hat = adam_v / (1 - beta2 ** (step + 1))
                 phi -= lr * m_hat / (v_hat.sqrt() + 1e-8)
-            losses.append(float(loss.detach()))
+            with torch.no_grad():
+                tau_term = float((tau * p).sum())
+                gap2 = float((gamma - exp_mean) ** 2)
+            losses.append(tau_term + penalty * gap2)  # Eq. 9 with the final eta
+            warm_losses.append(tau_term + eta * gap2)
             if boundary_steps and (step + 1) % boundary_every == 0:
                 with torch.no_grad():
                     idx = _round_to_candidates(torch.softmax(phi, -1) @ cand, cand)
@@ -239,6 +245,7 @@ def _random_bits(
         grid="uniform-interval",
         info={
             "loss": losses + [final_loss],
+            "optimized_loss": warm_losses,
             "expected_mean_bits": float((frac * expected).sum()),
             "expected_bits": dict(zip(prob.names, expected.tolist())),
             "probs": {name: row for name, row in zip(prob.names, p.tolist())},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 
@@ -84,7 +83,7 @@ def plot_bits(allocs, path=None, *, title: str = "bits per layer"):
     ax.set_xticklabels([s.removeprefix("net.") for s in sites], rotation=45, ha="right")
     ax.set_ylabel("bits")
     ax.set_title(title)
-    ax.legend(title="method (mean bits)")
+    ax.legend(title="method (mean bits)", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

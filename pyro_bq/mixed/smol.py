@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -51,6 +51,8 @@ __all__ = [
     "FakeQuantActivation",
     "quantize_activations",
     "calibrate_activations",
+    "calibrate_activations_",
+    "PackedNormalBase",
 ]
 
 _LAZY = {
@@ -60,6 +62,8 @@ _LAZY = {
     "FakeQuantActivation": ("pyro_bq.quant.activation", "FakeQuantActivation"),
     "quantize_activations": ("pyro_bq.quant.activation", "quantize_activations"),
     "calibrate_activations": ("pyro_bq.quant.activation", "calibrate_activations"),
+    "calibrate_activations_": ("pyro_bq.quant.activation", "calibrate_activations_"),
+    "PackedNormalBase": ("pyro_bq.guides.quantized", "PackedNormalBase"),
 }
 
 

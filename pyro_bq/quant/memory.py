@@ -15,7 +15,13 @@ _FRAMING = 8 + 4 + 8 + 32
 
 @dataclass
 class SiteMemory:
-    """Bits one site takes in the packed file."""
+    """Bits one site takes in the packed file.
+
+    Usage::
+
+        for row in memory_report(qguide).sites:
+            print(row.name, row.bits_per_param)
+    """
 
     name: str
     numel: int
@@ -43,6 +49,12 @@ class MemoryReport:
     and scale). ``payload_bytes`` is the data section of the packed file,
     ``file_bytes`` the whole file (header and checksum included); the
     ``float_*`` fields are the same figures for the float guide.
+
+    Usage::
+
+        report = memory_report(qguide)
+        print(report.table())
+        assert report.file_bytes <= report.float_file_bytes / 7
     """
 
     sites: list = field(default_factory=list)

@@ -143,6 +143,9 @@ def _guide_parts(guide):
     if isinstance(guide, QuantizedGuide):
         return guide.base, guide.quantizers
     if isinstance(guide, AutoGaussianSites):
+        if hasattr(guide, "scale_quantizer"):  # a log-quantized guide: its scales are codes already
+            guide._require_setup()
+            return guide, {name: SiteQuantizers(scale=guide.scale_quantizer(name)) for name in guide.sites}
         return guide, {}
     raise TypeError(f"guide must be a QuantizedGuide or another pyro_bq AutoGaussianSites guide, got {type(guide).__name__}")
 
@@ -178,7 +181,10 @@ def build_meta(guide) -> dict:
                 item.append(int(q.codebook.numel()))
             items.append(item)
         sites.append([name, list(info.shape), int(info.event_dim), *items])
-    return {"v": _VERSION, "input": _input_spec(guide), "cfgs": [json.loads(c) for c in cfgs], "sites": sites}
+    with torch.no_grad():
+        fused = guide._fused_loc_scale() is not None
+    return {"v": _VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
+            "sites": sites}
 
 
 def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -353,4 +359,7 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     found = {n: list(i.shape) for n, i in base.sites.items()}
     if stored != found:
         raise ValueError(f"the model's sites {found} differ from the file's sites {stored}")
-    return QuantizedGuide(base, quantizers, policy=None, copy=False)
+    qguide = QuantizedGuide(base, quantizers, policy=None, copy=False)
+    # draw the way the saved guide drew (one fused draw for all sites, or one per site)
+    qguide.fused = bool(meta.get("fused", True))
+    return qguide

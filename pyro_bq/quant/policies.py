@@ -45,7 +45,13 @@ MODES = ("float", "vpq", "spq", "jq")
 
 @dataclass
 class SiteQuantizers:
-    """The quantizers of one site (``None``: that quantity stays float)."""
+    """The quantizers of one site (``None``: that quantity stays float).
+
+    Usage::
+
+        sq = SiteQuantizers(loc=UniformQuantizer(4), scale=Log2Quantizer(4))
+        sq.is_float   # False
+    """
 
     loc: Optional[Quantizer] = None
     scale: Optional[Quantizer] = None
@@ -57,8 +63,8 @@ class SiteQuantizers:
 
 
 def default_loc_quantizer() -> UniformQuantizer:
-    """Per-channel symmetric uniform grid with an MSE-searched range."""
-    return UniformQuantizer(8, symmetric=True, per_channel=True, range="mse")
+    """Per-channel asymmetric uniform grid; min/max range at >= 4 bits, 0.5/99.5 percentiles below."""
+    return UniformQuantizer(8, symmetric=False, per_channel=True, range="auto")
 
 
 def default_scale_quantizer() -> Log2Quantizer:
@@ -67,8 +73,8 @@ def default_scale_quantizer() -> Log2Quantizer:
 
 
 def default_sample_quantizer() -> UniformQuantizer:
-    """Per-channel symmetric uniform grid with an MSE-searched range."""
-    return UniformQuantizer(8, symmetric=True, per_channel=True, range="mse")
+    """Per-channel asymmetric uniform grid; min/max range at >= 4 bits, 0.5/99.5 percentiles below."""
+    return UniformQuantizer(8, symmetric=False, per_channel=True, range="auto")
 
 
 def _check_bits_value(name, value):
@@ -90,7 +96,7 @@ class Policy:
     :param skip: site names or regexes that stay float (e.g. first and last layer).
     :param loc_quantizer, scale_quantizer, sample_quantizer: quantizer templates;
         their bits are replaced by the resolved bits. Defaults: per-channel
-        symmetric uniform with MSE range for ``loc`` and ``sample``,
+        asymmetric uniform with ``range="auto"`` for ``loc`` and ``sample``,
         per-channel :class:`Log2Quantizer` for ``scale``.
     :param calib_width: the sample quantizer is calibrated on
         ``loc +- calib_width * scale`` (SPQ, JQ).

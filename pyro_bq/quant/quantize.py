@@ -46,7 +46,9 @@ def calibrate_site(policy: Policy, name: str, loc: torch.Tensor, scale: torch.Te
 def quantize(guide, policy: Policy):
     """Return a new :class:`~pyro_bq.guides.quantized.QuantizedGuide`; ``guide`` is left untouched.
 
-    :param guide: a trained (set-up) :class:`~pyro_bq.guides.AutoGaussianSites` guide.
+    :param guide: a trained (set-up) :class:`~pyro_bq.guides.AutoGaussianSites` guide. A
+        :class:`~pyro_bq.guides.quantized.QuantizedGuide` is re-quantized from its
+        wrapped float parameters (e.g. after fine-tuning), not quantized twice.
     :param policy: a :class:`~pyro_bq.quant.policies.Policy` (:class:`VPQ`,
         :class:`SPQ`, :class:`JQ` or :class:`FloatPolicy`).
     :raises TypeError: for a guide or policy of the wrong type.
@@ -68,6 +70,8 @@ def quantize(guide, policy: Policy):
         raise TypeError(f"policy must be a pyro_bq Policy (VPQ, SPQ, JQ, FloatPolicy), got {type(policy).__name__}")
     if guide.prototype_trace is None:
         raise ValueError("guide has no parameters yet: train it, or call it once with example inputs, first")
+    if isinstance(guide, QuantizedGuide):
+        guide = guide.base
     policy.check_sites(guide.sites)
     quantizers = {}
     with torch.no_grad():

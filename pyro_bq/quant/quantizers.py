@@ -53,7 +53,9 @@ __all__ = [
 ]
 
 MAX_BITS = 16
-_RANGES = ("minmax", "percentile", "mse")
+_RANGES = ("minmax", "percentile", "mse", "auto")
+#: percentiles used by range="auto" below 4 bits
+AUTO_PERCENTILES = (0.5, 99.5)
 
 
 def check_bits(name: str, bits, *, allow_tensor: bool = True):
@@ -259,7 +261,19 @@ class _RangeMixin:
             return flat
         return flat[:, :: -(-m // cap)]
 
+    def _mean_bits(self) -> float:
+        return float(self.bits.float().mean()) if isinstance(self.bits, torch.Tensor) else float(self.bits)
+
     def _low_high(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.range == "auto":
+            if self._mean_bits() >= 4:
+                return flat.amin(dim=1), flat.amax(dim=1)
+            saved = self.range, self.percentiles
+            self.range, self.percentiles = "percentile", AUTO_PERCENTILES
+            try:
+                return self._low_high(flat)
+            finally:
+                self.range, self.percentiles = saved
         if self.range == "percentile":
             m = flat.shape[1]
             k_lo = min(max(1, int(math.ceil(self.percentiles[0] / 100 * m))), m)
@@ -285,7 +299,9 @@ class UniformQuantizer(_RangeMixin, Quantizer):
     :param per_channel: one range per slice along ``channel_dim`` (the output
         channel of Linear/Conv weights); tensors with fewer than 2 dims use one range.
     :param range: ``"minmax"``, ``"percentile"`` (``percentiles``, default the
-        5th and 95th) or ``"mse"`` (the clipping of the min/max range, among
+        5th and 95th), ``"auto"`` (min/max at 4 bits and more, the 0.5th and
+        99.5th percentiles below: at 2-3 bits clipping the rare largest weights
+        buys resolution for all others) or ``"mse"`` (the clipping of the min/max range, among
         ``search_steps`` candidates, with the least squared error, per channel,
         measured on about 2**18 evenly strided values of the tensor).
 
@@ -432,8 +448,8 @@ class Log2Quantizer(_RangeMixin, Quantizer):
     def __init__(self, bits=4, *, per_channel: bool = False, channel_dim: int = 0, range: str = "minmax",
                  percentiles: Sequence[float] = (0.0, 99.0)):
         super().__init__(bits)
-        if range == "mse":
-            raise ValueError("range must be one of 'minmax', 'percentile' for Log2Quantizer; got 'mse'")
+        if range in ("mse", "auto"):
+            raise ValueError(f"range must be one of 'minmax', 'percentile' for Log2Quantizer; got {range!r}")
         self._init_range(per_channel, channel_dim, range, percentiles, 2)
         self._reset()
 

@@ -47,6 +47,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
                    help=f"comma-separated bit widths for VPQ/SPQ/JQ, each in {BITS_RANGE[0]}..{BITS_RANGE[1]} "
                    f"(default: {','.join(map(str, DEFAULT_BITS))})")
     p.add_argument("--act-bits", type=int, default=d.act_bits, help=f"bits of quantized activations (default: {d.act_bits})")
+    p.add_argument("--ends-bits", type=_optional_int, default=d.ends_bits,
+                   help="VPQ/SPQ/JQ keep the first and last layer at this many bits (default: 8; 'none': all layers "
+                   "at the row's bits)")
     p.add_argument("--act-policies", type=_name_list, default=d.act_policies,
                    help="rows that also get an activation-quantized variant (default: float,jq,logquant; '' for none)")
     p.add_argument("--num-epochs", type=int, default=d.num_epochs, help="SVI epochs over Dirty-MNIST")
@@ -64,7 +67,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
                    help="MNIST images the Ambiguous-MNIST generator's VAE and LeNet ensemble train on")
     p.add_argument("--amnist-vae-epochs", type=int, default=d.amnist_vae_epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the posterior means")
+    p.add_argument("--scale-lr", type=float, default=d.scale_lr,
+                   help="Adam learning rate of the posterior scales (default: 1e-2)")
     p.add_argument("--init-scale", type=float, default=d.init_scale)
     p.add_argument("--logquant-bits", type=int, default=d.logquant_bits)
     p.add_argument("--logquant-steps", type=int, default=d.logquant_steps)
@@ -84,8 +89,8 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     return StudyConfig(
         data_dir=args.data_dir, out_dir=args.out_dir, cache_dir=args.cache_dir, seed=args.seed,
-        policies=args.policies, bits=args.bits, act_bits=args.act_bits, act_policies=args.act_policies,
-        num_epochs=args.num_epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size, lr=args.lr,
+        policies=args.policies, bits=args.bits, act_bits=args.act_bits, ends_bits=args.ends_bits, act_policies=args.act_policies,
+        num_epochs=args.num_epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr,
         init_scale=args.init_scale, num_samples=args.num_samples, eval_limit=args.eval_limit,
         mnist_limit=args.mnist_limit, amnist_train_images=args.amnist_train_images,
         amnist_test_images=args.amnist_test_images, amnist_source=args.amnist_source,

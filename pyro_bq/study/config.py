@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +75,8 @@ class StudyConfig:
     :param bits: bit widths of the post-hoc policies (each in 2..16).
     :param act_bits: bits of the activation-quantized variants (2..16).
     :param act_policies: families that also get an activation-quantized variant.
+    :param ends_bits: VPQ/SPQ/JQ keep the first and the last layer at this many bits
+        (a common convention; ``None``: every layer at the row's bits).
     :param num_epochs: SVI epochs over Dirty-MNIST; ``pretrain_epochs``: epochs of
         the deterministic LeNet-5 the guide starts from.
     :param num_samples: weight draws per evaluation; ``eval_limit`` rows per test set.
@@ -95,11 +97,13 @@ class StudyConfig:
     policies: tuple = ALL_POLICIES
     bits: tuple = DEFAULT_BITS
     act_bits: int = 8
+    ends_bits: Optional[int] = 8
     act_policies: tuple = ("float", "jq", "logquant")
     num_epochs: int = 1
     pretrain_epochs: int = 1
     batch_size: int = 128
     lr: float = 1e-3
+    scale_lr: Optional[float] = 1e-2
     init_scale: float = 1e-2
     prior_gain: float = 1.0
     num_samples: int = 20
@@ -145,6 +149,8 @@ class StudyConfig:
             check_int("bits", b, low=BITS_RANGE[0], high=BITS_RANGE[1])
         set_("bits", tuple(sorted(set(int(b) for b in bits), reverse=True)))
         check_int("act_bits", self.act_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
+        if self.ends_bits is not None:
+            check_int("ends_bits", self.ends_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
         ap = (self.act_policies,) if isinstance(self.act_policies, str) else tuple(self.act_policies)
         ap = tuple(p.strip().lower() for p in ap)
         for p in ap:
@@ -155,6 +161,8 @@ class StudyConfig:
         check_int("pretrain_epochs", self.pretrain_epochs, low=0)
         check_int("batch_size", self.batch_size, low=1)
         check_float("lr", self.lr, low=0.0, low_open=True)
+        if self.scale_lr is not None:
+            check_float("scale_lr", self.scale_lr, low=0.0, low_open=True)
         check_float("init_scale", self.init_scale, low=0.0, low_open=True)
         check_float("prior_gain", self.prior_gain, low=0.0, low_open=True)
         check_int("num_samples", self.num_samples, low=2)
@@ -206,7 +214,7 @@ class StudyConfig:
     def train_fingerprint(self) -> str:
         """Changes exactly when the trained float guide would change."""
         return self._digest(
-            ("seed", "num_epochs", "pretrain_epochs", "batch_size", "lr", "init_scale", "prior_gain", "mnist_limit",
+            ("seed", "num_epochs", "pretrain_epochs", "batch_size", "lr", "scale_lr", "init_scale", "prior_gain", "mnist_limit",
              "amnist_train_images", "amnist_test_images", "amnist_source", "amnist_fit_size", "amnist_vae_epochs",
              "checkpoint")
         )
@@ -214,7 +222,7 @@ class StudyConfig:
     def eval_fingerprint(self) -> str:
         """Changes when any evaluated number of an existing row would change."""
         return self.train_fingerprint() + "-" + self._digest(
-            ("num_samples", "eval_limit", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
+            ("num_samples", "eval_limit", "ends_bits", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
              "extra_steps", "mixed_bits")
         )
 

@@ -84,6 +84,9 @@ def write_tables(rows: list[dict], out: Path, *, skipped: Optional[dict] = None,
     md.append("MNIST acc, NLL and ECE on MNIST test; AUROC MI: mutual information (epistemic) as the score for "
               "telling Fashion-MNIST from MNIST; AUROC EE: expected entropy (aleatoric) for telling "
               "Ambiguous-MNIST from MNIST. bits/param and packed bytes: the guide's packed file (float: 64 bits).")
+    if config is not None and getattr(config, "ends_bits", None):
+        md += ["", f"VPQ/SPQ/JQ rows keep the first and the last layer at {config.ends_bits} bits "
+                   "(`--ends-bits`); bits/param counts them."]
     if skipped:
         md += ["", "Skipped configurations:", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()]
     if data_info:

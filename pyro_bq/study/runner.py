@@ -22,34 +22,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from .config import RowSpec, StudyConfig, check_out_dir
+from .report import COLUMNS
 
 __all__ = ["run_study", "StudyResult", "COLUMNS"]
 
 log = logging.getLogger("pyro_bq.study")
 
-#: Columns of the results table, in order.
-COLUMNS = (
-    "config",
-    "policy",
-    "bits",
-    "act_bits",
-    "accuracy",
-    "nll",
-    "ece",
-    "auroc_mi_fashion",
-    "auroc_ee_ambiguous",
-    "bits_per_param",
-    "packed_bytes",
-)
 
 
 class StudyResult(dict):
@@ -199,13 +184,25 @@ def _train_guide(cfg: StudyConfig, train, folder: Path):
     guide = AutoMeanFieldNormal(model, init_loc_fn=init, init_scale=cfg.init_scale)
     t0 = time.time()
     result = fit_svi(
-        model, guide, train, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+        model, guide, train, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size, optim=_optim(cfg), seed=cfg.seed,
         checkpoint_dir=folder / "svi", checkpoint_every=200, progress=cfg.progress,
     )
     log.info("SVI: %d steps in %.0f s%s", result.steps, time.time() - t0,
              f" (resumed from {result.resumed_from})" if result.resumed_from else "")
     save_checkpoint(final, {"guide": guide.state_dict(), "fingerprint": cfg.train_fingerprint()})
     return model, guide
+
+
+def _optim(cfg: StudyConfig):
+    """Adam with ``lr`` for the means and ``scale_lr`` (default ``lr``) for the scale parameters."""
+    import pyro.optim
+
+    scale_lr = cfg.lr if cfg.scale_lr is None else cfg.scale_lr
+
+    def per_param(module_name, param_name):
+        return {"lr": scale_lr if "scale" in param_name else cfg.lr}
+
+    return pyro.optim.Adam(per_param)
 
 
 def _train_logquant(cfg: StudyConfig, model, guide, train, folder: Path):
@@ -242,12 +239,23 @@ class _Builders:
         if fam in ("vpq", "spq", "jq"):
             from pyro_bq.quant import make_policy, quantize
 
-            return quantize(self.guide, make_policy(fam, spec.bits)), {}
+            site_bits = None
+            if self.cfg.ends_bits is not None and self.cfg.ends_bits > spec.bits:
+                site_bits = {name: self.cfg.ends_bits for name in _end_sites(self.guide)}
+            extra = {"ends_bits": self.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
+            return quantize(self.guide, make_policy(fam, spec.bits, site_bits=site_bits)), extra
         if fam == "logquant":
             if "logquant" not in self._cache:
                 self._cache["logquant"] = _train_logquant(self.cfg, self.model, self.guide, self.train, self.folder)
             return self._cache["logquant"], {"scale_bits": self.cfg.logquant_bits}
         raise ValueError(f"no builder for family {fam!r}")
+
+
+def _end_sites(guide) -> list[str]:
+    """The weight sites of the first and the last layer (e.g. ``net.conv1.*`` and ``net.fc3.*``)."""
+    names = list(guide.sites)
+    first, last = names[0].rsplit(".", 1)[0], names[-1].rsplit(".", 1)[0]
+    return [n for n in names if n.rsplit(".", 1)[0] in (first, last)]
 
 
 def _availability(cfg: StudyConfig) -> dict:

@@ -1,0 +1,472 @@
+"""Side-by-side speed harness: SVI training steps and posterior prediction.
+
+All variants of one network are measured in the same process, round-robin
+(one call of each variant per round, ``--reps`` rounds), so that load from
+other processes hits them alike; the table reports medians and ratios to the
+plain PyTorch baseline of the same run. Peak memory of each row is measured in
+a fresh subprocess (``--memory``): the growth of the peak resident set size
+(``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``
+after the set-up and one warm-up call) over the resident size at that point,
+during ``--memory-steps`` further calls.
+
+Training rows, batch 128, Adam(lr=1e-3), dataset size 60,000:
+
+* ``det``       plain PyTorch deterministic step (cross-entropy)
+* ``bbb-lr``    hand-written Bayes-by-backprop, local reparameterization
+* ``bbb-w``     hand-written Bayes-by-backprop, weights sampled once per minibatch
+* ``pyro-naive`` PyroSample priors + ``AutoNormal`` + ``TraceMeanField_ELBO``
+* ``bq``        pyro_bq default: ``BayesianClassifier`` + ``AutoMeanFieldNormal`` + ``TraceMeanField_ELBO``
+* ``bq-lr``     the same under :class:`~pyro_bq.inference.reparam.LocalReparameterization`
+* ``bq-lr-fc``  the same, local reparameterization on Linear layers only
+* ``bq-flipout`` the same under :class:`~pyro_bq.inference.reparam.Flipout`
+* ``bt``        bayesian-torch ``dnn_to_bnn`` (Reparameterization layers), if installed
+* ``bt-flipout`` bayesian-torch Flipout layers, if installed
+
+Prediction rows, 32 weight samples over 1,000 images:
+
+* ``det x32``       32 deterministic forward passes (no_grad, eval)
+* ``bq batched``    :func:`pyro_bq.inference.prediction.predict_batched` (sampling included)
+* ``Predictive loop`` stock ``Predictive(model, guide, num_samples=32)`` (sequential)
+* ``bt x32``        32 bayesian-torch forward passes, if installed
+
+Usage::
+
+    python benchmarks/harness.py --reps 30 --threads 2
+    python benchmarks/harness.py --nets mlp --skip-prediction --no-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DATASET_SIZE = 60000
+BATCH = 128
+LR = 1e-3
+PRIOR_SCALE = 1.0
+INIT_SCALE = 1e-2
+
+
+def make_net(name: str) -> nn.Module:
+    from pyro_bq.models import MLP, LeNet5
+
+    torch.manual_seed(0)
+    return LeNet5() if name == "lenet" else MLP((784, 400, 400, 10))
+
+
+def data(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+# -- (a) plain PyTorch ---------------------------------------------------------------------
+def det_step(net_name):
+    net = make_net(net_name)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    x, y = data(BATCH)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
+# -- (b), (b2) hand-written Bayes-by-backprop -----------------------------------------------------
+class _BBBLayer(nn.Module):
+    """Mean-field Gaussian weights for one Linear/Conv2d layer (hand-written baseline)."""
+
+    def __init__(self, layer: nn.Module, lr: bool):
+        super().__init__()
+        self.layer = layer  # kept for its hyper-parameters (stride, padding, ...)
+        self.lr = lr
+        self.w_mu = nn.Parameter(layer.weight.detach().clone())
+        self.w_rho = nn.Parameter(torch.full_like(layer.weight, math.log(math.expm1(INIT_SCALE))))
+        self.b_mu = nn.Parameter(layer.bias.detach().clone())
+        self.b_rho = nn.Parameter(torch.full_like(layer.bias, math.log(math.expm1(INIT_SCALE))))
+        del layer.weight, layer.bias
+
+    def op(self, x, w, b):
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, b)
+        return F.conv2d(x, w, b, self.layer.stride, self.layer.padding, self.layer.dilation, self.layer.groups)
+
+    def forward(self, x):
+        w_sigma, b_sigma = F.softplus(self.w_rho), F.softplus(self.b_rho)
+        if self.lr:
+            mean = self.op(x, self.w_mu, self.b_mu)
+            var = self.op(x * x, w_sigma * w_sigma, b_sigma * b_sigma)
+            return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
+        w = self.w_mu + w_sigma * torch.randn_like(w_sigma)
+        b = self.b_mu + b_sigma * torch.randn_like(b_sigma)
+        return self.op(x, w, b)
+
+    def kl(self):
+        total = 0.0
+        for mu, rho in ((self.w_mu, self.w_rho), (self.b_mu, self.b_rho)):
+            sigma = F.softplus(rho)
+            total = total + (
+                math.log(PRIOR_SCALE) - sigma.log() + (sigma * sigma + mu * mu) / (2 * PRIOR_SCALE**2) - 0.5
+            ).sum()
+        return total
+
+
+def _bbbify(net: nn.Module, lr: bool) -> nn.Module:
+    for name, child in list(net.named_children()):
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            setattr(net, name, _BBBLayer(child, lr))
+        else:
+            _bbbify(child, lr)
+    return net
+
+
+def bbb_step(net_name, lr: bool):
+    net = _bbbify(make_net(net_name), lr)
+    layers = [m for m in net.modules() if isinstance(m, _BBBLayer)]
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    x, y = data(BATCH)
+
+    def step():
+        opt.zero_grad()
+        nll = F.cross_entropy(net(x), y, reduction="sum") * (DATASET_SIZE / BATCH)
+        loss = nll + sum(layer.kl() for layer in layers)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# -- (c) naive Pyro --------------------------------------------------------------------------------
+def naive_pyro_model(net_name):
+    import pyro
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule, PyroSample
+    from pyro.nn.module import to_pyro_module_
+
+    net = make_net(net_name)
+    to_pyro_module_(net)
+    for module in list(net.modules()):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for pname in ("weight", "bias"):
+                shape = getattr(module, pname).shape
+                setattr(module, pname, PyroSample(dist.Normal(0.0, PRIOR_SCALE).expand(shape).to_event(len(shape))))
+
+    class Model(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, y=None):
+            logits = self.net(x)
+            with pyro.plate("data", DATASET_SIZE, subsample_size=x.shape[0]):
+                pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+            return logits
+
+    return Model()
+
+
+def naive_pyro_step(net_name):
+    import pyro
+    from pyro.infer import SVI, TraceMeanField_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    model = naive_pyro_model(net_name)
+    guide = AutoNormal(model, init_scale=INIT_SCALE)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
+    x, y = data(BATCH)
+    svi.step(x, y)
+    return lambda: svi.step(x, y)
+
+
+# -- (d), (e), (f) pyro_bq ---------------------------------------------------------------------------
+_BQ_CACHE: Dict[str, tuple] = {}
+
+
+def bq_setup(net_name):
+    """One model + guide per network, shared by the pyro_bq rows (one param store)."""
+    import pyro
+
+    from pyro_bq import IIDNormal
+    from pyro_bq.guides import AutoMeanFieldNormal
+    from pyro_bq.models import BayesianClassifier
+
+    if net_name not in _BQ_CACHE:
+        pyro.clear_param_store()
+        model = BayesianClassifier(make_net(net_name), IIDNormal(PRIOR_SCALE), DATASET_SIZE)
+        guide = AutoMeanFieldNormal(model, init_scale=INIT_SCALE)
+        x, y = data(BATCH)
+        guide(x, y)
+        _BQ_CACHE.clear()
+        _BQ_CACHE[net_name] = (model, guide)
+    return _BQ_CACHE[net_name]
+
+
+def bq_step(net_name, handler=None):
+    import pyro
+    from pyro.infer import SVI, TraceMeanField_ELBO
+
+    model, guide = bq_setup(net_name)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
+    x, y = data(BATCH)
+    if handler is None:
+        return lambda: svi.step(x, y)
+
+    def step():
+        with handler:
+            svi.step(x, y)
+
+    return step
+
+
+# -- (g) bayesian-torch ------------------------------------------------------------------------------
+def have_bayesian_torch() -> bool:
+    try:
+        import bayesian_torch  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def bt_net(net_name, kind="Reparameterization"):
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
+
+    net = make_net(net_name)
+    dnn_to_bnn(
+        net,
+        {
+            "prior_mu": 0.0,
+            "prior_sigma": PRIOR_SCALE,
+            "posterior_mu_init": 0.0,
+            "posterior_rho_init": math.log(math.expm1(INIT_SCALE)),
+            "type": kind,
+            "moped_enable": False,
+        },
+    )
+    return net
+
+
+def bt_step(net_name, kind="Reparameterization"):
+    from bayesian_torch.models.dnn_to_bnn import get_kl_loss
+
+    net = bt_net(net_name, kind)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    x, y = data(BATCH)
+
+    def step():
+        opt.zero_grad()
+        nll = F.cross_entropy(net(x), y, reduction="sum") * (DATASET_SIZE / BATCH)
+        (nll + get_kl_loss(net)).backward()
+        opt.step()
+
+    return step
+
+
+# -- prediction -----------------------------------------------------------------------------------------
+PRED_N, PRED_S = 1000, 32
+
+
+def pred_det(net_name):
+    net = make_net(net_name).eval()
+    x, _ = data(PRED_N, 1)
+
+    @torch.no_grad()
+    def run():
+        for _ in range(PRED_S):
+            net(x)
+
+    return run
+
+
+def pred_bq(net_name):
+    from pyro_bq.inference.prediction import predict_batched
+
+    model, guide = bq_setup(net_name)
+    x, _ = data(PRED_N, 1)
+    return lambda: predict_batched(model, guide, x, num_samples=PRED_S)
+
+
+def pred_loop(net_name):
+    from pyro.infer import Predictive
+
+    model, guide = bq_setup(net_name)
+    x, _ = data(PRED_N, 1)
+    pred = Predictive(model, guide=guide, num_samples=PRED_S, return_sites=["logits"])
+
+    @torch.no_grad()
+    def run():
+        pred(x)
+
+    return run
+
+
+def pred_bt(net_name):
+    net = bt_net(net_name).eval()
+    x, _ = data(PRED_N, 1)
+
+    @torch.no_grad()
+    def run():
+        for _ in range(PRED_S):
+            net(x)
+
+    return run
+
+
+# -- registry ---------------------------------------------------------------------------------------------
+def train_rows(net_name) -> Dict[str, Callable[[], Callable[[], None]]]:
+    from pyro_bq.inference.reparam import Flipout, LocalReparameterization
+
+    rows = {
+        "det": lambda: det_step(net_name),
+        "bbb-lr": lambda: bbb_step(net_name, lr=True),
+        "bbb-w": lambda: bbb_step(net_name, lr=False),
+        "pyro-naive": lambda: naive_pyro_step(net_name),
+        "bq": lambda: bq_step(net_name),
+        "bq-lr": lambda: bq_step(net_name, LocalReparameterization()),
+        "bq-flipout": lambda: bq_step(net_name, Flipout()),
+    }
+    if net_name == "lenet":
+        rows["bq-lr-fc"] = lambda: bq_step(net_name, LocalReparameterization(layers=("linear",)))
+    if have_bayesian_torch():
+        rows["bt"] = lambda: bt_step(net_name)
+        rows["bt-flipout"] = lambda: bt_step(net_name, "Flipout")
+    return rows
+
+
+def pred_rows(net_name) -> Dict[str, Callable[[], Callable[[], None]]]:
+    rows = {
+        "det x32": lambda: pred_det(net_name),
+        "bq batched": lambda: pred_bq(net_name),
+        "Predictive loop": lambda: pred_loop(net_name),
+    }
+    if have_bayesian_torch():
+        rows["bt x32"] = lambda: pred_bt(net_name)
+    return rows
+
+
+def round_robin(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, list]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+# -- memory (fresh subprocess per row) ------------------------------------------------------------------------
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
+    rows = train_rows(net_name) if kind == "train" else pred_rows(net_name)
+    fn = rows[row]()
+    fn()  # one warm-up call: lazy imports and one-off buffers are not a step's working memory
+    gc.collect()
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    for _ in range(steps):
+        fn()
+    print(json.dumps({"peak_delta": _status("VmHWM") - base}))
+
+
+def memory_of(kind: str, net_name: str, row: str, steps: int, threads: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", kind, net_name, row, "--memory-steps", str(steps), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return float("nan")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"] / 2**20
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+def table(title, times, base, mem, ref_rows=()):
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [f"### {title}", "", "| variant | median ms | x `" + base + "` | " + " | ".join(f"x `{r}`" for r in ref_rows) + (" | " if ref_rows else "") + "peak MiB |",
+             "|---|---:|---:|" + "---:|" * len(ref_rows) + "---:|"]
+    for k, v in med.items():
+        refs = "".join(f" {v / med[r]:.2f} |" for r in ref_rows if r in med)
+        m = mem.get(k, float("nan"))
+        lines.append(f"| {k} | {v * 1e3:.2f} | {v / med[base]:.2f} |{refs} {m:.1f} |")
+    return "\n".join(lines), med
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nets", default="lenet,mlp")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pred-reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-prediction", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-steps", type=int, default=5)
+    p.add_argument("--rows", default=None, help="comma-separated subset of training rows")
+    p.add_argument("--memory-child", nargs=3, metavar=("KIND", "NET", "ROW"), help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write the medians here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, steps=args.memory_steps)
+        return
+    import pyro
+
+    pyro.enable_validation(True)  # Pyro's default; the user's choice
+    print(f"# pyro_bq speed harness: torch {torch.__version__}, {args.threads} threads, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start\n")
+    results = {}
+    for net_name in args.nets.split(","):
+        if not args.skip_train:
+            rows = train_rows(net_name)
+            if args.rows:
+                rows = {k: v for k, v in rows.items() if k in args.rows.split(",") or k == "det"}
+            fns = {k: make() for k, make in rows.items()}
+            times = round_robin(fns, args.reps, args.warmup)
+            mem = {} if args.no_memory else {k: memory_of("train", net_name, k, args.memory_steps, args.threads) for k in rows}
+            text, med = table(
+                f"{net_name}: one training step, batch {BATCH} ({args.reps} round-robin rounds)", times, "det", mem,
+                [r for r in ("bbb-w", "bbb-lr", "pyro-naive", "bt") if r in rows],
+            )
+            print(text + "\n", flush=True)
+            results[f"{net_name}/train"] = med
+        if not args.skip_prediction:
+            rows = pred_rows(net_name)
+            fns = {k: make() for k, make in rows.items()}
+            times = round_robin(fns, args.pred_reps, 1)
+            mem = {} if args.no_memory else {k: memory_of("pred", net_name, k, 1, args.threads) for k in rows}
+            text, med = table(
+                f"{net_name}: prediction, {PRED_S} samples x {PRED_N} images ({args.pred_reps} rounds)", times, "det x32", mem
+            )
+            print(text + "\n", flush=True)
+            results[f"{net_name}/pred"] = med
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
