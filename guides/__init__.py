@@ -1,6 +1,30 @@
-"""Guides (installed as ``pyro_bq.guides``)."""
+"""Guides (installed as ``pyro_bq.guides``).
+
+Every guide is an :class:`~pyro.infer.autoguide.AutoGuide` that subclasses
+:class:`AutoGaussianSites` and overrides one method, ``get_loc_scale(site)``:
+
+* :class:`AutoMeanFieldNormal` -- a Normal per weight, started from a pretrained net;
+* :class:`AutoPWFN` -- probabilistic weight fixing (sigma from the distance to powers of two);
+* :class:`AutoLogQuantNormal` -- scales kept on a base-2 log grid during training;
+* :class:`QuantizedGuide` -- what :func:`pyro_bq.quant.quantize` returns (VPQ, SPQ, JQ).
+"""
 
 from .base import AutoGaussianSites, SiteInfo
+from .logquant import AutoLogQuantNormal
 from .meanfield import AutoMeanFieldNormal, init_to_pretrained, softplus_inverse
+from .pwfn import AutoPWFN
+from .quantized import PackedNormalBase, QuantizedGuide, QuantizedNormal, copy_guide
 
-__all__ = ["AutoGaussianSites", "SiteInfo", "AutoMeanFieldNormal", "init_to_pretrained", "softplus_inverse"]
+__all__ = [
+    "AutoGaussianSites",
+    "SiteInfo",
+    "AutoMeanFieldNormal",
+    "AutoPWFN",
+    "AutoLogQuantNormal",
+    "QuantizedGuide",
+    "QuantizedNormal",
+    "PackedNormalBase",
+    "copy_guide",
+    "init_to_pretrained",
+    "softplus_inverse",
+]

@@ -20,9 +20,28 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
 
+from pyro_bq._validation import check_schedule
+
 __all__ = ["AutoGaussianSites", "SiteInfo"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _check_quantiles(quantiles) -> torch.Tensor:
+    """``quantiles`` as a 1-D tensor of levels in (0, 1); raises naming ``quantiles`` otherwise."""
+    allowed = "a non-empty list of numbers in (0, 1), e.g. [0.05, 0.5, 0.95]"
+    if isinstance(quantiles, torch.Tensor):
+        if quantiles.dim() != 1 or not quantiles.is_floating_point():
+            raise TypeError(f"quantiles must be {allowed} or a 1-D floating-point tensor, got a tensor of "
+                            f"shape {tuple(quantiles.shape)} and dtype {quantiles.dtype}")
+        q = quantiles.detach()
+    else:
+        levels = check_schedule("quantiles", quantiles)  # a sequence of finite real numbers
+        q = torch.tensor(levels, dtype=torch.get_default_dtype())
+    if q.numel() == 0 or not bool(((q > 0) & (q < 1)).all()):
+        shown = q.tolist() if q.numel() <= 8 else f"{q.numel()} values in [{q.min().item()}, {q.max().item()}]"
+        raise ValueError(f"quantiles must be {allowed}; got {shown}")
+    return q
 
 
 class _FusedNormal(dist.Normal):
@@ -229,12 +248,15 @@ class AutoGaussianSites(AutoGuide):
 
     @torch.no_grad()
     def quantiles(self, quantiles: Iterable[float], *args, **kwargs) -> dict[str, torch.Tensor]:
-        """Marginal quantiles of each site: a tensor of shape ``(len(quantiles), *site_shape)``."""
+        """Marginal quantiles of each site: a tensor of shape ``(len(quantiles), *site_shape)``.
+
+        :param quantiles: a non-empty list (or 1-D floating-point tensor) of levels in the open interval (0, 1).
+        :raises TypeError: for a scalar, a str or non-numeric entries.
+        :raises ValueError: for an empty list or levels outside (0, 1) (NaN included).
+        """
+        q = _check_quantiles(quantiles)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        q = torch.as_tensor(list(quantiles) if not isinstance(quantiles, torch.Tensor) else quantiles)
-        if q.dim() != 1 or q.numel() == 0 or not bool(((q > 0) & (q < 1)).all()):
-            raise ValueError(f"quantiles must be a non-empty list of numbers in (0, 1), got {quantiles!r}")
         out = {}
         for name in self.sites:
             loc, scale = self.get_loc_scale(name)

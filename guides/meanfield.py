@@ -9,16 +9,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyro_bq._validation import check_module, check_positive
+from pyro_bq._validation import check_module, check_positive, check_tensor
 
 from .base import AutoGaussianSites
 
 __all__ = ["AutoMeanFieldNormal", "init_to_pretrained", "softplus_inverse"]
 
 
-def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of softplus, stable for tiny and large ``x``."""
+def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    """:func:`softplus_inverse` without the argument checks (internal: for values known to be positive)."""
     return x + torch.log(-torch.expm1(-x))
+
+
+def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of softplus, stable for tiny and large ``x``.
+
+    :param x: a floating-point tensor of positive values (softplus only takes values > 0).
+    :raises TypeError: if ``x`` is not a floating-point tensor.
+    :raises ValueError: if some value is not > 0 (or is NaN).
+    """
+    check_tensor("x", x, floating=True)
+    if x.numel() and not bool(x.min() > 0):  # one reduction; a NaN propagates through min and fails too
+        bad = x[~(x > 0)]
+        raise ValueError(f"x must hold values > 0 (softplus is positive), found {bad.numel()} that are not "
+                         f"(e.g. {bad.reshape(-1)[0].item()}); clamp it first, e.g. x.clamp_min(1e-30)")
+    return _softplus_inverse(x)
 
 
 def init_to_pretrained(net: nn.Module) -> Callable[[dict], torch.Tensor]:
@@ -114,7 +129,7 @@ class AutoMeanFieldNormal(AutoGaussianSites):
             locs.append(loc)
             scales.append(self._initial_scale(name, loc).reshape(-1))
         self.loc = nn.Parameter(torch.cat(locs))
-        self.scale_raw = nn.Parameter(softplus_inverse(torch.cat(scales).clamp_min(1e-30)))
+        self.scale_raw = nn.Parameter(_softplus_inverse(torch.cat(scales).clamp_min(1e-30)))
 
     def flat_loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All locs and scales as two flat vectors in site order."""

@@ -17,6 +17,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.func import functional_call, vmap
@@ -92,6 +93,32 @@ class BayesianModel(PyroModule):
                 ) from err
             raise
 
+    def _check_samples(self, samples, sites: list[str]) -> None:
+        """Check ``samples`` of :meth:`batched_forward`: shapes and dtypes only (no pass over the values)."""
+        if not isinstance(samples, Mapping):
+            raise TypeError(f"samples must be a dict {{site name: tensor of shape (S, *site_shape)}}, "
+                            f"got {type(samples).__name__}")
+        missing = [s for s in sites if s not in samples]
+        if missing:
+            raise ValueError(f"samples lacks weight sites {missing}; it must hold every site of {sites}")
+        draws = None
+        for name in sites:
+            value = samples[name]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"samples[{name!r}] must be a floating-point tensor of shape (S, *site_shape), "
+                                f"got {type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}")
+            known = self._initial_params.get(name)
+            shape = tuple(known.shape) if known is not None else tuple(value.shape[1:])
+            if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape:
+                raise ValueError(f"samples[{name!r}] must have shape (S, *{shape}), got {tuple(value.shape)}")
+            if draws is None:
+                draws = value.shape[0]
+            elif value.shape[0] != draws:
+                raise ValueError(f"every entry of samples must have the same number of draws S; "
+                                 f"samples[{name!r}] has {value.shape[0]}, an earlier one {draws}")
+        if not draws:
+            raise ValueError("samples must hold at least one draw (S >= 1)")
+
     # -- vectorized prediction ---------------------------------------------------------
     def batched_forward(self, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Network outputs for ``S`` weight samples at once: shape ``(S, N, ...)``.
@@ -102,11 +129,10 @@ class BayesianModel(PyroModule):
         (e.g. BatchNorm) are shared across samples. The network runs in eval mode.
         """
         self._check_inputs(x)
-        missing = [s for s in self.weight_sites if s not in samples]
-        if missing:
-            raise ValueError(f"samples lacks weight sites {missing}")
+        sites = self.weight_sites
+        self._check_samples(samples, sites)
         shared = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
-        batched = {name[len("net."):]: samples[name] for name in self.weight_sites}
+        batched = {name[len("net."):]: samples[name] for name in sites}
 
         def one(params):
             return functional_call(self._template, {**shared, **params}, (x,))
@@ -148,6 +174,11 @@ class BayesianClassifier(BayesianModel):
                 raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
             if y.dim() != 1:
                 raise ValueError(f"y must be a vector of class labels, got shape {tuple(y.shape)}")
+            if is_validation_enabled():  # one small reduction; off with pyro.enable_validation(False), like Pyro's own checks
+                lo, hi = (int(v) for v in torch.aminmax(y))
+                if lo < 0 or hi >= logits.shape[-1]:
+                    raise ValueError(f"y must hold class labels in [0, {logits.shape[-1]}) for the network's "
+                                     f"{logits.shape[-1]} classes, got labels in [{lo}, {hi}]")
         with self._data_plate(x):
             pyro.deterministic("logits", logits, event_dim=1)
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
@@ -181,10 +212,11 @@ class BayesianRegressor(BayesianModel):
         expose=None,
     ):
         super().__init__(net, prior, dataset_size, expose=expose)
+        noise_init = check_positive("noise_init", noise_init)  # checked even when unused (noise fixed)
         if isinstance(noise, str):
             if noise != "learned":
                 raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
-            self.noise = PyroParam(torch.tensor(check_positive("noise_init", noise_init)), constraints.positive)
+            self.noise = PyroParam(torch.tensor(noise_init), constraints.positive)
             self.learned_noise = True
         else:
             self.register_buffer("noise", torch.tensor(check_positive("noise", noise)))
@@ -200,6 +232,9 @@ class BayesianRegressor(BayesianModel):
         if y is not None:
             if not y.is_floating_point():
                 raise TypeError(f"y must be a floating-point tensor of targets, got dtype {y.dtype}")
+            if y.shape != loc.shape and y.shape != (*loc.shape, 1):
+                raise ValueError(f"y must hold one target per example, shape ({loc.shape[0]},) or "
+                                 f"({loc.shape[0]}, 1), got {tuple(y.shape)}")
             y = y.reshape(loc.shape)
         noise = self.noise
         with self._data_plate(x):

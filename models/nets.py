@@ -12,9 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyro_bq._validation import check_int
+from pyro_bq._validation import check_int, check_int_sequence
 
 __all__ = ["MLP", "LeNet5", "ResNet20", "resnet20"]
+
+
+def _check_activation(activation):
+    """``activation`` must make an activation module when called: an ``nn.Module`` class such as ``nn.ReLU``
+    (or a factory such as ``functools.partial(nn.LeakyReLU, 0.1)``), not a module instance."""
+    if isinstance(activation, nn.Module) or not callable(activation) or (
+            isinstance(activation, type) and not issubclass(activation, nn.Module)):
+        raise TypeError(f"activation must be an nn.Module class such as nn.ReLU (the class, not an instance), "
+                        f"got {type(activation).__name__} ({activation!r:.60})")
+    return activation
 
 
 class MLP(nn.Sequential):
@@ -29,11 +39,10 @@ class MLP(nn.Sequential):
     """
 
     def __init__(self, sizes: Sequence[int] = (784, 400, 400, 10), activation: type[nn.Module] = nn.ReLU):
-        sizes = tuple(sizes)
+        sizes = check_int_sequence("sizes", sizes, low=1)
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least an input and an output size, got {sizes}")
-        for i, s in enumerate(sizes):
-            check_int(f"sizes[{i}]", s, low=1)
+        _check_activation(activation)
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(n_in, n_out))
@@ -58,6 +67,7 @@ class LeNet5(nn.Module):
         super().__init__()
         check_int("num_classes", num_classes, low=2)
         check_int("in_channels", in_channels, low=1)
+        _check_activation(activation)
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.fc1 = nn.Linear(16 * 5 * 5, 120)

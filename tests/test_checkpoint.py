@@ -302,9 +302,6 @@ def _fit(train, folder, *, hidden=8, **kw):
     return fit_svi(model, AutoMeanFieldNormal(model), train, **args)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "pyro_bq/inference/train.py fit_svi: resuming from a checkpoint of another architecture fails in "
-    "torch's load_state_dict with RuntimeError 'size mismatch' instead of a ValueError naming the checkpoint file"))
 def test_resuming_another_architecture_names_the_checkpoint(mnist_small, tmp_path):
     train = mnist_small[0].subset(200)
     _fit(train, tmp_path, hidden=8, num_steps=2)
@@ -312,9 +309,6 @@ def test_resuming_another_architecture_names_the_checkpoint(mnist_small, tmp_pat
         _fit(train, tmp_path, hidden=9)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyro_bq/inference/train.py fit_svi: the checkpoint does not record seed, batch_size or the dataset, so a "
-    "resume with another batch_size/seed/dataset silently continues a different data order (a run that is neither)"))
 def test_resuming_with_other_settings_is_refused(mnist_small, tmp_path):
     train = mnist_small[0].subset(200)
     _fit(train, tmp_path, num_steps=2)

@@ -353,11 +353,6 @@ def test_a_checkpoint_is_not_loaded_as_a_packed_file(tmp_path, packed):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.xfail(strict=True, reason=(
-    "pyro_bq/quant/packed.py load_packed does not validate the JSON header of a well-sealed file: e.g. "
-    "meta['input'] = [[1, 28, None], 'float32'] -> TypeError from torch.zeros, meta['input'][1] = 'a' -> "
-    "AttributeError from getattr(torch, 'a'), meta['cfgs'][i] = True -> AttributeError, a site shape of "
-    "[-1, 784] or [0] -> RuntimeError from reshape, a bits entry of 0.5 -> ZeroDivisionError"))
 @settings(HYP, max_examples=150, derandomize=True, database=None)
 @given(edit=st.data())
 def test_packed_files_with_valid_checksums_but_edited_headers_give_clear_errors(tmp_path, packed, edit):

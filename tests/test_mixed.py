@@ -193,6 +193,80 @@ def test_quantize_uniform_grid():
     assert q.tolist() == pytest.approx([0.0, 0.0, 1 / 3, 2 / 3, 1.0])
 
 
+def test_gaussian_quantile_levels_capped_at_16_bits():
+    assert gaussian_quantile_levels(16).numel() == 2**16
+    with pytest.raises(ValueError, match="bits"):
+        gaussian_quantile_levels(17)
+    post = {"a": (torch.randn(20), torch.ones(20))}
+    alloc = BitAllocation({"a": 20}, method="QINU", sizes={"a": 20}, grid="gaussian-lloyd")
+    with pytest.raises(ValueError, match="bits=20"):
+        quantize_means(post, alloc)
+
+
+def _positive_toy(seed=0):
+    """Means all positive and away from 0, so a grid that must contain 0 differs from the paper's."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": (1.0 + torch.rand(300, generator=g), torch.full((300,), 0.05)),
+        "b": (torch.randn(7, 9, generator=g) * 0.2 - 0.5, torch.full((7, 9), 0.5)),
+    }
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
+def test_percentile_interval_quantizer_is_the_paper_qiu_grid(bits):
+    from pyro_bq.mixed import PercentileIntervalQuantizer
+
+    post = _positive_toy()
+    alloc = BitAllocation({n: bits for n in post}, method="QIU", sizes={n: l.numel() for n, (l, _) in post.items()},
+                          grid="uniform-percentile")
+    ref = quantize_means(post, alloc)
+    for name, (loc, _) in post.items():
+        q = PercentileIntervalQuantizer(bits).calibrate(loc)
+        lo, hi = torch.quantile(loc.double().flatten(), torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+        assert q.interval() == pytest.approx((lo, hi), rel=1e-12)
+        # 2**b levels alpha + s k from the 5th to the 95th percentile, no zero point
+        levels = q.codebook
+        assert levels.numel() == 2**bits
+        assert float(levels[0]) == pytest.approx(lo, rel=1e-6) and float(levels[-1]) == pytest.approx(hi, rel=1e-6)
+        assert torch.allclose(levels.diff(), torch.full((2**bits - 1,), (hi - lo) / (2**bits - 1)), rtol=1e-4)
+        assert torch.equal(q.quantize(loc), ref[name])  # bit for bit
+        assert set(torch.unique(ref[name]).tolist()) <= set(levels.tolist())
+    assert float(ref["a"].min()) > 1.0  # 0 is not forced onto the grid
+
+
+def test_qiu_allocation_policy_equals_quantize_means(small_guide, tmp_path):
+    from pyro_bq.mixed import PercentileIntervalQuantizer
+    from pyro_bq.quant import load_packed, memory_report, quantize, save_packed
+
+    model, guide = small_guide
+    with torch.no_grad():  # all means positive, so the paper's grid and a zero-point grid differ
+        guide.loc.copy_(0.3 + torch.rand(guide.loc.shape, generator=torch.Generator().manual_seed(1)))
+    alloc = quantile_inform(guide, 4.0)
+    assert alloc.grid == "uniform-percentile" and len(set(alloc.values())) > 1
+    ref = quantize_means(guide, alloc)
+    for mode in ("vpq", "spq", "jq"):
+        q = quantize(guide, allocation_policy(alloc, mode))
+        for name in guide.sites:
+            loc_q = q.get_loc_scale(name)[0]
+            if mode == "spq":  # float means; the samples use the policy's sample grid
+                assert q.quantizers[name].loc is None
+                continue
+            assert isinstance(q.quantizers[name].loc, PercentileIntervalQuantizer)
+            assert torch.equal(loc_q, ref[name])
+            assert float(loc_q.detach().min()) >= 0.3
+        # packing and the memory report handle the grid; a file reads back the same means
+        report = memory_report(q)
+        path = tmp_path / f"qiu-{mode}.bq"
+        assert save_packed(q, path) == report.file_bytes
+        back = load_packed(path, model)
+        for name in guide.sites:
+            assert torch.equal(back.get_loc_scale(name)[0], q.get_loc_scale(name)[0])
+        if mode != "spq":
+            row = {s.name: s for s in report.sites}
+            for name in guide.sites:  # loc codes at the allocation's bits
+                assert row[name].code_bits >= alloc[name] * alloc.sizes[name]
+
+
 # -- SMOL ------------------------------------------------------------------------------
 
 def test_smol_noise_and_penalty_by_hand():
@@ -278,8 +352,7 @@ def test_allocations_plug_into_policies(small_guide):
         for name in guide.sites:
             levels = torch.unique(med[name])
             assert levels.numel() <= 2 ** alloc[name]
-            if alloc.grid != "uniform-percentile":
-                assert torch.allclose(med[name], ref[name], atol=1e-6)
+            assert torch.allclose(med[name], ref[name], atol=1e-6)
         quantize(guide, VPQ(8, site_bits=alloc))  # a plain policy takes the map too
         quantize(guide, allocation_policy(alloc, "jq"))
 

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from pyro_bq._validation import check_int
+from pyro_bq._validation import check_bool, check_int
 
 from .dataset import InMemoryDataset
 
@@ -81,8 +81,9 @@ def _find(raw: Path, stem: str) -> Optional[Path]:
 
 
 def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: Optional[int]) -> InMemoryDataset:
-    if not isinstance(train, bool):
-        raise TypeError(f"train must be a bool, got {type(train).__name__}")
+    train = check_bool("train", train)
+    download = check_bool("download", download)
+    normalize = check_bool("normalize", normalize)
     if limit is not None:
         limit = check_int("limit", limit, low=1)
     base = resolve_root(root)

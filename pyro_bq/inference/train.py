@@ -15,7 +15,11 @@ optimizer, exactly what ``pyro.infer.SVI.step`` does) over minibatches of an
 
 A run resumed after a kill ends in exactly the state of an uninterrupted run
 with the same seed: data order is a function of ``(seed, epoch)`` and the RNG
-states are part of the checkpoint.
+states are part of the checkpoint. A checkpoint also records ``seed``,
+``batch_size`` and a fingerprint of the data, and a resume with other ones (or
+with a model or guide of another architecture) is refused with a
+``ValueError`` naming the checkpoint, rather than continuing a run that is
+neither the old one nor a new one.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from pyro.infer import ELBO, TraceMeanField_ELBO
 from pyro.infer.util import zero_grads
 
-from pyro_bq._validation import check_choice, check_int, check_positive
+from pyro_bq._validation import check_bool, check_callable, check_choice, check_int, check_path, check_positive, check_type
 from pyro_bq.data.dataset import InMemoryDataset
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -47,7 +51,14 @@ __all__ = ["fit_svi", "FitResult", "NonFiniteError", "seed_everything", "svi_ste
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or a gradient became NaN or infinite during training."""
+    """The loss or a gradient became NaN or infinite during training, or the model
+    failed on a minibatch that holds NaN or infinite values."""
+
+
+#: The largest seed :func:`seed_everything` takes (numpy's limit).
+MAX_SEED = 2**32 - 1
+#: Rows of ``x`` that go into the data fingerprint's checksum, besides every byte of ``y``.
+_FINGERPRINT_ROWS = 256
 
 
 @dataclass
@@ -61,8 +72,11 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch, numpy, Python and Pyro."""
-    seed = check_int("seed", seed, low=0)
+    """Seed torch, numpy, Python and Pyro.
+
+    :param seed: an int in ``[0, 2**32 - 1]``.
+    """
+    seed = check_int("seed", seed, low=0, high=MAX_SEED)
     pyro.set_rng_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -90,16 +104,81 @@ def _nonfinite_sites(guide, params) -> list[str]:
 
 def svi_step(model, guide, optim, elbo: ELBO, *args, on_nonfinite: str = "raise", step: int = 0, **kwargs):
     """One SVI step; returns ``(loss, ok)``. Raises :class:`NonFiniteError` on NaN/inf
-    when ``on_nonfinite == "raise"`` (nothing is updated), or skips the update."""
+    when ``on_nonfinite == "raise"`` (nothing is updated), or skips the update.
+
+    An exception raised by the model or the guide (e.g. torch's argument
+    validation on a NaN input) comes back naming ``step``; when the inputs hold
+    NaN or infinite values it is a :class:`NonFiniteError` saying so. Nothing is
+    updated then either.
+
+    :param optim: a ``pyro.optim.PyroOptim`` (e.g. ``pyro.optim.Adam({"lr": 1e-3})``).
+    :param elbo: a ``pyro.infer.ELBO`` instance (e.g. ``TraceMeanField_ELBO()``).
+    :param on_nonfinite: ``"raise"`` or ``"skip"``.
+    :param step: the step number used in error messages.
+    """
+    _check_optim_elbo(optim, elbo)
+    check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
+    step = check_int("step", step, low=0)
     return _svi_step(model, guide, optim, elbo, args, kwargs, on_nonfinite, step)
 
 
-def _svi_step(model, guide, optim, elbo, args, kwargs, on_nonfinite, step, reduce=None):
+def _check_optim_elbo(optim, elbo) -> None:
+    check_type("optim", optim, pyro.optim.PyroOptim, 'a pyro.optim.PyroOptim such as pyro.optim.Adam({"lr": 1e-3})')
+    check_type("elbo", elbo, ELBO, "a pyro.infer.ELBO instance such as TraceMeanField_ELBO()")
+
+
+def _nonfinite_inputs(args, kwargs) -> list[str]:
+    """Which floating-point tensor inputs of a step hold NaN or infinite values, with the rows."""
+    found = []
+    for where, value in [(f"args[{i}]", v) for i, v in enumerate(args)] + [(k, v) for k, v in kwargs.items()]:
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) and value.numel():
+            finite = torch.isfinite(value.detach())
+            if not bool(finite.all()):
+                rows = (~finite.reshape(len(value), -1).all(1)).nonzero().reshape(-1) if value.dim() else None
+                shown = "" if rows is None else f" in batch row(s) {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}"
+                found.append(f"{where} holds {int((~finite).sum())} NaN/inf value(s){shown}")
+    return found
+
+
+def _short_message(err: Exception, limit: int = 300) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _step_error(err: Exception, step: int, args, kwargs) -> Exception:
+    """The exception to raise for ``err``, raised by the model or guide at ``step``: one that names the step."""
+    bad = _nonfinite_inputs(args, kwargs)
+    if bad:
+        return NonFiniteError(
+            f"step {step}: the model or guide failed on a minibatch with non-finite inputs ({'; '.join(bad)}); "
+            f"remove or fix those examples in the data. It raised {type(err).__name__}: {_short_message(err)}"
+        )
+    if type(err) in (ValueError, TypeError, RuntimeError, AssertionError, AttributeError, IndexError, ZeroDivisionError,
+                     NotImplementedError, FloatingPointError, NonFiniteError):
+        return type(err)(f"step {step}: the model or guide raised {type(err).__name__}: {err}")
+    err.add_note(f"raised by the model or guide at SVI step {step}")
+    return err
+
+
+def _svi_step(model, guide, optim, elbo, args, kwargs, on_nonfinite, step, reduce=None, on_model_error=None):
     """:func:`svi_step`; ``reduce(params, loss) -> loss`` (data-parallel runs) replaces each
     parameter's gradient by the average over ranks and returns the global loss, between
-    ``loss_and_grads`` and the NaN guard, so every rank takes the same decision."""
-    with poutine.trace(param_only=True) as capture:
-        loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+    ``loss_and_grads`` and the NaN guard, so every rank takes the same decision.
+    ``on_model_error()`` is called (nothing updated yet) before an exception of the
+    model or guide is re-raised naming the step."""
+    capture = poutine.trace(param_only=True)
+    try:
+        with capture:
+            loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised, naming the step
+        trace = getattr(capture, "trace", None)
+        zero_grads({site["value"].unconstrained() for site in trace.nodes.values()} if trace is not None else set())
+        if on_model_error is not None:
+            on_model_error()
+        new = _step_error(err, step, args, kwargs)
+        if new is err:
+            raise
+        raise new from err
     params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
     if reduce is not None:
         loss = reduce(params, loss)
@@ -109,23 +188,162 @@ def _svi_step(model, guide, optim, elbo, args, kwargs, on_nonfinite, step, reduc
         zero_grads(set(params.values()))
         what = "the loss" if not loss_ok else f"the gradient of site(s) {', '.join(bad)}"
         if on_nonfinite == "raise":
-            raise NonFiniteError(f"step {step}: {what} is not finite (loss = {loss})")
+            inputs = _nonfinite_inputs(args, kwargs)
+            hint = f"; the minibatch has non-finite inputs: {'; '.join(inputs)}" if inputs else ""
+            raise NonFiniteError(f"step {step}: {what} is not finite (loss = {loss}){hint}")
         return loss, False
     optim(set(params.values()))
     zero_grads(set(params.values()))
     return loss, True
 
 
-def _state(model, guide, optim, step, losses, skipped):
+def _state(model, guide, optim, step, losses, skipped, rng, settings):
     return {
         "step": step,
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else {},
         "guide": guide.state_dict(),
         "optim": optim.get_state(),
-        "rng": rng_state(),
+        "rng": rng,
         "losses": list(losses),
         "skipped": list(skipped),
+        "settings": settings,
     }
+
+
+def _unshadow_params(*modules) -> None:
+    """Make Pyro's global param store hold these modules' own parameters.
+
+    A :class:`~pyro.nn.PyroModule` registers each ``nn.Parameter`` (its own and
+    those of plain ``nn.Module`` children) in the global param store under its
+    full name. An entry of the same name left there by an earlier module (an
+    earlier model or guide in this process, without ``pyro.clear_param_store()``
+    in between) shadows it: the module computes with its own tensor, but the
+    param trace, hence the optimizer, gets the old one, so the module would not
+    train. Such stale entries are removed; the module registers its own tensor
+    at its next use. (Constrained ``PyroParam`` values are left alone: Pyro
+    deliberately takes those from the store.)
+    """
+    from pyro.nn.module import PyroModule, _make_name
+    from pyro.params.param_store import param_with_module_name
+
+    store = pyro.get_param_store()
+    for module in modules:
+        if not isinstance(module, PyroModule):
+            continue
+        for sub in module.modules():
+            prefix = getattr(sub, "_pyro_name", None)
+            if not isinstance(sub, PyroModule) or prefix is None or (sub is not module and not prefix):
+                continue
+            pyro_params = getattr(sub, "_pyro_params", {})
+            owned = [
+                (_make_name(prefix, name), param)
+                for name, param in sub._parameters.items()
+                if param is not None and not (name.endswith("_unconstrained") and name[: -len("_unconstrained")] in pyro_params)
+            ]
+            for child_name, child in sub._modules.items():
+                if child is not None and not isinstance(child, PyroModule):
+                    owner = _make_name(prefix, child_name)
+                    owned += [(param_with_module_name(owner, name), param) for name, param in child.named_parameters()]
+            for fullname, param in owned:
+                if fullname in store and store._params.get(fullname) is not param:
+                    del store[fullname]
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of ``t`` (on the CPU), for a checksum."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _data_fingerprint(data: InMemoryDataset) -> dict:
+    """Size, shapes, dtypes and a cheap checksum of ``data``, as stored in a checkpoint.
+
+    The checksum covers every byte of ``y`` (in order), the bytes of up to 256
+    evenly spaced rows of ``x``, and the wrap-around sum of all of ``x``'s bytes
+    read as 64-bit words: one pass over ``x`` on its own device, no copy of it.
+    """
+    x, y = data.x.detach(), data.y.detach()
+    n = len(data)
+    k = min(n, _FINGERPRINT_ROWS)
+    rows = torch.arange(k) * (n - 1) // max(k - 1, 1)
+    crc = zlib.crc32(_bytes(x[rows.to(x.device)]), zlib.crc32(_bytes(y)))
+    flat = x.contiguous().reshape(-1).view(torch.uint8)
+    whole = flat.numel() // 8 * 8
+    try:
+        words = flat[:whole].view(torch.int64)
+    except RuntimeError:  # a storage offset that is not a multiple of 8 bytes
+        words = flat[:whole].clone().view(torch.int64)
+    total = (int(words.sum()) + int(flat[whole:].sum(dtype=torch.int64))) % 2**64
+    return {
+        "size": n,
+        "x": [str(x.dtype).replace("torch.", ""), *x.shape[1:]],
+        "y": [str(y.dtype).replace("torch.", ""), *y.shape[1:]],
+        "checksum": f"{crc:08x}-{total:016x}",
+    }
+
+
+def _describe_data(fp: dict) -> str:
+    return f"{fp.get('size')} examples, x {fp.get('x')}, y {fp.get('y')}, checksum {fp.get('checksum')}"
+
+
+def _check_settings(saved, settings: dict, where: str) -> None:
+    """Refuse to resume from a checkpoint written with another seed, batch_size or dataset."""
+    if saved is None:  # written by an older pyro_bq: nothing to compare
+        return
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {where} has malformed 'settings'; delete it or choose another checkpoint_dir")
+    advice = ("; resume with the same settings, or pass another checkpoint_dir (or resume=False to start over "
+              "and overwrite it)")
+    for key in ("seed", "batch_size"):
+        if key in saved and saved[key] != settings[key]:
+            raise ValueError(
+                f"checkpoint {where} was written with {key}={saved[key]!r}, but this run has {key}={settings[key]!r}: "
+                f"resuming would continue another data order{advice}"
+            )
+    if "data" in saved and saved["data"] != settings["data"]:
+        raise ValueError(
+            f"checkpoint {where} was written for other data ({_describe_data(saved['data'])}) than this run's data "
+            f"({_describe_data(settings['data'])}){advice}"
+        )
+
+
+def _misfits(what: str, current: dict, saved) -> list[str]:
+    """How the saved state dict ``saved`` does not fit ``current`` (keys and tensor shapes)."""
+    if not isinstance(saved, dict):
+        return [f"{what} state is a {type(saved).__name__}, not a state dict"]
+    out = []
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        out.append(f"{what} has {missing[:5]}{' ...' if len(missing) > 5 else ''}, which the checkpoint lacks")
+    if unexpected:
+        out.append(f"the checkpoint's {what} has {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, unknown here")
+    for key, value in current.items():
+        old = saved.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and old.shape != value.shape:
+            out.append(f"{what}[{key!r}] has shape {tuple(old.shape)} in the checkpoint but {tuple(value.shape)} here")
+    return out
+
+
+def _restore(model, guide, optim, state, where: str) -> None:
+    """Load model, guide and optimizer state, or raise a ValueError naming the checkpoint ``where``."""
+    advice = ("it was written for another model or guide (architecture); resume with the same ones, or pass another "
+              "checkpoint_dir (or resume=False to start over and overwrite it)")
+    lacking = [k for k in ("step", "model", "guide", "optim", "rng", "losses", "skipped") if k not in state]
+    if lacking:
+        raise ValueError(f"checkpoint {where} is not a fit_svi checkpoint (it lacks {lacking}); "
+                         "move it away or choose another checkpoint_dir")
+    problems = _misfits("the guide", guide.state_dict(), state["guide"])
+    if isinstance(model, torch.nn.Module):
+        problems += _misfits("the model", model.state_dict(), state["model"])
+    if problems:
+        raise ValueError(f"checkpoint {where} does not fit this run: {'; '.join(problems[:6])}; {advice}")
+    try:
+        if isinstance(model, torch.nn.Module):
+            model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+        optim.set_state(state["optim"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {where} does not fit this run ({type(err).__name__}: {err}); {advice}") from err
 
 
 def fit_svi(
@@ -157,10 +375,20 @@ def fit_svi(
         *global* batch, split across the ranks.
     :param optim: a Pyro optimizer; default ``pyro.optim.Adam({"lr": lr})``.
     :param elbo: default ``TraceMeanField_ELBO()``.
+    :param seed: data order and weight noise, an int in ``[0, 2**32 - 1]``.
     :param checkpoint_dir: where ``ckpt-{step}.bq`` files go; with ``resume`` the
-        run continues from the latest valid one there.
+        run continues from the latest valid one there. A checkpoint records
+        ``seed``, ``batch_size`` and a fingerprint of ``data`` (size, shapes,
+        dtypes, a cheap checksum); resuming with other ones, or with a model or
+        guide whose parameters do not fit, raises ``ValueError`` naming the file.
+    :param resume: continue from the latest checkpoint (``True``/``False``).
+    :param progress: show a progress bar (``True``/``False``).
     :param on_nonfinite: ``"raise"`` (save the last good state, then raise
-        :class:`NonFiniteError` naming the site(s) and step) or ``"skip"``.
+        :class:`NonFiniteError` naming the site(s) and step) or ``"skip"``. An
+        exception of the model or guide during a step (e.g. torch's validation
+        of a NaN input) also saves the last good state first (one process), and
+        comes back naming the step (a :class:`NonFiniteError` when the
+        minibatch holds NaN/inf values).
     :param callback: called as ``callback(step, loss)`` after every step (on
         every rank; in a data-parallel run ``loss`` is the global batch's loss).
     :param step_hook: called after every optimizer step (e.g. to re-apply masks).
@@ -191,21 +419,32 @@ def fit_svi(
         total = check_int("num_steps", num_steps, low=1)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, low=1)
-    seed = check_int("seed", seed, low=0)
+    seed = check_int("seed", seed, low=0, high=MAX_SEED)
+    folder = check_path("checkpoint_dir", checkpoint_dir) if checkpoint_dir is not None else None
+    resume = check_bool("resume", resume)
+    progress = check_bool("progress", progress)
+    if callback is not None:
+        check_callable("callback", callback, "a callable callback(step, loss) or None")
+    if step_hook is not None:
+        check_callable("step_hook", step_hook, "a callable step_hook() or None")
     optim = optim if optim is not None else pyro.optim.Adam({"lr": check_positive("lr", lr)})
     elbo = elbo if elbo is not None else TraceMeanField_ELBO()
+    _check_optim_elbo(optim, elbo)
     dp = _dist.resolve(distributed)
     rank = 0 if dp is None else dp.info.rank
     world = 1 if dp is None else dp.info.world_size
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    # what a checkpoint records, and a resume must match (the data's fingerprint only when needed)
+    settings = None
+    if folder is not None or dp is not None:
+        settings = {"seed": seed, "batch_size": batch_size, "data": _data_fingerprint(data)}
     folder_error = None
     if folder is not None and rank == 0:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            folder_error = f"checkpoint_dir {str(folder)!r} cannot be created ({err}); choose a writable folder"
             if dp is None:
-                raise
-            folder_error = f"checkpoint_dir {str(folder)!r} cannot be created: {err}"
+                raise ValueError(folder_error) from err
         if folder_error is None and not os.access(folder, os.W_OK):
             folder_error = f"checkpoint_dir {str(folder)!r} is not writable; choose another folder"
             if dp is None:
@@ -217,9 +456,9 @@ def fit_svi(
                 "batch_size": batch_size,
                 "num_steps": total,
                 "checkpoint_every": checkpoint_every,
-                "resume": bool(resume),
+                "resume": resume,
                 "on_nonfinite": on_nonfinite,
-                "data": (len(data), tuple(data.x.shape[1:]), zlib.crc32(data.y.detach().cpu().numpy().tobytes())),
+                "data": settings["data"],
             },
             folder_error,
         )
@@ -232,6 +471,7 @@ def fit_svi(
         guide.setup(first_x, first_y)
     else:
         guide(first_x, first_y)
+    _unshadow_params(model, guide)
     step = 0
     if folder is not None and resume:
         ckpt = latest_checkpoint(folder) if rank == 0 else None
@@ -244,10 +484,9 @@ def fit_svi(
             finally:
                 if local != ckpt:
                     Path(local).unlink(missing_ok=True)
-            if isinstance(model, torch.nn.Module):
-                model.load_state_dict(state["model"])
-            guide.load_state_dict(state["guide"])
-            optim.set_state(state["optim"])
+            where = str(ckpt) if ckpt is not None else f"rank 0's {folder}/ckpt-{state.get('step')}.bq"
+            _check_settings(state.get("settings"), settings, where)
+            _restore(model, guide, optim, state, where)
             step = int(state["step"])
             saved_ranks = state.get("rng_ranks")
             if rank == 0:
@@ -264,14 +503,16 @@ def fit_svi(
         dp.broadcast_modules(model, guide)
         buffers = _dist.floating_buffers(model, guide)
 
-    def checkpoint(at: int):
+    def checkpoint(at: int, rng: Optional[dict] = None):
+        """Save the state after ``at`` steps; ``rng``: the RNG states of then (default: now)."""
         if folder is None:
             return
         state = None
+        mine = rng if rng is not None else rng_state()
         if dp is not None:
-            ranks = dp.all_gather(rng_state(), f"gathering the RNG states at step {at}")
+            ranks = dp.all_gather(mine, f"gathering the RNG states at step {at}")
         if rank == 0:
-            state = _state(model, guide, optim, at, result.losses, result.skipped_steps)
+            state = _state(model, guide, optim, at, result.losses, result.skipped_steps, mine, settings)
             if dp is not None:
                 state["world_size"] = world
                 state["rng_ranks"] = ranks
@@ -303,6 +544,14 @@ def fit_svi(
 
         bar = tqdm(total=total, initial=step, desc="SVI", dynamic_ncols=True, leave=False)
     running = None
+    before = None  # the RNG states before the current step: those of the last good state
+    model_failed = []
+
+    def on_model_error():
+        model_failed.append(step)
+        if dp is None:  # the other ranks of a data-parallel run are inside a collective: no checkpoint then
+            checkpoint(step, before)
+
     try:
         while step < total:
             epoch, offset = divmod(step, per_epoch)
@@ -315,10 +564,13 @@ def fit_svi(
                 else:
                     xb, yb, weight, n_global = batch
                     reduce = functools.partial(_reduce, dp, weight=weight, buffers=buffers, step=step)
+                if folder is not None:
+                    before = rng_state()
                 try:
-                    loss, ok = _svi_step(model, guide, optim, elbo, (xb, yb), {}, on_nonfinite, step, reduce)
+                    loss, ok = _svi_step(model, guide, optim, elbo, (xb, yb), {}, on_nonfinite, step, reduce, on_model_error)
                 except NonFiniteError:
-                    checkpoint(step)
+                    if not model_failed:  # the guard's decision (the same on every rank)
+                        checkpoint(step, before)
                     raise
                 if not ok:
                     result.skipped_steps.append(step)

@@ -37,7 +37,13 @@ from .lloyd_max import (
     quantize_uniform,
 )
 from .quantile_inform import quantile_inform, quantize_means
-from .quantizers import GaussianLloydQuantizer, IntervalQuantizer, SignedGridQuantizer, allocation_policy
+from .quantizers import (
+    GaussianLloydQuantizer,
+    IntervalQuantizer,
+    PercentileIntervalQuantizer,
+    SignedGridQuantizer,
+    allocation_policy,
+)
 from .random_bits import random_bits
 from .report import bits_table, evaluate_allocation, evaluate_float, mean_accuracy, plot_bits, results_table
 from .smol import bits_from_s, noise_amplitude, s_from_bits, signed_quantize, smol, smol_penalty, with_locs
@@ -67,6 +73,7 @@ __all__ = [
     "quantize_uniform",
     "GaussianLloydQuantizer",
     "IntervalQuantizer",
+    "PercentileIntervalQuantizer",
     "SignedGridQuantizer",
     "allocation_policy",
     "bits_table",

@@ -5,6 +5,19 @@ Every function takes a *posterior*: either a trained pyro_bq guide (any
 ``get_loc_scale``) or a mapping ``{site_name: (loc, scale)}``. Results are
 keyed by Pyro site name, in the guide's site order.
 
+Readings of the paper (Quantile Inform / Random Bits):
+
+* A "layer" ``l_j`` is one Pyro sample site: a network layer's weight and
+  its bias are two layers here, each with its own aggregate and width.
+* Informativeness is ``|mu| / sigma`` with the standard deviation, as Eq. 1
+  is written; the sentences around Eq. 1 and in the appendix call it a ratio
+  to the variance (``|mu| / sigma**2``), which we do not use.
+* Entropy aggregation (Eq. 15): a site of one weight has ``max H = log 1 = 0``;
+  we give it confidence 1. A site whose means are all zero has no
+  distribution ``p_w``; we give it 0.
+* Min-max normalisation is undefined when every site has the same value;
+  all then get 1.
+
 Usage::
 
     info = layer_informativeness(guide, aggregate="entropy")
@@ -14,13 +27,14 @@ Usage::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Iterable, Optional, Union
 
 import torch
 
-from pyro_bq._validation import check_choice
+from pyro_bq._validation import check_choice, check_site_names, check_str, check_tensor
 
 __all__ = [
     "posterior_params",
@@ -55,10 +69,12 @@ def posterior_params(posterior, sites: Optional[Iterable[str]] = None) -> dict[s
 
     :param posterior: a pyro_bq guide (``AutoGaussianSites``; it must have been
         run or ``setup`` once) or a mapping ``{site: (loc, scale)}``.
-    :param sites: optional subset of site names (default: all, in guide order).
-    :raises TypeError: if ``posterior`` is neither.
-    :raises ValueError: on unknown sites, shape mismatches, non-finite values or
-        a scale that is not strictly positive.
+    :param sites: optional subset of site names: one name or a collection of
+        them (default: all, in guide order).
+    :raises TypeError: if ``posterior`` is neither, or ``sites`` is not a site
+        name or a collection of site names.
+    :raises ValueError: on unknown, repeated or no sites, shape mismatches,
+        non-finite values or a scale that is not strictly positive.
     """
     if isinstance(posterior, Mapping):
         raw = dict(posterior)
@@ -79,13 +95,7 @@ def posterior_params(posterior, sites: Optional[Iterable[str]] = None) -> dict[s
             f"got {type(posterior).__name__}"
         )
     if sites is not None:
-        sites = list(sites)
-        unknown = [s for s in sites if s not in names]
-        if unknown:
-            raise ValueError(f"unknown sites {unknown}; the posterior's sites are {names}")
-        if not sites:
-            raise ValueError("sites must name at least one site")
-        names = sites
+        names = check_site_names("sites", sites, names)
     out = {}
     with torch.no_grad():
         for name in names:
@@ -119,13 +129,25 @@ def site_sizes(params: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[
 def informativeness(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-weight informativeness ``|loc| / scale`` (Eq. 1).
 
-    :raises ValueError: if ``scale`` is not strictly positive or the shapes differ.
+    :param loc: posterior means, a floating-point tensor.
+    :param scale: posterior scales, a floating-point tensor of the same shape.
+    :raises TypeError: if ``loc`` or ``scale`` is not a floating-point tensor.
+    :raises ValueError: if the shapes differ, ``loc`` is not finite or
+        ``scale`` is not finite and strictly positive.
     """
-    loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+    check_tensor("loc", loc, floating=True)
+    check_tensor("scale", scale, floating=True)
     if loc.shape != scale.shape:
         raise ValueError(f"loc and scale must have the same shape, got {tuple(loc.shape)} and {tuple(scale.shape)}")
-    if not bool((scale > 0).all()):
-        raise ValueError("scale (sigma) must be > 0 everywhere")
+    if not bool(torch.isfinite(loc).all()):
+        raise ValueError("loc must be finite everywhere (it holds NaN or inf)")
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError("scale (sigma) must be finite and > 0 everywhere")
+    return _informativeness(loc, scale)
+
+
+def _informativeness(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``|loc| / scale`` of already validated tensors (internal)."""
     return loc.abs() / scale
 
 
@@ -141,7 +163,7 @@ def layer_informativeness(posterior, aggregate: str = "mean", sites=None) -> dic
     params = validated(posterior, sites)
     out = {}
     for name, (loc, scale) in params.items():
-        info = informativeness(loc, scale).flatten().double()
+        info = _informativeness(loc, scale).flatten().double()
         if aggregate == "mean":
             out[name] = float(info.mean())
         else:
@@ -189,31 +211,91 @@ class _Params(dict):
 def validated(posterior, sites=None) -> "_Params":
     """Internal: validated params, reused without re-checking."""
     if _is_params(posterior):
-        return posterior
+        if sites is None:
+            return posterior
+        return _Params({name: posterior[name] for name in check_site_names("sites", sites, list(posterior))})
     return _Params(posterior_params(posterior, sites))
 
 
 def mean_bits(bits: Mapping[str, Union[int, float, torch.Tensor]], sizes: Mapping[str, int]) -> float:
     """Mean bits per weight, weighted by site size (Eq. 8).
 
-    ``bits[site]`` is an int (one width for the whole site) or a tensor of the
-    site's shape (per-parameter widths).
+    ``bits[site]`` is a number (one width for the whole site) or a tensor of the
+    site's shape (per-parameter widths); every width must be finite and lie in
+    ``[1, 32]``. ``bits`` and ``sizes`` must name the same sites.
+
+    :param bits: ``{site: width}``.
+    :param sizes: ``{site: number of weights}`` (ints >= 1).
+    :raises TypeError: if either is not a mapping, or holds a value of the wrong type.
+    :raises ValueError: for a width outside ``[1, 32]`` or not finite, a size
+        below 1, or sites named in one mapping but not the other.
     """
+    sizes = _check_sizes(sizes)
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"bits must be a mapping {{site_name: bits}}, got {type(bits).__name__}")
+    if not bits:
+        raise ValueError("bits must name at least one site")
+    _check_same_sites(bits, sizes)
     total, count = 0.0, 0
     for name, b in bits.items():
-        if name not in sizes:
-            raise ValueError(f"bits names site {name!r}, which is not among {list(sizes)}")
-        n = int(sizes[name])
-        if isinstance(b, torch.Tensor) and b.numel() > 1:
-            if b.numel() != n:
-                raise ValueError(f"bits[{name!r}] has {b.numel()} entries, the site has {n} weights")
-            total += float(b.double().sum())
-        else:
-            total += float(b) * n
+        n = sizes[name]
+        total += _site_bit_total(name, b, n, integer=False)
         count += n
-    if count == 0:
-        raise ValueError("bits must name at least one site")
     return total / count
+
+
+def _check_sizes(sizes) -> dict[str, int]:
+    """``sizes`` as a dict of ints >= 1 (internal)."""
+    if not isinstance(sizes, Mapping):
+        raise TypeError(f"sizes must be a mapping {{site_name: number of weights}}, got {type(sizes).__name__}")
+    if not sizes:
+        raise ValueError("sizes must name at least one site")
+    out = {}
+    for name, n in sizes.items():
+        if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.is_floating_point() and n.dtype != torch.bool:
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"sizes[{name!r}] must be an int (the site's number of weights), got {n!r}")
+        if n < 1:
+            raise ValueError(f"sizes[{name!r}] must be >= 1 (a site holds at least one weight), got {n}")
+        out[name] = int(n)
+    return out
+
+
+def _check_same_sites(bits: Mapping, sizes: Mapping) -> None:
+    missing = [k for k in sizes if k not in bits]
+    extra = [k for k in bits if k not in sizes]
+    if extra:
+        raise ValueError(f"bits names site(s) {extra} that sizes does not list (sizes has {list(sizes)})")
+    if missing:
+        raise ValueError(f"bits gives no width for site(s) {missing} of sizes; give one for every site")
+
+
+def _site_bit_total(name: str, b, n: int, *, integer: bool) -> float:
+    """Sum of the widths of one site of ``n`` weights, validated (internal).
+
+    ``integer=True`` accepts only ints and integer tensors.
+    """
+    what = "an int or an integer tensor" if integer else "a number or a tensor"
+    if isinstance(b, torch.Tensor):
+        if b.dtype == torch.bool or b.is_complex() or (integer and b.is_floating_point()):
+            raise TypeError(f"bits[{name!r}] must be {what} of widths, got a tensor of dtype {b.dtype}")
+        if b.numel() == 0:
+            raise ValueError(f"bits[{name!r}] is an empty tensor")
+        if b.numel() > 1 and b.numel() != n:
+            raise ValueError(f"bits[{name!r}] has {b.numel()} entries, the site has {n} weights")
+        lo, hi = torch.aminmax(b.detach())
+        lo, hi = float(lo), float(hi)
+        if not (lo >= 1 and hi <= 32):  # also false for NaN
+            raise ValueError(f"bits[{name!r}] must hold finite widths in [1, 32], got values in [{lo}, {hi}]")
+        return float(b.double().sum()) if b.numel() > 1 else float(b) * n
+    kinds = numbers.Integral if integer else numbers.Real
+    if isinstance(b, bool) or not isinstance(b, kinds):
+        raise TypeError(f"bits[{name!r}] must be {what}, got {type(b).__name__} ({b!r})")
+    v = float(b)
+    if not (1 <= v <= 32):  # also false for NaN
+        raise ValueError(f"bits[{name!r}] must be a finite width in [1, 32], got {b!r}")
+    return v * n
 
 
 class BitAllocation(dict):
@@ -231,6 +313,17 @@ class BitAllocation(dict):
       (``"uniform-percentile"``, ``"gaussian-lloyd"``, ``"uniform-interval"``, ``"signed"``);
     * ``info``: method-specific details (scale factor, boundaries, loss history, ...).
 
+    :param bits: ``{site_name: width}``: an int in ``[1, 32]`` or an integer
+        tensor of such widths with one entry per weight of the site.
+    :param method: name of the allocator.
+    :param sizes: ``{site_name: number of weights}`` for the same sites (ints >= 1).
+    :param grid: the grid the allocator expects.
+    :param info: method-specific details (a dict or None).
+    :raises TypeError: for a ``bits``/``sizes``/``info`` of the wrong type or a
+        width that is not an int.
+    :raises ValueError: for widths outside ``[1, 32]``, sizes below 1, or
+        ``bits`` and ``sizes`` naming different sites.
+
     Usage::
 
         alloc = quantile_inform(guide, 3.2)
@@ -238,12 +331,21 @@ class BitAllocation(dict):
     """
 
     def __init__(self, bits, *, method: str, sizes: Mapping[str, int], grid: str, info: Optional[dict] = None):
+        if not isinstance(bits, Mapping):
+            raise TypeError(f"bits must be a mapping {{site_name: bits}}, got {type(bits).__name__}")
+        sizes = _check_sizes(sizes)
+        if not bits:
+            raise ValueError("bits must name at least one site")
+        _check_same_sites(bits, sizes)
+        total = sum(_site_bit_total(name, b, sizes[name], integer=True) for name, b in bits.items())
+        if info is not None and not isinstance(info, Mapping):
+            raise TypeError(f"info must be a dict or None, got {type(info).__name__}")
         super().__init__(bits)
-        self.method = method
-        self.sizes = dict(sizes)
-        self.grid = grid
+        self.method = check_str("method", method)
+        self.sizes = sizes
+        self.grid = check_str("grid", grid)
         self.info = dict(info or {})
-        self.mean_bits = mean_bits(self, self.sizes)
+        self.mean_bits = total / sum(sizes.values())
 
     def layer_bits(self) -> dict[str, float]:
         """Bits per site: the width, or the mean width for per-parameter maps."""

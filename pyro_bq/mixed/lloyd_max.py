@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pyro_bq._validation import check_int
+from pyro_bq._validation import check_float, check_int, check_positive, check_tensor
+from pyro_bq.quant.quantizers import MAX_BITS
 
 __all__ = [
     "quantize_uniform",
@@ -56,15 +57,69 @@ def quantize_uniform(x: torch.Tensor, alpha, beta, bits) -> torch.Tensor:
 
     ``alpha``, ``beta`` and ``bits`` broadcast against ``x``. Values outside
     ``[alpha, beta]`` go to the end levels.
+
+    :param x: a floating-point tensor.
+    :param alpha: lower end of the interval: a finite number or a tensor of them.
+    :param beta: upper end, ``> alpha`` everywhere: a finite number or a tensor of them.
+    :param bits: the width: an int in ``[1, 16]`` or a tensor of such integers.
+    :raises TypeError: for an argument of the wrong type.
+    :raises ValueError: for non-finite ends, ``beta <= alpha``, widths outside
+        ``[1, 16]`` or shapes that do not broadcast against ``x``.
     """
-    x = torch.as_tensor(x)
-    alpha = torch.as_tensor(alpha, dtype=x.dtype)
-    beta = torch.as_tensor(beta, dtype=x.dtype)
-    levels_minus_1 = torch.pow(2.0, torch.as_tensor(bits, dtype=x.dtype)) - 1
+    check_tensor("x", x, floating=True)
+    alpha = _real_tensor("alpha", alpha, x)
+    beta = _real_tensor("beta", beta, x)
+    if not bool((beta > alpha).all()):
+        shown = f"alpha={alpha.item()}, beta={beta.item()}" if alpha.numel() == 1 and beta.numel() == 1 else "some entries"
+        raise ValueError(f"beta must be > alpha (the interval [alpha, beta] must not be empty or reversed), got {shown}")
+    levels_minus_1 = torch.pow(2.0, _bits_tensor("bits", bits, x)) - 1
+    return _quantize_uniform(x, alpha, beta, levels_minus_1)
+
+
+def _quantize_uniform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, levels_minus_1: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_uniform` on validated tensors (internal)."""
     step = (beta - alpha) / levels_minus_1
     step = torch.where(step > 0, step, torch.ones_like(step))
     k = torch.clamp(torch.round((x - alpha) / step), torch.zeros_like(levels_minus_1), levels_minus_1)
     return alpha + step * k
+
+
+def _real_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A finite real number or real tensor that broadcasts against ``like``, as a tensor of its dtype (internal)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a real tensor, got a tensor of dtype {value.dtype}")
+        _check_broadcast(name, value, like)
+        out = value.detach().to(dtype=like.dtype, device=like.device)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{name} must be finite everywhere (it holds NaN or inf)")
+        return out
+    return torch.tensor(check_float(name, value), dtype=like.dtype, device=like.device)
+
+
+def _bits_tensor(name: str, bits, like: torch.Tensor, high: int = 16) -> torch.Tensor:
+    """Widths: an int in ``[1, high]`` or a tensor of such integers, as a tensor of ``like``'s dtype (internal)."""
+    if isinstance(bits, torch.Tensor):
+        if bits.dtype == torch.bool or bits.is_complex():
+            raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {bits.dtype}")
+        if bits.numel() == 0:
+            raise ValueError(f"{name} must not be an empty tensor")
+        _check_broadcast(name, bits, like)
+        b = bits.detach()
+        lo, hi = (float(v) for v in torch.aminmax(b))
+        if not (1 <= lo and hi <= high) or (b.is_floating_point() and not bool((b == b.round()).all())):
+            raise ValueError(f"{name} must hold integers in [1, {high}], got values in [{lo}, {hi}]")
+        return b.to(dtype=like.dtype, device=like.device)
+    return torch.tensor(float(check_int(name, bits, low=1, high=high)), dtype=like.dtype, device=like.device)
+
+
+def _check_broadcast(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    try:
+        torch.broadcast_shapes(value.shape, like.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast against x of shape {tuple(like.shape)}"
+        ) from err
 
 
 def percentile_interval(x: torch.Tensor, low: float = 0.05, high: float = 0.95) -> tuple[float, float]:
@@ -86,10 +141,15 @@ def gaussian_quantile_levels(bits: int, mean: float = 0.0, std: float = 1.0) -> 
     The boundaries are ``F^-1(k / m)``; a finite cell is represented by its
     midpoint, the two infinite tails by their medians ``F^-1(1 / 2m)`` and
     ``F^-1(1 - 1 / 2m)``. One bit gives the two tail medians.
+
+    :param bits: the width, an int in ``[1, 16]`` (``MAX_BITS`` of :mod:`pyro_bq.quant`).
+    :param mean: the Normal's mean, a finite number.
+    :param std: its standard deviation, a finite number > 0.
+    :raises ValueError: for ``bits`` outside ``[1, 16]`` or ``std <= 0``.
     """
-    bits = check_int("bits", bits, low=1, high=24)
-    if not std > 0:
-        raise ValueError(f"std must be > 0, got {std}")
+    bits = check_int("bits", bits, low=1, high=MAX_BITS)
+    mean = check_float("mean", mean)
+    std = check_positive("std", std)
     m = 2**bits
     k = torch.arange(1, m, dtype=torch.float64)
     a = torch.special.ndtri(k / m)
@@ -148,15 +208,23 @@ def lloyd_max_median(
     start and after each half-step; it never increases. Scale the result by
     ``mean + std * levels`` for ``Normal(mean, std)``.
 
-    :param levels: initial levels (sorted), e.g. :func:`gaussian_quantile_levels`.
-    :param max_iter: most iterations.
-    :param tol: stop when no level moves by more than ``tol``.
+    :param levels: initial levels, a non-empty 1-D tensor of finite values
+        sorted ascending, e.g. :func:`gaussian_quantile_levels`.
+    :param max_iter: most iterations (>= 0).
+    :param tol: stop when no level moves by more than ``tol`` (a finite number > 0).
+    :raises TypeError: if ``levels`` is not a real tensor.
+    :raises ValueError: if it is empty, not 1-D, not finite or not sorted.
     """
-    q = torch.as_tensor(levels, dtype=torch.float64).flatten().clone()
+    check_tensor("levels", levels, ndim=1)
+    if levels.dtype == torch.bool or levels.is_complex():
+        raise TypeError(f"levels must be a real tensor, got dtype {levels.dtype}")
+    q = levels.detach().to(torch.float64).clone()
     if q.numel() < 1 or not bool(torch.isfinite(q).all()):
         raise ValueError("levels must be a non-empty tensor of finite values")
-    q = q.sort().values
+    if q.numel() > 1 and not bool((q[1:] >= q[:-1]).all()):
+        raise ValueError("levels must be sorted ascending (e.g. pass levels.sort().values)")
     max_iter = check_int("max_iter", max_iter, low=0)
+    tol = check_positive("tol", tol)
     result = LloydMaxResult(levels=q, errors=[expected_abs_error(q)])
     # the initial partition is the nearest-level one, so errors[0] is also the
     # error after "boundaries at midpoints"

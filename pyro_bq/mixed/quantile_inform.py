@@ -15,6 +15,31 @@ site's means onto: ``2**b`` uniform levels on the 5th-95th percentile range
 (QIU), or Gaussian-quantile levels refined by the median (Lloyd-Max style)
 iteration (QINU); see :func:`quantize_means`.
 
+Readings of the paper:
+
+* A "layer" is a Pyro site (weights and biases apart); informativeness uses
+  ``sigma``, as Eq. 1 is written (see :mod:`~pyro_bq.mixed.informativeness`).
+* Thresholds: for ``K`` widths the text places "k thresholds" evenly in
+  [0, 1] and scales them by one factor. We use the ``K - 1`` interior ones,
+  ``f * k / K``, which cut ``[0, f]`` into ``K`` equal cells; a site above
+  ``f`` keeps the top width.
+* The paper finds the factor by repeated trials; we evaluate every breakpoint
+  of the step function at once, so the search is exact.
+* Target: the paper asks for a mean of *no more than* ``gamma``. The default
+  ``mode="nearest"`` takes the achievable mean closest to ``gamma`` and may
+  exceed it; ``mode="at_most"`` keeps the paper's bound (when some allocation
+  meets it).
+* QIU interval: the 5th and 95th percentiles, computed with linear
+  interpolation (:func:`torch.quantile`); the paper does not fix the
+  percentile definition. A site whose two percentiles coincide gets a
+  slightly widened interval.
+* QINU: the Normal is fitted to a site's means by their sample mean and
+  standard deviation. The Gaussian-quantile levels of Section 3.3 are, by
+  default, refined by the median (Lloyd-Max style) iteration of the
+  appendix (``max_iter=200`` in :func:`quantize_means` and
+  :class:`~pyro_bq.mixed.GaussianLloydQuantizer`); the experiments cite
+  Section 3.3 itself, which is ``max_iter=0``. QINU levels take at most 16 bits.
+
 Usage::
 
     alloc = quantile_inform(guide, 3.2, candidate_bits=range(2, 9))   # QIU
@@ -30,6 +55,7 @@ from typing import Iterable
 import torch
 
 from pyro_bq._validation import check_choice
+from pyro_bq.quant.quantizers import MAX_BITS
 
 from .informativeness import (
     BitAllocation,
@@ -41,7 +67,14 @@ from .informativeness import (
     site_sizes,
     validated,
 )
-from .lloyd_max import gaussian_quantile_levels, lloyd_max_median, percentile_interval, quantize_to_levels, quantize_uniform
+from .lloyd_max import (
+    _quantize_uniform,
+    gaussian_quantile_levels,
+    lloyd_max_median,
+    percentile_interval,
+    quantize_to_levels,
+    quantize_uniform,
+)
 
 __all__ = ["quantile_inform", "bits_for_scale", "quantize_means", "gaussian_levels"]
 
@@ -134,6 +167,17 @@ def _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, gri
     )
 
 
+def _uniform(loc: torch.Tensor, a: float, c: float, bits: int) -> torch.Tensor:
+    """:func:`quantize_uniform` for an allocation's own widths (up to 32 bits, as
+    :func:`check_candidate_bits` allows) and interval."""
+    if bits <= 16:
+        return quantize_uniform(loc, a, c, bits)
+    alpha, beta = (torch.tensor(float(v), dtype=loc.dtype) for v in (a, c))
+    if not (bool(torch.isfinite(alpha)) and bool(torch.isfinite(beta)) and beta > alpha):
+        raise ValueError(f"the interval [{a}, {c}] of the allocation must be finite and non-empty")
+    return _quantize_uniform(loc, alpha, beta, torch.tensor(2.0**bits - 1, dtype=loc.dtype))
+
+
 @lru_cache(maxsize=64)
 def _std_levels(bits: int, max_iter: int) -> torch.Tensor:
     return lloyd_max_median(gaussian_quantile_levels(bits), max_iter=max_iter).levels
@@ -167,11 +211,14 @@ def quantize_means(posterior, allocation: BitAllocation, *, grid: str | None = N
             out[name] = allocation.info["locs"][name].to(loc).clone()
         elif grid == "uniform-percentile":
             a, c = percentile_interval(loc)
-            out[name] = quantize_uniform(loc, a, c, int(b))
+            out[name] = _uniform(loc, a, c, int(b))
         elif grid == "uniform-interval":
             a, c = allocation.info["alpha"][name], allocation.info["beta"][name]
-            out[name] = quantize_uniform(loc, a, c, int(b))
+            out[name] = _uniform(loc, a, c, int(b))
         else:
+            if int(b) > MAX_BITS:
+                raise ValueError(f"site {name!r}: QINU (Gaussian) levels take bits up to {MAX_BITS}, "
+                                 f"the allocation gives bits={int(b)}")
             flat = loc.double().flatten()
             std = float(flat.std()) if flat.numel() > 1 else 0.0
             if std <= 0:

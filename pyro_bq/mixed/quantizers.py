@@ -8,9 +8,19 @@ quantization policy (VPQ, SPQ, JQ) through :func:`allocation_policy`.
   fixed interval ``[lo, hi]`` (the learned boundaries).
 * :class:`SignedGridQuantizer` -- SMOL: odd multiples of ``scale * 2**(1-b)``
   (``b`` signed bits, per element).
+* :class:`PercentileIntervalQuantizer` -- QIU: ``2**b`` evenly spaced levels
+  from the 5th to the 95th percentile of the tensor, ``alpha + s * k`` with
+  ``s = (beta - alpha) / (2**b - 1)`` and no zero point: the grid ``Q`` of the
+  Quantile Inform paper (Section 3.2), the one :func:`quantize_means` uses.
+  (``UniformQuantizer(symmetric=False, range="percentile")`` is a different
+  grid: it widens the range to include 0 and puts 0 on a level.)
 
-QIU needs no new class: it is ``UniformQuantizer(b, symmetric=False,
-range="percentile")`` (5th-95th percentiles).
+Packing: :func:`pyro_bq.quant.save_packed` and :func:`pyro_bq.quant.memory_report`
+know the quant layer's quantizer types only. :class:`PercentileIntervalQuantizer`
+is therefore written to files as a custom codebook (its ``2**b`` levels, with a
+codebook scale of 1): exact, but its calibration data is ``32 * (2**b + 1)``
+bits per site instead of the two floats ``alpha``, ``beta``. The other three
+classes here are not packable yet (``save_packed`` refuses them).
 
 Usage::
 
@@ -25,13 +35,20 @@ from typing import Optional
 import torch
 
 from pyro_bq._validation import check_choice, check_float, check_int
-from pyro_bq.quant.policies import FloatPolicy, JQ, Policy, SPQ, VPQ
-from pyro_bq.quant.quantizers import Quantizer, UniformQuantizer
+from pyro_bq.quant.policies import JQ, Policy, SPQ, VPQ
+from pyro_bq.quant.quantizers import CodebookQuantizer, Quantizer
 
 from .informativeness import BitAllocation
+from .lloyd_max import percentile_interval
 from .quantile_inform import gaussian_levels
 
-__all__ = ["GaussianLloydQuantizer", "IntervalQuantizer", "SignedGridQuantizer", "allocation_policy"]
+__all__ = [
+    "GaussianLloydQuantizer",
+    "IntervalQuantizer",
+    "SignedGridQuantizer",
+    "PercentileIntervalQuantizer",
+    "allocation_policy",
+]
 
 
 class GaussianLloydQuantizer(Quantizer):
@@ -185,6 +202,96 @@ class SignedGridQuantizer(Quantizer):
         self.scale = float(state["scale"][0])
 
 
+class PercentileIntervalQuantizer(CodebookQuantizer):
+    """QIU's grid: ``2**bits`` levels ``alpha + s * k`` (``k = 0 .. 2**bits - 1``) from
+    ``alpha`` = the 5th to ``beta`` = the 95th percentile of the calibration tensor.
+
+    Values are rounded to the nearest level and clamped to ``[alpha, beta]``;
+    there is no zero point, so 0 is a level only by chance. The percentiles
+    are :func:`~pyro_bq.mixed.lloyd_max.percentile_interval`'s (linear
+    interpolation, as :func:`torch.quantile`), so for the same tensor and bits
+    the quantized values equal those of :func:`~pyro_bq.mixed.quantize_means`
+    for a QIU allocation exactly. One interval per tensor (a site).
+
+    It is a :class:`~pyro_bq.quant.CodebookQuantizer` whose codebook is the
+    grid (scale 1), so packed files and :func:`~pyro_bq.quant.memory_report`
+    handle it; a file reads back as a plain custom-codebook quantizer with the
+    same levels. Limits: ``bits`` is one int from 1 to 16 per site. A site whose
+    interval is too narrow for its float precision at high bits (e.g. constant
+    means at 16 bits) gets repeated levels, which work in memory but a packed
+    file cannot hold (its codebook must be strictly ascending).
+
+    :param bits: an int from 1 to 16.
+    :param low, high: the percentiles (in ``[0, 100]``, ``low < high``); the paper's 5 and 95.
+
+    Usage::
+
+        q = PercentileIntervalQuantizer(3).calibrate(loc)
+        loc_q = q.quantize(loc)          # == quantize_means(...) for a 3-bit QIU site
+        lo, hi = q.interval()            # (5th, 95th) percentile of loc
+    """
+
+    def __init__(self, bits=4, *, low: float = 5.0, high: float = 95.0):
+        Quantizer.__init__(self, bits)
+        low = check_float("low", low, low=0.0, high=100.0)
+        high = check_float("high", high, low=0.0, high=100.0)
+        if not low < high:
+            raise ValueError(f"low must be < high (percentiles in [0, 100]), got low={low}, high={high}")
+        self.family = "custom"
+        self._codebook = None
+        self._init_range(False, 0, "percentile", (low, high), 16)
+        self._reset()
+
+    def _reset(self):
+        self.alpha = None  # the codebook scale (always 1 here)
+        self._codebook = None
+        self.lo = None
+        self.hi = None
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The levels, ascending (after calibration)."""
+        self._require()
+        return self._codebook
+
+    def interval(self) -> tuple[float, float]:
+        """``(alpha, beta)``: the lowest and the highest level."""
+        self._require()
+        return self.lo, self.hi
+
+    def _step(self, dtype, device=None):
+        # the same float operations as quantize_uniform, so the levels agree bit for bit
+        lo = torch.tensor(self.lo, dtype=dtype, device=device)
+        hi = torch.tensor(self.hi, dtype=dtype, device=device)
+        lm = torch.pow(2.0, torch.tensor(float(self.bits), dtype=dtype, device=device)) - 1
+        step = (hi - lo) / lm
+        return lo, torch.where(step > 0, step, torch.ones_like(step)), lm
+
+    def _calibrate(self, tensors) -> None:
+        x = tensors[0]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.lo, self.hi = percentile_interval(flat, self.percentiles[0] / 100, self.percentiles[1] / 100)
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        lo, step, lm = self._step(dtype)
+        k = torch.arange(int(lm) + 1, dtype=dtype)
+        self._codebook = lo + step * k
+        self.alpha = torch.ones([1] * x.dim())
+
+    def encode(self, x):
+        self._require()
+        lo, step, lm = self._step(x.dtype, x.device)
+        k = torch.clamp(torch.round((x.detach() - lo) / step), torch.zeros_like(lm), lm)
+        return k.to(torch.int64)
+
+    def _set_state(self, state):
+        super()._set_state(state)
+        self.lo, self.hi = float(self._codebook[0]), float(self._codebook[-1])
+
+    def __repr__(self) -> str:
+        low, high = self.percentiles
+        return f"{type(self).__name__}(bits={self.bits}, low={low:g}, high={high:g})"
+
+
 class _AllocationMixin:
     """Swaps in the allocation's per-site loc quantizer (the policy's extension point)."""
 
@@ -198,16 +305,23 @@ class _AllocationMixin:
         return spec
 
 
-_MODES = {"vpq": VPQ, "spq": SPQ, "jq": JQ, "float": FloatPolicy}
+_MODES = {"vpq": VPQ, "spq": SPQ, "jq": JQ}  # a float policy would not use the allocation
 
 
 def allocation_policy(allocation: BitAllocation, mode: str = "vpq", **kwargs) -> Policy:
     """A :mod:`pyro_bq.quant` policy that quantizes with the allocation's widths.
 
     The allocation's bits go to ``loc`` (VPQ, JQ) and ``sample`` (SPQ, JQ);
-    ``loc`` uses the allocator's grid (QIU: 5th-95th percentile uniform; QINU:
+    ``loc`` uses the allocator's grid (QIU: :class:`PercentileIntervalQuantizer`,
+    the paper's uniform grid on the 5th-95th percentiles, the same values as
+    :func:`~pyro_bq.mixed.quantize_means`; QINU:
     Gaussian Lloyd levels; RB: the learned interval; SMOL: its signed grid and
     scale). Other keyword arguments go to the policy (e.g. ``scale_bits``).
+
+    :param allocation: a :class:`BitAllocation`.
+    :param mode: ``"vpq"``, ``"spq"`` or ``"jq"``.
+    :raises TypeError: if ``allocation`` is not a :class:`BitAllocation`.
+    :raises ValueError: for another ``mode`` or a ``site_bits`` keyword.
 
     Usage::
 
@@ -223,7 +337,7 @@ def allocation_policy(allocation: BitAllocation, mode: str = "vpq", **kwargs) ->
     site_bits = {name: {q: bits for q in quantities} for name, bits in allocation.items()} if quantities else {}
     templates = {}
     if allocation.grid == "uniform-percentile":
-        kwargs.setdefault("loc_quantizer", UniformQuantizer(8, symmetric=False, per_channel=False, range="percentile"))
+        kwargs.setdefault("loc_quantizer", PercentileIntervalQuantizer(8))
     elif allocation.grid == "gaussian-lloyd":
         kwargs.setdefault("loc_quantizer", GaussianLloydQuantizer(8))
     elif allocation.grid == "uniform-interval":
@@ -233,7 +347,7 @@ def allocation_policy(allocation: BitAllocation, mode: str = "vpq", **kwargs) ->
         for name in allocation:
             templates[name] = SignedGridQuantizer(8, scale=allocation.info["scales"][name])
     cls = type(f"Allocation{base.__name__}", (_AllocationMixin, base), {})
-    policy = cls(site_bits=site_bits, **kwargs) if base is FloatPolicy else cls(8, site_bits=site_bits, **kwargs)
+    policy = cls(8, site_bits=site_bits, **kwargs)
     policy._loc_templates = templates
     policy.allocation = allocation
     return policy

@@ -20,16 +20,32 @@ All sites are handled at once: the means of every site live in one flat
 vector, site after site, and ``tau`` is one vectorized pass plus one
 segmented sum per update.
 
-Defaults follow the paper's Appendix B where they can: 1000 steps and
-``eta = 3000``; ``tau`` is divided by its largest entry so that ``eta`` means
-the same whatever the network's sigma scale. Two changes make the toy and
-LeNet-5 problems converge in those 1000 steps: Adam's learning rate is 5e-2
-(paper: 1e-2) and ``eta`` grows geometrically from ``eta / 1000`` over the
-first 80% of the steps (with the full ``eta`` from the start, the stiff
-penalty keeps every site at nearly the same expected width). The interval
-starts at the min/max of the site's means: with the 5th-95th percentile
-interval of QIU the clipping error dominates ``tau`` and hardly falls with
-the width (``init_interval="percentile"`` keeps that option).
+Readings of the paper:
+
+* Support: the paper lets every ``b_j`` range over 1..32; the default
+  candidates here are 2..8 (``candidate_bits``; any subset of 1..32 works,
+  though the quantization layer packs at most 16 bits). A layer is a Pyro site.
+* Appendix B: "1000 epochs" are 1000 steps (the loss involves no data, so an
+  epoch is one step) and the regularisation parameter 3e3 is ``eta``.
+  ``tau`` is divided by its largest entry so that ``eta`` means the same
+  whatever the network's sigma scale.
+* Two changes make the toy and LeNet-5 problems converge in those 1000
+  steps: Adam's learning rate is 5e-2 (paper: 1e-2) and ``eta`` grows
+  geometrically from ``eta / 1000`` over the first 80% of the steps (with
+  the full ``eta`` from the start, the stiff penalty keeps every site at
+  nearly the same expected width).
+* Appendix B also lists "Delta: 0.2", a symbol the paper never defines (the
+  ``Delta b`` of the complexity appendix is ``b_max - b_min``, not a number
+  one sets). Nothing here uses it: it might be a step or a tolerance, but we
+  do not guess which.
+* The interval starts at the min/max of the site's means (the paper does
+  not say where it starts): with the 5th-95th percentile interval of QIU the
+  clipping error dominates ``tau`` and hardly falls with the width
+  (``init_interval="percentile"`` keeps that option).
+* Boundary updates: the paper updates the boundaries whenever the rounded
+  mean is below ``gamma``; we check every ``boundary_every`` steps, scale
+  the step of Eq. 13 to the interval width, and undo a step that does not
+  lower ``T`` (halving that site's step size).
 
 Usage::
 

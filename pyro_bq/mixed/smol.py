@@ -18,6 +18,25 @@ The learned precision of a weight is then ``ceil(p)`` (clamped to
 straight-through estimator. With ``granularity="layer"`` (SMOL-L) there is
 one ``s`` per site.
 
+Readings of the paper (the SMOL appendix; its main text is not in our copy):
+
+* No zero-precision allocation: ``p = 1 + log2(1 + exp(-s)) > 1`` for every
+  finite ``s``, so every weight keeps at least one signed bit (Appendix C's
+  zero-precision variant, used there for image generation, is not built).
+* Projection: ``theta`` is kept in ``[-2, 2]``, the range of the value map
+  ``v_j = 2**(1-j)`` the derivation assumes from Eq. 10 on (the appendix's
+  own example projects onto ``[-1, 1]``, which would fit ``v_j = 2**-j``
+  instead), and each weight is measured
+  in units of a per-site scale ``c = max|mu| / 2`` (the appendix names no
+  scale).
+* Integer precision: ``ceil(p)`` (so the final rounding error, at most
+  ``2**(1-ceil(p))``, never exceeds the noise the weight was trained under),
+  clamped to ``[1, max_bits]``. As ``p > 1``, this gives at least 2 bits
+  unless ``p`` is within ``1e-6`` of 1.
+* One noise draw per step (``K = 1`` in Eq. 11-12); the data term is the
+  minibatch's mean cross-entropy of the deterministic network whose weights
+  start at the BNN's posterior means (the paper trains a plain network).
+
 Usage::
 
     alloc, tuned_guide = smol(model, guide, train, lam=1e-5)
@@ -56,10 +75,21 @@ def noise_amplitude(bits) -> torch.Tensor:
 
 
 def s_from_bits(bits) -> torch.Tensor:
-    """``s = logit(2**(1-p))`` (requires ``p > 1``; ``p -> 1`` as ``s -> inf``)."""
-    b = torch.as_tensor(bits, dtype=torch.float64)
-    if not bool((b > 1).all()):
-        raise ValueError(f"bits must be > 1 for a finite s = logit(2**(1-p)), got {b.min().item()}")
+    """``s = logit(2**(1-p))`` (requires ``p > 1``; ``p -> 1`` as ``s -> inf``).
+
+    :param bits: the precision ``p``: a finite real number > 1 or a real tensor of them.
+    :raises TypeError: if ``bits`` is neither a real number nor a real tensor.
+    :raises ValueError: if some ``bits`` is not finite or not > 1.
+    """
+    if isinstance(bits, torch.Tensor):
+        if bits.dtype == torch.bool or bits.is_complex():
+            raise TypeError(f"bits must be a real number or a real tensor, got a tensor of dtype {bits.dtype}")
+        b = bits.to(torch.float64)
+    else:
+        b = torch.tensor(check_float("bits", bits), dtype=torch.float64)
+    if b.numel() and not bool(((b > 1) & torch.isfinite(b)).all()):
+        bad = b[~((b > 1) & torch.isfinite(b))].flatten()[:3].tolist()
+        raise ValueError(f"bits must be finite and > 1 for a finite s = logit(2**(1-p)), got {bad}")
     return torch.logit(noise_amplitude(b))
 
 

@@ -25,9 +25,24 @@ One call fixes free weights until a target count is reached:
 5. The last group of a round is cut so that exactly ``target`` weights are
    fixed (the nearest ones), so the fixed fraction follows the schedule ``p_t``.
 
-Readings of the garbled or silent parts of the paper, chosen so that the
-procedure terminates and produces the few-centre codebooks the paper reports:
+Readings of the paper (its garbled, silent or inconsistent parts), chosen so
+that the procedure terminates and produces the few-centre codebooks the paper
+reports:
 
+* Raising the level: the text raises ``tau`` by 1 and ``b`` by 2 when no
+  weight fits; Algorithm 1 raises the order (its second update is illegible
+  in our copy). We raise all three
+  together (``order += 1``, ``tau += tau_step``, ``b += b_step``), each up to its cap.
+* Fixed weights take the value of the most popular centre ``c_k`` they were
+  grouped under (the text). Algorithm 1's last step writes ``c(i)``, each
+  weight's own nearest centre, which would split the group.
+* A group's new sigma is the population standard deviation of its means
+  (the text's ``std``; Algorithm 1 says variance), floored at
+  ``sigma_min = 2**-30`` so a group of one, or of equal means, keeps a
+  positive scale.
+* The last group of a round is cut (its nearest weights kept) so that
+  exactly ``ceil(p_t * N)`` weights are fixed, the text's ``N p_t`` rounded
+  up; Algorithm 1 stops once at least that many are fixed, so it can overshoot.
 * "the next most popular cluster": each centre is tried at most once per
   level; a centre whose prefix is empty is skipped rather than ending the round.
 * Eq. 6 divides by the weight's own ``sigma_i`` ("how many sigmas away is the
@@ -59,7 +74,7 @@ from typing import Optional
 
 import torch
 
-from pyro_bq._validation import check_float, check_int, check_type
+from pyro_bq._validation import check_float, check_int, check_tensor, check_type
 from pyro_bq.quant.codebook import nearest_code_index, pow2_codebook
 
 __all__ = ["ClusterConfig", "ClusterLevel", "ClusterResult", "pwfn_cluster", "cluster_guide_", "prefix_within_tau"]
@@ -213,7 +228,24 @@ def prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None) 
     Entries of ``d`` that are ``inf`` never qualify. With ``limit`` the prefix
     is cut to the ``limit`` smallest distances (ties broken by position).
     Exact, without sorting all of ``d``: see the module docstring.
+
+    :param d: distances, a 1-D floating-point tensor without NaN (``inf`` allowed).
+    :param tau: the threshold on the running mean, a finite number > 0.
+    :param limit: most entries to select (an int >= 0), or None for no cut.
+    :raises TypeError: for an argument of the wrong type.
+    :raises ValueError: for a ``d`` that is not 1-D or holds NaN, or ``tau``/``limit`` out of range.
     """
+    check_tensor("d", d, ndim=1, floating=True)
+    if bool(torch.isnan(d).any()):
+        raise ValueError("d must not hold NaN (use inf for entries that must never qualify)")
+    tau = check_float("tau", tau, low=0.0, low_open=True)
+    if limit is not None:
+        limit = check_int("limit", limit, low=0)
+    return _prefix_within_tau(d, tau, limit)
+
+
+def _prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None) -> torch.Tensor:
+    """:func:`prefix_within_tau` on validated arguments (internal; the clustering's inner loop)."""
     inside = d <= tau
     count_a = int(inside.sum())
     if limit is not None and count_a >= limit:
@@ -379,7 +411,7 @@ def pwfn_cluster(
             tried[k] = True
             c = codebook[k]
             d = torch.where(alive, (mu_f - c).abs() / sig_f, inf)
-            sel = prefix_within_tau(d, level.tau, limit=need)
+            sel = _prefix_within_tau(d, level.tau, limit=need)
             if not bool(sel.any()):
                 continue
             counts -= torch.bincount(nearest[sel], minlength=k_codes)

@@ -33,14 +33,31 @@ __all__ = [
 ]
 
 
-def _flat(values) -> torch.Tensor:
+def _flat(values, name: str = "values") -> torch.Tensor:
+    """All values as one flat tensor, checked to be real and free of NaN (internal)."""
     if isinstance(values, torch.Tensor):
-        return values.detach().reshape(-1)
+        flat = values.detach().reshape(-1)
+        _check_real(name, flat)
+        return flat
     if isinstance(values, Mapping):
         if not values:
-            raise ValueError("values must hold at least one site")
-        return torch.cat([v.detach().reshape(-1) for v in values.values()])
-    raise TypeError(f"values must be a tensor or a dict site -> tensor, got {type(values).__name__}")
+            raise ValueError(f"{name} must hold at least one site")
+        for key, v in values.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{name} must be keyed by site name (str), got key {key!r}")
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}[{key!r}] must be a torch.Tensor, got {type(v).__name__}")
+        flat = torch.cat([v.detach().reshape(-1) for v in values.values()])
+        _check_real(name, flat)
+        return flat
+    raise TypeError(f"{name} must be a tensor or a dict site -> tensor, got {type(values).__name__}")
+
+
+def _check_real(name: str, flat: torch.Tensor) -> None:
+    if flat.is_complex():
+        raise TypeError(f"{name} must hold real values, got dtype {flat.dtype}")
+    if flat.is_floating_point() and bool(torch.isnan(flat).any()):
+        raise ValueError(f"{name} must not hold NaN")
 
 
 def weight_entropy(values) -> float:
@@ -54,7 +71,11 @@ def weight_entropy(values) -> float:
     if flat.numel() == 0:
         raise ValueError("values must hold at least one weight")
     _, counts = torch.unique(flat, return_counts=True)
-    p = counts.double() / flat.numel()
+    return _entropy(counts, flat.numel())
+
+
+def _entropy(counts: torch.Tensor, total: int) -> float:
+    p = counts.double() / total
     return float(-(p * torch.log2(p)).sum())
 
 
@@ -80,20 +101,29 @@ def compression_stats(weights: Mapping[str, torch.Tensor]) -> dict:
     """Entropy, unique count and codebook, overall and w/o first/last layers and biases.
 
     :param weights: dict site -> tensor in model order (e.g. ``guide.median()``).
+    :raises TypeError: if ``weights`` is not a dict of tensors keyed by site name.
+    :raises ValueError: if it is empty, holds no weight, or holds NaN.
     """
-    if not isinstance(weights, Mapping) or not weights:
-        raise TypeError("weights must be a non-empty dict site -> tensor (e.g. guide.median())")
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a non-empty dict site -> tensor (e.g. guide.median()), got {type(weights).__name__}")
+    if not weights:
+        raise ValueError("weights must be a non-empty dict site -> tensor (e.g. guide.median()), got an empty one")
+    flat = _flat(weights, "weights")
+    if flat.numel() == 0:
+        raise ValueError("weights must hold at least one weight")
     inner = fl_bias_excluded_sites(weights)
+    codebook, counts = torch.unique(flat, return_counts=True)
     out = {
-        "num_weights": int(_flat(weights).numel()),
-        "entropy": weight_entropy(weights),
-        "unique": int(unique_values(weights).numel()),
-        "codebook": unique_values(weights).tolist(),
+        "num_weights": int(flat.numel()),
+        "entropy": _entropy(counts, flat.numel()),
+        "unique": int(codebook.numel()),
+        "codebook": codebook.tolist(),
     }
     if inner:
-        sub = {k: weights[k] for k in inner}
-        out["entropy_wo_fl_bias"] = weight_entropy(sub)
-        out["unique_wo_fl_bias"] = int(unique_values(sub).numel())
+        sub = torch.cat([weights[k].detach().reshape(-1) for k in inner])
+        sub_codes, sub_counts = torch.unique(sub, return_counts=True)
+        out["entropy_wo_fl_bias"] = _entropy(sub_counts, sub.numel()) if sub.numel() else float("nan")
+        out["unique_wo_fl_bias"] = int(sub_codes.numel())
     else:
         out["entropy_wo_fl_bias"] = float("nan")
         out["unique_wo_fl_bias"] = 0

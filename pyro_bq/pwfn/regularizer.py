@@ -28,6 +28,28 @@ Pyro messenger and adds the regulariser as a ``pyro.factor`` site named
 * ``mode="elbo"`` -- the full ELBO of the model's prior plus the regulariser
   (a Bayesian variant that is not in the paper).
 
+Readings of the paper:
+
+* Eq. 3 is garbled in our copy; we read each term as the hinge
+  ``Theta(S - sigma_i) * (S - sigma_i)``, i.e. ``relu(S - sigma_i)``: linear
+  below ``S``, zero above it, which is the cap the text gives the step
+  function for.
+* The experiments section quotes "alpha = 1, beta = 2^-11" for symbols that no
+  equation defines. We take ``S = 0.05`` (the upper clamp of the initial
+  scales, Eq. 13) and use ``alpha = 2**-11`` as the weight of the penalty
+  next to the minibatch's *mean* cross-entropy; on the ELBO's scale (log
+  likelihood summed over the data set) that is ``alpha * dataset_size``.
+  This is our choice, not something the paper states. The copy of the
+  authors' code we read (github.com/wanderingweights/PWFN) also uses 0.05, but
+  adds ``relu(0.05 - sigma) * |eps|`` with weight 1 (its default) straight to
+  the gradient of sigma (next to the mean cross-entropy): a quadratic hinge
+  in effect, whose push on a small sigma (about ``0.05 * E|eps| = 0.04``) is
+  some 80 times that of our constant ``2**-11``.
+* ``mode="paper"`` optimises Eq. 2 as printed: likelihood and regulariser
+  only, no prior and no entropy term. The appendix's Bayes-by-backprop
+  derivation (Eq. 9-10) keeps ``log Q - log P``; ``mode="elbo"`` adds those
+  terms back, with the model's own prior (the paper names no prior for them).
+
 Usage::
 
     objective = PWFNObjective(guide, mode="paper")            # S=0.05, alpha=2**-11
@@ -44,7 +66,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
-from pyro_bq._validation import check_choice, check_float, check_type
+from pyro_bq._validation import check_choice, check_float, check_tensor, check_type
 
 __all__ = ["sigma_regularizer", "PWFNObjective", "DEFAULT_S", "DEFAULT_ALPHA"]
 
@@ -62,9 +84,27 @@ def sigma_regularizer(
 ) -> torch.Tensor:
     """Eq. 3: ``alpha * sum(relu(S - sigma))`` over the free weights (a scalar to *minimise*).
 
-    :param sigma: posterior scales, any shape.
-    :param free: optional bool mask of the weights that count (same shape).
+    :param sigma: posterior scales, a floating-point tensor of any shape.
+    :param S: target scale, a finite number > 0.
+    :param alpha: weight, a finite number >= 0.
+    :param free: optional bool mask of the weights that count (same shape as ``sigma``).
+    :raises TypeError: for an argument of the wrong type (``free`` must be a bool tensor).
+    :raises ValueError: for ``S``/``alpha`` out of range or not finite, or a ``free`` of another shape.
     """
+    check_tensor("sigma", sigma, floating=True)
+    S = check_float("S", S, low=0.0, low_open=True)
+    alpha = check_float("alpha", alpha, low=0.0)
+    if free is not None:
+        check_tensor("free", free)
+        if free.dtype != torch.bool:
+            raise TypeError(f"free must be a bool tensor (True: the weight counts), got dtype {free.dtype}")
+        if free.shape != sigma.shape:
+            raise ValueError(f"free must have the shape of sigma {tuple(sigma.shape)}, got {tuple(free.shape)}")
+    return _sigma_regularizer(sigma, S, alpha, free)
+
+
+def _sigma_regularizer(sigma: torch.Tensor, S: float, alpha: float, free: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`sigma_regularizer` on validated arguments (internal; runs every training step)."""
     diff = torch.relu(S - sigma)
     if free is not None:
         diff = diff * free.to(diff.dtype)
@@ -138,7 +178,7 @@ class PWFNObjective(ELBO):
         scale = self.reg_scale
         if scale is None:
             scale = float(getattr(model, "dataset_size", 1) or 1)
-        return scale * sigma_regularizer(sigma, S=self.S, alpha=self.alpha, free=~self.guide.fixed)
+        return scale * _sigma_regularizer(sigma, self.S, self.alpha, ~self.guide.fixed)
 
     def _wrap(self, model, guide):
         names = list(self.guide.sites) if self.mode == "paper" else []

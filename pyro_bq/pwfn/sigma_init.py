@@ -10,17 +10,24 @@ powers of two ``2**x <= |mu| < 2**(x+1)``:
 * ``v = d_lo * d_hi`` -- zero on a power of two, largest half-way between,
 * ``sigma = clamp(0.05**2 * v / quantile(v, 0.75), 2**-30, 0.05)``.
 
-Readings where the text copy of the paper is garbled (stated here on purpose):
+Readings of the paper (where our copy is garbled, silent or inconsistent):
 
 * Eq. 12 prints the two relative distances joined by a minus sign, but the
   main text (Eq. 4) describes, and the properties it claims need, a
   *product* (zero at both ends of the interval, maximal in between). We use
   the product.
+* The normaliser ``v_0.75`` is the 0.75 quantile of that product
+  ``d_lo * d_hi``. The appendix defines ``v`` from the distance to the upper
+  power of two only; we normalise by the quantity that is being scaled.
+* A relative distance divides by the power of two (Eq. 4 as printed), not by
+  ``|mu|``. (The copy of the authors' code we read divides by ``|mu|``, WFN's
+  relative distance, and takes the quantile per weight tensor.)
 * Eq. 13 prints ``max(0.1, min(f, 2**-30))``, which would be a constant; the
   sentence before it says "clamp ... to the range [2^-30, 0.05]". We clamp.
 * The result is used as the standard deviation ``sigma`` (what the guide
   stores and what Eq. 6 divides by), not as a variance.
-* The 0.75 quantile is taken over every weight of the network at once.
+* The 0.75 quantile is taken over every weight of the network at once (the
+  text does not say over which set).
 * ``mu = 0`` is itself a cluster centre in PWFN's codebook, so it gets
   ``v = 0`` (the smallest scale), like an exact power of two.
 * If the 0.75 quantile is 0 (three quarters of the weights sit exactly on
@@ -51,13 +58,25 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 
     Agrees with ``torch.quantile(x.flatten(), q)`` but is built on two
     :func:`torch.kthvalue` calls, so it accepts inputs of any size.
+
+    :param x: a non-empty floating-point tensor without NaN.
+    :param q: the level, a number in ``[0, 1]``.
+    :raises TypeError: if ``x`` is not a floating-point tensor or ``q`` not a number.
+    :raises ValueError: if ``x`` is empty or holds NaN, or ``q`` lies outside ``[0, 1]``.
     """
     check_tensor("x", x, floating=True)
     q = check_probability("q", q)
+    if x.numel() == 0:
+        raise ValueError("x must hold at least one element")
+    if bool(torch.isnan(x).any()):
+        raise ValueError("x must not hold NaN (its quantiles are undefined)")
+    return _quantile(x, q)
+
+
+def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """:func:`quantile` of a validated tensor (internal)."""
     flat = x.reshape(-1)
     n = flat.numel()
-    if n == 0:
-        raise ValueError("x must hold at least one element")
     pos = q * (n - 1)
     lo = int(pos)  # floor, pos >= 0
     hi = min(lo + 1, n - 1)
@@ -132,5 +151,5 @@ def pwfn_sigma_init(
     sigma_max = check_float("sigma_max", sigma_max, low=sigma_min)
     d_lo, d_hi = relative_pow2_distances(mu)
     v = d_lo * d_hi
-    norm = quantile(v, q).clamp_min(torch.finfo(v.dtype).tiny)
+    norm = _quantile(v, q).clamp_min(torch.finfo(v.dtype).tiny)
     return (scale * v / norm).clamp(sigma_min, sigma_max)

@@ -122,6 +122,25 @@ class FakeQuantActivation(nn.Module):
         return f"bits={self.bits}, range={self.range!r}"
 
 
+def _check_activation_class(cls: type) -> type:
+    """Check that ``cls`` is an activation module class that builds without arguments (e.g. ``nn.ReLU6``).
+
+    Torch's own layers that are not activations (``nn.Linear``, ``nn.Conv2d``, ``nn.Flatten``, ...) are refused.
+
+    :raises TypeError: naming ``activation``.
+    """
+    module = getattr(cls, "__module__", "")
+    if module.startswith("torch.nn.") and module != "torch.nn.modules.activation":
+        raise TypeError(f"activation must be an activation module class (e.g. nn.ReLU6, nn.Hardtanh, nn.GELU) or one "
+                        f"of {sorted(_ACTIVATIONS)}; {cls.__name__} is not an activation")
+    try:
+        cls()
+    except Exception as err:  # noqa: BLE001 - any failure means the class cannot be used here
+        raise TypeError(f"activation class {cls.__name__} must build without arguments (activation=cls is called "
+                        f"as cls()); it failed with {type(err).__name__}: {err}. Pass an activation such as nn.ReLU6") from None
+    return cls
+
+
 def _plain_net(model) -> nn.Module:
     """A plain (non-Pyro) copy of ``model``'s network with its current deterministic parameters."""
     net = copy.deepcopy(model._template).to_empty(device="cpu")
@@ -180,7 +199,7 @@ def quantize_activations(
         check_choice("activation", activation, tuple(_ACTIVATIONS))
         make = _ACTIVATIONS[activation]
     elif isinstance(activation, type) and issubclass(activation, nn.Module):
-        make = activation
+        make = _check_activation_class(activation)
     else:
         raise TypeError(f"activation must be None, one of {sorted(_ACTIVATIONS)} or an nn.Module class, got {activation!r}")
     net = _plain_net(model)

@@ -17,20 +17,28 @@ The JSON header lists the sites (name, shape, event dim) and, per quantity, the
 index of its quantizer configuration and its bits. The shapes of calibration
 tensors follow from the configuration, so the header stays small.
 Packing and unpacking are vectorized (numpy bit operations).
+
+On reading, the header of a file that passed its checksum is still checked
+entry by entry (types, shapes, dtypes, site names, bits, quantizer
+configurations, stream lengths and padding): any problem is a
+:class:`~pyro_bq.io.CorruptFileError` naming the file and the entry.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from pyro_bq._validation import check_bits, check_callable, check_int, check_tensor
 from pyro_bq.io.container import CorruptFileError, read_container, write_container
 
 from .policies import SiteQuantizers
+from .quantizers import MAX_BITS as _MAX_BITS
 from .quantizers import CodebookQuantizer, quantizer_from_state
 
 __all__ = ["save_packed", "load_packed", "pack_bits", "unpack_bits", "encode_guide", "KIND"]
@@ -41,18 +49,62 @@ _QUANTITIES = ("loc", "scale")
 
 
 # -- vectorized bit packing -----------------------------------------------------------------
+#: widest code :func:`pack_bits` and :func:`unpack_bits` handle
+MAX_PACK_BITS = 32
+
+
+def _check_codes_array(name: str, value) -> np.ndarray:
+    """A 1-D numpy array of integers (bools, floats, lists and tensors are refused)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a 1-D numpy array of non-negative integers, got {type(value).__name__}")
+    if value.dtype == np.bool_ or not np.issubdtype(value.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+    if value.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {value.shape}; flatten it first (codes.reshape(-1))")
+    return value
+
+
+def _check_widths(bits, count: int) -> Union[int, np.ndarray]:
+    """``bits`` as an int in ``[1, MAX_PACK_BITS]`` or a 1-D integer array of ``count`` such widths."""
+    if isinstance(bits, np.ndarray):
+        widths = _check_codes_array("bits", bits)
+        if widths.size != count:
+            raise ValueError(f"bits has {widths.size} entries for {count} codes; give one width per code or one int")
+        if widths.size and (int(widths.min()) < 1 or int(widths.max()) > MAX_PACK_BITS):
+            raise ValueError(f"bits must hold widths in [1, {MAX_PACK_BITS}], got values in "
+                             f"[{int(widths.min())}, {int(widths.max())}]")
+        return widths.astype(np.int64, copy=False)
+    return check_bits("bits", bits, low=1, high=MAX_PACK_BITS)
+
+
 def pack_bits(codes: np.ndarray, bits: Union[int, np.ndarray]) -> np.ndarray:
     """Pack non-negative integer ``codes`` (1-D) at ``bits`` bits each (int, or an array of widths), LSB first.
 
-    Returns a uint8 array of ``ceil(total_bits / 8)`` bytes.
+    :param codes: a 1-D numpy integer array; every code must fit in its width (``0 <= code < 2**bits``).
+    :param bits: an int from 1 to 32, or a 1-D integer array of one such width per code.
+    :returns: a uint8 array of ``ceil(total_bits / 8)`` bytes.
+    :raises TypeError: for codes or bits of the wrong type (lists, floats, bools).
+    :raises ValueError: for codes that do not fit, or widths out of range.
     """
-    codes = np.asarray(codes).reshape(-1)
-    if isinstance(bits, (int, np.integer)):
-        b = int(bits)
+    codes = _check_codes_array("codes", codes)
+    widths = _check_widths(bits, codes.size)
+    if codes.size:  # two vectorized passes: a code that does not fit would be packed as another code
+        if int(codes.min()) < 0:
+            raise ValueError(f"codes must be non-negative, got a minimum of {int(codes.min())}")
+        if isinstance(widths, int):
+            if int(codes.max()) >> widths:
+                raise ValueError(f"codes must lie in [0, 2**bits) = [0, {2**widths}) at bits={widths}, "
+                                 f"got a maximum of {int(codes.max())}")
+        elif bool(((codes.astype(np.uint64) >> widths.astype(np.uint64)) != 0).any()):
+            raise ValueError("codes must fit in their widths (0 <= code < 2**bits per code); some do not")
+    if isinstance(widths, int):
+        b = widths
         if b == 8:
             return codes.astype(np.uint8)
         if b == 16:
             return codes.astype("<u2").view(np.uint8)
+        if b == 32:
+            return codes.astype("<u4").view(np.uint8)
         if 8 % b == 0:
             per = 8 // b
             c = codes.astype(np.uint8)
@@ -64,11 +116,9 @@ def pack_bits(codes: np.ndarray, bits: Union[int, np.ndarray]) -> np.ndarray:
             for j in range(per):  # loop over bit slots of a byte (<= 8), not over elements
                 out |= c[:, j] << np.uint8(j * b)
             return out
-        mat = (codes.astype(np.uint16)[:, None] >> np.arange(b, dtype=np.uint16)) & np.uint16(1)
+        wide = np.uint16 if b <= 16 else np.uint32
+        mat = (codes.astype(wide)[:, None] >> np.arange(b, dtype=wide)) & wide(1)
         return np.packbits(mat.astype(np.uint8).reshape(-1), bitorder="little")
-    widths = np.asarray(bits).reshape(-1).astype(np.int64)
-    if widths.size != codes.size:
-        raise ValueError(f"bits has {widths.size} entries for {codes.size} codes")
     maxb = int(widths.max()) if widths.size else 1
     mat = (codes.astype(np.uint32)[:, None] >> np.arange(maxb, dtype=np.uint32)) & np.uint32(1)
     keep = np.arange(maxb)[None, :] < widths[:, None]
@@ -76,17 +126,34 @@ def pack_bits(codes: np.ndarray, bits: Union[int, np.ndarray]) -> np.ndarray:
 
 
 def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` codes (int64) from the bytes ``buf``."""
-    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
-    if isinstance(bits, (int, np.integer)):
-        b = int(bits)
+    """Inverse of :func:`pack_bits`: ``count`` codes (int64) from the bytes ``buf``.
+
+    :param buf: a 1-D numpy uint8 array (as :func:`pack_bits` returns).
+    :param count: the number of codes to read (an int >= 0).
+    :param bits: an int from 1 to 32, or a 1-D integer array of ``count`` widths.
+    :raises TypeError: for a buffer that is not uint8, or count/bits of the wrong type.
+    :raises ValueError: if ``buf`` is too short for ``count`` codes (a
+        :class:`~pyro_bq.io.CorruptFileError`), or for widths out of range.
+    """
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"buf must be a 1-D numpy uint8 array (what pack_bits returns), got {type(buf).__name__}")
+    if buf.dtype != np.uint8:
+        raise TypeError(f"buf must be a numpy uint8 array (what pack_bits returns), got dtype {buf.dtype}")
+    if buf.ndim != 1:
+        raise ValueError(f"buf must be 1-D, got shape {buf.shape}")
+    count = check_int("count", count, low=0)
+    widths = _check_widths(bits, count)
+    if isinstance(widths, int):
+        b = widths
         need = -(-count * b // 8)
         if buf.size < need:
-            raise CorruptFileError(f"packed codes: need {need} bytes, found {buf.size}")
+            raise CorruptFileError(f"buf holds {buf.size} bytes but count={count} codes at {b} bits need {need}")
         if b == 8:
             return buf[:count].astype(np.int64)
         if b == 16:
             return buf[: 2 * count].copy().view("<u2").astype(np.int64)
+        if b == 32:
+            return buf[: 4 * count].copy().view("<u4").astype(np.int64)
         if 8 % b == 0:
             per = 8 // b
             mask = np.uint8((1 << b) - 1)
@@ -94,11 +161,10 @@ def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np
             return out.reshape(-1)[:count].astype(np.int64)
         flat = np.unpackbits(buf[:need], bitorder="little")[: count * b].reshape(count, b).astype(np.int64)
         return (flat << np.arange(b, dtype=np.int64)).sum(axis=1)
-    widths = np.asarray(bits).reshape(-1).astype(np.int64)
     total = int(widths.sum())
     need = -(-total // 8)
     if buf.size < need:
-        raise CorruptFileError(f"packed codes: need {need} bytes, found {buf.size}")
+        raise CorruptFileError(f"buf holds {buf.size} bytes but the count={count} codes of the given widths need {need}")
     flat = np.unpackbits(buf[:need], bitorder="little")[:total].astype(np.int64)
     maxb = int(widths.max()) if widths.size else 1
     start = np.cumsum(widths) - widths
@@ -106,11 +172,6 @@ def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np
     keep = np.arange(maxb)[None, :] < widths[:, None]
     vals = np.where(keep, flat[np.minimum(idx, max(total - 1, 0))], 0)
     return (vals << np.arange(maxb, dtype=np.int64)).sum(axis=1)
-
-
-def _nbytes(numel: int, bits) -> int:
-    total = numel * bits if isinstance(bits, int) else int(bits.sum())
-    return -(-total // 8)
 
 
 # -- layout helpers ----------------------------------------------------------------------------
@@ -259,10 +320,150 @@ def save_packed(guide, path: os.PathLike) -> int:
     return write_container(path, KIND, meta, tensors)
 
 
+# -- reading ------------------------------------------------------------------------------------
+#: dtype names the header may give for the example input
+_INPUT_DTYPES = {name: getattr(torch, name) for name in
+                 ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
+#: largest example input (elements) a header may ask :func:`load_packed` to build
+_MAX_INPUT_NUMEL = 2**27
+#: the keys of each quantizer configuration, as :meth:`Quantizer.config` writes them
+_CFG_KEYS = {
+    "uniform": {"type", "symmetric", "per_channel", "channel_dim", "range", "percentiles", "search_steps"},
+    "log2": {"type", "per_channel", "channel_dim", "range", "percentiles"},
+    "codebook": {"type", "family", "per_channel", "channel_dim", "range", "percentiles", "search_steps"},
+}
+#: the data streams and their dtypes
+_STREAMS = {"codes": torch.uint8, "f32": torch.float32, "i16": torch.int16, "bitmap": torch.uint8}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value, low: int = 1) -> bool:
+    return isinstance(value, list) and all(_is_int(d) and d >= low for d in value)
+
+
+def _check_config(cfg: dict) -> None:
+    """Build a throw-away quantizer from ``cfg`` so its constructor checks every value."""
+    from .quantizers import Log2Quantizer, UniformQuantizer
+
+    rest = {k: v for k, v in cfg.items() if k != "type"}
+    if isinstance(rest.get("percentiles"), list):
+        rest["percentiles"] = tuple(rest["percentiles"])
+    if cfg["type"] == "uniform":
+        UniformQuantizer(8, **rest)
+    elif cfg["type"] == "log2":
+        Log2Quantizer(4, **rest)
+    else:
+        family = rest.pop("family")
+        if family == "custom":
+            CodebookQuantizer(1, codebook=torch.tensor([0.0, 1.0]), **rest)
+        else:
+            CodebookQuantizer(4, family=family, **rest)
+
+
+def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
+    """Validate the JSON header (and the stream dtypes) of a packed file that passed its checksum.
+
+    Returns ``(fused, input_shape, input_dtype, cfgs, sites)``.
+
+    :raises CorruptFileError: naming ``path`` and the first problem found.
+    """
+
+    def bad(what: str) -> CorruptFileError:
+        return CorruptFileError(f"{path}: malformed packed-guide header: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"the header must be a JSON object, got {type(meta).__name__}")
+    for key in ("v", "input", "cfgs", "sites"):
+        if key not in meta:
+            raise bad(f"missing entry {key!r}")
+    version = meta["v"]
+    if not _is_int(version) or version < 1:
+        raise bad(f"'v' must be a format version (an int >= 1), got {version!r}")
+    if version > _VERSION:
+        raise CorruptFileError(f"{path}: packed-guide version {version} is newer than this pyro_bq reads ({_VERSION}); "
+                               "upgrade pyro_bq")
+    fused = meta.get("fused", True)
+    if not isinstance(fused, bool):
+        raise bad(f"'fused' must be true or false, got {fused!r}")
+    spec = meta["input"]
+    if not isinstance(spec, list) or len(spec) != 2:
+        raise bad(f"'input' must be [feature shape, dtype name], got {spec!r}")
+    in_shape, in_dtype = spec
+    if not _is_shape(in_shape):
+        raise bad(f"'input' shape must be a list of ints >= 1, got {in_shape!r}")
+    if math.prod(in_shape) > _MAX_INPUT_NUMEL:
+        raise bad(f"'input' shape {in_shape} is implausibly large ({math.prod(in_shape)} elements)")
+    if not isinstance(in_dtype, str) or in_dtype not in _INPUT_DTYPES:
+        raise bad(f"'input' dtype must be one of {', '.join(_INPUT_DTYPES)}; got {in_dtype!r}")
+    for key, dtype in _STREAMS.items():
+        t = tensors.get(key)
+        if t is None:
+            raise CorruptFileError(f"{path}: missing tensor {key!r}")
+        if t.dtype != dtype or t.dim() != 1:
+            raise CorruptFileError(f"{path}: tensor {key!r} must be a 1-D {str(dtype).replace('torch.', '')} tensor, "
+                                   f"got dtype {str(t.dtype).replace('torch.', '')} and shape {list(t.shape)}")
+    cfgs = meta["cfgs"]
+    if not isinstance(cfgs, list):
+        raise bad(f"'cfgs' must be a list of quantizer configurations, got {type(cfgs).__name__}")
+    for i, cfg in enumerate(cfgs):
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or cfg["type"] not in _CFG_KEYS:
+            raise bad(f"cfgs[{i}] must be a quantizer configuration whose 'type' is one of "
+                      f"{', '.join(map(repr, _CFG_KEYS))}; got {cfg!r}")
+        want = _CFG_KEYS[cfg["type"]]
+        if set(cfg) != want:
+            raise bad(f"cfgs[{i}] ({cfg['type']}) has the keys {sorted(cfg)}, expected {sorted(want)}")
+        try:
+            _check_config(cfg)
+        except (TypeError, ValueError) as err:
+            raise bad(f"cfgs[{i}]: {err}") from None
+    sites = meta["sites"]
+    if not isinstance(sites, list) or not sites:
+        raise bad(f"'sites' must be a non-empty list, got {sites!r}")
+    seen = set()
+    for j, entry in enumerate(sites):
+        if not isinstance(entry, list) or len(entry) != 3 + len(("loc", "scale", "sample")):
+            raise bad(f"sites[{j}] must be [name, shape, event_dim, loc, scale, sample], got {entry!r}")
+        name, shape, event_dim = entry[:3]
+        if not isinstance(name, str) or not name:
+            raise bad(f"sites[{j}] name must be a non-empty str, got {name!r}")
+        if name in seen:
+            raise bad(f"site {name!r} is listed twice")
+        seen.add(name)
+        if not _is_shape(shape):
+            raise bad(f"site {name!r}: the shape must be a list of ints >= 1, got {shape!r}")
+        if not _is_int(event_dim) or not 0 <= event_dim <= len(shape):
+            raise bad(f"site {name!r}: event_dim must be an int in [0, {len(shape)}], got {event_dim!r}")
+        for quantity, item in zip(("loc", "scale", "sample"), entry[3:]):
+            if item is None:
+                continue
+            where = f"site {name!r} {quantity}"
+            if not isinstance(item, list) or len(item) not in (2, 3):
+                raise bad(f"{where} must be null or [cfg index, bits(, codebook size)], got {item!r}")
+            idx, bits = item[0], item[1]
+            if not _is_int(idx) or not 0 <= idx < len(cfgs):
+                raise bad(f"{where}: the cfg index must be an int in [0, {len(cfgs)}), got {idx!r}")
+            if not _is_int(bits) or not (bits == -1 or 1 <= bits <= _MAX_BITS):
+                raise bad(f"{where}: bits must be an int from 1 to {_MAX_BITS} (or -1 for a bit map), got {bits!r}")
+            codebook = cfgs[idx]["type"] == "codebook"
+            if codebook != (len(item) == 3):
+                raise bad(f"{where}: a codebook quantizer needs [cfg index, bits, codebook size], others "
+                          f"[cfg index, bits]; got {item!r}")
+            if codebook:
+                k = item[2]
+                if bits == -1:
+                    raise bad(f"{where}: a codebook quantizer cannot use per-element bits (-1)")
+                if not _is_int(k) or not 2 <= k <= 2**bits:
+                    raise bad(f"{where}: the codebook size must be an int in [2, 2**bits = {2**bits}], got {k!r}")
+    return fused, in_shape, in_dtype, cfgs, sites
+
+
 class _Reader:
     def __init__(self, path, tensors):
         self.path = path
-        self.streams = {k: tensors[k] for k in ("codes", "f32", "i16", "bitmap")}
+        self.streams = {k: tensors[k] for k in _STREAMS}
         self.pos = {k: 0 for k in self.streams}
 
     def take(self, stream, n):
@@ -273,11 +474,78 @@ class _Reader:
         self.pos[stream] = lo + n
         return t[lo : lo + n]
 
+    def take_packed(self, stream, count, widths):
+        """``count`` codes of the given widths; the padding bits of the last byte must be zero."""
+        total = count * widths if isinstance(widths, int) else int(widths.sum())
+        buf = self.take(stream, -(-total // 8)).numpy()
+        if total % 8 and int(buf[-1]) >> (total % 8):
+            raise CorruptFileError(f"{self.path}: the padding bits after {count} codes in {stream!r} are not zero: "
+                                   "the header's bits do not match the data")
+        return unpack_bits(buf, count, widths)
+
     def done(self):
         for k, t in self.streams.items():
             if self.pos[k] != t.numel():
                 raise CorruptFileError(f"{self.path}: {t.numel() - self.pos[k]} unread values in {k!r}: "
                                        "the header does not match the data")
+
+
+def _decode_sites(path, cfgs: list, sites: list, tensors) -> tuple[dict, dict]:
+    """``({site: (loc, scale)}, {site: SiteQuantizers})`` from a validated header and its streams."""
+    reader = _Reader(path, tensors)
+    values, quantizers = {}, {}
+    for entry in sites:
+        name, shape, items = entry[0], entry[1], entry[3:]
+        numel = math.prod(shape)
+        sq = SiteQuantizers()
+        out = {}
+        for quantity, item in zip(("loc", "scale", "sample"), items):
+            if item is None:
+                if quantity != "sample":
+                    out[quantity] = reader.take("f32", numel).reshape(shape).clone()
+                continue
+            cfg, bits = cfgs[item[0]], item[1]
+            if bits == -1:
+                w = reader.take_packed("bitmap", numel, 4) + 1
+                widths = w
+                bits = torch.from_numpy(w).reshape(shape)
+            else:
+                widths = bits
+            codes = None
+            if quantity != "sample":
+                codes = torch.from_numpy(reader.take_packed("codes", numel, widths)).reshape(shape)
+            state = {}
+            for key, stream, sshape in _state_layout(cfg, shape, item[2] if len(item) > 2 else None):
+                state[key] = reader.take(stream, math.prod(sshape)).reshape(sshape).clone()
+            try:
+                q = quantizer_from_state(cfg, bits, state, shape)
+            except (TypeError, ValueError) as err:
+                raise CorruptFileError(f"{path}: site {name!r} {quantity}: the header's quantizer does not fit "
+                                       f"the data ({err})") from None
+            setattr(sq, quantity, q)
+            if codes is not None:
+                if isinstance(q, CodebookQuantizer) and codes.numel() and int(codes.max()) >= q.codebook.numel():
+                    raise CorruptFileError(f"{path}: site {name!r} {quantity}: code {int(codes.max())} is past the "
+                                           f"end of its codebook of {q.codebook.numel()} values")
+                out[quantity] = q.decode(codes)
+        values[name] = (out["loc"], out["scale"])
+        if not sq.is_float:
+            quantizers[name] = sq
+    reader.done()
+    return values, quantizers
+
+
+def _model_sites(model, x: torch.Tensor, what: str) -> dict[str, tuple[list, int]]:
+    """``{site: (shape, event_dim)}`` of ``model``'s latent sites, traced on ``x`` (``what`` says where it came from)."""
+    from pyro_bq.guides.base import AutoGaussianSites
+
+    probe = AutoGaussianSites(model)  # its set-up only records the sites
+    try:
+        probe.setup(x)
+    except (TypeError, ValueError, RuntimeError) as err:
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"load_packed: tracing the model on {what} failed: {err}") from err
+    return {n: (list(i.shape), int(i.event_dim)) for n, i in probe.sites.items()}
 
 
 def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tensor] = None):
@@ -288,9 +556,12 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     predictions equal those of the saved guide under the same seed.
 
     :param model: the model the guide was trained for (its site names and shapes must match).
-    :param example_input: input used to trace the model; default zeros of the stored input shape.
-    :raises CorruptFileError: for a truncated, corrupted or foreign file.
-    :raises ValueError: if the model's sites differ from the file's.
+    :param example_input: a tensor ``(N, ...)`` used to trace the model; default
+        zeros of the input shape and dtype stored in the file.
+    :raises CorruptFileError: for a truncated, corrupted or foreign file, or
+        a header that is not a valid packed-guide header (checked entry by entry).
+    :raises TypeError: if ``model`` is not callable or ``example_input`` is not a tensor.
+    :raises ValueError: if the model cannot be traced on the input, or its sites differ from the file's.
 
     Usage::
 
@@ -298,68 +569,30 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     """
     from pyro_bq.guides.quantized import PackedNormalBase, QuantizedGuide
 
+    check_callable("model", model, "a Pyro model (e.g. the BayesianClassifier the guide was trained for)")
+    if example_input is not None:
+        check_tensor("example_input", example_input)
+        if example_input.dim() < 1 or example_input.shape[0] < 1:
+            raise ValueError(f"example_input must have shape (N, ...) with N >= 1, got {tuple(example_input.shape)}")
     meta, tensors = read_container(path, KIND)
+    fused, in_shape, in_dtype, cfgs, sites = _check_header(path, meta, tensors)
     try:
-        version = meta["v"]
-        if version > _VERSION:
-            raise CorruptFileError(f"{path}: packed-guide version {version} is newer than this pyro_bq reads ({_VERSION})")
-        cfgs, sites = meta["cfgs"], meta["sites"]
-        in_shape, in_dtype = meta["input"]
-        for key in ("codes", "f32", "i16", "bitmap"):
-            if key not in tensors:
-                raise CorruptFileError(f"{path}: missing tensor {key!r}")
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, CorruptFileError):
-            raise
-        raise CorruptFileError(f"{path}: malformed packed-guide header ({err})") from err
-    reader = _Reader(path, tensors)
-    values, quantizers = {}, {}
-    try:
-        for entry in sites:
-            name, shape, event_dim, items = entry[0], entry[1], entry[2], entry[3:]
-            numel = int(np.prod(shape)) if shape else 1
-            sq = SiteQuantizers()
-            out = {}
-            for quantity, item in zip(("loc", "scale", "sample"), items):
-                if item is None:
-                    if quantity != "sample":
-                        out[quantity] = reader.take("f32", numel).reshape(shape).clone()
-                    continue
-                cfg = cfgs[item[0]]
-                bits = item[1]
-                if bits == -1:
-                    nb = -(-numel * 4 // 8)
-                    w = unpack_bits(reader.take("bitmap", nb).numpy(), numel, 4) + 1
-                    widths = w
-                    bits = torch.from_numpy(w).reshape(shape)
-                else:
-                    widths = int(bits)
-                codes = None
-                if quantity != "sample":
-                    nb = _nbytes(numel, widths)
-                    codes = torch.from_numpy(unpack_bits(reader.take("codes", nb).numpy(), numel, widths)).reshape(shape)
-                state = {}
-                for key, stream, sshape in _state_layout(cfg, shape, item[2] if len(item) > 2 else None):
-                    n = int(np.prod(sshape)) if sshape else 1
-                    state[key] = reader.take(stream, n).reshape(sshape).clone()
-                q = quantizer_from_state(cfg, bits, state, shape)
-                setattr(sq, quantity, q)
-                if codes is not None:
-                    out[quantity] = q.decode(codes)
-            values[name] = (out["loc"], out["scale"])
-            if not sq.is_float:
-                quantizers[name] = sq
-        reader.done()
-    except (KeyError, IndexError, TypeError) as err:
+        values, quantizers = _decode_sites(path, cfgs, sites, tensors)
+    except (KeyError, IndexError, TypeError, RuntimeError) as err:  # a guard: the header was checked above
         raise CorruptFileError(f"{path}: malformed packed-guide header ({type(err).__name__}: {err})") from err
-    x = example_input if example_input is not None else torch.zeros([1, *in_shape], dtype=getattr(torch, in_dtype))
+    if example_input is not None:
+        x, what = example_input, f"example_input of shape {tuple(example_input.shape)}"
+    else:
+        x = torch.zeros([1, *in_shape], dtype=_INPUT_DTYPES[in_dtype])
+        what = f"the example input stored in {path} (shape {[1, *in_shape]}, dtype {in_dtype}); pass example_input="
+    found = _model_sites(model, x, what)
+    stored = {e[0]: (list(e[1]), e[2]) for e in sites}
+    if stored != found:
+        raise ValueError(f"{path}: the model's sites {{name: (shape, event_dim)}} {found} differ from the file's "
+                         f"sites {stored}; pass the model the guide was trained for")
     base = PackedNormalBase(model, values)
     base.setup(x)
-    stored = {e[0]: list(e[1]) for e in sites}
-    found = {n: list(i.shape) for n, i in base.sites.items()}
-    if stored != found:
-        raise ValueError(f"the model's sites {found} differ from the file's sites {stored}")
     qguide = QuantizedGuide(base, quantizers, policy=None, copy=False)
     # draw the way the saved guide drew (one fused draw for all sites, or one per site)
-    qguide.fused = bool(meta.get("fused", True))
+    qguide.fused = fused
     return qguide

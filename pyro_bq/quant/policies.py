@@ -139,9 +139,12 @@ class Policy:
             self.site_bits[key] = _check_bits_value(f"site_bits[{key!r}]", value)
         if isinstance(skip, str):
             skip = [skip]
+        if isinstance(skip, (bytes, Mapping, torch.Tensor)) or not isinstance(skip, Iterable):
+            raise TypeError(f"skip must be a site name or regex, or a list of them (e.g. ['net.0.weight']; () to "
+                            f"skip nothing), got {type(skip).__name__} ({skip!r:.60})")
         self.skip = []
-        for s in skip:
-            check_type("skip entry", s, str)
+        for i, s in enumerate(skip):
+            check_type(f"skip[{i}]", s, str, "a site name or regex (str)")
             self._compile(s, "skip")
             self.skip.append(s)
         self.loc_quantizer = self._template("loc_quantizer", loc_quantizer, default_loc_quantizer)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,6 +50,22 @@ def check_out_dir(name: str, path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {str(path)!r} is not writable; choose a writable folder")
     return path
+
+
+def _names(name: str, value) -> tuple:
+    """``value`` as a tuple of policy names: one str, or a sequence of str."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{name} must be a policy name or a sequence of them (from {', '.join(ALL_POLICIES)}), "
+            f"got {type(value).__name__} ({value!r})"
+        )
+    items = tuple(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"{name}[{i}] must be a policy name (str) from {', '.join(ALL_POLICIES)}, got {type(item).__name__} ({item!r})")
+    return items
 
 
 @dataclass(frozen=True)
@@ -136,13 +154,20 @@ class StudyConfig:
             raise TypeError(f"out_dir must be a path (str or os.PathLike), got {type(self.out_dir).__name__}")
         set_("out_dir", os.fspath(self.out_dir))
         check_int("seed", self.seed, low=0)
-        pol = (self.policies,) if isinstance(self.policies, str) else tuple(self.policies)
-        pol = tuple(p.strip().lower() if isinstance(p, str) else p for p in pol)
+        pol = tuple(p.strip().lower() for p in _names("policies", self.policies))
         for p in pol:
             if p not in ALL_POLICIES:
                 raise ValueError(f"policies: unknown policy {p!r}; allowed: {', '.join(ALL_POLICIES)}")
         set_("policies", tuple(dict.fromkeys(("float",) + pol)))
-        bits = (self.bits,) if isinstance(self.bits, int) else tuple(self.bits)
+        if isinstance(self.bits, numbers.Integral):
+            bits = (self.bits,)
+        elif isinstance(self.bits, (str, bytes)) or not isinstance(self.bits, Iterable):
+            raise TypeError(
+                f"bits must be an int or a sequence of ints in {BITS_RANGE[0]}..{BITS_RANGE[1]}, "
+                f"got {type(self.bits).__name__} ({self.bits!r})"
+            )
+        else:
+            bits = tuple(self.bits)
         if not bits:
             raise ValueError(f"bits must list at least one bit width in {BITS_RANGE[0]}..{BITS_RANGE[1]}")
         for b in bits:
@@ -151,8 +176,7 @@ class StudyConfig:
         check_int("act_bits", self.act_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
         if self.ends_bits is not None:
             check_int("ends_bits", self.ends_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
-        ap = (self.act_policies,) if isinstance(self.act_policies, str) else tuple(self.act_policies)
-        ap = tuple(p.strip().lower() for p in ap)
+        ap = tuple(p.strip().lower() for p in _names("act_policies", self.act_policies))
         for p in ap:
             if p not in ALL_POLICIES:
                 raise ValueError(f"act_policies: unknown policy {p!r}; allowed: {', '.join(ALL_POLICIES)}")

@@ -23,7 +23,7 @@ from typing import Union
 
 import torch
 
-from pyro_bq._validation import check_tensor
+from pyro_bq._validation import check_positive, check_tensor
 
 __all__ = ["decompose", "decompose_regression", "entropy", "check_probs", "PROB_TOLERANCE"]
 
@@ -57,9 +57,20 @@ def check_probs(name: str, probs, ndim=(2, 3)) -> torch.Tensor:
     return probs
 
 
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats along the last dimension (``0 log 0 = 0``)."""
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats along the last dimension (``0 log 0 = 0``); no checks (internal, for checked inputs)."""
     return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of probability vectors along the last dimension (``0 log 0 = 0``).
+
+    :param probs: class probabilities ``(N, C)`` or ``(S, N, C)``, checked with :func:`check_probs`.
+    :returns: a tensor of the leading shape, ``(N,)`` or ``(S, N)``.
+    :raises TypeError: if ``probs`` is not a floating-point tensor.
+    :raises ValueError: if ``probs`` does not hold probability vectors.
+    """
+    return _entropy(check_probs("probs", probs))
 
 
 def decompose(probs: torch.Tensor) -> dict:
@@ -83,8 +94,8 @@ def decompose(probs: torch.Tensor) -> dict:
     if probs.dim() == 2:
         probs = probs.unsqueeze(1)
     mean = probs.mean(0)
-    total = entropy(mean)
-    aleatoric = entropy(probs).mean(0)
+    total = _entropy(mean)
+    aleatoric = _entropy(probs).mean(0)
     epistemic = (total - aleatoric).clamp_min(0.0)
     return {"mean_probs": mean, "total": total, "aleatoric": aleatoric, "epistemic": epistemic}
 
@@ -94,8 +105,8 @@ def decompose_regression(loc: torch.Tensor, noise_scale: Union[float, torch.Tens
 
     :param loc: predicted means ``(S, N)`` for ``S`` weight draws.
     :param noise_scale: observation noise standard deviation: a positive float,
-        a scalar tensor, or a tensor broadcastable to ``(S, N)`` (heteroscedastic
-        or sampled noise).
+        a scalar tensor, or a floating-point tensor of positive values
+        broadcastable to ``(S, N)`` (heteroscedastic or sampled noise).
     :returns: dict with ``mean`` ``(N,)``, ``aleatoric`` (mean noise variance),
         ``epistemic`` (variance of ``loc`` over draws, population variance) and
         ``total`` = ``aleatoric + epistemic``.
@@ -108,9 +119,14 @@ def decompose_regression(loc: torch.Tensor, noise_scale: Union[float, torch.Tens
     check_tensor("loc", loc, ndim=2, floating=True)
     if not bool(torch.isfinite(loc).all()):
         raise ValueError("loc must be finite")
-    noise = torch.as_tensor(noise_scale, dtype=loc.dtype, device=loc.device)
-    if not bool(torch.isfinite(noise).all()) or bool((noise < 0).any()):
-        raise ValueError("noise_scale must be finite and >= 0")
+    if isinstance(noise_scale, torch.Tensor):
+        if not noise_scale.is_floating_point():
+            raise TypeError(f"noise_scale must be a positive float or a floating-point tensor, got dtype {noise_scale.dtype}")
+        noise = noise_scale.to(dtype=loc.dtype, device=loc.device)
+        if noise.numel() == 0 or not bool(torch.isfinite(noise).all()) or bool((noise <= 0).any()):
+            raise ValueError("noise_scale must hold finite values > 0 (observation noise standard deviations)")
+    else:
+        noise = torch.tensor(check_positive("noise_scale", noise_scale), dtype=loc.dtype, device=loc.device)
     try:
         noise_var = torch.broadcast_to(noise**2, loc.shape)
     except RuntimeError as err:

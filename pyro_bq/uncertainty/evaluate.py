@@ -119,13 +119,23 @@ def evaluate(
         sets["ood"] = _split("ood_data", ood_data, need_labels=False)[0]
     if ambiguous_data is not None:
         sets["ambiguous"] = _split("ambiguous_data", ambiguous_data, need_labels=False)[0]
+    names = {"in": "in_data", "ood": "ood_data", "ambiguous": "ambiguous_data"}
 
     details = {}
     record: dict = {"num_samples": num_samples}
     for key, x in sets.items():
-        probs = predictive_probs(
-            model, guide, x, num_samples=num_samples, batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method
-        )
+        try:
+            probs = predictive_probs(
+                model, guide, x, num_samples=num_samples, batch_size=batch_size, sample_chunk=sample_chunk, seed=seed,
+                method=method
+            )
+        except (TypeError, ValueError) as err:
+            if key == "in":
+                raise
+            # the arguments were fine for in_data, so the inputs of this dataset are what the network cannot take
+            kind = TypeError if isinstance(err, TypeError) else ValueError
+            raise kind(f"{names[key]} (inputs of shape {tuple(x.shape)}, dtype {x.dtype}; in_data has "
+                       f"{tuple(x_in.shape)}, {x_in.dtype}): {err}") from err
         parts = decompose(probs)
         details[key] = parts
         if key == "in":

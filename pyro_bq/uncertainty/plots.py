@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from pyro_bq._validation import check_int
+from pyro_bq._validation import check_bool, check_int, check_path, check_str
 
 from .metrics import DEFAULT_ECE_BINS, reliability_data
 
@@ -28,11 +28,25 @@ def _figure(width: float, height: float, ncols: int):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
+def _check_save_path(path):
+    """``None`` or a :class:`pathlib.Path` whose suffix (if any) names a format matplotlib can write."""
+    if path is None:
+        return None
+    path = check_path("path", path)
+    suffix = path.suffix[1:].lower()
+    if suffix:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        if suffix not in formats:
+            raise ValueError(f"path {str(path)!r} has the suffix {path.suffix!r}, which matplotlib cannot write; "
+                             f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    return path
+
+
 def _save(fig, path) -> None:
     if path is None:
         return
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or os.PathLike) or None, got {type(path).__name__}")
     folder = os.path.dirname(os.fspath(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -67,7 +81,9 @@ def plot_uncertainty(
     """
     if not isinstance(parts, Mapping) or not parts:
         raise TypeError("parts must be a non-empty dict {dataset name: decomposition dict}")
+    path = _check_save_path(path)
     bins = check_int("bins", bins, low=1)
+    log_y = check_bool("log_y", log_y)
     quantities = (quantities,) if isinstance(quantities, str) else tuple(quantities)
     for name, d in parts.items():
         missing = [q for q in quantities if not isinstance(d, Mapping) or q not in d]
@@ -110,6 +126,9 @@ def plot_reliability(
 
         plot_reliability(parts["mean_probs"], test.y, "reliability.png")
     """
+    path = _check_save_path(path)
+    if title is not None:
+        check_str("title", title, nonempty=False)
     data = reliability_data(probs, y, num_bins)
     edges = data["edges"].numpy()
     width = edges[1:] - edges[:-1]

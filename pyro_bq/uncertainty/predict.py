@@ -26,7 +26,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Predictive
 
-from pyro_bq._validation import check_choice, check_int
+from pyro_bq._validation import check_callable, check_choice, check_int
 
 __all__ = [
     "predictive_logits",
@@ -220,6 +220,9 @@ def predictive_logits(
         or ``"predictive"`` (stock :class:`pyro.infer.Predictive`).
     :param site: the deterministic output site used by the ``"predictive"`` path.
     """
+    check_callable("model", model, "a Pyro model (e.g. a pyro_bq BayesianClassifier)")
+    if guide is not None and not callable(guide):
+        raise TypeError(f"guide must be a Pyro guide (e.g. AutoMeanFieldNormal) or None, got {type(guide).__name__}")
     x = _as_inputs("x", x)
     check_choice("method", method, _METHODS)
     if samples is None:
