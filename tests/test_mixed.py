@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyro_bq.mixed import (
@@ -225,7 +225,7 @@ def test_percentile_interval_quantizer_is_the_paper_qiu_grid(bits):
         lo, hi = torch.quantile(loc.double().flatten(), torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
         assert q.interval() == pytest.approx((lo, hi), rel=1e-12)
         # 2**b levels alpha + s k from the 5th to the 95th percentile, no zero point
-        levels = q.codebook
+        levels = q.levels()
         assert levels.numel() == 2**bits
         assert float(levels[0]) == pytest.approx(lo, rel=1e-6) and float(levels[-1]) == pytest.approx(hi, rel=1e-6)
         assert torch.allclose(levels.diff(), torch.full((2**bits - 1,), (hi - lo) / (2**bits - 1)), rtol=1e-4)
@@ -410,3 +410,263 @@ def test_bits_table_and_plot(tmp_path):
     assert f"{allocs['QIU'].mean_bits:.3f}" in table
     plot_bits(allocs, tmp_path / "bits.png")
     assert (tmp_path / "bits.png").stat().st_size > 1000
+
+
+# -- packed files of every allocation policy -----------------------------------------------
+
+_LOC_GRIDS = {"QIU": "PercentileIntervalQuantizer", "QINU": "GaussianLloydQuantizer", "RB": "IntervalQuantizer",
+              "SMOL": "SignedGridQuantizer", "SMOL-L": "SignedGridQuantizer", "SMOL-run": "SignedGridQuantizer"}
+_MIXED = {}
+
+
+def _mixed_setup():
+    """A small guide and one allocation of each kind (built once: the allocators are the slow part)."""
+    if _MIXED:
+        return _MIXED["setup"]
+    from pyro_bq import IIDNormal
+    from pyro_bq.data import InMemoryDataset
+    from pyro_bq.guides import AutoMeanFieldNormal
+    from pyro_bq.mixed import smol
+    from pyro_bq.mixed.informativeness import validated
+    from pyro_bq.mixed.smol import site_scales
+    from pyro_bq.models import MLP, BayesianClassifier
+
+    torch.manual_seed(0)
+    model = BayesianClassifier(MLP((6, 16, 3)), IIDNormal(1.0), dataset_size=64)
+    guide = AutoMeanFieldNormal(model, init_scale=0.05)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    guide.setup(x)
+    params = validated(guide)
+    sizes = {n: loc.numel() for n, (loc, _) in params.items()}
+    scales = site_scales(params)
+    per_param = {n: (torch.arange(loc.numel()) % 6 + 1).reshape(loc.shape) for n, (loc, _) in params.items()}
+    data = InMemoryDataset(x, (x[:, 0] > 0).long())
+    allocs = {
+        "QIU": quantile_inform(guide, 4.0),
+        "QINU": quantile_inform(guide, 4.0, grid="gaussian"),
+        "RB": random_bits(guide, 4.0, num_steps=50),
+        "SMOL": BitAllocation(per_param, method="SMOL", sizes=sizes, grid="signed", info={"scales": scales}),
+        "SMOL-L": BitAllocation({n: 2 + i % 3 for i, n in enumerate(params)}, method="SMOL-L", sizes=sizes,
+                                grid="signed", info={"scales": scales}),
+        "SMOL-run": smol(model, guide, data, lam=0.5, precision_steps=3, finetune_steps=1, batch_size=8)[0],
+    }
+    _MIXED["setup"] = (model, guide, x, allocs)
+    return _MIXED["setup"]
+
+
+def _predict(model, guide, x, seed=7):
+    import pyro
+    from pyro.infer import Predictive
+
+    pyro.set_rng_seed(seed)
+    return Predictive(model, guide=guide, num_samples=3, return_sites=["logits"])(x)["logits"]
+
+
+@pytest.mark.parametrize("mode", ["vpq", "spq", "jq"])
+@pytest.mark.parametrize("method", list(_LOC_GRIDS))
+def test_every_allocation_policy_round_trips_through_a_packed_file(method, mode, tmp_path):
+    """QIU, QINU, RB and SMOL policies save, load to a guide that predicts the same, and the
+    memory report gives the file's size."""
+    from pyro_bq.quant import load_packed, memory_report, quantize, save_packed
+
+    model, guide, x, allocs = _mixed_setup()
+    alloc = allocs[method]
+    q = quantize(guide, allocation_policy(alloc, mode))
+    path = tmp_path / f"{method}-{mode}.bq"
+    size = save_packed(q, path)
+    assert size == path.stat().st_size
+    report = memory_report(q)
+    assert abs(report.file_bytes - size) <= 0.01 * size
+    back = load_packed(path, model)
+    for name in guide.sites:
+        a, b = q.quantizers[name], back.quantizers[name]
+        for quantity in ("loc", "scale", "sample"):
+            qa, qb = getattr(a, quantity), getattr(b, quantity)
+            assert type(qa) is type(qb), (name, quantity)
+            if qa is not None:
+                assert qa.config() == qb.config()
+                assert qa.metadata_bits() == qb.metadata_bits()
+                assert (torch.equal(qa.bits, qb.bits) if isinstance(qa.bits, torch.Tensor) else qa.bits == qb.bits)
+        if mode != "spq":
+            assert type(a.loc).__name__ == _LOC_GRIDS[method]
+        la, lb = q.get_loc_scale(name), back.get_loc_scale(name)
+        assert torch.equal(la[0], lb[0]) and torch.equal(la[1], lb[1])
+    assert torch.equal(_predict(model, q, x), _predict(model, back, x))
+    assert torch.equal(_predict(model, q, x, seed=8), _predict(model, back, x, seed=8))
+    rows = {s.name: s for s in report.sites}
+    per_element = isinstance(next(iter(alloc.values())), torch.Tensor)
+    for name in guide.sites:
+        assert (rows[name].bitmap_bits > 0) == per_element  # the allocation's bits tensors use the bit map
+        if mode != "spq":  # at least the loc codes at the allocation's bits
+            want = int(alloc[name].sum()) if per_element else alloc[name] * alloc.sizes[name]
+            assert rows[name].code_bits >= want
+
+
+def test_mixed_quantizers_metadata_is_their_float64_state():
+    from pyro_bq.mixed import GaussianLloydQuantizer, IntervalQuantizer, PercentileIntervalQuantizer, SignedGridQuantizer
+
+    loc = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    bits = torch.randint(1, 7, (5, 4), generator=torch.Generator().manual_seed(1))
+    for q, meta in ((GaussianLloydQuantizer(3), 128), (IntervalQuantizer(bits, lo=-1.0, hi=1.0), 128),
+                    (SignedGridQuantizer(bits), 64), (PercentileIntervalQuantizer(4), 128)):
+        q = q.calibrate(loc)
+        assert q.metadata_bits() == meta
+        state = q.state()
+        assert all(t.dtype == torch.float64 for t in state.values())
+        back = q.load_state(state, loc.shape)
+        assert torch.equal(back.quantize(loc), q.quantize(loc))
+
+
+def _all_mixed_file(folder):
+    """A packed file whose sites use all four mixed quantizers (bit maps included), and its model."""
+    from pyro_bq.mixed import GaussianLloydQuantizer, IntervalQuantizer, PercentileIntervalQuantizer, SignedGridQuantizer
+    from pyro_bq.quant import JQ, quantize, save_packed
+    from pyro_bq.quant.policies import SiteQuantizers
+
+    model, guide, x, allocs = _mixed_setup()
+    q = quantize(guide, JQ(4))
+    for i, name in enumerate(guide.sites):
+        loc = guide.get_loc_scale(name)[0].detach()
+        bits = (torch.arange(loc.numel()) % 5 + 1).reshape(loc.shape)
+        make = [lambda: GaussianLloydQuantizer(3), lambda: IntervalQuantizer(bits, lo=-0.2, hi=0.3),
+                lambda: SignedGridQuantizer(bits), lambda: PercentileIntervalQuantizer(4)][i % 4]
+        old = q.quantizers[name]
+        q.quantizers[name] = SiteQuantizers(loc=make().calibrate(loc), scale=old.scale, sample=old.sample)
+    path = folder / "mixed.bq"
+    save_packed(q, path)
+    return path, model, q
+
+
+def test_a_file_of_all_mixed_quantizers_loads_exactly(tmp_path):
+    from pyro_bq.quant import load_packed, memory_report
+
+    path, model, q = _all_mixed_file(tmp_path)
+    back = load_packed(path, model)
+    for name in q.sites:
+        assert type(back.quantizers[name].loc) is type(q.quantizers[name].loc)
+        assert torch.equal(back.get_loc_scale(name)[0], q.get_loc_scale(name)[0])
+    assert memory_report(q).file_bytes == path.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    return _all_mixed_file(tmp_path_factory.mktemp("mixed"))
+
+
+def _set(key, value):
+    def edit(cfg, item):
+        cfg[key] = value
+    return edit
+
+
+def _drop(key):
+    def edit(cfg, item):
+        del cfg[key]
+    return edit
+
+
+def _item(fn):
+    def edit(cfg, item):
+        fn(item)
+    return edit
+
+
+@pytest.mark.parametrize("kind, edit, words", [
+    ("gaussian-lloyd", _set("max_iter", -1), "max_iter"),
+    ("gaussian-lloyd", _set("max_iter", "9"), "max_iter"),
+    ("gaussian-lloyd", _drop("max_iter"), "keys"),
+    ("interval", _set("lo", 0.0), "keys"),
+    ("percentile-interval", _set("low", 200.0), "low"),
+    ("percentile-interval", _set("low", 99.0), "low must be < high"),
+    ("percentile-interval", _set("high", None), "high"),
+    ("signed", _set("type", "signed-v2"), "'type' is one of"),
+    ("gaussian-lloyd", _item(lambda item: item.__setitem__(1, -1)), "per-element bits"),
+    ("percentile-interval", _item(lambda item: item.__setitem__(1, -1)), "per-element bits"),
+    ("interval", _item(lambda item: item.append(5)), "needs"),
+    ("percentile-interval", _item(lambda item: item.__setitem__(1, 17)), "bits"),
+])
+def test_edited_headers_of_mixed_quantizer_files_give_clear_errors(tmp_path, mixed_file, kind, edit, words):
+    from pyro_bq.io import CorruptFileError
+    from pyro_bq.io.container import read_container, write_container
+    from pyro_bq.quant import load_packed
+
+    path, model, _ = mixed_file
+    meta, tensors = read_container(path, "packed-guide")
+    idx = next(i for i, c in enumerate(meta["cfgs"]) if c["type"] == kind)
+    item = next(e[3] for e in meta["sites"] if e[3] is not None and e[3][0] == idx)  # a loc using it
+    edit(meta["cfgs"][idx], item)
+    crafted = tmp_path / "edited.bq"
+    write_container(crafted, "packed-guide", meta, tensors)
+    with pytest.raises(CorruptFileError, match=words) as info:
+        load_packed(crafted, model)
+    assert str(crafted) in str(info.value)
+
+
+@pytest.mark.parametrize("which, key, values", [
+    ("IntervalQuantizer", "interval", [0.5, -0.5]),
+    ("IntervalQuantizer", "interval", [math.nan, 1.0]),
+    ("GaussianLloydQuantizer", "std", [0.0]),
+    ("GaussianLloydQuantizer", "mean", [math.inf]),
+    ("SignedGridQuantizer", "scale", [-1.0]),
+    ("PercentileIntervalQuantizer", "interval", [1.0, 1.0]),
+])
+def test_bad_float64_state_in_a_resealed_file_gives_a_clear_error(tmp_path, which, key, values):
+    """A file whose float64 calibration data was edited (and its checksum redone) is refused by name."""
+    from pyro_bq.io import CorruptFileError
+    from pyro_bq.quant import load_packed, save_packed
+
+    path, model, q = _all_mixed_file(tmp_path)
+    loc_q = next(sq.loc for sq in q.quantizers.values() if type(sq.loc).__name__ == which)
+    good = loc_q.state()
+    loc_q.state = lambda: {**good, key: torch.tensor(values, dtype=torch.float64)}  # the codes stay valid
+    crafted = tmp_path / "state.bq"
+    save_packed(q, crafted)
+    with pytest.raises(CorruptFileError, match="does not fit the data") as info:
+        load_packed(crafted, model)
+    assert str(crafted) in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edit=st.data())
+def test_random_header_edits_of_mixed_quantizer_files_never_crash(mixed_file, edit):
+    import json
+
+    from pyro_bq.io import CorruptFileError
+    from pyro_bq.io.container import read_container, write_container
+    from pyro_bq.quant import load_packed
+
+    path, model, _ = mixed_file
+    folder = path.parent
+    meta, tensors = read_container(path, "packed-guide")
+    meta = json.loads(json.dumps(meta))
+    leaves = []
+
+    def collect(node, trail):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                collect(v, trail + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                collect(v, trail + [i])
+        leaves.append(trail)
+
+    collect(meta["cfgs"], ["cfgs"])
+    collect(meta["sites"], ["sites"])
+    trail = edit.draw(st.sampled_from([t for t in leaves if len(t) > 1]))
+    replacement = edit.draw(st.one_of(st.none(), st.integers(-3, 10**6), st.floats(), st.text(max_size=3),
+                                      st.sampled_from(["interval", "signed", "gaussian-lloyd", "percentile-interval",
+                                                       "codebook"]), st.just([]), st.just({})))
+    node = meta
+    for key in trail[:-1]:
+        node = node[key]
+    node[trail[-1]] = replacement
+    crafted = folder / "edited.bq"
+    write_container(crafted, "packed-guide", meta, tensors)
+    try:
+        load_packed(crafted, model)
+    except (CorruptFileError, ValueError) as err:
+        assert str(crafted) in str(err) or "site" in str(err), str(err)
+    except Exception as err:  # noqa: BLE001
+        raise AssertionError(f"editing meta{trail} to {replacement!r}: {type(err).__name__}: {err}") from err

@@ -171,3 +171,108 @@ def test_log_quantized_guide_packs_its_scales_as_codes(tmp_path):
     for name in guide.sites:
         assert torch.equal(loaded.get_loc_scale(name)[1], guide.get_loc_scale(name)[1])
     assert abs(report.file_bytes - size) <= 0.01 * size
+
+
+# -- the packed-format registry: a quantizer class declares its own format -------------------
+
+from pyro_bq.quant.quantizers import Quantizer, packed_types, quantizer_class, register_quantizer  # noqa: E402
+
+
+class _OffsetGrid(Quantizer):
+    """A test quantizer: ``2**bits`` levels ``offset + lo + step * k`` (lo, step calibrated, f32 and i16 state)."""
+
+    packed_type = "test-offset-grid"
+    packed_keys = frozenset({"offset"})
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("lo", "f32", [1]), ("step", "f32", [1]), ("tag", "i16", [2])]
+
+    def __init__(self, bits=4, *, offset: float = 0.0):
+        super().__init__(bits)
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+            raise TypeError(f"offset must be a number, got {offset!r}")
+        self.offset = float(offset)
+
+    def _calibrate(self, tensors):
+        x = tensors[0] - self.offset
+        self.lo = x.min().float().reshape(1)
+        self.step = ((x.max() - x.min()) / (2**self.bits - 1)).clamp(min=1e-12).float().reshape(1)
+
+    def encode(self, x):
+        k = torch.round((x - self.offset - self.lo.to(x)) / self.step.to(x))
+        return k.clamp(0, 2**self.bits - 1).to(torch.int64)
+
+    def decode(self, codes, dtype=torch.float32):
+        return (self.offset + self.lo.to(dtype) + self.step.to(dtype) * codes.to(dtype)).to(dtype)
+
+    def config(self):
+        return {"type": self.packed_type, "offset": self.offset}
+
+    def state(self):
+        return {"lo": self.lo, "step": self.step, "tag": torch.tensor([7, -7], dtype=torch.int16)}
+
+    def _set_state(self, state):
+        self.lo, self.step = state["lo"].float(), state["step"].float()
+
+
+def test_a_new_quantizer_class_packs_with_its_own_declaration(tmp_path):
+    assert quantizer_class("test-offset-grid") is _OffsetGrid and "test-offset-grid" in packed_types()
+    model, guide, x = _setup()
+    q = quantize(guide, VPQ(3, loc_quantizer=_OffsetGrid(8, offset=0.25)))
+    path = tmp_path / "offset.bq"
+    size = save_packed(q, path)
+    report = memory_report(q)
+    assert report.file_bytes == size == os.path.getsize(path)
+    # default metadata accounting: the layout's two float32 values and two int16 values per site
+    assert all(sq.loc.metadata_bits() == 2 * 32 + 2 * 16 for sq in q.quantizers.values())
+    loaded = load_packed(path, model)
+    assert all(isinstance(sq.loc, _OffsetGrid) and sq.loc.offset == 0.25 for sq in loaded.quantizers.values())
+    assert torch.equal(_predict(model, q, x), _predict(model, loaded, x))
+    # its configuration is checked by its constructor
+    from pyro_bq.io.container import read_container, write_container
+
+    meta, tensors = read_container(path, "packed-guide")
+    idx = next(i for i, c in enumerate(meta["cfgs"]) if c["type"] == "test-offset-grid")
+    meta["cfgs"][idx]["offset"] = "x"
+    write_container(tmp_path / "bad.bq", "packed-guide", meta, tensors)
+    with pytest.raises(CorruptFileError, match=r"bad\.bq.*offset must be a number"):
+        load_packed(tmp_path / "bad.bq", model)
+
+
+def test_register_quantizer_refuses_clashing_or_incomplete_declarations(tmp_path):
+    with pytest.raises(ValueError, match="already registered"):
+        class Clash(UniformQuantizer):  # noqa: F841
+            packed_type = "uniform"
+    with pytest.raises(TypeError, match="packed_layout"):
+        class NoLayout(Quantizer):  # noqa: F841
+            packed_type = "test-no-layout"
+    with pytest.raises(ValueError, match="'type'"):
+        class TypeKey(_OffsetGrid):  # noqa: F841
+            packed_type = "test-type-key"
+            packed_keys = frozenset({"type", "offset"})
+    with pytest.raises(TypeError, match="Quantizer subclass"):
+        register_quantizer(int)
+    with pytest.raises(ValueError, match="unknown quantizer type 'nope'"):
+        quantizer_class("nope")
+    assert quantizer_class("uniform") is UniformQuantizer  # unchanged by the refused classes
+
+    class Unpackable(UniformQuantizer):
+        packed_type = None  # opts out
+
+    model, guide, x = _setup()
+    q = quantize(guide, VPQ(4, loc_quantizer=Unpackable(8)))
+    with pytest.raises(TypeError, match="Unpackable has no packed format"):
+        save_packed(q, tmp_path / "u.bq")
+
+
+def test_the_mixed_quantizers_are_registered_without_importing_pyro_bq_mixed():
+    import subprocess
+    import sys
+
+    code = ("import pyro_bq.quant.quantizers as q, sys; assert 'pyro_bq.mixed' not in sys.modules; "
+            "print(q.quantizer_class('gaussian-lloyd').__name__, q.packed_types())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("GaussianLloydQuantizer")
+    for kind in ("uniform", "log2", "codebook", "gaussian-lloyd", "interval", "signed", "percentile-interval"):
+        assert repr(kind) in out

@@ -15,12 +15,21 @@ quantization policy (VPQ, SPQ, JQ) through :func:`allocation_policy`.
   (``UniformQuantizer(symmetric=False, range="percentile")`` is a different
   grid: it widens the range to include 0 and puts 0 on a level.)
 
-Packing: :func:`pyro_bq.quant.save_packed` and :func:`pyro_bq.quant.memory_report`
-know the quant layer's quantizer types only. :class:`PercentileIntervalQuantizer`
-is therefore written to files as a custom codebook (its ``2**b`` levels, with a
-codebook scale of 1): exact, but its calibration data is ``32 * (2**b + 1)``
-bits per site instead of the two floats ``alpha``, ``beta``. The other three
-classes here are not packable yet (``save_packed`` refuses them).
+Packing: each class declares its packed format (``packed_type``,
+``packed_keys``, ``packed_layout``; see
+:func:`pyro_bq.quant.quantizers.register_quantizer`), so
+:func:`pyro_bq.quant.save_packed`, :func:`pyro_bq.quant.load_packed` and
+:func:`pyro_bq.quant.memory_report` handle every policy of
+:func:`allocation_policy`. The calibration data are float64 values (bit-exact
+in the file, so a loaded guide predicts exactly what the saved one did):
+
+* :class:`GaussianLloydQuantizer`: type ``"gaussian-lloyd"``, state ``mean``, ``std`` (128 bits);
+* :class:`IntervalQuantizer`: type ``"interval"``, state ``interval`` = ``(lo, hi)`` (128 bits);
+* :class:`SignedGridQuantizer`: type ``"signed"``, state ``scale`` (64 bits);
+* :class:`PercentileIntervalQuantizer`: type ``"percentile-interval"``, state
+  ``interval`` = ``(alpha, beta)`` (128 bits).
+
+Per-element bits (SMOL) go to the file's bit map, as for any quantizer.
 
 Usage::
 
@@ -30,13 +39,14 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from pyro_bq._validation import check_choice, check_float, check_int
 from pyro_bq.quant.policies import JQ, Policy, SPQ, VPQ
-from pyro_bq.quant.quantizers import CodebookQuantizer, Quantizer
+from pyro_bq.quant.quantizers import Quantizer, _bits_repr
 
 from .informativeness import BitAllocation
 from .lloyd_max import percentile_interval
@@ -51,6 +61,17 @@ __all__ = [
 ]
 
 
+def _finite_values(state: dict, key: str, count: int) -> list[float]:
+    """``count`` finite floats from ``state[key]`` (a packed state tensor); ValueError otherwise."""
+    t = state[key]
+    if not isinstance(t, torch.Tensor) or t.numel() != count:
+        raise ValueError(f"state {key!r} must hold {count} value(s)")
+    values = [float(v) for v in t.detach().double().reshape(-1)]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"state {key!r} must be finite, got {values}")
+    return values
+
+
 class GaussianLloydQuantizer(Quantizer):
     """``2**bits`` levels for a Normal fitted (mean, std) to the calibration tensor.
 
@@ -61,6 +82,12 @@ class GaussianLloydQuantizer(Quantizer):
     """
 
     kind = "gaussian-lloyd"
+    packed_type = "gaussian-lloyd"
+    packed_keys = frozenset({"max_iter"})
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("mean", "f64", [1]), ("std", "f64", [1])]
 
     def __init__(self, bits=4, *, max_iter: int = 200):
         super().__init__(bits)
@@ -88,18 +115,19 @@ class GaussianLloydQuantizer(Quantizer):
     def decode(self, codes, dtype=torch.float32):
         return self.levels().to(dtype)[codes]
 
-    def metadata_bits(self) -> int:
-        return 64
-
     def config(self) -> dict:
-        return {"type": "GaussianLloydQuantizer", "max_iter": self.max_iter}
+        return {"type": self.packed_type, "max_iter": self.max_iter}
 
     def state(self):
-        return {"mean": self.mean.float().reshape(1), "std": self.std.float().reshape(1)}
+        self._require()
+        return {"mean": self.mean.double().reshape(1), "std": self.std.double().reshape(1)}
 
     def _set_state(self, state):
-        self.mean = state["mean"].double().reshape(())
-        self.std = state["std"].double().reshape(())
+        (mean,), (std,) = _finite_values(state, "mean", 1), _finite_values(state, "std", 1)
+        if not std > 0:
+            raise ValueError(f"state 'std' must be > 0, got {std}")
+        self.mean = torch.tensor(mean, dtype=torch.float64)
+        self.std = torch.tensor(std, dtype=torch.float64)
 
 
 class IntervalQuantizer(Quantizer):
@@ -112,6 +140,12 @@ class IntervalQuantizer(Quantizer):
 
     kind = "interval"
     _tensor_bits_ok = True
+    packed_type = "interval"
+    packed_keys = frozenset()  # the interval is state (one configuration for all sites)
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("interval", "f64", [2])]
 
     def __init__(self, bits=4, *, lo: float = -1.0, hi: float = 1.0):
         super().__init__(bits)
@@ -136,17 +170,20 @@ class IntervalQuantizer(Quantizer):
         step, _ = self._geometry(torch.zeros((), dtype=dtype))
         return (self.lo + step * codes.to(dtype)).to(dtype)
 
-    def metadata_bits(self) -> int:
-        return 64
-
     def config(self) -> dict:
-        return {"type": "IntervalQuantizer", "lo": self.lo, "hi": self.hi}
+        return {"type": self.packed_type}
 
     def state(self):
-        return {"interval": torch.tensor([self.lo, self.hi])}
+        return {"interval": torch.tensor([self.lo, self.hi], dtype=torch.float64)}
 
     def _set_state(self, state):
-        self.lo, self.hi = (float(v) for v in state["interval"])
+        lo, hi = _finite_values(state, "interval", 2)
+        if not hi > lo:
+            raise ValueError(f"state 'interval' must have hi > lo, got lo={lo}, hi={hi}")
+        self.lo, self.hi = lo, hi
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bits={_bits_repr(self.bits)}, lo={self.lo!r}, hi={self.hi!r})"
 
 
 class SignedGridQuantizer(Quantizer):
@@ -162,6 +199,12 @@ class SignedGridQuantizer(Quantizer):
 
     kind = "signed"
     _tensor_bits_ok = True
+    packed_type = "signed"
+    packed_keys = frozenset()
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("scale", "f64", [1])]
 
     def __init__(self, bits=4, *, scale: Optional[float] = None):
         super().__init__(bits)
@@ -189,20 +232,25 @@ class SignedGridQuantizer(Quantizer):
         half, n = self._geometry(torch.zeros((), dtype=dtype))
         return (self.scale * (2 * codes.to(dtype) - n + 1) * half).to(dtype)
 
-    def metadata_bits(self) -> int:
-        return 32
-
     def config(self) -> dict:
-        return {"type": "SignedGridQuantizer"}
+        return {"type": self.packed_type}
 
     def state(self):
-        return {"scale": torch.tensor([float(self.scale)])}
+        self._require()
+        return {"scale": torch.tensor([float(self.scale)], dtype=torch.float64)}
 
     def _set_state(self, state):
-        self.scale = float(state["scale"][0])
+        (scale,) = _finite_values(state, "scale", 1)
+        if not scale > 0:
+            raise ValueError(f"state 'scale' must be > 0, got {scale}")
+        self.scale = scale
+
+    def __repr__(self) -> str:
+        scale = "None" if self.fixed_scale is None else repr(self.fixed_scale)
+        return f"{type(self).__name__}(bits={_bits_repr(self.bits)}, scale={scale})"
 
 
-class PercentileIntervalQuantizer(CodebookQuantizer):
+class PercentileIntervalQuantizer(Quantizer):
     """QIU's grid: ``2**bits`` levels ``alpha + s * k`` (``k = 0 .. 2**bits - 1``) from
     ``alpha`` = the 5th to ``beta`` = the 95th percentile of the calibration tensor.
 
@@ -213,13 +261,10 @@ class PercentileIntervalQuantizer(CodebookQuantizer):
     the quantized values equal those of :func:`~pyro_bq.mixed.quantize_means`
     for a QIU allocation exactly. One interval per tensor (a site).
 
-    It is a :class:`~pyro_bq.quant.CodebookQuantizer` whose codebook is the
-    grid (scale 1), so packed files and :func:`~pyro_bq.quant.memory_report`
-    handle it; a file reads back as a plain custom-codebook quantizer with the
-    same levels. Limits: ``bits`` is one int from 1 to 16 per site. A site whose
-    interval is too narrow for its float precision at high bits (e.g. constant
-    means at 16 bits) gets repeated levels, which work in memory but a packed
-    file cannot hold (its codebook must be strictly ascending).
+    Its calibration data is the interval ``(alpha, beta)``: two float64 values
+    in a packed file (packed type ``"percentile-interval"``), which reads back
+    as this class with the same levels. Limits: ``bits`` is one int from 1 to
+    16 per site.
 
     :param bits: an int from 1 to 16.
     :param low, high: the percentiles (in ``[0, 100]``, ``low < high``); the paper's 5 and 95.
@@ -231,33 +276,42 @@ class PercentileIntervalQuantizer(CodebookQuantizer):
         lo, hi = q.interval()            # (5th, 95th) percentile of loc
     """
 
+    kind = "percentile-interval"
+    packed_type = "percentile-interval"
+    packed_keys = frozenset({"low", "high"})
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("interval", "f64", [2])]
+
     def __init__(self, bits=4, *, low: float = 5.0, high: float = 95.0):
-        Quantizer.__init__(self, bits)
+        super().__init__(bits)
         low = check_float("low", low, low=0.0, high=100.0)
         high = check_float("high", high, low=0.0, high=100.0)
         if not low < high:
             raise ValueError(f"low must be < high (percentiles in [0, 100]), got low={low}, high={high}")
-        self.family = "custom"
-        self._codebook = None
-        self._init_range(False, 0, "percentile", (low, high), 16)
+        self.percentiles = (low, high)
         self._reset()
 
     def _reset(self):
-        self.alpha = None  # the codebook scale (always 1 here)
-        self._codebook = None
         self.lo = None
         self.hi = None
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """The levels, ascending (after calibration)."""
-        self._require()
-        return self._codebook
 
     def interval(self) -> tuple[float, float]:
         """``(alpha, beta)``: the lowest and the highest level."""
         self._require()
         return self.lo, self.hi
+
+    def levels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``2**bits`` levels, ascending, in ``dtype`` (the values :meth:`decode` gives)."""
+        self._require()
+        lo, step, lm = self._step(dtype)
+        return lo + step * torch.arange(int(lm) + 1, dtype=dtype)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The levels as float32 (:meth:`levels`)."""
+        return self.levels()
 
     def _step(self, dtype, device=None):
         # the same float operations as quantize_uniform, so the levels agree bit for bit
@@ -268,14 +322,8 @@ class PercentileIntervalQuantizer(CodebookQuantizer):
         return lo, torch.where(step > 0, step, torch.ones_like(step)), lm
 
     def _calibrate(self, tensors) -> None:
-        x = tensors[0]
         flat = torch.cat([t.reshape(-1) for t in tensors])
         self.lo, self.hi = percentile_interval(flat, self.percentiles[0] / 100, self.percentiles[1] / 100)
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        lo, step, lm = self._step(dtype)
-        k = torch.arange(int(lm) + 1, dtype=dtype)
-        self._codebook = lo + step * k
-        self.alpha = torch.ones([1] * x.dim())
 
     def encode(self, x):
         self._require()
@@ -283,9 +331,23 @@ class PercentileIntervalQuantizer(CodebookQuantizer):
         k = torch.clamp(torch.round((x.detach() - lo) / step), torch.zeros_like(lm), lm)
         return k.to(torch.int64)
 
+    def decode(self, codes, dtype=torch.float32):
+        self._require()
+        lo, step, _ = self._step(dtype, codes.device)
+        return lo + step * codes.to(dtype)
+
+    def config(self) -> dict:
+        return {"type": self.packed_type, "low": self.percentiles[0], "high": self.percentiles[1]}
+
+    def state(self):
+        self._require()
+        return {"interval": torch.tensor([self.lo, self.hi], dtype=torch.float64)}
+
     def _set_state(self, state):
-        super()._set_state(state)
-        self.lo, self.hi = float(self._codebook[0]), float(self._codebook[-1])
+        lo, hi = _finite_values(state, "interval", 2)
+        if not hi > lo:
+            raise ValueError(f"state 'interval' must have beta > alpha, got {lo}, {hi}")
+        self.lo, self.hi = lo, hi
 
     def __repr__(self) -> str:
         low, high = self.percentiles

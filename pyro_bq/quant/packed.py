@@ -9,14 +9,22 @@ pickle; magic, version and SHA-256 checked on reading) with four tensors:
 * ``f32`` (float32): every float quantity (unquantized ``loc``/``scale``)
   and the quantizers' float calibration data (ranges, codebook scales and
   codebooks);
-* ``i16`` (int16): the exponent windows of log2 quantizers;
+* ``i16`` (int16): the exponent windows of log2 quantizers, and float64
+  calibration values (e.g. the mixed-precision quantizers' intervals, means
+  and scales), each stored bit-exact as four little-endian int16 words;
 * ``bitmap`` (uint8): per-element bit widths (4 bits each) where a site uses
   a bits tensor.
 
 The JSON header lists the sites (name, shape, event dim) and, per quantity, the
-index of its quantizer configuration and its bits. The shapes of calibration
-tensors follow from the configuration, so the header stays small.
-Packing and unpacking are vectorized (numpy bit operations).
+index of its quantizer configuration and its bits (and, for a codebook, its
+length). The shapes of calibration tensors follow from the configuration, so
+the header stays small. Packing and unpacking are vectorized (numpy bit operations).
+
+Which quantizers a file can hold, and how, is declared by each quantizer
+class (``packed_type``, ``packed_keys``, ``packed_layout``; see
+:func:`pyro_bq.quant.quantizers.register_quantizer`): the writer, the header
+checks and the reader consult that registry, so a new quantizer class needs
+no change here.
 
 On reading, the header of a file that passed its checksum is still checked
 entry by entry (types, shapes, dtypes, site names, bits, quantizer
@@ -39,7 +47,7 @@ from pyro_bq.io.container import CorruptFileError, read_container, write_contain
 
 from .policies import SiteQuantizers
 from .quantizers import MAX_BITS as _MAX_BITS
-from .quantizers import CodebookQuantizer, quantizer_from_state
+from .quantizers import STATE_STREAMS, Quantizer, channel_range_shape, quantizer_class, quantizer_from_state
 
 __all__ = ["save_packed", "load_packed", "pack_bits", "unpack_bits", "encode_guide", "KIND"]
 
@@ -175,25 +183,54 @@ def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np
 
 
 # -- layout helpers ----------------------------------------------------------------------------
-def _range_shape(cfg: dict, shape) -> list[int]:
-    ndim = len(shape)
-    rs = [1] * ndim
-    if cfg.get("per_channel") and ndim >= 2:
-        d = cfg.get("channel_dim", 0) % ndim
-        rs[d] = int(shape[d])
-    return rs
+_range_shape = channel_range_shape
+#: how each state stream of :data:`STATE_STREAMS` is stored: (file stream, file values per value)
+_STATE_STORAGE = {"f32": ("f32", 1), "i16": ("i16", 1), "f64": ("i16", 4)}
+
+
+def _registered(kind) -> Optional[type]:
+    """The quantizer class registered for the packed type ``kind``, or ``None``."""
+    try:
+        return quantizer_class(kind)
+    except ValueError:
+        return None
 
 
 def _state_layout(cfg: dict, shape, k: Optional[int] = None) -> list[tuple[str, str, list[int]]]:
-    rs = _range_shape(cfg, shape)
-    kind = cfg["type"]
-    if kind == "uniform":
-        return [("hi", "f32", rs)] if cfg["symmetric"] else [("lo", "f32", rs), ("hi", "f32", rs)]
-    if kind == "log2":
-        return [("top", "i16", rs)]
-    if kind == "codebook":
-        return [("alpha", "f32", rs), ("codebook", "f32", [int(k)])]
-    raise CorruptFileError(f"unknown quantizer type {kind!r} in packed file")
+    """The state tensors ``[(name, stream, shape)]`` of a quantizer configuration at a site of ``shape``,
+    as the class registered for ``cfg["type"]`` declares them (``packed_layout``)."""
+    cls = _registered(cfg["type"])
+    if cls is None:
+        raise CorruptFileError(f"unknown quantizer type {cfg['type']!r} in packed file; known: {_known_types()}")
+    layout = cls.packed_layout(cfg, list(shape), k)
+    for entry in layout:
+        ok = (isinstance(entry, tuple) and len(entry) == 3 and isinstance(entry[0], str)
+              and entry[1] in STATE_STREAMS and _is_shape(entry[2], low=0))
+        if not ok:
+            raise RuntimeError(f"{cls.__name__}.packed_layout returned {entry!r}; each entry must be "
+                               f"(name, one of {sorted(STATE_STREAMS)}, [ints >= 0])")
+    return layout
+
+
+def _known_types() -> str:
+    from .quantizers import packed_types
+
+    return ", ".join(map(repr, packed_types()))
+
+
+def _packable(q: Quantizer, where: str) -> dict:
+    """``q.config()``, after checking that ``q``'s class declares a packed format that matches it."""
+    cls = type(q)
+    kind = getattr(cls, "packed_type", None)
+    if kind is None or _registered(kind) is None:
+        raise TypeError(f"{where}: {cls.__name__} has no packed format; a quantizer class declares one with "
+                        "packed_type, packed_keys and packed_layout (see pyro_bq.quant.quantizers.register_quantizer)")
+    cfg = q.config()
+    want = {"type"} | set(_registered(kind).packed_keys)
+    if cfg.get("type") != kind or set(cfg) != want:
+        raise ValueError(f"{where}: {cls.__name__}.config() gives type {cfg.get('type')!r} and keys {sorted(cfg)}; "
+                         f"its packed format (type {kind!r}) wants the keys {sorted(want)}")
+    return cfg
 
 
 def _guide_parts(guide):
@@ -234,12 +271,13 @@ def build_meta(guide) -> dict:
             if q is None:
                 items.append(None)
                 continue
-            text = json.dumps(q.config(), sort_keys=True, separators=(",", ":"))
+            cfg = _packable(q, f"site {name!r} {quantity}")
+            text = json.dumps(cfg, sort_keys=True, separators=(",", ":"))
             if text not in cfgs:
                 cfgs.append(text)
             item = [cfgs.index(text), q.bits if isinstance(q.bits, int) else -1]
-            if isinstance(q, CodebookQuantizer):
-                item.append(int(q.codebook.numel()))
+            if type(q).packed_sized:
+                item.append(int(q.packed_size()))
             items.append(item)
         sites.append([name, list(info.shape), int(info.event_dim), *items])
     with torch.no_grad():
@@ -284,14 +322,18 @@ def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
                     codes.append(packed)
                     acc["code"] += int(widths.sum()) if isinstance(widths, np.ndarray) else widths * info.numel
                 state = q.state()
-                for key, stream, shape in _state_layout(q.config(), info.shape,
-                                                        q.codebook.numel() if isinstance(q, CodebookQuantizer) else None):
+                for key, stream, shape in _state_layout(q.config(), info.shape, q.packed_size()):
                     t = state[key]
                     if list(t.shape) != shape:
                         raise RuntimeError(f"internal: state {key!r} of site {name!r} has shape {list(t.shape)}, "
                                            f"layout says {shape}")
-                    (f32 if stream == "f32" else i16).append(
-                        t.detach().reshape(-1).cpu().numpy().astype(np.float32 if stream == "f32" else np.int16))
+                    flat = t.detach().reshape(-1).cpu().numpy()
+                    if stream == "f32":
+                        f32.append(flat.astype(np.float32))
+                    elif stream == "i16":
+                        i16.append(flat.astype(np.int16))
+                    else:  # f64: bit-exact, as four little-endian int16 words per value
+                        i16.append(np.ascontiguousarray(flat.astype("<f8")).view("<i2"))
                 acc["metadata"] += q.metadata_bits()
             accounting[name] = acc
 
@@ -326,12 +368,6 @@ _INPUT_DTYPES = {name: getattr(torch, name) for name in
                  ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
 #: largest example input (elements) a header may ask :func:`load_packed` to build
 _MAX_INPUT_NUMEL = 2**27
-#: the keys of each quantizer configuration, as :meth:`Quantizer.config` writes them
-_CFG_KEYS = {
-    "uniform": {"type", "symmetric", "per_channel", "channel_dim", "range", "percentiles", "search_steps"},
-    "log2": {"type", "per_channel", "channel_dim", "range", "percentiles"},
-    "codebook": {"type", "family", "per_channel", "channel_dim", "range", "percentiles", "search_steps"},
-}
 #: the data streams and their dtypes
 _STREAMS = {"codes": torch.uint8, "f32": torch.float32, "i16": torch.int16, "bitmap": torch.uint8}
 
@@ -344,23 +380,9 @@ def _is_shape(value, low: int = 1) -> bool:
     return isinstance(value, list) and all(_is_int(d) and d >= low for d in value)
 
 
-def _check_config(cfg: dict) -> None:
+def _check_config(cfg: dict, cls: type) -> None:
     """Build a throw-away quantizer from ``cfg`` so its constructor checks every value."""
-    from .quantizers import Log2Quantizer, UniformQuantizer
-
-    rest = {k: v for k, v in cfg.items() if k != "type"}
-    if isinstance(rest.get("percentiles"), list):
-        rest["percentiles"] = tuple(rest["percentiles"])
-    if cfg["type"] == "uniform":
-        UniformQuantizer(8, **rest)
-    elif cfg["type"] == "log2":
-        Log2Quantizer(4, **rest)
-    else:
-        family = rest.pop("family")
-        if family == "custom":
-            CodebookQuantizer(1, codebook=torch.tensor([0.0, 1.0]), **rest)
-        else:
-            CodebookQuantizer(4, family=family, **rest)
+    cls.from_config(cfg, 8)
 
 
 def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
@@ -408,17 +430,20 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
     cfgs = meta["cfgs"]
     if not isinstance(cfgs, list):
         raise bad(f"'cfgs' must be a list of quantizer configurations, got {type(cfgs).__name__}")
+    classes = []
     for i, cfg in enumerate(cfgs):
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or cfg["type"] not in _CFG_KEYS:
-            raise bad(f"cfgs[{i}] must be a quantizer configuration whose 'type' is one of "
-                      f"{', '.join(map(repr, _CFG_KEYS))}; got {cfg!r}")
-        want = _CFG_KEYS[cfg["type"]]
+        cls = _registered(cfg.get("type")) if isinstance(cfg, dict) else None
+        if cls is None:
+            raise bad(f"cfgs[{i}] must be a quantizer configuration whose 'type' is one of {_known_types()}; "
+                      f"got {cfg!r}")
+        want = {"type"} | set(cls.packed_keys)
         if set(cfg) != want:
             raise bad(f"cfgs[{i}] ({cfg['type']}) has the keys {sorted(cfg)}, expected {sorted(want)}")
         try:
-            _check_config(cfg)
+            _check_config(cfg, cls)
         except (TypeError, ValueError) as err:
-            raise bad(f"cfgs[{i}]: {err}") from None
+            raise bad(f"cfgs[{i}] ({cfg['type']}): {err}") from None
+        classes.append(cls)
     sites = meta["sites"]
     if not isinstance(sites, list) or not sites:
         raise bad(f"'sites' must be a non-empty list, got {sites!r}")
@@ -447,16 +472,18 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
                 raise bad(f"{where}: the cfg index must be an int in [0, {len(cfgs)}), got {idx!r}")
             if not _is_int(bits) or not (bits == -1 or 1 <= bits <= _MAX_BITS):
                 raise bad(f"{where}: bits must be an int from 1 to {_MAX_BITS} (or -1 for a bit map), got {bits!r}")
-            codebook = cfgs[idx]["type"] == "codebook"
-            if codebook != (len(item) == 3):
-                raise bad(f"{where}: a codebook quantizer needs [cfg index, bits, codebook size], others "
-                          f"[cfg index, bits]; got {item!r}")
-            if codebook:
-                k = item[2]
-                if bits == -1:
-                    raise bad(f"{where}: a codebook quantizer cannot use per-element bits (-1)")
-                if not _is_int(k) or not 2 <= k <= 2**bits:
-                    raise bad(f"{where}: the codebook size must be an int in [2, 2**bits = {2**bits}], got {k!r}")
+            cls, kind = classes[idx], cfgs[idx]["type"]
+            if cls.packed_sized != (len(item) == 3):
+                need = "[cfg index, bits, size]" if cls.packed_sized else "[cfg index, bits]"
+                raise bad(f"{where}: a {kind!r} quantizer needs {need} (a codebook quantizer stores its codebook "
+                          f"size, others do not); got {item!r}")
+            if bits == -1 and not cls._tensor_bits_ok:
+                raise bad(f"{where}: a {kind!r} quantizer cannot use per-element bits (-1)")
+            if cls.packed_sized:
+                problem = (f"a {kind!r} quantizer cannot use per-element bits (-1)" if bits == -1
+                           else cls.check_packed_size(bits, item[2]))
+                if problem:
+                    raise bad(f"{where}: {problem}")
     return fused, in_shape, in_dtype, cfgs, sites
 
 
@@ -516,7 +543,11 @@ def _decode_sites(path, cfgs: list, sites: list, tensors) -> tuple[dict, dict]:
                 codes = torch.from_numpy(reader.take_packed("codes", numel, widths)).reshape(shape)
             state = {}
             for key, stream, sshape in _state_layout(cfg, shape, item[2] if len(item) > 2 else None):
-                state[key] = reader.take(stream, math.prod(sshape)).reshape(sshape).clone()
+                where, per = _STATE_STORAGE[stream]
+                raw = reader.take(where, per * math.prod(sshape))
+                if stream == "f64":
+                    raw = torch.from_numpy(raw.numpy().astype("<i2").view("<f8").astype(np.float64))
+                state[key] = raw.reshape(sshape).clone()
             try:
                 q = quantizer_from_state(cfg, bits, state, shape)
             except (TypeError, ValueError) as err:
@@ -524,9 +555,10 @@ def _decode_sites(path, cfgs: list, sites: list, tensors) -> tuple[dict, dict]:
                                        f"the data ({err})") from None
             setattr(sq, quantity, q)
             if codes is not None:
-                if isinstance(q, CodebookQuantizer) and codes.numel() and int(codes.max()) >= q.codebook.numel():
+                limit = q.code_count()
+                if limit is not None and codes.numel() and int(codes.max()) >= limit:
                     raise CorruptFileError(f"{path}: site {name!r} {quantity}: code {int(codes.max())} is past the "
-                                           f"end of its codebook of {q.codebook.numel()} values")
+                                           f"end of its codebook of {limit} values")
                 out[quantity] = q.decode(codes)
         values[name] = (out["loc"], out["scale"])
         if not sq.is_float:

@@ -27,14 +27,24 @@ Three families:
 Every quantizer works on tensors with extra *leading* dimensions (Monte Carlo
 samples): its calibrated range has the calibrated tensor's number of
 dimensions and broadcasts from the right.
+
+Packed files (:func:`pyro_bq.quant.save_packed`) learn a quantizer class from
+one declaration on the class itself: ``packed_type`` (the name its
+:meth:`~Quantizer.config` carries as ``"type"``), ``packed_keys`` (the other
+config keys) and the classmethod ``packed_layout(config, shape, k)`` (its
+state tensors: name, stream and shape). A subclass that sets ``packed_type``
+is registered when it is defined (:func:`register_quantizer`);
+:func:`quantizer_from_state` and the packed-file reader look the type up with
+:func:`quantizer_class`. See :class:`Quantizer` for the optional hooks.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 
@@ -50,12 +60,20 @@ __all__ = [
     "check_bits",
     "ste",
     "quantizer_from_state",
+    "register_quantizer",
+    "quantizer_class",
+    "packed_types",
+    "channel_range_shape",
+    "STATE_STREAMS",
 ]
 
 MAX_BITS = 16
 _RANGES = ("minmax", "percentile", "mse", "auto")
 #: percentiles used by range="auto" below 4 bits
 AUTO_PERCENTILES = (0.5, 99.5)
+#: the streams a packed state tensor can use, and the bits of one value in each: float32, int16, and
+#: float64 (stored bit-exact as four little-endian int16 words in the int16 stream)
+STATE_STREAMS = {"f32": 32, "i16": 16, "f64": 64}
 
 
 def check_bits(name: str, bits, *, allow_tensor: bool = True):
@@ -106,10 +124,60 @@ class Quantizer:
 
     kind = "base"
 
+    # -- the packed format: one declaration per class ---------------------------------
+    #: the name of this class in packed files (what :meth:`config` writes as ``"type"``). A subclass
+    #: that sets it is registered when defined (:func:`register_quantizer`); ``None``: not packable.
+    packed_type: ClassVar[Optional[str]] = None
+    #: the keys of :meth:`config` besides ``"type"`` (a packed header must hold exactly these)
+    packed_keys: ClassVar[frozenset] = frozenset()
+    #: True if the layout depends on a per-site size ``k`` (a codebook's length) that the header
+    #: stores with the bits; :meth:`packed_size` gives it, :meth:`check_packed_size` validates it
+    packed_sized: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("packed_type") is not None:
+            register_quantizer(cls)
+
+    @classmethod
+    def packed_layout(cls, config: dict, shape, k: Optional[int] = None) -> list:
+        """The state tensors of a packed site: ``[(name, stream, shape), ...]`` in file order.
+
+        ``stream`` is a key of :data:`STATE_STREAMS` (``"f32"``, ``"i16"`` or ``"f64"``); ``shape``
+        (a list of ints) follows from ``config`` (a :meth:`config` dict), the site's ``shape``
+        and, for :attr:`packed_sized` classes, ``k``. :meth:`state` must return these tensors.
+        """
+        raise NotImplementedError(f"{cls.__name__} declares no packed layout")
+
+    @classmethod
+    def from_config(cls, config: dict, bits, state: Optional[dict] = None) -> "Quantizer":
+        """An uncalibrated quantizer from a :meth:`config` dict (``"type"`` is ignored) and ``bits``.
+
+        The default passes the other keys to the constructor (lists as tuples). ``state`` (the
+        packed state, or ``None`` when only the configuration is being checked) is there for
+        classes whose constructor needs part of it (a custom codebook).
+        """
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k != "type"}
+        return cls(bits, **kwargs)
+
+    @classmethod
+    def check_packed_size(cls, bits: int, k) -> Optional[str]:
+        """A problem with the size ``k`` a header gives at ``bits`` (a message), or ``None``."""
+        return None
+
+    def packed_size(self) -> Optional[int]:
+        """The size ``k`` of :meth:`packed_layout` (for :attr:`packed_sized` classes), else ``None``."""
+        return None
+
+    def code_count(self) -> Optional[int]:
+        """How many codes decode to a value, if fewer than ``2**bits`` (a codebook's length), else ``None``."""
+        return None
+
     def __init__(self, bits):
         self.bits = check_bits("bits", bits, allow_tensor=self._tensor_bits_ok)
         self._calibrated = False
 
+    #: whether ``bits`` may be a per-element integer tensor
     _tensor_bits_ok = False
 
     # -- calibration --------------------------------------------------------------
@@ -187,8 +255,13 @@ class Quantizer:
         return self.bits
 
     def metadata_bits(self) -> int:
-        """Bits of calibration data a packed file must hold (ranges, zero points, codebooks)."""
-        raise NotImplementedError
+        """Bits of calibration data a packed file must hold (ranges, zero points, codebooks).
+
+        The default counts the tensors of :meth:`packed_layout`.
+        """
+        self._require()
+        layout = type(self).packed_layout(self.config(), list(self.shape), self.packed_size())
+        return sum(STATE_STREAMS[stream] * math.prod(shape) for _, stream, shape in layout)
 
     def config(self) -> dict:
         """JSON-able specification (without bits tensors and calibration)."""
@@ -212,6 +285,81 @@ class Quantizer:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
         return f"{type(self).__name__}(bits={_bits_repr(self.bits)}, {cfg})"
+
+
+# -- the registry of packable quantizer classes ------------------------------------------------
+_REGISTRY: dict[str, type] = {}
+#: modules outside pyro_bq.quant that define packable quantizers; imported when a type is not known yet
+#: (so a file of mixed-precision quantizers loads without importing pyro_bq.mixed first)
+_PROVIDERS = ["pyro_bq.mixed.quantizers"]
+
+
+def register_quantizer(cls: type) -> type:
+    """Register ``cls`` (a :class:`Quantizer` subclass) for packed files under ``cls.packed_type``.
+
+    Subclasses that set ``packed_type`` are registered when they are defined, so this is only
+    needed for a class made otherwise; it can be used as a class decorator. The class must also
+    define ``packed_layout`` and may set ``packed_keys``, ``packed_sized`` and the hooks of
+    :class:`Quantizer` (``from_config``, ``check_packed_size``, ``packed_size``, ``code_count``).
+
+    :raises TypeError: if ``cls`` is not a Quantizer subclass, its ``packed_type`` is not a
+        non-empty str, its ``packed_keys`` are not strs or it has no ``packed_layout``.
+    :raises ValueError: if another class is registered under the same name, or ``packed_keys``
+        holds ``"type"``.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, Quantizer):
+        raise TypeError(f"register_quantizer takes a Quantizer subclass, got {cls!r}")
+    name = cls.packed_type
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}.packed_type must be a non-empty str, got {name!r}")
+    keys = cls.packed_keys
+    if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"{cls.__name__}.packed_keys must be a set of config keys (strs), got {keys!r}")
+    if "type" in keys:
+        raise ValueError(f"{cls.__name__}.packed_keys must not hold 'type' (it is always there)")
+    cls.packed_keys = frozenset(keys)
+    if cls.packed_layout.__func__ is Quantizer.packed_layout.__func__:
+        raise TypeError(f"{cls.__name__} sets packed_type={name!r} but defines no packed_layout classmethod")
+    old = _REGISTRY.get(name)
+    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"packed quantizer type {name!r} is already registered for "
+                         f"{old.__module__}.{old.__qualname__}; choose another packed_type for {cls.__name__}")
+    _REGISTRY[name] = cls  # a re-definition of the same class (a module reload) replaces it
+    return cls
+
+
+def _load_providers() -> None:
+    while _PROVIDERS:
+        importlib.import_module(_PROVIDERS.pop(0))
+
+
+def packed_types() -> list[str]:
+    """The registered packed quantizer types, sorted."""
+    _load_providers()
+    return sorted(_REGISTRY)
+
+
+def quantizer_class(name) -> type:
+    """The quantizer class registered under the packed type ``name``.
+
+    :raises ValueError: for a name no class is registered under (the message lists the known ones).
+    """
+    if isinstance(name, str) and name not in _REGISTRY:
+        _load_providers()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown quantizer type {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def channel_range_shape(config: dict, shape) -> list[int]:
+    """The shape of a per-tensor or per-channel range (``config["per_channel"]``, ``config["channel_dim"]``)
+    of a tensor of ``shape``: all ones, except the channel dimension of a per-channel range."""
+    ndim = len(shape)
+    rs = [1] * ndim
+    if config.get("per_channel") and ndim >= 2:
+        d = config.get("channel_dim", 0) % ndim
+        rs[d] = int(shape[d])
+    return rs
 
 
 class _RangeMixin:
@@ -313,6 +461,13 @@ class UniformQuantizer(_RangeMixin, Quantizer):
 
     kind = "uniform"
     _tensor_bits_ok = True
+    packed_type = "uniform"
+    packed_keys = frozenset({"symmetric", "per_channel", "channel_dim", "range", "percentiles", "search_steps"})
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        rs = channel_range_shape(config, shape)
+        return [("hi", "f32", rs)] if config["symmetric"] else [("lo", "f32", rs), ("hi", "f32", rs)]
 
     def __init__(self, bits=8, *, symmetric: bool = True, per_channel: bool = False, channel_dim: int = 0,
                  range: str = "minmax", percentiles: Sequence[float] = (5.0, 95.0), search_steps: int = 16):
@@ -413,7 +568,7 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         return 32 * self.hi.numel() * (1 if self.symmetric else 2)
 
     def config(self):
-        return {"type": self.kind, "symmetric": self.symmetric, "per_channel": self.per_channel,
+        return {"type": self.packed_type, "symmetric": self.symmetric, "per_channel": self.per_channel,
                 "channel_dim": self.channel_dim, "range": self.range, "percentiles": list(self.percentiles),
                 "search_steps": self.search_steps}
 
@@ -444,6 +599,12 @@ class Log2Quantizer(_RangeMixin, Quantizer):
 
     kind = "log2"
     _tensor_bits_ok = True
+    packed_type = "log2"
+    packed_keys = frozenset({"per_channel", "channel_dim", "range", "percentiles"})
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("top", "i16", channel_range_shape(config, shape))]
 
     def __init__(self, bits=4, *, per_channel: bool = False, channel_dim: int = 0, range: str = "minmax",
                  percentiles: Sequence[float] = (0.0, 99.0)):
@@ -492,7 +653,7 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         return 16 * self.top.numel()  # one int16 exponent per window
 
     def config(self):
-        return {"type": self.kind, "per_channel": self.per_channel, "channel_dim": self.channel_dim,
+        return {"type": self.packed_type, "per_channel": self.per_channel, "channel_dim": self.channel_dim,
                 "range": self.range, "percentiles": list(self.percentiles)}
 
     def state(self):
@@ -540,6 +701,34 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
     """
 
     kind = "codebook"
+    packed_type = "codebook"
+    packed_keys = frozenset({"family", "per_channel", "channel_dim", "range", "percentiles", "search_steps"})
+    packed_sized = True  # the header stores the codebook's length
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("alpha", "f32", channel_range_shape(config, shape)), ("codebook", "f32", [int(k)])]
+
+    @classmethod
+    def from_config(cls, config, bits, state=None):
+        cfg = {key: tuple(v) if isinstance(v, list) else v for key, v in config.items() if key != "type"}
+        family = cfg.pop("family", None)
+        if family == "custom":  # the codebook is state; a placeholder when only the config is checked
+            codebook = state["codebook"] if state is not None else torch.tensor([0.0, 1.0])
+            return cls(bits, codebook=codebook, **cfg)
+        return cls(bits, family=family, **cfg)
+
+    @classmethod
+    def check_packed_size(cls, bits, k):
+        if not (isinstance(k, int) and not isinstance(k, bool)) or not 2 <= k <= 2**bits:
+            return f"the codebook size must be an int in [2, 2**bits = {2**bits}], got {k!r}"
+        return None
+
+    def packed_size(self):
+        return int(self.codebook.numel())
+
+    def code_count(self):
+        return int(self.codebook.numel())
 
     def __init__(self, bits="auto", *, family: str = "pot", codebook: Optional[torch.Tensor] = None,
                  per_channel: bool = False, channel_dim: int = 0, range: str = "minmax",
@@ -614,7 +803,7 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
         return 32 * self.alpha.numel() + 32 * self.codebook.numel()
 
     def config(self):
-        return {"type": self.kind, "family": self.family, "per_channel": self.per_channel,
+        return {"type": self.packed_type, "family": self.family, "per_channel": self.per_channel,
                 "channel_dim": self.channel_dim, "range": self.range, "percentiles": list(self.percentiles),
                 "search_steps": self.search_steps}
 
@@ -627,23 +816,10 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
         self._codebook = state["codebook"].float()
 
 
-_TYPES = {"uniform": UniformQuantizer, "log2": Log2Quantizer, "codebook": CodebookQuantizer}
-
-
 def quantizer_from_state(config: dict, bits, state: dict[str, torch.Tensor], shape) -> Quantizer:
-    """Rebuild a calibrated quantizer from :meth:`Quantizer.config`, its bits and :meth:`Quantizer.state`."""
-    cfg = dict(config)
-    kind = cfg.pop("type", None)
-    if kind not in _TYPES:
-        raise ValueError(f"unknown quantizer type {kind!r}; known: {sorted(_TYPES)}")
-    if "percentiles" in cfg:
-        cfg["percentiles"] = tuple(cfg["percentiles"])
-    if kind == "codebook":
-        family = cfg.pop("family")
-        if family == "custom":
-            q = CodebookQuantizer(bits, codebook=state["codebook"], **cfg)
-        else:
-            q = CodebookQuantizer(bits, family=family, **cfg)
-    else:
-        q = _TYPES[kind](bits, **cfg)
-    return q.load_state(state, shape)
+    """Rebuild a calibrated quantizer from :meth:`Quantizer.config`, its bits and :meth:`Quantizer.state`.
+
+    The class is the one registered under ``config["type"]`` (see :func:`register_quantizer`).
+    """
+    cls = quantizer_class(config.get("type"))
+    return cls.from_config(config, bits, state).load_state(state, shape)
