@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pyro_bq._validation import check_positive, check_type
 
-from .meanfield import AutoMeanFieldNormal, softplus_inverse
+from .meanfield import AutoMeanFieldNormal, _softplus_inverse
 
 __all__ = ["AutoPWFN"]
 
@@ -81,7 +81,7 @@ class AutoPWFN(AutoMeanFieldNormal):
         else:
             scale = torch.full_like(loc, self.init_scale)
         self.loc = torch.nn.Parameter(loc.clone())
-        self.scale_raw = torch.nn.Parameter(softplus_inverse(scale.clamp_min(1e-30)))
+        self.scale_raw = torch.nn.Parameter(_softplus_inverse(scale.clamp_min(1e-30)))
         self.register_buffer("fixed", torch.zeros(loc.shape, dtype=torch.bool))
         self.register_buffer("fixed_loc", torch.zeros_like(loc))
         self.register_buffer("fixed_scale", torch.ones_like(loc))
@@ -171,7 +171,7 @@ class AutoPWFN(AutoMeanFieldNormal):
         self._require_setup()
         if self._any_fixed():
             self.loc.copy_(torch.where(self.fixed, self.fixed_loc, self.loc))
-            raw = softplus_inverse(self.fixed_scale.clamp_min(1e-30))
+            raw = _softplus_inverse(self.fixed_scale.clamp_min(1e-30))
             self.scale_raw.copy_(torch.where(self.fixed, raw, self.scale_raw))
         return self
 

@@ -164,8 +164,11 @@ class QuantizedGuide(AutoGaussianSites):
             raise ValueError(f"quantizers given for unknown sites {sorted(unknown)}; sites are {list(self.sites)}")
         self.quantizers = dict(quantizers)
         self.policy = policy
-        #: False: always draw site by site (set by load_packed to match the saved guide)
-        self.fused = True
+        #: False: always draw site by site. Starts as the wrapped guide draws (so a float
+        #: policy draws exactly what its guide draws under the same seed); load_packed
+        #: sets it to match the saved guide.
+        with torch.no_grad():
+            self.fused = base._fused_loc_scale() is not None
 
     def _site_quantizers(self, name):
         return self.quantizers.get(name)

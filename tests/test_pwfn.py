@@ -362,3 +362,35 @@ def test_fl_bias_exclusion_and_stats():
     p = 3 / 8
     assert stats["entropy_wo_fl_bias"] == pytest.approx(-(p * math.log2(p) + (1 - p) * math.log2(1 - p)))
     assert stats["codebook"] == [0.0, 0.5, 1.0, 2.0, 3.0, 4.0]
+
+
+# -- packed export -------------------------------------------------------------------------------------
+def test_codebook_policy_packs_a_fixed_guide_exactly(tmp_path):
+    from pyro.infer import Predictive
+
+    from pyro_bq.pwfn import codebook_policy
+    from pyro_bq.quant import load_packed, memory_report, quantize, save_packed
+
+    model, guide, x, y = _small()
+    with pytest.raises(ValueError, match="fixed"):
+        codebook_policy(guide)  # nothing fixed yet
+    with pytest.raises(TypeError, match="guide"):
+        codebook_policy(object())
+    cluster_guide_(guide, 0.6, ClusterConfig(b=6, tau=1.0))
+    cluster_guide_(guide, 1.0, ClusterConfig(b=6, tau=1.0))
+    q = quantize(guide, codebook_policy(guide))
+    for name in guide.sites:  # the same loc and scale, bit for bit
+        for a, b in zip(guide.get_loc_scale(name), q.get_loc_scale(name)):
+            assert torch.equal(a, b), name
+    k = guide.codebook().numel()
+    report = memory_report(q)
+    path = tmp_path / "pwfn.bq"
+    assert save_packed(q, path) == path.stat().st_size == report.file_bytes
+    # indices of ceil(log2 K) bits for the means: far below float storage
+    assert report.bits_per_param < 64 and math.ceil(math.log2(k)) < 32
+    loaded = load_packed(path, model)
+    draws = []
+    for g in (guide, q, loaded):
+        pyro.set_rng_seed(3)
+        draws.append(Predictive(model, guide=g, num_samples=3, return_sites=["logits"])(x)["logits"])
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[1], draws[2])

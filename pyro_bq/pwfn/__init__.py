@@ -16,6 +16,7 @@ from pyro_bq.guides.pwfn import AutoPWFN
 
 from .clustering import ClusterConfig, ClusterLevel, ClusterResult, cluster_guide_, prefix_within_tau, pwfn_cluster
 from .driver import DEFAULT_SCHEDULE, PWFN, PWFNResult, check_schedule
+from .export import codebook_policy
 from .metrics import (
     accuracy,
     compression_stats,
@@ -29,6 +30,7 @@ from .sigma_init import pow2_bracket, pwfn_sigma_init, quantile, relative_pow2_d
 
 __all__ = [
     "AutoPWFN",
+    "codebook_policy",
     "PWFN",
     "PWFNResult",
     "PWFNObjective",

@@ -15,7 +15,17 @@ from .memory import MemoryReport, SiteMemory, memory_report
 from .packed import load_packed, pack_bits, save_packed, unpack_bits
 from .policies import JQ, QUANTITIES, SPQ, VPQ, FloatPolicy, Policy, SiteQuantizers, make_policy
 from .quantize import calibrate_site, quantize
-from .quantizers import CodebookQuantizer, Log2Quantizer, Quantizer, UniformQuantizer, check_bits, ste
+from .quantizers import (
+    CodebookQuantizer,
+    Log2Quantizer,
+    Quantizer,
+    UniformQuantizer,
+    check_bits,
+    packed_types,
+    quantizer_class,
+    register_quantizer,
+    ste,
+)
 
 __all__ = [
     "Quantizer",
@@ -23,6 +33,9 @@ __all__ = [
     "Log2Quantizer",
     "CodebookQuantizer",
     "check_bits",
+    "register_quantizer",
+    "quantizer_class",
+    "packed_types",
     "ste",
     "Policy",
     "VPQ",

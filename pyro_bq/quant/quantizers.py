@@ -692,12 +692,15 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
     at most ``2**bits`` codes. Or pass any sorted ``codebook`` (``bits`` then
     defaults to the bits needed to index it). The scale factor maps the
     codebook's largest magnitude onto the range's largest magnitude (per tensor
-    or channel; ``range="mse"`` searches a smaller factor).
+    or channel; ``range="mse"`` searches a smaller factor); ``range="fixed"``
+    keeps the factor at 1, so values snap onto the codebook itself (for a
+    network whose weights already lie on a codebook, such as a PWFN guide).
 
     Usage::
 
         q = CodebookQuantizer(4, family="apot", per_channel=True).calibrate(w)
         w_q = q(w)                  # alpha * (sums of powers of two)
+        exact = CodebookQuantizer(codebook=torch.tensor([-0.5, 0.0, 0.25]), range="fixed")
     """
 
     kind = "codebook"
@@ -751,7 +754,10 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
                 raise ValueError("family='custom' needs a codebook tensor")
             super().__init__(4 if isinstance(bits, str) and bits == "auto" else bits)
             self._codebook = None
-        self._init_range(per_channel, channel_dim, range, percentiles, search_steps)
+        fixed = isinstance(range, str) and range == "fixed"
+        self._init_range(per_channel, channel_dim, "minmax" if fixed else range, percentiles, search_steps)
+        if fixed:
+            self.range = "fixed"
         self._reset()
 
     def _reset(self):
@@ -769,6 +775,9 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
     def _calibrate(self, tensors) -> None:
         x = tensors[0]
         flat = self._flat(tensors).float()
+        if self.range == "fixed":
+            self.alpha = self._keep_shape(torch.ones(flat.shape[0]), x.dim())
+            return
         lo, hi = self._low_high(flat)
         cb = self.codebook
         amax = torch.maximum(lo.abs(), hi.abs())

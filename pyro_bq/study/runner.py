@@ -456,7 +456,8 @@ def _net_from_guide(b: "_Builders"):
 
 def _row_pwfn(b: "_Builders", spec: RowSpec):
     from pyro_bq.guides import init_to_pretrained
-    from pyro_bq.pwfn import PWFN, AutoPWFN
+    from pyro_bq.pwfn import PWFN, AutoPWFN, codebook_policy
+    from pyro_bq.quant import quantize
 
     cfg = b.cfg
     guide = AutoPWFN(b.model, init_loc_fn=init_to_pretrained(_net_from_guide(b)))
@@ -466,7 +467,8 @@ def _row_pwfn(b: "_Builders", spec: RowSpec):
         log=lambda line: log.info("PWFN: %s", line),
     ).run()
     final = {k: v for k, v in (result.final or {}).items() if isinstance(v, (int, float, str))}
-    return guide, {"pwfn": final}
+    # packed as indices into the codebook of means and the table of scales: the same guide, exactly
+    return quantize(guide, codebook_policy(guide)), {"pwfn": final}
 
 
 def _row_allocation(b: "_Builders", spec: RowSpec):
