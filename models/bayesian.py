@@ -24,6 +24,7 @@ from torch.func import functional_call, vmap
 
 from pyro_bq._validation import check_int, check_module, check_positive
 from pyro_bq.priors import Prior, bq_priors, prior_sites
+from pyro_bq.inference.folded import FoldedNet, NotFoldable
 
 __all__ = ["BayesianModel", "BayesianClassifier", "BayesianRegressor"]
 
@@ -120,19 +121,43 @@ class BayesianModel(PyroModule):
             raise ValueError("samples must hold at least one draw (S >= 1)")
 
     # -- vectorized prediction ---------------------------------------------------------
+    def _folded_net(self):
+        """The network traced for folded evaluation, or ``None`` where it uses unsupported operations."""
+        folded = self.__dict__.get("_folded")
+        if folded is None:
+            try:
+                folded = FoldedNet(self._template)
+            except NotFoldable:
+                folded = False
+            object.__setattr__(self, "_folded", folded)
+        return folded or None
+
     def batched_forward(self, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Network outputs for ``S`` weight samples at once: shape ``(S, N, ...)``.
 
         ``samples`` maps every weight site to a tensor with a leading sample
-        dimension ``S``. All samples go through one vectorized call
-        (:func:`torch.func.vmap`); deterministic parameters and buffers
-        (e.g. BatchNorm) are shared across samples. The network runs in eval mode.
+        dimension ``S``. All samples go through one pass: with the samples
+        folded into the tensors (:class:`~pyro_bq.inference.folded.FoldedNet`:
+        grouped convolutions, stacked Linear weights) where the network's
+        operations allow it, else one :func:`torch.func.vmap` call; both give
+        the same outputs. Deterministic parameters and buffers (e.g.
+        BatchNorm) are shared across samples. The network runs in eval mode.
         """
         self._check_inputs(x)
         sites = self.weight_sites
         self._check_samples(samples, sites)
         shared = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
         batched = {name[len("net."):]: samples[name] for name in sites}
+        folded = self._folded_net()
+        if folded is not None:
+            try:
+                return folded(batched, {k: v for k, v in shared.items() if k not in batched}, x)
+            except NotFoldable:
+                object.__setattr__(self, "_folded", False)
+            except RuntimeError as err:
+                if "shape" in str(err) or "size" in str(err):
+                    raise ValueError(f"x has shape {tuple(x.shape)}, which the network cannot take: {err}") from err
+                raise
 
         def one(params):
             return functional_call(self._template, {**shared, **params}, (x,))

@@ -1,0 +1,119 @@
+"""The folded multi-sample pass (grouped convolutions, stacked Linear weights) against vmap."""
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyro_bq import IIDNormal
+from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.inference.folded import FoldedNet, NotFoldable
+from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5, ResNet20
+
+
+class _Odd(nn.Module):
+    """A net with an operation the folded pass does not handle (a mean over features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(-1, keepdim=True))
+
+
+class _Mixed(nn.Module):
+    """Conv on the shared input, a deterministic (not sampled) layer, dropout, tanh, a residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = self.drop(h + F.relu(self.conv2(h)))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+def _vmap(model, draws, x):
+    object.__setattr__(model, "_folded", False)
+    try:
+        return model.batched_forward(draws, x)
+    finally:
+        object.__setattr__(model, "_folded", None)
+
+
+CASES = {
+    "mlp": (lambda: MLP((784, 16, 16, 10)), (9, 1, 28, 28)),
+    "lenet": (LeNet5, (9, 1, 28, 28)),
+    "resnet20": (ResNet20, (3, 3, 32, 32)),
+    "mixed": (_Mixed, (5, 2, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_folded_pass_equals_vmap(name):
+    make, shape = CASES[name]
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    net = make()
+    expose = (lambda m, p: m != "conv2") if name == "mixed" else None  # conv2 stays deterministic
+    model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=100, expose=expose)
+    model.net.eval()
+    x = torch.randn(shape)
+    guide = AutoMeanFieldNormal(model, init_scale=0.1)
+    guide(x[:2])
+    assert model._folded_net() is not None
+    draws = guide.sample_latents(4)
+    with torch.no_grad():
+        folded = model.batched_forward(draws, x)
+        ref = _vmap(model, draws, x)
+    assert folded.shape == ref.shape == (4, shape[0], ref.shape[-1])
+    torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
+    # the samples really differ (the folded layout does not mix them up)
+    assert not torch.allclose(folded[0], folded[1])
+    # one sample alone gives that sample's row
+    one = model.batched_forward({k: v[2:3] for k, v in draws.items()}, x)
+    torch.testing.assert_close(one[0], folded[2], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_networks_fall_back_to_vmap_with_the_same_result():
+    with pytest.raises(NotFoldable, match="method"):
+        FoldedNet(_Odd())
+    pyro.clear_param_store()
+    model = BayesianClassifier(_Odd(), IIDNormal(1.0), dataset_size=10)
+    x = torch.randn(6, 12)
+    guide = AutoMeanFieldNormal(model, init_scale=0.1)
+    guide(x)
+    assert model._folded_net() is None
+    draws = guide.sample_latents(3)
+    out = model.batched_forward(draws, x)
+    manual = torch.stack([F.linear(x - x.mean(-1, keepdim=True), draws["net.fc.weight"][s], draws["net.fc.bias"][s])
+                          for s in range(3)])
+    torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_regressor_outputs_through_the_folded_pass():
+    pyro.clear_param_store()
+    model = BayesianRegressor(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), IIDNormal(1.0), 50, noise=0.1)
+    x = torch.randn(7, 3)
+    guide = AutoMeanFieldNormal(model, init_scale=0.2)
+    guide(x, torch.randn(7))
+    assert model._folded_net() is not None
+    draws = guide.sample_latents(5)
+    out = model.batched_forward(draws, x)
+    assert out.shape == (5, 7)
+    torch.testing.assert_close(out, _vmap(model, draws, x), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_the_network_cannot_take_give_a_clear_error():
+    pyro.clear_param_store()
+    model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=10)
+    guide = AutoMeanFieldNormal(model)
+    guide(torch.randn(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="x has shape"):
+        model.batched_forward(guide.sample_latents(2), torch.randn(2, 3, 28, 28))
