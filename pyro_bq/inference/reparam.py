@@ -60,10 +60,16 @@ Usage::
     # Handled keeps the wrapped object's attributes (median, state_dict, batched_forward, ...):
     svi = SVI(Handled(model, lr), Handled(guide, lr), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
 
-Measured cost (``benchmarks/harness.py``): both handlers cost more per step
-than weight sampling (two products per layer), most on convolutions, so
-weight sampling (no handler) stays pyro_bq's default; use a handler for its
-lower gradient variance, and ``layers=("linear",)`` on convolutional nets.
+Measured cost (``benchmarks/harness.py --reps 30 --threads 2``, 2 CPU cores,
+batch 128, median ms per SVI step): LeNet-5 13.7 with weight sampling, 26.1
+with local reparameterization, 15.2 with it on Linear layers only, 22.1 with
+flipout; the 784-400-400-10 MLP 14.4, 16.5 and 20.1. Both handlers cost more
+per step than weight sampling (two products per layer instead of one, most
+on convolutions), so weight sampling (no handler) is pyro_bq's default for
+every layer type; use a handler for its lower gradient variance (measured
+about 0.15x the gradient variance of weight sampling for local
+reparameterization, 0.3x for flipout, in ``tests/test_reparam.py``), and
+``layers=("linear",)`` on convolutional nets.
 """
 
 from __future__ import annotations
