@@ -15,7 +15,10 @@ Training rows, batch 128, Adam(lr=1e-3), dataset size 60,000:
 * ``bbb-lr``    hand-written Bayes-by-backprop, local reparameterization
 * ``bbb-w``     hand-written Bayes-by-backprop, weights sampled once per minibatch
 * ``pyro-naive`` PyroSample priors + ``AutoNormal`` + ``TraceMeanField_ELBO``
+* ``bbb-w-fused`` the same with torch's fused Adam (what ``bq`` uses), for a like-for-like optimizer
 * ``bq``        pyro_bq default: ``BayesianClassifier`` + ``AutoMeanFieldNormal`` + ``TraceMeanField_ELBO``
+  + :func:`pyro_bq.inference.default_optim` (Adam with torch's fused kernel)
+* ``bq-stock-adam`` the same with stock ``pyro.optim.Adam({"lr": 1e-3})``
 * ``bq-lr``     the same under :class:`~pyro_bq.inference.reparam.LocalReparameterization`
 * ``bq-lr-fc``  the same, local reparameterization on Linear layers only
 * ``bq-flipout`` the same under :class:`~pyro_bq.inference.reparam.Flipout`
@@ -134,10 +137,10 @@ def _bbbify(net: nn.Module, lr: bool) -> nn.Module:
     return net
 
 
-def bbb_step(net_name, lr: bool):
+def bbb_step(net_name, lr: bool, fused: bool = False):
     net = _bbbify(make_net(net_name), lr)
     layers = [m for m in net.modules() if isinstance(m, _BBBLayer)]
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True) if fused else torch.optim.Adam(net.parameters(), lr=LR)
     x, y = data(BATCH)
 
     def step():
@@ -215,12 +218,15 @@ def bq_setup(net_name):
     return _BQ_CACHE[net_name]
 
 
-def bq_step(net_name, handler=None):
+def bq_step(net_name, handler=None, stock_adam=False):
     import pyro
     from pyro.infer import SVI, TraceMeanField_ELBO
 
+    from pyro_bq.inference import default_optim
+
     model, guide = bq_setup(net_name)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
+    optim = pyro.optim.Adam({"lr": LR}) if stock_adam else default_optim(LR)
+    svi = SVI(model, guide, optim, TraceMeanField_ELBO())
     x, y = data(BATCH)
     if handler is None:
         return lambda: svi.step(x, y)
@@ -334,8 +340,10 @@ def train_rows(net_name) -> Dict[str, Callable[[], Callable[[], None]]]:
         "det": lambda: det_step(net_name),
         "bbb-lr": lambda: bbb_step(net_name, lr=True),
         "bbb-w": lambda: bbb_step(net_name, lr=False),
+        "bbb-w-fused": lambda: bbb_step(net_name, lr=False, fused=True),
         "pyro-naive": lambda: naive_pyro_step(net_name),
         "bq": lambda: bq_step(net_name),
+        "bq-stock-adam": lambda: bq_step(net_name, stock_adam=True),
         "bq-lr": lambda: bq_step(net_name, LocalReparameterization()),
         "bq-flipout": lambda: bq_step(net_name, Flipout()),
     }
