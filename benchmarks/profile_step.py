@@ -1,0 +1,50 @@
+"""Operator-level profile of one pyro_bq SVI step next to the hand-written Bayes-by-backprop step.
+
+Runs ``--steps`` steps of each (the harness's ``bq`` and ``bbb-w`` rows) under
+:mod:`torch.profiler` and prints the operators that take the most self CPU
+time, so that the difference between the two steps can be read off.
+
+Usage::
+
+    python benchmarks/profile_step.py --net mlp --steps 20
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import bbb_step, bq_step  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", default="mlp", choices=["mlp", "lenet"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rows", type=int, default=14, help="operators shown per step kind")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = {"bq": bq_step(args.net), "bbb-w": bbb_step(args.net, False)}
+    for step in steps.values():
+        for _ in range(5):
+            step()
+    for name, step in steps.items():
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        print(f"{name}: {(time.perf_counter() - t) / args.steps * 1e3:.2f} ms per step (unprofiled)")
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+        print(f"\n===== {name}, {args.steps} steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
