@@ -16,9 +16,9 @@ Training rows, batch 128, Adam(lr=1e-3), dataset size 60,000:
 * ``bbb-w``     hand-written Bayes-by-backprop, weights sampled once per minibatch
 * ``pyro-naive`` PyroSample priors + ``AutoNormal`` + ``TraceMeanField_ELBO``
 * ``bbb-w-fused`` the same with torch's fused Adam (what ``bq`` uses), for a like-for-like optimizer
-* ``bq``        pyro_bq default: ``BayesianClassifier`` + ``AutoMeanFieldNormal`` + ``TraceMeanField_ELBO``
-  + :func:`pyro_bq.inference.default_optim` (Adam with torch's fused kernel)
-* ``bq-stock-adam`` the same with stock ``pyro.optim.Adam({"lr": 1e-3})``
+* ``bq``        pyro_bq default (what ``fit_svi`` uses): ``BayesianClassifier`` + ``AutoMeanFieldNormal``
+  + :class:`pyro_bq.inference.MeanFieldELBO` + :func:`pyro_bq.inference.default_optim` (fused Adam)
+* ``bq-stock``  the same model and guide with stock ``TraceMeanField_ELBO`` and ``pyro.optim.Adam``
 * ``bq-lr``     the same under :class:`~pyro_bq.inference.reparam.LocalReparameterization`
 * ``bq-lr-fc``  the same, local reparameterization on Linear layers only
 * ``bq-flipout`` the same under :class:`~pyro_bq.inference.reparam.Flipout`
@@ -218,15 +218,17 @@ def bq_setup(net_name):
     return _BQ_CACHE[net_name]
 
 
-def bq_step(net_name, handler=None, stock_adam=False):
+def bq_step(net_name, handler=None, stock=False):
     import pyro
     from pyro.infer import SVI, TraceMeanField_ELBO
 
-    from pyro_bq.inference import default_optim
+    from pyro_bq.inference import MeanFieldELBO, default_optim
 
     model, guide = bq_setup(net_name)
-    optim = pyro.optim.Adam({"lr": LR}) if stock_adam else default_optim(LR)
-    svi = SVI(model, guide, optim, TraceMeanField_ELBO())
+    if stock:  # stock Pyro optimizer and ELBO
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
+    else:
+        svi = SVI(model, guide, default_optim(LR), MeanFieldELBO())
     x, y = data(BATCH)
     if handler is None:
         return lambda: svi.step(x, y)
@@ -343,7 +345,7 @@ def train_rows(net_name) -> Dict[str, Callable[[], Callable[[], None]]]:
         "bbb-w-fused": lambda: bbb_step(net_name, lr=False, fused=True),
         "pyro-naive": lambda: naive_pyro_step(net_name),
         "bq": lambda: bq_step(net_name),
-        "bq-stock-adam": lambda: bq_step(net_name, stock_adam=True),
+        "bq-stock": lambda: bq_step(net_name, stock=True),
         "bq-lr": lambda: bq_step(net_name, LocalReparameterization()),
         "bq-flipout": lambda: bq_step(net_name, Flipout()),
     }

@@ -10,6 +10,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from guide_contract import GuideCase
+from pyro_bq.inference import MeanFieldELBO
 
 CASES: list[GuideCase] = []
 for path in sorted(pathlib.Path(__file__).parent.glob("factories_*.py")):
@@ -61,7 +62,7 @@ def test_predictive_runs_and_is_seeded(case):
     torch.testing.assert_close(a["logits"], b["logits"])
 
 
-@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO, MeanFieldELBO])
 def test_svi_step_updates_parameters(case, elbo):
     if not case.trainable:
         pytest.skip(f"{case.name} is a post-hoc guide")

@@ -46,6 +46,7 @@ from pyro_bq.data.dataset import InMemoryDataset
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 from . import distributed as _dist
+from .elbo import MeanFieldELBO
 
 __all__ = ["fit_svi", "FitResult", "NonFiniteError", "default_optim", "seed_everything", "svi_step"]
 
@@ -94,7 +95,7 @@ def default_optim(lr: float = 1e-3) -> pyro.optim.PyroOptim:
 
     Usage::
 
-        svi = SVI(model, guide, default_optim(1e-3), TraceMeanField_ELBO())
+        svi = SVI(model, guide, default_optim(1e-3), MeanFieldELBO())
     """
     options = {"lr": check_positive("lr", lr)}
     if _FUSED_ADAM:
@@ -405,7 +406,8 @@ def fit_svi(
     :param batch_size: examples per optimizer step; in a data-parallel run the
         *global* batch, split across the ranks.
     :param optim: a Pyro optimizer; default :func:`default_optim` ``(lr)`` (Adam, fused kernel).
-    :param elbo: default ``TraceMeanField_ELBO()``.
+    :param elbo: default :class:`~pyro_bq.inference.elbo.MeanFieldELBO` (``TraceMeanField_ELBO``
+        without the log-densities its loss never reads; same loss and gradients).
     :param seed: data order and weight noise, an int in ``[0, 2**32 - 1]``.
     :param checkpoint_dir: where ``ckpt-{step}.bq`` files go; with ``resume`` the
         run continues from the latest valid one there. A checkpoint records
@@ -459,7 +461,7 @@ def fit_svi(
     if step_hook is not None:
         check_callable("step_hook", step_hook, "a callable step_hook() or None")
     optim = optim if optim is not None else default_optim(lr)
-    elbo = elbo if elbo is not None else TraceMeanField_ELBO()
+    elbo = elbo if elbo is not None else MeanFieldELBO()
     _check_optim_elbo(optim, elbo)
     dp = _dist.resolve(distributed)
     rank = 0 if dp is None else dp.info.rank
