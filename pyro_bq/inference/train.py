@@ -89,9 +89,9 @@ def default_optim(lr: float = 1e-3) -> pyro.optim.PyroOptim:
     The same Adam update (up to float rounding), done in one kernel per
     parameter tensor instead of about ten element-wise passes. Measured on 2
     CPU cores: the optimizer step of a 478k-weight mean-field guide (two flat
-    tensors) alone takes 0.55 ms instead of 3.95 ms; a whole SVI step of the
-    784-400-400-10 MLP about 1 ms less (``benchmarks/harness.py``, rows ``bq``
-    and ``bq-stock-adam``). Pass any other optimizer to :func:`fit_svi` with ``optim=``.
+    tensors) alone takes 0.55 ms instead of 3.95 ms; in a whole SVI step of the
+    784-400-400-10 MLP it saved about 1 ms (``benchmarks/harness.py``). Pass any
+    other optimizer to :func:`fit_svi` with ``optim=``.
 
     Usage::
 
