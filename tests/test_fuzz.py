@@ -171,7 +171,7 @@ def _register_foundation():
     from pyro_bq import IIDNormal, LayerwiseNormal, PretrainedNormal, ScaleMixtureNormal, bq_priors
     from pyro_bq.data import InMemoryDataset, load_fashion_mnist, load_mnist
     from pyro_bq.guides import AutoMeanFieldNormal, init_to_pretrained
-    from pyro_bq.inference import fit_svi, seed_everything
+    from pyro_bq.inference import default_optim, fit_svi, seed_everything
     from pyro_bq.io import load_checkpoint, read_container, save_checkpoint, set_rng_state, write_container
     from pyro_bq.io.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
     from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5, ResNet20
@@ -314,6 +314,7 @@ def _register_foundation():
            "optim": st.one_of(st.integers(), st.just(torch.optim.Adam), st.text(max_size=3)),
            "elbo": st.one_of(st.integers(), st.text(max_size=3), st.just(pyro.infer.TraceMeanField_ELBO))})
     entry("seed_everything", seed_everything, lambda: {"seed": 0}, {"seed": bad_int(0)})
+    entry("default_optim", default_optim, lambda: {"lr": 1e-3}, {"lr": bad_float(0.0, low_open=True)})
 
     entry("MLP", MLP, lambda: {"sizes": (4, 3, 2)},
           {"sizes": st.one_of(st.just((4,)), st.just((4, 0, 2)), st.just((4, 2.5, 2)), st.just("42"), st.just(None), st.just(5))})
@@ -530,8 +531,8 @@ def _register_uncertainty():
 def _register_pwfn():
     from pyro_bq.guides import init_to_pretrained
     from pyro_bq.pwfn import (PWFN, AutoPWFN, ClusterConfig, PWFNObjective, check_schedule, cluster_guide_,
-                              compression_stats, prefix_within_tau, pwfn_sigma_init, quantile, sigma_regularizer,
-                              weight_entropy)
+                              codebook_policy, compression_stats, prefix_within_tau, pwfn_sigma_init, quantile,
+                              sigma_regularizer, weight_entropy)
 
     def pwfn_guide():
         net = _tiny_net()
@@ -568,6 +569,13 @@ def _register_pwfn():
     entry("ClusterConfig", ClusterConfig, lambda: {"b": 7, "order": 1, "tau": 1.0, "tau_step": 1.0, "b_step": 2, "max_b": 30},
           {"b": bad_int(0, 30), "order": bad_int(1), "tau": bad_float(0.0, low_open=True), "tau_step": bad_float(0.0, low_open=True),
            "b_step": bad_int(0), "max_b": bad_int(0, 40)})
+    def fixed_pwfn_guide():
+        guide = pwfn_guide()[1]
+        cluster_guide_(guide, 1.0, ClusterConfig(b=6))
+        return guide
+
+    entry("codebook_policy", codebook_policy, lambda: {"guide": fixed_pwfn_guide()},
+          {"guide": st.one_of(st.none(), st.integers(), st.just("guide"), st.builds(lambda: pwfn_guide()[1]))})
     entry("cluster_guide_", lambda **kw: cluster_guide_(pwfn_guide()[1], **kw), lambda: {"fraction": 0.5, "config": ClusterConfig()},
           {"fraction": bad_float(0.0, 1.0), "config": st.one_of(st.none(), st.integers(), st.just({"b": 7}))})
     entry("check_schedule", check_schedule, lambda: {"schedule": (0.5, 1.0)},
