@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--policies", nargs="+", default=["vpq", "spq", "jq"], choices=["vpq", "spq", "jq"])
     p.add_argument("--qat-bits", type=int, nargs="*", default=[3, 2], help="JQ bit widths that also get a fine-tuned row")
     p.add_argument("--qat-epochs", type=float, default=1.0, help="epochs of quantization-aware fine-tuning")
-    p.add_argument("--qat-lr", type=float, default=1e-3)
+    p.add_argument("--qat-lr", type=float, default=1e-4, help="Adam learning rate of the fine-tuning (lower than training: the grid is already set)")
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="cache of the trained float guide (default: <out-dir>/lenet_mfvi.bq)")
