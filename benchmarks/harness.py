@@ -288,8 +288,9 @@ def bt_step(net_name, kind="Reparameterization"):
 PRED_N, PRED_S = 1000, 32
 
 
-def pred_det(net_name):
-    net = make_net(net_name).eval()
+def _repeated_passes(net):
+    """``PRED_S`` forward passes of ``net`` (eval mode) over the prediction inputs."""
+    net = net.eval()
     x, _ = data(PRED_N, 1)
 
     @torch.no_grad()
@@ -298,6 +299,10 @@ def pred_det(net_name):
             net(x)
 
     return run
+
+
+def pred_det(net_name):
+    return _repeated_passes(make_net(net_name))
 
 
 def pred_bq(net_name):
@@ -323,15 +328,7 @@ def pred_loop(net_name):
 
 
 def pred_bt(net_name):
-    net = bt_net(net_name).eval()
-    x, _ = data(PRED_N, 1)
-
-    @torch.no_grad()
-    def run():
-        for _ in range(PRED_S):
-            net(x)
-
-    return run
+    return _repeated_passes(bt_net(net_name))  # bayesian-torch layers sample their weights on every pass
 
 
 # -- registry ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ The weight sites are named after the network's parameters with the prefix
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Mapping, Optional, Union
 
@@ -84,15 +85,21 @@ class BayesianModel(PyroModule):
             return pyro.plate("data", size=self.dataset_size, subsample_size=n)
         return pyro.plate("data", size=self.dataset_size, subsample=torch.arange(n, device=x.device))
 
-    def _run_net(self, x: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _shape_errors(self, x: torch.Tensor):
+        """Turn torch's shape/size RuntimeErrors from the network into a ValueError naming ``x``."""
         try:
-            return self.net(x)
+            yield
         except RuntimeError as err:
             if "shape" in str(err) or "size" in str(err):
                 raise ValueError(
                     f"x has shape {tuple(x.shape)}, which {type(self._template).__name__} cannot take: {err}"
                 ) from err
             raise
+
+    def _run_net(self, x: torch.Tensor) -> torch.Tensor:
+        with self._shape_errors(x):
+            return self.net(x)
 
     def _check_samples(self, samples, sites: list[str]) -> None:
         """Check ``samples`` of :meth:`batched_forward`: shapes and dtypes only (no pass over the values)."""
@@ -149,25 +156,13 @@ class BayesianModel(PyroModule):
         shared = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
         batched = {name[len("net."):]: samples[name] for name in sites}
         folded = self._folded_net()
-        if folded is not None:
-            try:
-                return folded(batched, {k: v for k, v in shared.items() if k not in batched}, x)
-            except NotFoldable:
-                object.__setattr__(self, "_folded", False)
-            except RuntimeError as err:
-                if "shape" in str(err) or "size" in str(err):
-                    raise ValueError(f"x has shape {tuple(x.shape)}, which the network cannot take: {err}") from err
-                raise
-
-        def one(params):
-            return functional_call(self._template, {**shared, **params}, (x,))
-
-        try:
-            return vmap(one)(batched)
-        except RuntimeError as err:
-            if "shape" in str(err) or "size" in str(err):
-                raise ValueError(f"x has shape {tuple(x.shape)}, which the network cannot take: {err}") from err
-            raise
+        with self._shape_errors(x):
+            if folded is not None:
+                try:
+                    return folded(batched, {k: v for k, v in shared.items() if k not in batched}, x)
+                except NotFoldable:  # an operation only seen at run time: use vmap from now on
+                    object.__setattr__(self, "_folded", False)
+            return vmap(lambda params: functional_call(self._template, {**shared, **params}, (x,)))(batched)
 
 
 class BayesianClassifier(BayesianModel):
