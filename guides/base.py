@@ -20,6 +20,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoGuide
 
+from pyro_bq._rng import normal_rows, standard_normal
 from pyro_bq._validation import check_schedule
 
 __all__ = ["AutoGaussianSites", "SiteInfo"]
@@ -56,11 +57,14 @@ class _FusedNormal(dist.Normal):
 
     _bq_exact_gaussian = True  # samples are exactly loc + scale * eps (see inference.reparam)
 
-    def __init__(self, loc, scale, value, eps):
+    def __init__(self, loc, scale, value, eps, flat: "_FlatDraw | None" = None, offset: int = 0):
         super().__init__(loc, scale, validate_args=False)
         self._pending = value
         self._value = value
         self._eps = eps
+        # the flat draw this site's tensors are views of, and where: lets an ELBO
+        # sum the KL of all sites of one draw in one pass over the flat vectors
+        self._flat, self._offset = flat, offset
 
     def rsample(self, sample_shape=torch.Size()):
         if self._pending is not None and not sample_shape:
@@ -79,6 +83,13 @@ class _FusedNormal(dist.Normal):
 
     def expand(self, batch_shape, _instance=None):
         return dist.Normal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
+
+
+class _FlatDraw(NamedTuple):
+    """The flat ``loc`` and ``scale`` of all sites of one fused guide draw (shared by their ``_FusedNormal``)."""
+
+    loc: torch.Tensor
+    scale: torch.Tensor
 
 
 class SiteInfo(NamedTuple):
@@ -153,6 +164,16 @@ class AutoGaussianSites(AutoGuide):
         :attr:`sites`); ``None`` otherwise. Enables one fused draw for all sites."""
         return None
 
+    def _fused_draw(self):
+        """``(loc, scale, value, eps)``: one draw of all sites as flat vectors
+        (``value = loc + scale * eps``), or ``None`` where :meth:`_fused_loc_scale` is."""
+        fused = self._fused_loc_scale()
+        if fused is None:
+            return None
+        loc, scale = fused
+        eps = standard_normal(loc.shape, dtype=loc.dtype, device=loc.device)
+        return loc, scale, torch.addcmul(loc, scale, eps), eps
+
     def _needs_plates(self) -> bool:
         if self.create_plates is not None:
             return True
@@ -208,9 +229,9 @@ class AutoGaussianSites(AutoGuide):
             needed = self.__dict__["_plates_needed"] = self._needs_plates()
         if not needed:
             # every site is global: no plate to enter (and no subsample to draw)
-            fused = self._fused_loc_scale()
-            if fused is not None:
-                return self._forward_fused(*fused)
+            draw = self._fused_draw()
+            if draw is not None:
+                return self._forward_fused(*draw)
             return {name: pyro.sample(name, self.get_posterior(name)) for name in self.sites}
         plates = self._create_plates(*args, **kwargs)
         result = {}
@@ -229,13 +250,11 @@ class AutoGaussianSites(AutoGuide):
         chunks = flat.split([info.numel for info in self.sites.values()], dim=-1)
         return [c.view(lead + info.shape) for c, info in zip(chunks, self.sites.values())]
 
-    def _forward_fused(self, loc, scale) -> dict[str, torch.Tensor]:
-        eps = torch.empty_like(loc).normal_()
-        value = torch.addcmul(loc, scale, eps)
-        result = {}
+    def _forward_fused(self, loc, scale, value, eps) -> dict[str, torch.Tensor]:
+        result, flat = {}, _FlatDraw(loc, scale)
         parts = zip(self.sites.items(), self._split(loc), self._split(scale), self._split(value), self._split(eps))
         for (name, info), loc_i, scale_i, value_i, eps_i in parts:
-            fn = _FusedNormal(loc_i, scale_i, value_i, eps_i).to_event(info.event_dim)
+            fn = _FusedNormal(loc_i, scale_i, value_i, eps_i, flat, info.offset).to_event(info.event_dim)
             result[name] = pyro.sample(name, fn)
         return result
 
@@ -277,7 +296,6 @@ class AutoGaussianSites(AutoGuide):
         fused = self._fused_loc_scale()
         if fused is not None:
             loc, scale = fused
-            eps = torch.empty((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
-            flat = torch.addcmul(loc, scale, eps)
+            flat = normal_rows(loc, scale, num_samples)  # row r: the guide's r-th draw from here
             return dict(zip(self.sites, self._split(flat)))
         return {name: self.get_posterior(name).rsample((num_samples,)) for name in self.sites}

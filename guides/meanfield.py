@@ -9,11 +9,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_bq._rng import standard_normal
 from pyro_bq._validation import check_module, check_positive, check_tensor
 
 from .base import AutoGaussianSites
 
 __all__ = ["AutoMeanFieldNormal", "init_to_pretrained", "softplus_inverse"]
+
+
+class _SoftplusReparam(torch.autograd.Function):
+    """``scale = softplus(scale_raw)`` and ``value = loc + scale * eps`` in one node of the graph.
+
+    Same values as the two plain operations; the backward folds the gradient
+    reaching ``value`` and the one reaching ``scale`` (the KL term) into one
+    pass before softplus's own backward, where autograd through the plain
+    expression makes four full-size passes.
+    """
+
+    @staticmethod
+    def forward(ctx, loc, scale_raw, eps):
+        scale = F.softplus(scale_raw)
+        ctx.save_for_backward(scale_raw, eps)
+        return torch.addcmul(loc, scale, eps), scale
+
+    @staticmethod
+    def backward(ctx, grad_value, grad_scale):
+        scale_raw, eps = ctx.saved_tensors
+        grad_loc = grad_raw = None
+        if ctx.needs_input_grad[0]:
+            grad_loc = grad_value
+        if ctx.needs_input_grad[1]:
+            if grad_value is None:
+                total = grad_scale
+            elif grad_scale is None:
+                total = grad_value * eps
+            else:
+                total = torch.addcmul(grad_scale, grad_value, eps)
+            grad_raw = None if total is None else torch.ops.aten.softplus_backward(total, scale_raw, 1.0, 20.0)
+        return grad_loc, grad_raw, None
 
 
 def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
@@ -140,17 +173,25 @@ class AutoMeanFieldNormal(AutoGaussianSites):
         info = self._check_site(name)
         return flat[info.offset : info.offset + info.numel].view(info.shape)
 
-    def _fused_loc_scale(self):
+    def _own_layout(self) -> bool:
         # only when this class's own loc/scale layout is in use: subclasses that
         # change get_loc_scale, flat_loc_scale or get_posterior take the per-site path
         cls = type(self)
-        if (
+        return (
             cls.get_loc_scale is AutoMeanFieldNormal.get_loc_scale
             and cls.flat_loc_scale is AutoMeanFieldNormal.flat_loc_scale
             and cls.get_posterior is AutoGaussianSites.get_posterior
-        ):
-            return self.flat_loc_scale()
-        return None
+        )
+
+    def _fused_loc_scale(self):
+        return self.flat_loc_scale() if self._own_layout() else None
+
+    def _fused_draw(self):
+        if not self._own_layout():
+            return None
+        eps = standard_normal(self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        value, scale = _SoftplusReparam.apply(self.loc, self.scale_raw, eps)
+        return self.loc, scale, value, eps
 
     def get_loc_scale(self, name):
         info = self._check_site(name)

@@ -94,7 +94,7 @@ class _KLNormalConst(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_loc = z * (c * g)
             if ctx.needs_input_grad[1]:
-                grad_scale = torch.reciprocal(scale).mul_(-g).add_(scale * (c * g))
+                grad_scale = torch.addcdiv(scale * (c * g), -g, scale)
         else:
             if ctx.needs_input_grad[0]:
                 grad_loc = torch.mul(z, grad).mul_(c)
@@ -106,6 +106,59 @@ class _KLNormalConst(torch.autograd.Function):
 @tdist.kl.register_kl(tdist.Normal, _ConstNormal)
 def _kl_normal_const(q, p):
     return _KLNormalConst.apply(q.loc, q.scale, p._loc0, p._scale0)
+
+
+class _KLNormalConstSum(torch.autograd.Function):
+    """``sum_j KL(Normal(loc_j, scale_j) || Normal(loc0_j, scale0_j))`` over flat 1-D vectors, as one number.
+
+    The KL of many weight sites at once (those of one flat guide draw, see
+    :class:`pyro_bq.inference.MeanFieldELBO`): no per-site views in the graph, so
+    their gradients need not be concatenated back into the flat parameters.
+    ``loc0`` and ``c = 1 / scale0**2`` are Python numbers (one prior for all) or
+    vectors like ``loc``; ``const = sum_j (log(scale0_j) - 1/2)``. The sum is
+    ``c/2 * (z.z + scale.scale) - sum(log scale) + const`` with ``z = loc - loc0``;
+    the gradients are those of :class:`_KLNormalConst`, times the incoming number.
+    """
+
+    @staticmethod
+    def forward(ctx, loc, scale, loc0, c, const: float):
+        z = loc - loc0 if isinstance(loc0, torch.Tensor) or loc0 else loc
+        if isinstance(c, torch.Tensor):
+            quad = torch.dot(z * c, z) + torch.dot(scale * c, scale)
+        else:
+            quad = (torch.dot(z, z) + torch.dot(scale, scale)) * c
+        out = quad.mul(0.5).sub_(scale.log().sum()).add_(const)
+        ctx.save_for_backward(loc, scale)
+        ctx.loc0, ctx.c = loc0, c
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        loc, scale = ctx.saved_tensors
+        loc0, c = ctx.loc0, ctx.c
+        z = loc - loc0 if isinstance(loc0, torch.Tensor) or loc0 else loc
+        grad_loc = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_loc = z * (c * grad)
+        if ctx.needs_input_grad[1]:
+            grad_scale = torch.addcdiv(scale * (c * grad), -grad, scale)
+        return grad_loc, grad_scale, None, None, None
+
+
+def _flat_prior_constants(loc0s, scale0s, numels, like: torch.Tensor):
+    """``(loc0, c, const)`` of :class:`_KLNormalConstSum` for consecutive segments of ``numels``
+    weights with the scalar priors ``Normal(loc0s[i], scale0s[i])``: numbers where every
+    segment has the same prior, else vectors of ``sum(numels)`` values like ``like``."""
+    const = sum(n * (math.log(s) - 0.5) for n, s in zip(numels, scale0s))
+
+    def flat(values):
+        if len(set(values)) == 1:
+            return values[0]
+        counts = torch.tensor(numels, device=like.device)
+        return torch.tensor(values, dtype=like.dtype, device=like.device).repeat_interleave(counts)
+
+    # c from the exact numbers, as the per-site KL computes it (same rounding, same gradients)
+    return flat([float(m) for m in loc0s]), flat([1.0 / float(s) ** 2 for s in scale0s]), const
 
 
 class Prior:

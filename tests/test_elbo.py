@@ -45,7 +45,8 @@ def test_same_loss_and_gradients_as_stock_trace_mean_field_elbo(prior, which, va
         pyro.set_rng_seed(3)
         b = MeanFieldELBO().differentiable_loss(model, g, x, y)
         gb = torch.autograd.grad(b, params, allow_unused=True)
-    assert torch.equal(a, b)
+    # the flat KL adds the same terms in another order: equal up to float rounding
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=0.0)
     for u, v in zip(ga, gb):
         assert (u is None and v is None) or torch.equal(u, v)
 
@@ -77,8 +78,8 @@ def test_training_with_it_matches_stock_svi_step_for_step():
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
         losses = [svi.step(x, y) for _ in range(4)]
         runs.append((losses, guide.loc.detach().clone()))
-    assert runs[0][0] == runs[1][0]
-    assert torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)  # float rounding of the summed KL
+    assert torch.equal(runs[0][1], runs[1][1])  # the same gradients, hence the same steps
 
 
 def test_regressor_with_learned_noise():

@@ -40,11 +40,7 @@ class _Mixed(nn.Module):
 
 
 def _vmap(model, draws, x):
-    object.__setattr__(model, "_folded", False)
-    try:
-        return model.batched_forward(draws, x)
-    finally:
-        object.__setattr__(model, "_folded", None)
+    return model.batched_forward(draws, x, strategy="vmap")
 
 
 CASES = {
@@ -70,10 +66,13 @@ def test_folded_pass_equals_vmap(name):
     assert model._folded_net() is not None
     draws = guide.sample_latents(4)
     with torch.no_grad():
-        folded = model.batched_forward(draws, x)
+        folded = model.batched_forward(draws, x, strategy="folded")
         ref = _vmap(model, draws, x)
+        others = {k: model.batched_forward(draws, x, strategy=k) for k in ("loop", "auto")}
     assert folded.shape == ref.shape == (4, shape[0], ref.shape[-1])
     torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
+    for out in others.values():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the samples really differ (the folded layout does not mix them up)
     assert not torch.allclose(folded[0], folded[1])
     # one sample alone gives that sample's row
@@ -91,10 +90,48 @@ def test_unsupported_networks_fall_back_to_vmap_with_the_same_result():
     guide(x)
     assert model._folded_net() is None
     draws = guide.sample_latents(3)
-    out = model.batched_forward(draws, x)
     manual = torch.stack([F.linear(x - x.mean(-1, keepdim=True), draws["net.fc.weight"][s], draws["net.fc.bias"][s])
                           for s in range(3)])
-    torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-5)
+    for strategy in ("auto", "vmap", "loop"):
+        torch.testing.assert_close(model.batched_forward(draws, x, strategy=strategy), manual, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="strategy='folded'.*does not handle"):
+        model.batched_forward(draws, x, strategy="folded")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        model.batched_forward(draws, x, strategy="fast")
+
+
+@pytest.mark.parametrize("slow", ["loop", "folded"])
+def test_auto_strategy_keeps_the_faster_way_per_input_shape(slow, monkeypatch):
+    import time as _time
+
+    pyro.clear_param_store()
+    model = BayesianClassifier(MLP((784, 8, 10)), IIDNormal(1.0), dataset_size=10)
+    guide = AutoMeanFieldNormal(model, init_scale=0.1)
+    x = torch.randn(5, 1, 28, 28)
+    guide(x)
+    draws = guide.sample_latents(3)
+    calls = []
+    for name in ("loop", "folded"):
+        original = getattr(type(model), f"_forward_{name}")
+
+        def run(self, *args, _name=name, _original=original):
+            calls.append(_name)
+            if _name == slow:
+                _time.sleep(0.05)
+            return _original(self, *args)
+
+        monkeypatch.setattr(type(model), f"_forward_{name}", run)
+    with torch.no_grad():
+        first = model.batched_forward(draws, x)
+        calls.clear()
+        again = model.batched_forward(draws, x)
+    fast = "folded" if slow == "loop" else "loop"
+    assert calls == [fast]  # timed once, then remembered for this shape
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first, model.batched_forward(draws, x, strategy="vmap"), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model.batched_forward(draws, x[:2])  # a new shape is timed afresh
+    assert sorted(set(calls)) == ["folded", "loop"]
 
 
 def test_regressor_outputs_through_the_folded_pass():

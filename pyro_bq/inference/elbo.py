@@ -12,6 +12,13 @@ Normal prior (``IIDNormal``, ``LayerwiseNormal``, ``PretrainedNormal`` scalar
 priors), possibly wrapped in ``Independent`` with the same event dims. Every
 other site is evaluated exactly as the stock ELBO does.
 
+When all sites of one fused guide draw (the flat ``loc`` and ``scale`` of
+:class:`~pyro_bq.guides.AutoMeanFieldNormal`) are such pairs, with no mask and
+one common scale, their KL terms are summed in one pass over the flat vectors
+rather than site by site: the same number up to float rounding (the terms are
+added in another order) and the same gradients, without per-site views whose
+gradients would have to be concatenated again.
+
 Usage::
 
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), MeanFieldELBO())
@@ -19,12 +26,15 @@ Usage::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyro.poutine as poutine
+import torch
 import torch.distributions as tdist
+from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
-from pyro.distributions.score_parts import ScoreParts
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
@@ -52,8 +62,18 @@ def _analytic_pair(guide_fn, model_fn) -> bool:
         type(p) is _ConstNormal
         and q_dims == p_dims
         and q.batch_shape == p.batch_shape
-        and tdist.kl._dispatch_kl(type(q), type(p)) is _kl_normal_const
+        and _kl_function(type(q), type(p)) is _kl_normal_const
     )
+
+
+def _kl_function(type_q, type_p):
+    """The function ``kl_divergence`` dispatches to for these types, memoized in torch's own
+    table as ``kl_divergence`` does (``register_kl`` clears it)."""
+    memo = tdist.kl._KL_MEMOIZE
+    fun = memo.get((type_q, type_p))
+    if fun is None:
+        fun = memo[type_q, type_p] = tdist.kl._dispatch_kl(type_q, type_p)
+    return fun
 
 
 class _Shape:
@@ -69,6 +89,57 @@ def _subtrace(trace: Trace, names) -> Trace:
     for name in names:
         sub.nodes[name] = trace.nodes[name]
     return sub
+
+
+class _FlatKL(NamedTuple):
+    """The KL of all sites of one flat guide draw, summed in one pass."""
+
+    names: tuple
+    loc: torch.Tensor
+    scale: torch.Tensor
+    loc0: object  # number or vector
+    c: object  # 1 / scale0**2: number or vector
+    const: float
+    site_scale: float
+
+
+def _flat_groups(guide_trace: Trace, model_trace: Trace, names, cache: dict) -> list:
+    """The analytic sites among ``names`` that tile one fused guide draw each, as :class:`_FlatKL`.
+
+    A draw qualifies when every one of its sites is among ``names``, none has a
+    mask, and all have the same numeric scale; other sites keep the per-site KL.
+    """
+    from pyro_bq.priors import _flat_prior_constants
+
+    draws: dict = {}
+    for name in names:
+        site = guide_trace.nodes[name]
+        q, _ = _unwrap(site["fn"])
+        flat = getattr(q, "_flat", None)
+        if flat is None or site["mask"] is not None or not isinstance(site["scale"], (int, float)):
+            continue
+        draws.setdefault(id(flat), (flat, []))[1].append((q._offset, q.loc.numel(), name, site["scale"]))
+    groups = []
+    for flat, segments in draws.values():
+        segments.sort()
+        end, ok = 0, True
+        for offset, numel, _, scale in segments:
+            ok = ok and offset == end and scale == segments[0][3]
+            end = offset + numel
+        if not ok or end != flat.loc.numel() or flat.loc.dim() != 1:
+            continue  # not the whole draw: site by site
+        priors = [_unwrap(model_trace.nodes[name]["fn"])[0] for _, _, name, _ in segments]
+        key = (tuple((n, p._loc0, p._scale0) for (_, n, _, _), p in zip(segments, priors)), flat.loc.dtype,
+               flat.loc.device)
+        constants = cache.get(key)
+        if constants is None:
+            if len(cache) > 16:
+                cache.clear()
+            constants = cache[key] = _flat_prior_constants(
+                [p._loc0 for p in priors], [p._scale0 for p in priors], [s[1] for s in segments], flat.loc)
+        groups.append(_FlatKL(tuple(s[2] for s in segments), flat.loc, flat.scale, *constants,
+                              float(segments[0][3])))
+    return groups
 
 
 class MeanFieldELBO(TraceMeanField_ELBO):
@@ -102,6 +173,7 @@ class MeanFieldELBO(TraceMeanField_ELBO):
                   ).compute_score_parts()
         for name in skip:  # reparameterized draws: no score-function term; the KL replaces the densities
             guide_trace.nodes[name]["score_parts"] = ScoreParts(log_prob=None, score_function=0, entropy_term=None)
+        guide_trace.bq_flat_kl = _flat_groups(guide_trace, model_trace, skip, self._flat_constants)
         if is_validation_enabled():
             for trace in (model_trace, guide_trace):
                 for name, site in trace.nodes.items():
@@ -112,3 +184,29 @@ class MeanFieldELBO(TraceMeanField_ELBO):
             check_if_enumerated(guide_trace)
             _check_mean_field_requirement(model_trace, guide_trace)
         return model_trace, guide_trace
+
+    @property
+    def _flat_constants(self) -> dict:
+        """Per-instance cache of the prior constants of each flat KL (they change only with the priors)."""
+        cache = self.__dict__.get("_bq_flat_constants")
+        if cache is None:
+            cache = self.__dict__["_bq_flat_constants"] = {}
+        return cache
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        from pyro_bq.priors import _KLNormalConstSum
+
+        groups = getattr(guide_trace, "bq_flat_kl", None)
+        if not groups:
+            return super()._differentiable_loss_particle(model_trace, guide_trace)
+        flat_names = {name for group in groups for name in group.names}
+        loss, surrogate = super()._differentiable_loss_particle(
+            _subtrace(model_trace, [n for n in model_trace.nodes if n not in flat_names]),
+            _subtrace(guide_trace, [n for n in guide_trace.nodes if n not in flat_names]),
+        )
+        kl = 0.0
+        for g in groups:
+            term = _KLNormalConstSum.apply(g.loc, g.scale, g.loc0, g.c, g.const)
+            kl = kl + (term if g.site_scale == 1.0 else term * g.site_scale)
+        kl_value = kl.detach() if torch._C._get_tracing_state() else torch_item(kl)
+        return loss + kl_value, surrogate + kl

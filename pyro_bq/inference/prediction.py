@@ -1,10 +1,12 @@
 """Fast posterior prediction: many weight samples in one vectorized pass.
 
 :func:`predict_batched` draws ``num_samples`` joint weight samples from the
-guide in one call (``guide.sample_latents``) and evaluates the network for all
-of them at once with ``model.batched_forward`` (one :func:`torch.func.vmap`
-over a parameter-free copy of the network), splitting the samples (and, if
-needed, the inputs) into chunks so that the activations fit a memory budget.
+guide in one call (``guide.sample_latents``: parallel random streams, see
+:mod:`pyro_bq._rng`) and evaluates the network for all of them with
+``model.batched_forward``, which takes the fastest of its ways for the input
+shape (the samples folded into one pass, ``torch.func.vmap``, or one ordinary
+pass per sample), splitting the samples (and, if needed, the inputs) into
+chunks so that the activations fit a memory budget.
 
 :func:`predict_looped` evaluates the *same* samples one at a time through the
 ordinary Pyro model with :class:`~pyro.infer.Predictive`; it is the reference
