@@ -65,6 +65,18 @@ def activation_bytes_per_sample(model, x: torch.Tensor) -> int:
     return int(sum(sizes)) + x.numel() * x.element_size()
 
 
+def _activation_bytes_cached(model, x: torch.Tensor) -> int:
+    """:func:`activation_bytes_per_sample`, remembered per input shape and dtype on the model."""
+    cache = model.__dict__.get("_activation_bytes")
+    if cache is None:
+        cache = {}
+        object.__setattr__(model, "_activation_bytes", cache)
+    key = (tuple(x.shape), x.dtype)
+    if key not in cache:
+        cache[key] = activation_bytes_per_sample(model, x)
+    return cache[key]
+
+
 @torch.no_grad()
 def predict_batched(
     model,
@@ -115,7 +127,7 @@ def predict_batched(
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, low=1)
 
-    per_sample = activation_bytes_per_sample(model, x)
+    per_sample = _activation_bytes_cached(model, x)
     n = x.shape[0]
     if chunk_size is None:
         chunk_size = max(1, min(num_samples, max_bytes // max(per_sample, 1)))
