@@ -62,6 +62,29 @@ class _ConstNormal(dist.Normal):
         return dist.Normal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
 
 
+def _centered(loc, loc0):
+    """``loc - loc0`` (no pass when ``loc0`` is the number 0)."""
+    return loc - loc0 if isinstance(loc0, torch.Tensor) or loc0 else loc
+
+
+def _save(ctx, loc, scale, loc0, c) -> None:
+    ctx.save_for_backward(loc, scale)
+    ctx.loc0, ctx.c = loc0, c
+
+
+def _restore(ctx):
+    """``(z, scale, c)`` saved by :func:`_save`, with ``z = loc - loc0``."""
+    loc, scale = ctx.saved_tensors
+    return _centered(loc, ctx.loc0), scale, ctx.c
+
+
+def _kl_grads_times(needs, z, scale, c, g):
+    """``g`` times the gradients of ``KL(Normal(loc, scale) || Normal(loc0, scale0))``:
+    ``c*g*z`` and ``c*g*scale - g/scale`` (``z = loc - loc0``, ``c = 1/scale0**2``, ``g`` one number)."""
+    cg = c * g
+    return (z * cg if needs[0] else None), (torch.addcdiv(scale * cg, -g, scale) if needs[1] else None)
+
+
 class _KLNormalConst(torch.autograd.Function):
     """Elementwise ``KL(Normal(loc, scale) || Normal(loc0, scale0))`` with a hand-written backward.
 
@@ -76,25 +99,19 @@ class _KLNormalConst(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loc, scale, loc0: float, scale0: float):
         c = 1.0 / scale0**2
-        z = loc - loc0 if loc0 else loc
+        z = _centered(loc, loc0)
         out = torch.mul(z, z).addcmul_(scale, scale).mul_(0.5 * c).add_(math.log(scale0) - 0.5).sub_(scale.log())
-        ctx.save_for_backward(loc, scale)
-        ctx.loc0, ctx.c = loc0, c
+        _save(ctx, loc, scale, loc0, c)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        loc, scale = ctx.saved_tensors
-        c = ctx.c
-        z = loc - ctx.loc0 if ctx.loc0 else loc
+        z, scale, c = _restore(ctx)
         grad_loc = grad_scale = None
         uniform = grad.dim() > 0 and all(st == 0 for st in grad.stride())
         if uniform:  # one value broadcast: fold it into the constants
             g = grad.reshape(-1)[0]
-            if ctx.needs_input_grad[0]:
-                grad_loc = z * (c * g)
-            if ctx.needs_input_grad[1]:
-                grad_scale = torch.addcdiv(scale * (c * g), -g, scale)
+            grad_loc, grad_scale = _kl_grads_times(ctx.needs_input_grad, z, scale, c, g)
         else:
             if ctx.needs_input_grad[0]:
                 grad_loc = torch.mul(z, grad).mul_(c)
@@ -122,27 +139,18 @@ class _KLNormalConstSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loc, scale, loc0, c, const: float):
-        z = loc - loc0 if isinstance(loc0, torch.Tensor) or loc0 else loc
+        z = _centered(loc, loc0)
         if isinstance(c, torch.Tensor):
             quad = torch.dot(z * c, z) + torch.dot(scale * c, scale)
         else:
             quad = (torch.dot(z, z) + torch.dot(scale, scale)) * c
-        out = quad.mul(0.5).sub_(scale.log().sum()).add_(const)
-        ctx.save_for_backward(loc, scale)
-        ctx.loc0, ctx.c = loc0, c
-        return out
+        _save(ctx, loc, scale, loc0, c)
+        return quad.mul(0.5).sub_(scale.log().sum()).add_(const)
 
     @staticmethod
     def backward(ctx, grad):
-        loc, scale = ctx.saved_tensors
-        loc0, c = ctx.loc0, ctx.c
-        z = loc - loc0 if isinstance(loc0, torch.Tensor) or loc0 else loc
-        grad_loc = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            grad_loc = z * (c * grad)
-        if ctx.needs_input_grad[1]:
-            grad_scale = torch.addcdiv(scale * (c * grad), -grad, scale)
-        return grad_loc, grad_scale, None, None, None
+        z, scale, c = _restore(ctx)
+        return (*_kl_grads_times(ctx.needs_input_grad, z, scale, c, grad), None, None, None)
 
 
 def _flat_prior_constants(loc0s, scale0s, numels, like: torch.Tensor):
