@@ -158,9 +158,11 @@ class BayesianModel(PyroModule):
           convolutions, stacked Linear weights), where the network's operations allow it;
         * ``"vmap"``: one :func:`torch.func.vmap` call over the samples;
         * ``"loop"``: one ordinary network pass per sample, with its weights swapped in;
-        * ``"auto"`` (default): the fastest of ``folded`` (or ``vmap`` where the
+        * ``"auto"`` (default): the faster of ``folded`` (or ``vmap`` where the
           network cannot be folded) and ``loop`` for this input shape and ``S``,
-          timed on the first call with them and remembered. Which one wins
+          timed on the first call with them (each twice) and remembered; ``loop``,
+          which holds one sample's activations at a time, unless the other is
+          more than 5% faster. Which one wins
           depends on the CPU and its BLAS/oneDNN kernels: on one 2-core machine
           the folded LeNet-5 pass of 32 samples was 1.09x the time of 32
           deterministic passes, on another 1.3x while the loop was 0.98x.
@@ -214,17 +216,18 @@ class BayesianModel(PyroModule):
             cache = {}
             object.__setattr__(self, "_strategies", cache)
         chosen = cache.get(key)
-        runners = {"folded" if self._folded_net() is not None else "vmap": self._forward_folded,
-                   "loop": self._forward_loop}
+        one_pass = "folded" if self._folded_net() is not None else "vmap"
+        runners = {"loop": self._forward_loop, one_pass: self._forward_folded}
         if chosen is not None:
             return runners[chosen](batched, shared, x)
-        # time each once, then the first again (its first call pays one-off set-up costs)
+        # each twice (a first call pays one-off set-up costs), in the order a b b a; the
+        # one-pass way holds all samples' activations at once, so it must win by 5%
         times, outs = {}, {}
-        for name in list(runners) + [next(iter(runners))]:
+        for name in ("loop", one_pass, one_pass, "loop"):
             start = time.perf_counter()
             outs[name] = runners[name](batched, shared, x)
             times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
-        chosen = cache[key] = min(times, key=times.get)
+        chosen = cache[key] = one_pass if times[one_pass] < 0.95 * times["loop"] else "loop"
         return outs[chosen]
 
 
