@@ -165,7 +165,7 @@ class BayesianModel(PyroModule):
           more than 5% faster. Which one wins
           depends on the CPU and its BLAS/oneDNN kernels: on one 2-core machine
           the folded LeNet-5 pass of 32 samples was 1.09x the time of 32
-          deterministic passes, on another 1.3x while the loop was 0.98x.
+          deterministic passes, on another 1.3x to 1.5x while the loop was 0.98x.
 
         :raises ValueError: for an unknown ``strategy``, or ``"folded"`` on a network that cannot be folded.
         """

@@ -61,9 +61,9 @@ Usage::
     svi = SVI(Handled(model, lr), Handled(guide, lr), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
 
 Measured cost (``benchmarks/harness.py --reps 30 --threads 2``, 2 CPU cores,
-batch 128, median ms per SVI step): LeNet-5 13.7 with weight sampling, 26.1
-with local reparameterization, 15.2 with it on Linear layers only, 22.1 with
-flipout; the 784-400-400-10 MLP 14.4, 16.5 and 20.1. Both handlers cost more
+batch 128, median ms per SVI step): LeNet-5 13.9 with weight sampling, 28.1
+with local reparameterization, 16.0 with it on Linear layers only, 24.7 with
+flipout; the 784-400-400-10 MLP 14.6, 19.1 and 23.8. Both handlers cost more
 per step than weight sampling (two products per layer instead of one, most
 on convolutions), so weight sampling (no handler) is pyro_bq's default for
 every layer type; use a handler for its lower gradient variance (measured
