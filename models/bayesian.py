@@ -133,6 +133,14 @@ class BayesianModel(PyroModule):
             raise ValueError("samples must hold at least one draw (S >= 1)")
 
     # -- vectorized prediction ---------------------------------------------------------
+    def _memo(self, name: str) -> dict:
+        """A dict kept on this model (outside the module's state) for values remembered per input shape."""
+        memo = self.__dict__.get(name)
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, name, memo)
+        return memo
+
     def _folded_net(self):
         """The network traced for folded evaluation, or ``None`` where it uses unsupported operations."""
         folded = self.__dict__.get("_folded")
@@ -151,7 +159,8 @@ class BayesianModel(PyroModule):
         ``samples`` maps every weight site to a tensor with a leading sample
         dimension ``S``. Deterministic parameters and buffers (e.g. BatchNorm)
         are shared across samples. The network runs in eval mode. Three ways to
-        evaluate, all giving the same outputs up to float rounding (tested):
+        evaluate, all giving the same outputs up to float rounding (tested), and
+        a default that picks one:
 
         * ``"folded"``: all samples in one pass with the samples folded into the
           tensors (:class:`~pyro_bq.inference.folded.FoldedNet`: grouped
@@ -211,10 +220,7 @@ class BayesianModel(PyroModule):
 
     def _forward_auto(self, batched, shared, x, num):
         key = (tuple(x.shape), x.dtype, x.device, num, torch.is_grad_enabled(), torch.get_num_threads())
-        cache = self.__dict__.get("_strategies")
-        if cache is None:
-            cache = {}
-            object.__setattr__(self, "_strategies", cache)
+        cache = self._memo("_strategies")
         chosen = cache.get(key)
         one_pass = "folded" if self._folded_net() is not None else "vmap"
         runners = {"loop": self._forward_loop, one_pass: self._forward_folded}

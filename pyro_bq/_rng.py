@@ -68,6 +68,20 @@ def _run(tasks) -> None:
         f.result()
 
 
+def _plain(out: torch.Tensor, n: int) -> bool:
+    """Whether a draw of ``n`` values per row into ``out`` is one plain ``normal_()`` per row."""
+    return out.device.type != "cpu" or n < MIN_PARALLEL or not out.is_floating_point()
+
+
+def _row_tasks(row: torch.Tensor, loc=None, scale=None) -> list:
+    """Fill tasks for one 1-D ``row``: its chunks of :data:`CHUNK` values, each with a seed of
+    its own (drawn now, in order) and the matching pieces of ``loc`` and ``scale`` if given."""
+    starts = range(0, row.numel(), CHUNK)
+    seeds = _distinct_seeds(len(starts))
+    return [(row[a : a + CHUNK], seed, None if loc is None else loc[a : a + CHUNK],
+             None if scale is None else scale[a : a + CHUNK]) for a, seed in zip(starts, seeds)]
+
+
 def standard_normal(shape, *, dtype=None, device=None) -> torch.Tensor:
     """A tensor of ``shape`` filled with independent ``Normal(0, 1)`` draws.
 
@@ -76,10 +90,9 @@ def standard_normal(shape, *, dtype=None, device=None) -> torch.Tensor:
     ``torch.randn``'s under the same seed.
     """
     out = torch.empty(shape, dtype=dtype, device=device)
-    if out.device.type != "cpu" or out.numel() < MIN_PARALLEL or not out.is_floating_point():
+    if _plain(out, out.numel()):
         return out.normal_()
-    pieces = out.view(-1).split(CHUNK)
-    _run([(p, seed, None, None) for p, seed in zip(pieces, _distinct_seeds(len(pieces)))])
+    _run(_row_tasks(out.view(-1)))
     return out
 
 
@@ -93,20 +106,12 @@ def normal_rows(loc: torch.Tensor, scale: torch.Tensor, num_rows: int) -> torch.
     The result is not differentiable (``loc`` and ``scale`` are read detached).
     """
     loc, scale = loc.detach(), scale.detach()
-    n = loc.numel()
-    out = torch.empty((num_rows, n), dtype=loc.dtype, device=loc.device)
-    if out.device.type != "cpu" or n < MIN_PARALLEL:
+    out = torch.empty((num_rows, loc.numel()), dtype=loc.dtype, device=loc.device)
+    if _plain(out, loc.numel()):
         for row in out:
             torch.addcmul(loc, scale, row.normal_(), out=row)
         return out
-    starts = range(0, n, CHUNK)
-    spans = [(a, min(a + CHUNK, n)) for a in starts]
-    params = [(loc[a:b], scale[a:b]) for a, b in spans]
-    tasks = []
-    for row in out:
-        seeds = _distinct_seeds(len(spans))
-        tasks += [(row[a:b], seed, lo, sc) for (a, b), seed, (lo, sc) in zip(spans, seeds, params)]
-    _run(tasks)
+    _run([task for row in out for task in _row_tasks(row, loc, scale)])
     return out
 
 
@@ -114,18 +119,13 @@ def _distinct_seeds(k: int) -> list:
     """``k`` different seeds from torch's default generator.
 
     torch seeds its Mersenne Twister with the low 32 bits of a seed, so the
-    seeds are drawn below 2**32, and redrawn where two coincide (two chunks
-    of one draw must never share a stream).
+    seeds are drawn below 2**32, and one that repeats an earlier one is redrawn
+    (two chunks of one draw must never share a stream).
     """
-    seeds = torch.randint(0, 2**32, (k,), dtype=torch.int64).tolist()
-    while len(set(seeds)) < k:
-        seen, fresh = set(), []
-        for s in seeds:
-            if s in seen:
-                s = int(torch.randint(0, 2**32, (), dtype=torch.int64))
-                while s in seen:
-                    s = int(torch.randint(0, 2**32, (), dtype=torch.int64))
-            seen.add(s)
-            fresh.append(s)
-        seeds = fresh
+    seeds, seen = [], set()
+    for s in torch.randint(0, 2**32, (k,), dtype=torch.int64).tolist():
+        while s in seen:
+            s = int(torch.randint(0, 2**32, (), dtype=torch.int64))
+        seen.add(s)
+        seeds.append(s)
     return seeds

@@ -67,10 +67,7 @@ def activation_bytes_per_sample(model, x: torch.Tensor) -> int:
 
 def _activation_bytes_cached(model, x: torch.Tensor) -> int:
     """:func:`activation_bytes_per_sample`, remembered per input shape and dtype on the model."""
-    cache = model.__dict__.get("_activation_bytes")
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, "_activation_bytes", cache)
+    cache = model._memo("_activation_bytes")
     key = (tuple(x.shape), x.dtype)
     if key not in cache:
         cache[key] = activation_bytes_per_sample(model, x)
