@@ -22,7 +22,7 @@ import torch
 
 
 def make_weights(n: int, seed: int):
-    from pyro_bq.pwfn.sigma_init import pwfn_sigma_init
+    from pyro_bq.guides.pwfn import pwfn_sigma_init
 
     g = torch.Generator().manual_seed(seed)
     layer_scale = torch.tensor([0.2, 0.08, 0.04, 0.02, 0.01])

@@ -58,7 +58,9 @@ def main(args=None):
     args = p.parse_args(args)
     torch.set_num_threads(args.threads)
 
-    from pyro_bq.quant import make_policy, memory_report, quantize, save_packed
+    from pyro_bq.guides import quantize
+    from pyro_bq.io import memory_report, save_packed
+    from pyro_bq.quant import make_policy
 
     model, guide = build_guide(args.params)
     n = guide.num_params

@@ -32,11 +32,11 @@ from pyro.infer import TraceMeanField_ELBO
 
 from pyro_bq import IIDNormal
 from pyro_bq.data import load_fashion_mnist, load_mnist
-from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.guides import AutoMeanFieldNormal, quantize
 from pyro_bq.inference import fit_svi
-from pyro_bq.io import load_checkpoint, save_checkpoint
+from pyro_bq.io import load_checkpoint, memory_report, save_checkpoint, save_packed
 from pyro_bq.models import BayesianClassifier, LeNet5
-from pyro_bq.quant import FloatPolicy, make_policy, memory_report, quantize, save_packed
+from pyro_bq.quant import FloatPolicy, make_policy
 from pyro_bq.uncertainty import evaluate
 
 

@@ -6,14 +6,14 @@ Every guide is an :class:`~pyro.infer.autoguide.AutoGuide` that subclasses
 * :class:`AutoMeanFieldNormal` -- a Normal per weight, started from a pretrained net;
 * :class:`AutoPWFN` -- probabilistic weight fixing (sigma from the distance to powers of two);
 * :class:`AutoLogQuantNormal` -- scales kept on a base-2 log grid during training;
-* :class:`QuantizedGuide` -- what :func:`pyro_bq.quant.quantize` returns (VPQ, SPQ, JQ).
+* :class:`QuantizedGuide` -- what :func:`quantize` returns for a policy (VPQ, SPQ, JQ).
 """
 
 from .base import AutoGaussianSites, SiteInfo
 from .logquant import AutoLogQuantNormal
 from .meanfield import AutoMeanFieldNormal, init_to_pretrained, softplus_inverse
-from .pwfn import AutoPWFN
-from .quantized import PackedNormalBase, QuantizedGuide, QuantizedNormal, copy_guide
+from .pwfn import AutoPWFN, pwfn_sigma_init
+from .quantized import PackedNormalBase, QuantizedGuide, QuantizedNormal, calibrate_site, copy_guide, quantize
 
 __all__ = [
     "AutoGaussianSites",
@@ -25,6 +25,9 @@ __all__ = [
     "QuantizedNormal",
     "PackedNormalBase",
     "copy_guide",
+    "quantize",
+    "calibrate_site",
+    "pwfn_sigma_init",
     "init_to_pretrained",
     "softplus_inverse",
 ]

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from pyro_bq._validation import check_int
+from pyro_bq.quant.grids import check_bits, log2_exponents, log2_top, log2_window, ste
+from pyro_bq.quant.quantizers import Log2Quantizer
 
 from .meanfield import AutoMeanFieldNormal
 
@@ -20,11 +22,12 @@ class AutoLogQuantNormal(AutoMeanFieldNormal):
     Each weight has a float ``loc`` and a float exponent ``log2_scale``; the
     scale the guide uses is ``2**e`` where ``e`` is ``log2_scale`` rounded to
     an integer and clamped to the site's window of ``2**bits`` exponents,
-    ``[top - 2**bits + 1, top]``. ``top`` follows the largest (rounded)
-    exponent of the site during training, or is fixed with ``window_top``.
-    Rounding uses a straight-through estimator, so SVI trains the exponents
+    ``[top - 2**bits + 1, top]``: the grid of :class:`~pyro_bq.quant.Log2Quantizer`
+    (:func:`~pyro_bq.quant.grids.log2_window`, :func:`~pyro_bq.quant.grids.log2_exponents`).
+    ``top`` follows the largest (rounded) exponent of the site during training,
+    or is fixed with ``window_top``. Rounding uses a straight-through estimator, so SVI trains the exponents
     as usual while every forward pass already sees quantized scales: no
-    post-hoc step is needed for them (:func:`pyro_bq.quant.quantize` reuses
+    post-hoc step is needed for them (:func:`pyro_bq.guides.quantize` reuses
     this grid when the policy's scale bits equal ``bits``).
 
     :param bits: bits of each scale code, an int from 1 to 16.
@@ -47,54 +50,40 @@ class AutoLogQuantNormal(AutoMeanFieldNormal):
         window_top: Optional[int] = None,
         create_plates=None,
     ):
-        from pyro_bq.quant.quantizers import check_bits
-
-        self.bits = check_bits("bits", bits, allow_tensor=False)
+        self.bits = check_bits("bits", bits)
         self.window_top = None if window_top is None else check_int("window_top", window_top, low=-140, high=127)
         super().__init__(model, init_loc_fn=init_loc_fn, init_scale=init_scale, create_plates=create_plates)
 
     def _setup_params(self, trace) -> None:
-        locs, scales = [], []
-        for name in self.sites:
-            site = trace.nodes[name]
-            loc = self._initial_loc(name, site).reshape(-1)
-            locs.append(loc)
-            scales.append(self._initial_scale(name, loc).reshape(-1))
-        self.loc = nn.Parameter(torch.cat(locs))
-        self.log2_scale = nn.Parameter(torch.log2(torch.cat(scales).clamp_min(1e-30)))
+        locs = {name: self._initial_loc(name, trace.nodes[name]).reshape(-1) for name in self.sites}
+        scales = torch.cat([self._initial_scale(name, loc).reshape(-1) for name, loc in locs.items()])
+        self.loc = nn.Parameter(torch.cat(list(locs.values())))
+        self.log2_scale = nn.Parameter(torch.log2(scales.clamp_min(1e-30)))
 
-    def _window(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exponents(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site ``name``'s float exponents and its window's top (the rounded largest one, or ``window_top``)."""
+        info = self._check_site(name)
+        e = self.log2_scale[info.offset : info.offset + info.numel].view(info.shape)
         if self.window_top is None:
-            top = torch.floor(e.detach().max() + 0.5)
-        else:
-            top = torch.tensor(float(self.window_top), dtype=e.dtype, device=e.device)
-        return top - (2.0**self.bits - 1), top
+            return e, log2_top(e.detach().max())
+        return e, torch.tensor(float(self.window_top), dtype=e.dtype, device=e.device)
 
     def exponents(self, name: str) -> torch.Tensor:
         """The integer exponents (as floats) of site ``name``'s scales."""
-        info = self._check_site(name)
-        e = self.log2_scale[info.offset : info.offset + info.numel].view(info.shape)
-        low, top = self._window(e)
-        return torch.clamp(torch.floor(e.detach() + 0.5), min=low, max=top)
+        e, top = self._exponents(name)
+        return log2_exponents(e.detach(), *log2_window(top, self.bits))
 
     def flat_loc_scale(self):
         return self.loc, torch.cat([self.get_loc_scale(n)[1].reshape(-1) for n in self.sites])
 
     def get_loc_scale(self, name):
         info = self._check_site(name)
-        sl = slice(info.offset, info.offset + info.numel)
-        e = self.log2_scale[sl].view(info.shape)
-        low, top = self._window(e)
-        e_q = torch.clamp(torch.floor(e.detach() + 0.5), min=low, max=top)
-        e_q = e_q + (e - e.detach())  # straight-through: the value of e_q, the gradient of e
-        return self.loc[sl].view(info.shape), torch.exp2(e_q)
+        e, top = self._exponents(name)
+        e_q = ste(e, log2_exponents(e.detach(), *log2_window(top, self.bits)))
+        return self.loc[info.offset : info.offset + info.numel].view(info.shape), torch.exp2(e_q)
 
-    def scale_quantizer(self, name: str):
+    def scale_quantizer(self, name: str) -> Log2Quantizer:
         """A calibrated :class:`~pyro_bq.quant.Log2Quantizer` whose grid is this site's scale grid."""
-        from pyro_bq.quant.quantizers import Log2Quantizer
-
         info = self._check_site(name)
-        e = self.log2_scale[info.offset : info.offset + info.numel].view(info.shape)
-        _, top = self._window(e)
-        q = Log2Quantizer(self.bits, per_channel=False)
-        return q.load_state({"top": top.detach().reshape([1] * len(info.shape)).to(torch.int16)}, info.shape)
+        top = self._exponents(name)[1].detach().reshape([1] * len(info.shape)).to(torch.int16)
+        return Log2Quantizer(self.bits, per_channel=False).load_state({"top": top}, info.shape)

@@ -1,6 +1,7 @@
-"""The quantized guide: a float guide seen through per-site quantizers.
+"""The quantized guide: a float guide seen through per-site quantizers, and :func:`quantize`.
 
-:class:`QuantizedGuide` wraps a *copy* of a trained :class:`AutoGaussianSites`
+:func:`quantize` (a trained guide plus a :class:`~pyro_bq.quant.policies.Policy`)
+returns a :class:`QuantizedGuide`. It wraps a *copy* of a trained :class:`AutoGaussianSites`
 guide (the original is never modified) and a calibrated
 :class:`~pyro_bq.quant.policies.SiteQuantizers` per site:
 
@@ -27,11 +28,15 @@ from typing import Mapping
 
 import pyro.distributions as dist
 import torch
+from pyro.nn.module import PyroModule, _Context
 from torch import nn
+
+from pyro_bq.quant.policies import Policy, SiteQuantizers
+from pyro_bq.quant.quantizers import Log2Quantizer
 
 from .base import AutoGaussianSites
 
-__all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide"]
+__all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide", "quantize", "calibrate_site"]
 
 
 def copy_guide(guide: AutoGaussianSites) -> AutoGaussianSites:
@@ -117,7 +122,7 @@ class PackedNormalBase(AutoGaussianSites):
 
 
 class QuantizedGuide(AutoGaussianSites):
-    """A guide whose ``loc``/``scale``/samples are quantized per site; made by :func:`pyro_bq.quant.quantize`.
+    """A guide whose ``loc``/``scale``/samples are quantized per site; made by :func:`quantize`.
 
     :param guide: a set-up :class:`AutoGaussianSites` guide (it is copied
         unless ``copy=False``).
@@ -149,8 +154,6 @@ class QuantizedGuide(AutoGaussianSites):
         super().__init__(guide.model, create_plates=guide.create_plates)
         base = copy_guide(guide) if copy else guide
         if copy:  # the copy's PyroModule children join this guide's context (Pyro refuses used ones)
-            from pyro.nn.module import PyroModule, _Context
-
             for _, module in base.named_modules():
                 if module is not base and isinstance(module, PyroModule):
                     module._pyro_context = _Context()
@@ -168,7 +171,7 @@ class QuantizedGuide(AutoGaussianSites):
         #: policy draws exactly what its guide draws under the same seed); load_packed
         #: sets it to match the saved guide.
         with torch.no_grad():
-            self.fused = base._fused_loc_scale() is not None
+            self.fused = base.fused_loc_scale() is not None
 
     def _site_quantizers(self, name):
         return self.quantizers.get(name)
@@ -191,7 +194,7 @@ class QuantizedGuide(AutoGaussianSites):
         loc, scale = self.get_loc_scale(name)
         return QuantizedNormal(loc, scale, sq.sample, validate_args=False).to_event(self.sites[name].event_dim)
 
-    def _fused_loc_scale(self):
+    def fused_loc_scale(self):
         # Sites that sample a plain Normal (float and VPQ sites) can share the
         # base class's one-draw path: then a FloatPolicy guide draws exactly
         # what its float guide draws under the same seed, and VPQ differs from
@@ -229,14 +232,7 @@ class QuantizedGuide(AutoGaussianSites):
         """
         if self.policy is None:
             raise RuntimeError("recalibrate_ needs the policy this guide was made with (policy=None here)")
-        from pyro_bq.quant.quantize import calibrate_site
-
-        with torch.no_grad():
-            for name in self.sites:
-                loc, scale = self.base.get_loc_scale(name)
-                native = self.base.scale_quantizer(name) if hasattr(self.base, "scale_quantizer") else None
-                self.quantizers[name] = calibrate_site(self.policy, name, loc.detach(), scale.detach(),
-                                                       native_scale=native)
+        self.quantizers = _calibrate_sites(self.base, self.policy)
         return self
 
     def float_guide(self) -> AutoGaussianSites:
@@ -246,3 +242,81 @@ class QuantizedGuide(AutoGaussianSites):
     def extra_repr(self) -> str:
         n = sum(1 for s in self.quantizers.values() if not s.is_float)
         return f"policy={self.policy!r}, quantized_sites={n}/{len(self.sites)}"
+
+
+def calibrate_site(policy: Policy, name: str, loc: torch.Tensor, scale: torch.Tensor, *,
+                   native_scale=None) -> SiteQuantizers:
+    """Calibrated quantizers of one site, as ``policy`` configures them.
+
+    ``loc`` is calibrated on itself, ``scale`` on itself, and the sample
+    quantizer on the envelope ``loc +- policy.calib_width * scale`` of the
+    (already quantized, for JQ) posterior. ``native_scale``: a calibrated
+    :class:`~pyro_bq.quant.Log2Quantizer` of a guide whose scales already live on a log2 grid
+    (:class:`~pyro_bq.guides.logquant.AutoLogQuantNormal`); it is used instead
+    of a new calibration when the policy asks for a log2 scale grid of the same bits.
+
+    Usage::
+
+        sq = calibrate_site(JQ(4), "net.fc1.weight", loc, scale)
+    """
+    spec = policy.configure_site(name, loc.shape)
+    if not isinstance(spec, SiteQuantizers):
+        raise TypeError(f"{type(policy).__name__}.configure_site must return SiteQuantizers, got {type(spec).__name__}")
+    out = SiteQuantizers()
+    with torch.no_grad():
+        loc, scale = loc.detach(), scale.detach()
+        if spec.loc is not None:
+            out.loc = spec.loc.calibrate(loc)
+            loc = out.loc.quantize(loc)
+        if spec.scale is not None:
+            if (native_scale is not None and isinstance(spec.scale, Log2Quantizer)
+                    and isinstance(spec.scale.bits, int) and spec.scale.bits == native_scale.bits):
+                out.scale = native_scale
+            else:
+                out.scale = spec.scale.calibrate(scale)
+            scale = out.scale.quantize(scale)
+        if spec.sample is not None:
+            width = policy.calib_width * scale
+            out.sample = spec.sample.calibrate(loc - width, loc + width)
+    return out
+
+
+def _calibrate_sites(guide: AutoGaussianSites, policy: Policy) -> dict:
+    """``{site: SiteQuantizers}`` of a float guide under ``policy``."""
+    with torch.no_grad():
+        out = {}
+        for name in guide.sites:
+            loc, scale = guide.get_loc_scale(name)
+            native = guide.scale_quantizer(name) if hasattr(guide, "scale_quantizer") else None
+            out[name] = calibrate_site(policy, name, loc, scale, native_scale=native)
+    return out
+
+
+def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
+    """Return a new :class:`QuantizedGuide`; ``guide`` is left untouched.
+
+    :param guide: a trained (set-up) :class:`AutoGaussianSites` guide. A
+        :class:`QuantizedGuide` is re-quantized from its wrapped float
+        parameters (e.g. after fine-tuning), not quantized twice.
+    :param policy: a :class:`~pyro_bq.quant.Policy` (:class:`~pyro_bq.quant.VPQ`,
+        :class:`~pyro_bq.quant.SPQ`, :class:`~pyro_bq.quant.JQ` or :class:`~pyro_bq.quant.FloatPolicy`).
+    :raises TypeError: for a guide or policy of the wrong type.
+    :raises ValueError: for a guide without parameters, or a policy entry
+        (``site_bits`` or ``site_quantizers`` key, ``skip`` entry, bits tensor) that fits no site.
+
+    Usage::
+
+        qguide = quantize(guide, JQ(4, skip=["net.conv1.weight", "net.fc3.weight"]))
+        Predictive(model, guide=qguide, num_samples=32)(x)
+    """
+    if not isinstance(guide, AutoGaussianSites):
+        raise TypeError(f"guide must be a pyro_bq AutoGaussianSites guide (e.g. AutoMeanFieldNormal), "
+                        f"got {type(guide).__name__}")
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a pyro_bq Policy (VPQ, SPQ, JQ, FloatPolicy), got {type(policy).__name__}")
+    if guide.prototype_trace is None:
+        raise ValueError("guide has no parameters yet: train it, or call it once with example inputs, first")
+    if isinstance(guide, QuantizedGuide):
+        guide = guide.base
+    policy.check_sites(guide.sites)
+    return QuantizedGuide(guide, _calibrate_sites(guide, policy), policy=policy)

@@ -236,11 +236,6 @@ def check_shape(name: str, value: torch.Tensor, shape: tuple) -> torch.Tensor:
     return value
 
 
-def check_bits(name: str, value: Any, *, low: int = 1, high: int = 32) -> int:
-    """Check a bit width: an int in ``[low, high]`` (bools and floats such as ``4.0`` are refused)."""
-    return check_int(name, value, low=low, high=high)
-
-
 def check_int_sequence(name: str, value: Any, *, low: int | None = None, high: int | None = None, nonempty: bool = True) -> tuple[int, ...]:
     """Check a sequence of ints (e.g. layer sizes or per-layer bits); returns a tuple."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or isinstance(value, torch.Tensor) and value.dim() != 1:

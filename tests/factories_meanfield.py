@@ -1,13 +1,6 @@
-from guide_contract import GuideCase, tiny_classifier
+from guide_contract import GuideCase, float_guide
 
 from pyro_bq.guides import AutoMeanFieldNormal
-
-
-def _make(net="mlp"):
-    model, x, y = tiny_classifier(net)
-    guide = AutoMeanFieldNormal(model, init_scale=0.05)
-    guide(x, y)
-    return model, guide, x, y
 
 
 def _conjugate():
@@ -17,6 +10,6 @@ def _conjugate():
 
 
 FACTORIES = [
-    GuideCase("meanfield-mlp", _make, conjugate=_conjugate),
-    GuideCase("meanfield-lenet", lambda: _make("lenet")),
+    GuideCase("meanfield-mlp", float_guide, conjugate=_conjugate),
+    GuideCase("meanfield-lenet", lambda: float_guide("lenet")),
 ]

@@ -2,28 +2,19 @@
 PWFN codebook export, in the shared guide contract."""
 
 import torch
-from guide_contract import GuideCase, tiny_classifier
+from guide_contract import GuideCase, float_guide, packed_reload
 
-from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.mixed import BitAllocation, allocation_policy, quantile_inform, random_bits
-from pyro_bq.quant import load_packed, quantize, save_packed
-
-
-def _float_guide():
-    model, x, y = tiny_classifier("mlp")
-    guide = AutoMeanFieldNormal(model, init_scale=0.05)
-    guide(x, y)
-    return model, guide, x, y
-
-
-def _packed_reload(guide, path):
-    save_packed(guide, path)
-    return load_packed(path, guide.model)
+from pyro_bq import IIDNormal
+from pyro_bq.guides import AutoPWFN, init_to_pretrained, quantize
+from pyro_bq.mixed import BitAllocation, quantile_inform, random_bits
+from pyro_bq.models import MLP, BayesianClassifier
+from pyro_bq.pwfn import ClusterConfig, cluster_guide_, codebook_policy
+from pyro_bq.quant import SignedGridQuantizer, make_policy
 
 
 def _allocated(kind, mode):
     def make():
-        model, guide, x, y = _float_guide()
+        model, guide, x, y = float_guide()
         if kind == "qiu":
             alloc = quantile_inform(guide, 4.0)
         elif kind == "qinu":
@@ -34,19 +25,16 @@ def _allocated(kind, mode):
             g = torch.Generator().manual_seed(0)
             bits = {name: torch.randint(2, 6, info.shape, generator=g) for name, info in guide.sites.items()}
             scales = {name: float(guide.median()[name].abs().max()) / 2 + 1e-3 for name in guide.sites}
+            grids = {name: {"loc": SignedGridQuantizer(bits[name], scale=scales[name])} for name in guide.sites}
             sizes = {name: info.numel for name, info in guide.sites.items()}
-            alloc = BitAllocation(bits, sizes=sizes, method="SMOL", grid="signed", info={"scales": scales})
-        return model, quantize(guide, allocation_policy(alloc, mode)), x, y
+            alloc = BitAllocation(bits, sizes=sizes, method="SMOL", grid="signed", site_quantizers=grids)
+        policy = make_policy(mode, 8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)
+        return model, quantize(guide, policy), x, y
 
     return make
 
 
 def _pwfn_codebook():
-    from pyro_bq.guides import AutoPWFN, init_to_pretrained
-    from pyro_bq.models import MLP, BayesianClassifier
-    from pyro_bq import IIDNormal
-    from pyro_bq.pwfn import ClusterConfig, cluster_guide_, codebook_policy
-
     torch.manual_seed(0)
     net = MLP((784, 16, 10))
     model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=100)
@@ -58,6 +46,6 @@ def _pwfn_codebook():
 
 
 FACTORIES = [
-    GuideCase(f"mixed-{kind}-{mode}-mlp", _allocated(kind, mode), reload=_packed_reload)
+    GuideCase(f"mixed-{kind}-{mode}-mlp", _allocated(kind, mode), reload=packed_reload)
     for kind, mode in (("qiu", "vpq"), ("qinu", "jq"), ("rb", "jq"), ("smol", "vpq"), ("qiu", "spq"))
-] + [GuideCase("pwfn-codebook-export-mlp", _pwfn_codebook, reload=_packed_reload, trainable=False)]  # all weights fixed
+] + [GuideCase("pwfn-codebook-export-mlp", _pwfn_codebook, reload=packed_reload, trainable=False)]  # all weights fixed

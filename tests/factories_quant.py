@@ -1,23 +1,15 @@
 """Quantized guides (every policy, the log-quantized guide) in the shared guide contract."""
 
 import torch
-from guide_contract import GuideCase, tiny_classifier
+from guide_contract import GuideCase, float_guide, packed_reload, tiny_classifier
 
-from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.guides.logquant import AutoLogQuantNormal
-from pyro_bq.quant import JQ, SPQ, VPQ, FloatPolicy, load_packed, quantize, save_packed
-
-
-def _float_guide(net):
-    model, x, y = tiny_classifier(net)
-    guide = AutoMeanFieldNormal(model, init_scale=0.05)
-    guide(x, y)
-    return model, guide, x, y
+from pyro_bq.guides import AutoLogQuantNormal, quantize
+from pyro_bq.quant import JQ, SPQ, VPQ, FloatPolicy
 
 
 def _quantized(policy_fn, net="mlp"):
     def make():
-        model, guide, x, y = _float_guide(net)
+        model, guide, x, y = float_guide(net)
         return model, quantize(guide, policy_fn()), x, y
 
     return make
@@ -33,11 +25,6 @@ def _logquant(net="mlp", bits=3):
     return make
 
 
-def _packed_reload(guide, path):
-    save_packed(guide, path)
-    return load_packed(path, guide.model)
-
-
 def _mixed_bits():
     # a per-parameter bit map for one site (as SMOL produces) and a per-site int map
     g = torch.Generator().manual_seed(0)
@@ -45,12 +32,12 @@ def _mixed_bits():
 
 
 FACTORIES = [
-    GuideCase("quant-float-mlp", _quantized(FloatPolicy), reload=_packed_reload),
-    GuideCase("quant-vpq4-mlp", _quantized(lambda: VPQ(4)), reload=_packed_reload),
-    GuideCase("quant-spq4-mlp", _quantized(lambda: SPQ(4)), reload=_packed_reload),
-    GuideCase("quant-jq4-mlp", _quantized(lambda: JQ(4)), reload=_packed_reload),
-    GuideCase("quant-jq2-lenet", _quantized(lambda: JQ(2), "lenet"), reload=_packed_reload),
-    GuideCase("quant-jq3-mixed-bits-mlp", _quantized(_mixed_bits), reload=_packed_reload),
+    GuideCase("quant-float-mlp", _quantized(FloatPolicy), reload=packed_reload),
+    GuideCase("quant-vpq4-mlp", _quantized(lambda: VPQ(4)), reload=packed_reload),
+    GuideCase("quant-spq4-mlp", _quantized(lambda: SPQ(4)), reload=packed_reload),
+    GuideCase("quant-jq4-mlp", _quantized(lambda: JQ(4)), reload=packed_reload),
+    GuideCase("quant-jq2-lenet", _quantized(lambda: JQ(2), "lenet"), reload=packed_reload),
+    GuideCase("quant-jq3-mixed-bits-mlp", _quantized(_mixed_bits), reload=packed_reload),
     GuideCase("logquant-mlp", _logquant()),
-    GuideCase("logquant-mlp-packed", _logquant(bits=4), reload=_packed_reload),
+    GuideCase("logquant-mlp-packed", _logquant(bits=4), reload=packed_reload),
 ]

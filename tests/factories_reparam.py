@@ -5,17 +5,14 @@ reparameterization or Flipout handler (the same handler instance for both),
 through SVI with both ELBOs, Predictive, vectorized samples and save/reload.
 """
 
-from guide_contract import GuideCase, tiny_classifier
+from guide_contract import GuideCase, float_guide
 
-from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.inference.reparam import Flipout, Handled, LocalReparameterization
 
 
 def _make(handler_cls, net="mlp", **kwargs):
     def make():
-        model, x, y = tiny_classifier(net)
-        guide = AutoMeanFieldNormal(model, init_scale=0.05)
-        guide(x, y)
+        model, guide, x, y = float_guide(net)
         handler = handler_cls(**kwargs)
         return Handled(model, handler), Handled(guide, handler), x, y
 

@@ -51,3 +51,21 @@ def tiny_classifier(net_name: str = "mlp", n: int = 32, seed: int = 0):
     x = torch.randn(n, 1, 28, 28)
     y = torch.randint(0, 10, (n,))
     return model, x, y
+
+
+def float_guide(net_name: str = "mlp", n: int = 32):
+    """``(model, guide, x, y)``: :func:`tiny_classifier` with a set-up mean-field guide (scale 0.05)."""
+    from pyro_bq.guides import AutoMeanFieldNormal
+
+    model, x, y = tiny_classifier(net_name, n=n)
+    guide = AutoMeanFieldNormal(model, init_scale=0.05)
+    guide(x, y)
+    return model, guide, x, y
+
+
+def packed_reload(guide, path):
+    """A guide saved with :func:`pyro_bq.io.save_packed` and read back with :func:`pyro_bq.io.load_packed`."""
+    from pyro_bq.io import load_packed, save_packed
+
+    save_packed(guide, path)
+    return load_packed(path, guide.model)

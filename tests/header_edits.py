@@ -2,9 +2,8 @@
 
 import json
 
-from pyro_bq.io import CorruptFileError
+from pyro_bq.io import CorruptFileError, load_packed
 from pyro_bq.io.container import read_container, write_container
-from pyro_bq.quant import load_packed
 
 
 def header_leaves(node, trail=()):

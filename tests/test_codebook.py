@@ -5,13 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyro_bq.quant.codebook import (
-    codebook_size,
-    nearest_code,
-    nearest_code_index,
-    pow2_codebook,
-    pow2_magnitudes,
-)
+from pyro_bq.quant.codebook import codebook_size, pow2_codebook, pow2_family, pow2_magnitudes
+from pyro_bq.quant.grids import nearest_code, nearest_code_index
 
 
 def _t(xs):
@@ -120,3 +115,13 @@ def test_codebook_size_formula():
         n = b + 1
         expect = 2 * sum(math.comb(n, k) for k in range(1, min(r, n) + 1)) + 1
         assert codebook_size(b, r) == expect == pow2_codebook(b, r).numel()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("family", ["pot", "apot"])
+def test_pow2_family_is_the_largest_set_that_fits_the_bits(bits, family):
+    cb = pow2_family(bits, family)
+    assert cb.numel() <= 2**bits and float(cb.abs().max()) == 1.0
+    assert torch.equal(cb, -cb.flip(0))
+    if family == "pot" and bits > 1:  # zero and +-2**-k .. +-1: one more power (two codes) would not fit
+        assert cb.numel() + 2 > 2**bits and float(cb[cb > 0].min()) == 2.0 ** -((cb.numel() - 3) // 2)

@@ -7,10 +7,10 @@ import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 from pyro_bq import IIDNormal, LayerwiseNormal, Prior, ScaleMixtureNormal
-from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.guides import AutoMeanFieldNormal, quantize
 from pyro_bq.inference import MeanFieldELBO
 from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5
-from pyro_bq.quant import JQ, SPQ, quantize
+from pyro_bq.quant import JQ, SPQ
 
 
 class _Laplace(Prior):

@@ -376,10 +376,11 @@ def _posterior():
 
 
 def _register_quant():
-    from pyro_bq.quant import (JQ, SPQ, VPQ, CodebookQuantizer, FakeQuantActivation, Log2Quantizer, UniformQuantizer,
-                               load_packed, make_policy, memory_report, nearest_code, pack_bits, pow2_codebook,
-                               quantize, quantize_activations, save_packed, unpack_bits)
-    from pyro_bq.quant import AutoLogQuantNormal
+    from pyro_bq.guides import AutoLogQuantNormal, quantize
+    from pyro_bq.io import load_packed, memory_report, pack_bits, save_packed, unpack_bits
+    from pyro_bq.quant import (JQ, SPQ, VPQ, CodebookQuantizer, FakeQuantActivation, IntervalQuantizer, Log2Quantizer,
+                               UniformQuantizer, check_bits, make_policy, nearest_code, pow2_codebook,
+                               quantize_activations)
 
     bits = bad_int(1, 16)
     rng_choice = bad_choice(("minmax", "percentile", "mse"))
@@ -403,6 +404,10 @@ def _register_quant():
                "skip": st.one_of(st.integers(), st.just([3]), st.just("[unclosed"), st.none())})
     entry("make_policy", make_policy, lambda: {"mode": "jq", "bits": 4},
           {"mode": bad_choice(("float", "vpq", "spq", "jq")), "bits": bits})
+    entry("check_bits", check_bits, lambda: {"name": "bits", "bits": 4}, {"bits": bits})
+    entry("IntervalQuantizer", IntervalQuantizer, lambda: {"bits": 4, "interval": None, "percentiles": (5.0, 95.0)},
+          {"bits": bits, "interval": st.sampled_from([(1.0, -1.0), (0.0, 0.0), (math.nan, 1.0), (0.0,), "0,1", 3.0]),
+           "percentiles": pct})
 
     def quantize_with(skip=(), site_bits=None, policy=None):
         policy = policy if policy is not None else JQ(4, skip=skip, site_bits=site_bits)
@@ -443,10 +448,10 @@ def _register_quant():
                        | st.just(torch.tensor([0.0, math.nan]))})
     entry("pack_bits", pack_bits, lambda: {"codes": np.array([1, 2, 3]), "bits": 2},
           {"codes": st.sampled_from([np.array([4, 1]), np.array([-1, 0]), np.array([0.5]), np.zeros((2, 2), dtype=int), [1, 2], None]),
-           "bits": st.one_of(bad_int(1, 32), st.just(np.array([2, 2])))})
+           "bits": st.one_of(bad_int(1, 16), st.just(np.array([2, 2])))})
     entry("unpack_bits", unpack_bits, lambda: {"buf": np.array([27], dtype=np.uint8), "count": 3, "bits": 2},
           {"buf": st.sampled_from([np.array([1.5]), [1, 2], None, np.array([-1], dtype=np.int8)]),
-           "count": bad_int(0) | st.just(100), "bits": bad_int(1, 32)},
+           "count": bad_int(0) | st.just(100), "bits": bad_int(1, 16)},
           words={"count": ("count", "buf")})
     entry("FakeQuantActivation", FakeQuantActivation,
           lambda: {"activation": nn.ReLU(), "bits": 8, "range": "calibrated", "max_calls": 16},
@@ -597,9 +602,9 @@ def _register_pwfn():
 
 
 def _register_mixed():
-    from pyro_bq.mixed import (BitAllocation, GaussianLloydQuantizer, IntervalQuantizer, SignedGridQuantizer,
-                               allocation_policy, gaussian_quantile_levels, informativeness, layer_informativeness,
-                               lloyd_max_median, mean_bits, quantile_inform, quantize_uniform, random_bits, s_from_bits)
+    from pyro_bq.mixed import (BitAllocation, informativeness, layer_informativeness, mean_bits, quantile_inform,
+                               random_bits, s_from_bits)
+    from pyro_bq.quant import GaussianLloydQuantizer, SignedGridQuantizer, gaussian_quantile_levels, lloyd_max_median
 
     bad_posterior = st.one_of(st.none(), st.integers(), st.just(_tiny_net()), st.just({"a": (torch.zeros(2), -torch.ones(2))}),
                               st.just({"a": (torch.zeros(2), torch.ones(3))}))
@@ -632,29 +637,18 @@ def _register_mixed():
     entry("lloyd_max_median", lloyd_max_median, lambda: {"levels": torch.tensor([-1.0, 0.0, 1.0]), "max_iter": 10, "tol": 1e-10},
           {"levels": bad_tensor(shapes=[(0,), (2, 2)]) | st.just(torch.tensor([1.0, 0.0])) | st.just(torch.tensor([0.0, math.nan])),
            "max_iter": bad_int(1), "tol": bad_float(0.0, low_open=True)})
-    entry("quantize_uniform", quantize_uniform, lambda: {"x": torch.randn(4), "alpha": -1.0, "beta": 1.0, "bits": 3},
-          {"x": bad_tensor(dtypes=[(torch.long, (4,))]), "alpha": bad_float().filter(lambda v: not isinstance(v, torch.Tensor)),
-           "beta": st.sampled_from([-2.0, -1.0, math.nan, "1", None]), "bits": bad_int(1, 16)},
-          words={"beta": ("beta", "alpha")})
     entry("GaussianLloydQuantizer", GaussianLloydQuantizer, lambda: {"bits": 4, "max_iter": 10},
           {"bits": bad_int(1, 16), "max_iter": bad_int(1)})
-    entry("IntervalQuantizer", IntervalQuantizer, lambda: {"bits": 4, "lo": -1.0, "hi": 1.0},
-          {"bits": bad_int(1, 16), "lo": bad_float().filter(lambda v: not isinstance(v, torch.Tensor)),
-           "hi": st.sampled_from([-1.0, -2.0, math.nan, math.inf, "1", None])},
-          words={"hi": ("hi", "lo")})
     entry("SignedGridQuantizer", SignedGridQuantizer, lambda: {"bits": 4, "scale": None},
           {"bits": bad_int(1, 16).filter(lambda v: not isinstance(v, torch.Tensor)), "scale": bad_float(0.0, low_open=True, optional=True)})
     entry("s_from_bits", s_from_bits, lambda: {"bits": 4}, {"bits": st.sampled_from([0, -1, "4", None, math.nan])})
 
-    def alloc():
-        return quantile_inform(_posterior(), 4.0)
-
-    entry("allocation_policy", allocation_policy, lambda: {"allocation": alloc(), "mode": "vpq"},
-          {"allocation": st.one_of(st.none(), st.integers(), st.just({"net.1.weight": 4})), "mode": bad_choice(("vpq", "spq", "jq"))})
     entry("BitAllocation", BitAllocation,
-          lambda: {"bits": {"a": 4}, "method": "QIU", "sizes": {"a": 10}, "grid": "uniform-percentile"},
-          {"bits": st.sampled_from([None, 3, {"a": 0}, {"a": "4"}, {"b": 4}]),
-           "sizes": st.sampled_from([None, {"a": 0}, {"b": 10}, {"a": -3}])})
+          lambda: {"bits": {"a": 4}, "method": "QIU", "sizes": {"a": 10}, "grid": "uniform-percentile",
+                   "site_quantizers": None},
+          {"bits": st.sampled_from([None, 3, {"a": 0}, {"a": "4"}, {"b": 4}, {"a": 17}]),
+           "sizes": st.sampled_from([None, {"a": 0}, {"b": 10}, {"a": -3}]),
+           "site_quantizers": st.sampled_from([3, {"b": {}}, {"a": {"loc": "grid"}}, {"a": 4}])})
 
 
 #: Gaps found in pyro_bq.quant/.uncertainty/.pwfn/.mixed: "entry-argument": what happens (file, function).
@@ -770,7 +764,7 @@ def test_report_counts():
         (lambda v: __import__("pyro_bq._validation", fromlist=["x"]).check_dtype("dtype", v), TypeError),
         (lambda v: __import__("pyro_bq._validation", fromlist=["x"]).check_device("device", v), TypeError),
         (lambda v: __import__("pyro_bq._validation", fromlist=["x"]).check_path("path", v), TypeError),
-        (lambda v: __import__("pyro_bq._validation", fromlist=["x"]).check_bits("bits", v), TypeError),
+        (lambda v: __import__("pyro_bq.quant.grids", fromlist=["x"]).check_bits("bits", v), ValueError),
     ],
 )
 @FUZZ
@@ -801,10 +795,12 @@ def test_helpers_accept_good_values_and_refuse_bad_ones():
     assert v.check_shape("x", torch.zeros(3, 4), (None, 4)).shape == (3, 4)
     with pytest.raises(ValueError, match=r"x must have shape \(\*, 5\), got \(3, 4\)"):
         v.check_shape("x", torch.zeros(3, 4), (None, 5))
-    assert v.check_bits("bits", 16) == 16
-    for bad in (0, 33, -1):
-        with pytest.raises(ValueError, match=r"bits must lie in \[1, 32\]"):
-            v.check_bits("bits", bad)
+    from pyro_bq.quant.grids import check_bits
+
+    assert check_bits("bits", 16) == 16
+    for bad in (0, 17, 33, -1):
+        with pytest.raises(ValueError, match="bits must be an int from 1 to 16"):
+            check_bits("bits", bad)
     assert v.check_int_sequence("sizes", [784, 10], low=1) == (784, 10)
     with pytest.raises(ValueError, match=r"sizes\[1\] must lie in"):
         v.check_int_sequence("sizes", [784, 0], low=1)

@@ -1,7 +1,7 @@
 """Integrity of pyro_bq files: no pickle ever runs, and any damage gives a clear error.
 
 Files covered: the raw container, checkpoints (and fit_svi's resume) and, when
-pyro_bq.quant provides them, packed quantized files.
+pyro_bq.io provides them, packed quantized files.
 """
 
 from __future__ import annotations
@@ -272,14 +272,16 @@ def test_random_headers_with_valid_checksums_never_crash_the_reader(tmp_path, he
         assert isinstance(state, dict)  # a well-formed file was crafted by chance: it must load as a dict
 
 
-# -- packed quantized files (pyro_bq.quant) ---------------------------------------------------------
+# -- packed quantized files (pyro_bq.io) ------------------------------------------------------------
 
 
 def _packed_file(folder: Path, policy: str) -> tuple[Path, object]:
     from pyro_bq import IIDNormal
     from pyro_bq.guides import AutoMeanFieldNormal
     from pyro_bq.models import MLP, BayesianClassifier
-    from pyro_bq.quant import JQ, SPQ, VPQ, quantize, save_packed
+    from pyro_bq.guides import quantize
+    from pyro_bq.io import save_packed
+    from pyro_bq.quant import JQ, SPQ, VPQ
 
     torch.manual_seed(0)
     model = BayesianClassifier(MLP((784, 3, 10)), IIDNormal(1.0), dataset_size=100)
@@ -292,7 +294,7 @@ def _packed_file(folder: Path, policy: str) -> tuple[Path, object]:
 
 @pytest.mark.parametrize("policy", ["JQ", "VPQ"])
 def test_every_truncation_and_byte_flip_of_a_packed_file_is_caught(tmp_path, policy):
-    from pyro_bq.quant import load_packed
+    from pyro_bq.io import load_packed
 
     path, model = _packed_file(tmp_path, policy)
     good = path.read_bytes()
@@ -311,7 +313,7 @@ def test_every_truncation_and_byte_flip_of_a_packed_file_is_caught(tmp_path, pol
 @HYP
 @given(data=st.data())
 def test_random_damage_to_a_packed_file_is_always_caught(tmp_path, data, packed):
-    from pyro_bq.quant import load_packed
+    from pyro_bq.io import load_packed
 
     path, model = packed
     good = path.read_bytes()
@@ -332,7 +334,7 @@ def packed(tmp_path_factory):
 
 
 def test_load_packed_refuses_pickles_and_torch_save_files(tmp_path, packed):
-    from pyro_bq.quant import load_packed
+    from pyro_bq.io import load_packed
 
     _, model = packed
     marker = tmp_path / "ran"
@@ -344,7 +346,7 @@ def test_load_packed_refuses_pickles_and_torch_save_files(tmp_path, packed):
 
 
 def test_a_checkpoint_is_not_loaded_as_a_packed_file(tmp_path, packed):
-    from pyro_bq.quant import load_packed
+    from pyro_bq.io import load_packed
 
     _, model = packed
     save_checkpoint(tmp_path / "c.bq", {"step": 1})

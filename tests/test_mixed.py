@@ -7,29 +7,56 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyro_bq.guides import quantize
+from pyro_bq.io import load_packed, memory_report, save_packed
 from pyro_bq.mixed import (
     BitAllocation,
-    allocation_policy,
     bits_from_s,
     bits_table,
-    expected_abs_error,
-    gaussian_quantile_levels,
     layer_informativeness,
-    lloyd_max_median,
     mean_bits,
-    median_condition_residual,
     noise_amplitude,
     normalized_informativeness,
     plot_bits,
     quantile_inform,
     quantize_means,
-    quantize_to_levels,
-    quantize_uniform,
     random_bits,
     s_from_bits,
-    signed_quantize,
     smol_penalty,
 )
+from pyro_bq.quant import (
+    JQ,
+    VPQ,
+    GaussianLloydQuantizer,
+    IntervalQuantizer,
+    SignedGridQuantizer,
+    SiteQuantizers,
+    make_policy,
+    nearest_code,
+)
+from pyro_bq.quant.lloyd_max import (
+    expected_abs_error,
+    gaussian_quantile_levels,
+    lloyd_max_median,
+    median_condition_residual,
+)
+
+
+def odd_multiples(theta, bits):
+    """The nearest value of ``bits`` signed bits: an odd multiple of ``2**(1-bits)`` of magnitude below 2."""
+    half = torch.pow(2.0, 1.0 - torch.as_tensor(bits, dtype=theta.dtype))
+    return torch.clamp((2 * torch.floor(theta / (2 * half)) + 1) * half, -(2 - half), 2 - half)
+
+
+def policy_of(alloc, mode="vpq", bits=8):
+    """The allocation as a policy of ``mode``: a plain constructor call."""
+    return make_policy(mode, bits, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)
+
+
+def signed_allocation(bits, scales, sizes, method="SMOL"):
+    """A SMOL-style allocation: ``bits`` on each site's signed grid of scale ``scales[site]``."""
+    grids = {n: {"loc": SignedGridQuantizer(b, scale=scales[n])} for n, b in bits.items()}
+    return BitAllocation(bits, method=method, sizes=sizes, grid="signed", info={"scales": scales}, site_quantizers=grids)
 
 
 def toy_two_layer(seed=0, n=400):
@@ -143,11 +170,11 @@ def test_rb_boundaries_never_increase_site_error():
     post = toy_many(4, seed=2)
     a = random_bits(post, 2.5, candidate_bits=range(2, 9), num_steps=200, boundary_every=5, boundary_steps=3)
     prob = RandomBitsProblem(validated(post), list(range(2, 9)))
-    lm = torch.tensor([2.0 ** a[n] - 1 for n in prob.names])
-    start = prob.site_errors(prob.alpha, prob.beta, lm)
+    bits = torch.tensor([float(a[n]) for n in prob.names])
+    start = prob.site_errors(prob.alpha, prob.beta, bits)
     alpha = torch.tensor([a.info["alpha"][n] for n in prob.names])
     beta = torch.tensor([a.info["beta"][n] for n in prob.names])
-    end = prob.site_errors(alpha, beta, lm)
+    end = prob.site_errors(alpha, beta, bits)
     assert bool((end <= start * (1 + 1e-5)).all())
     assert bool((beta > alpha).all())
 
@@ -183,24 +210,35 @@ def test_gaussian_quantile_levels_by_hand():
 def test_expected_abs_error_matches_monte_carlo():
     lv = torch.tensor([-1.3, -0.2, 0.4, 1.1], dtype=torch.float64)
     z = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    mc = float((z - quantize_to_levels(z, lv)).abs().mean())
+    mc = float((z - nearest_code(z, lv)).abs().mean())
     assert expected_abs_error(lv) == pytest.approx(mc, abs=3e-3)
 
 
-def test_quantize_uniform_grid():
+def test_interval_grid_by_hand():
     x = torch.tensor([-5.0, 0.0, 0.26, 0.5, 5.0])
-    q = quantize_uniform(x, 0.0, 1.0, 2)  # levels 0, 1/3, 2/3, 1
-    assert q.tolist() == pytest.approx([0.0, 0.0, 1 / 3, 2 / 3, 1.0])
+    q = IntervalQuantizer(2, interval=(0.0, 1.0)).calibrate(x)  # levels 0, 1/3, 2/3, 1; 0.5 is a tie
+    assert q.quantize(x).tolist() == pytest.approx([0.0, 0.0, 1 / 3, 2 / 3, 1.0])
 
 
-def test_gaussian_quantile_levels_capped_at_16_bits():
+def test_widths_are_capped_at_16_bits_everywhere():
     assert gaussian_quantile_levels(16).numel() == 2**16
     with pytest.raises(ValueError, match="bits"):
         gaussian_quantile_levels(17)
+    with pytest.raises(ValueError, match="1, 16"):
+        BitAllocation({"a": 20}, method="QINU", sizes={"a": 20}, grid="gaussian-lloyd")
+    with pytest.raises(ValueError, match="candidate_bits"):
+        quantile_inform(toy_two_layer(), 4.0, candidate_bits=[2, 17])
+    with pytest.raises(ValueError, match="1, 16"):
+        mean_bits({"a": 17}, {"a": 3})
+
+
+def test_an_allocation_without_a_grid_has_no_means_of_its_own():
     post = {"a": (torch.randn(20), torch.ones(20))}
-    alloc = BitAllocation({"a": 20}, method="QINU", sizes={"a": 20}, grid="gaussian-lloyd")
-    with pytest.raises(ValueError, match="bits=20"):
+    alloc = BitAllocation({"a": 3}, method="hand", sizes={"a": 20}, grid="none")
+    with pytest.raises(ValueError, match="no grid for site 'a'"):
         quantize_means(post, alloc)
+    with pytest.raises(ValueError, match="site_quantizers names site 'b'"):
+        BitAllocation({"a": 3}, method="hand", sizes={"a": 20}, grid="none", site_quantizers={"b": {}})
 
 
 def _positive_toy(seed=0):
@@ -213,15 +251,13 @@ def _positive_toy(seed=0):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
-def test_percentile_interval_quantizer_is_the_paper_qiu_grid(bits):
-    from pyro_bq.mixed import PercentileIntervalQuantizer
-
+def test_the_qiu_grid_is_the_papers(bits):
     post = _positive_toy()
-    alloc = BitAllocation({n: bits for n in post}, method="QIU", sizes={n: l.numel() for n, (l, _) in post.items()},
-                          grid="uniform-percentile")
+    alloc = quantile_inform(post, bits, candidate_bits=[bits])
+    assert all(isinstance(g["loc"], IntervalQuantizer) for g in alloc.site_quantizers.values())
     ref = quantize_means(post, alloc)
     for name, (loc, _) in post.items():
-        q = PercentileIntervalQuantizer(bits).calibrate(loc)
+        q = IntervalQuantizer(bits).calibrate(loc)
         lo, hi = torch.quantile(loc.double().flatten(), torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
         assert q.interval() == pytest.approx((lo, hi), rel=1e-12)
         # 2**b levels alpha + s k from the 5th to the 95th percentile, no zero point
@@ -234,10 +270,7 @@ def test_percentile_interval_quantizer_is_the_paper_qiu_grid(bits):
     assert float(ref["a"].min()) > 1.0  # 0 is not forced onto the grid
 
 
-def test_qiu_allocation_policy_equals_quantize_means(small_guide, tmp_path):
-    from pyro_bq.mixed import PercentileIntervalQuantizer
-    from pyro_bq.quant import load_packed, memory_report, quantize, save_packed
-
+def test_a_qiu_policy_quantizes_the_means_as_the_allocation_does(small_guide, tmp_path):
     model, guide = small_guide
     with torch.no_grad():  # all means positive, so the paper's grid and a zero-point grid differ
         guide.loc.copy_(0.3 + torch.rand(guide.loc.shape, generator=torch.Generator().manual_seed(1)))
@@ -245,13 +278,13 @@ def test_qiu_allocation_policy_equals_quantize_means(small_guide, tmp_path):
     assert alloc.grid == "uniform-percentile" and len(set(alloc.values())) > 1
     ref = quantize_means(guide, alloc)
     for mode in ("vpq", "spq", "jq"):
-        q = quantize(guide, allocation_policy(alloc, mode))
+        q = quantize(guide, policy_of(alloc, mode))
         for name in guide.sites:
             loc_q = q.get_loc_scale(name)[0]
             if mode == "spq":  # float means; the samples use the policy's sample grid
                 assert q.quantizers[name].loc is None
                 continue
-            assert isinstance(q.quantizers[name].loc, PercentileIntervalQuantizer)
+            assert isinstance(q.quantizers[name].loc, IntervalQuantizer)
             assert torch.equal(loc_q, ref[name])
             assert float(loc_q.detach().min()) >= 0.3
         # packing and the memory report handle the grid; a file reads back the same means
@@ -286,15 +319,17 @@ def test_smol_noise_and_penalty_by_hand():
         s_from_bits(1.0)
 
 
-def test_signed_quantize_levels_and_error_bound():
+def test_signed_grid_levels_and_error_bound():
     # two signed bits: +-0.5, +-1.5
     theta = torch.tensor([-1.9, -0.7, -0.1, 0.1, 0.9, 1.2, 1.99])
-    assert signed_quantize(theta, 2).tolist() == pytest.approx([-1.5, -0.5, -0.5, 0.5, 0.5, 1.5, 1.5])
+    q = SignedGridQuantizer(2, scale=1.0).calibrate(theta)
+    assert q.quantize(theta).tolist() == pytest.approx([-1.5, -0.5, -0.5, 0.5, 0.5, 1.5, 1.5])
     x = torch.rand(10_000, generator=torch.Generator().manual_seed(1)) * 4 - 2
     for p in range(1, 7):
-        q = signed_quantize(x, p)
-        assert len(torch.unique(q)) <= 2**p
-        assert float((q - x).abs().max()) <= 2.0 ** (1 - p) + 1e-6
+        v = SignedGridQuantizer(p, scale=1.0).calibrate(x).quantize(x)
+        assert len(torch.unique(v)) <= 2**p
+        assert float((v - x).abs().max()) <= 2.0 ** (1 - p) + 1e-6
+        assert torch.equal(v, odd_multiples(x, p))
 
 
 # -- validation ------------------------------------------------------------------------
@@ -337,8 +372,6 @@ def small_guide():
 
 
 def test_allocations_plug_into_policies(small_guide):
-    from pyro_bq.quant import VPQ, quantize
-
     model, guide = small_guide
     for alloc in (
         quantile_inform(guide, 4.0),
@@ -347,31 +380,29 @@ def test_allocations_plug_into_policies(small_guide):
     ):
         assert isinstance(alloc, BitAllocation) and isinstance(alloc, dict)
         assert set(alloc) == set(guide.sites)
-        q = quantize(guide, allocation_policy(alloc, "vpq"))
+        q = quantize(guide, policy_of(alloc, "vpq"))
         med, ref = q.median(), quantize_means(guide, alloc)
         for name in guide.sites:
             levels = torch.unique(med[name])
             assert levels.numel() <= 2 ** alloc[name]
             assert torch.allclose(med[name], ref[name], atol=1e-6)
         quantize(guide, VPQ(8, site_bits=alloc))  # a plain policy takes the map too
-        quantize(guide, allocation_policy(alloc, "jq"))
+        quantize(guide, JQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
 
 
 def test_per_parameter_bits_plug_into_policy(small_guide):
     from pyro_bq.mixed.smol import site_scales
     from pyro_bq.mixed.informativeness import validated
-    from pyro_bq.quant import quantize
 
     model, guide = small_guide
     params = validated(guide)
     bits = {n: (torch.arange(loc.numel()) % 4 + 1).reshape(loc.shape) for n, (loc, _) in params.items()}
     scales = site_scales(params)
-    alloc = BitAllocation(bits, method="SMOL", sizes={n: l.numel() for n, (l, _) in params.items()}, grid="signed",
-                          info={"scales": scales})
-    q = quantize(guide, allocation_policy(alloc))
+    alloc = signed_allocation(bits, scales, {n: l.numel() for n, (l, _) in params.items()})
+    q = quantize(guide, policy_of(alloc))
     med = q.median()
     for n, (loc, _) in params.items():
-        expected = scales[n] * signed_quantize(loc / scales[n], bits[n])
+        expected = scales[n] * odd_multiples(loc / scales[n], bits[n])
         assert torch.allclose(med[n], expected, atol=1e-6)
     assert alloc.mean_bits == pytest.approx(2.5, abs=0.1)
 
@@ -394,7 +425,8 @@ def test_smol_runs_and_lambda_lowers_bits(small_guide):
     for name in guide.sites:
         c = high.info["scales"][name]
         q = high.info["locs"][name] / c
-        assert torch.allclose(signed_quantize(q, high[name]), q, atol=1e-5)
+        assert torch.allclose(odd_multiples(q, high[name]), q, atol=1e-5)
+        assert isinstance(high.site_quantizers[name]["loc"], SignedGridQuantizer)
     layer, _ = smol(model, guide, data, lam=1.0, granularity="layer", precision_steps=5, finetune_steps=2, batch_size=32)
     assert all(isinstance(v, int) for v in layer.values()) and layer.method == "SMOL-L"
     with pytest.raises(ValueError, match="granularity"):
@@ -414,7 +446,7 @@ def test_bits_table_and_plot(tmp_path):
 
 # -- packed files of every allocation policy -----------------------------------------------
 
-_LOC_GRIDS = {"QIU": "PercentileIntervalQuantizer", "QINU": "GaussianLloydQuantizer", "RB": "IntervalQuantizer",
+_LOC_GRIDS = {"QIU": "IntervalQuantizer", "QINU": "GaussianLloydQuantizer", "RB": "IntervalQuantizer",
               "SMOL": "SignedGridQuantizer", "SMOL-L": "SignedGridQuantizer", "SMOL-run": "SignedGridQuantizer"}
 _MIXED = {}
 
@@ -445,9 +477,8 @@ def _mixed_setup():
         "QIU": quantile_inform(guide, 4.0),
         "QINU": quantile_inform(guide, 4.0, grid="gaussian"),
         "RB": random_bits(guide, 4.0, num_steps=50),
-        "SMOL": BitAllocation(per_param, method="SMOL", sizes=sizes, grid="signed", info={"scales": scales}),
-        "SMOL-L": BitAllocation({n: 2 + i % 3 for i, n in enumerate(params)}, method="SMOL-L", sizes=sizes,
-                                grid="signed", info={"scales": scales}),
+        "SMOL": signed_allocation(per_param, scales, sizes),
+        "SMOL-L": signed_allocation({n: 2 + i % 3 for i, n in enumerate(params)}, scales, sizes, "SMOL-L"),
         "SMOL-run": smol(model, guide, data, lam=0.5, precision_steps=3, finetune_steps=1, batch_size=8)[0],
     }
     _MIXED["setup"] = (model, guide, x, allocs)
@@ -467,11 +498,9 @@ def _predict(model, guide, x, seed=7):
 def test_every_allocation_policy_round_trips_through_a_packed_file(method, mode, tmp_path):
     """QIU, QINU, RB and SMOL policies save, load to a guide that predicts the same, and the
     memory report gives the file's size."""
-    from pyro_bq.quant import load_packed, memory_report, quantize, save_packed
-
     model, guide, x, allocs = _mixed_setup()
     alloc = allocs[method]
-    q = quantize(guide, allocation_policy(alloc, mode))
+    q = quantize(guide, policy_of(alloc, mode))
     path = tmp_path / f"{method}-{mode}.bq"
     size = save_packed(q, path)
     assert size == path.stat().st_size
@@ -503,12 +532,10 @@ def test_every_allocation_policy_round_trips_through_a_packed_file(method, mode,
 
 
 def test_mixed_quantizers_metadata_is_their_float64_state():
-    from pyro_bq.mixed import GaussianLloydQuantizer, IntervalQuantizer, PercentileIntervalQuantizer, SignedGridQuantizer
-
     loc = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     bits = torch.randint(1, 7, (5, 4), generator=torch.Generator().manual_seed(1))
-    for q, meta in ((GaussianLloydQuantizer(3), 128), (IntervalQuantizer(bits, lo=-1.0, hi=1.0), 128),
-                    (SignedGridQuantizer(bits), 64), (PercentileIntervalQuantizer(4), 128)):
+    for q, meta in ((GaussianLloydQuantizer(3), 128), (IntervalQuantizer(bits, interval=(-1.0, 1.0)), 128),
+                    (SignedGridQuantizer(bits), 64), (IntervalQuantizer(4), 128)):
         q = q.calibrate(loc)
         assert q.metadata_bits() == meta
         state = q.state()
@@ -518,18 +545,14 @@ def test_mixed_quantizers_metadata_is_their_float64_state():
 
 
 def _all_mixed_file(folder):
-    """A packed file whose sites use all four mixed quantizers (bit maps included), and its model."""
-    from pyro_bq.mixed import GaussianLloydQuantizer, IntervalQuantizer, PercentileIntervalQuantizer, SignedGridQuantizer
-    from pyro_bq.quant import JQ, quantize, save_packed
-    from pyro_bq.quant.policies import SiteQuantizers
-
+    """A packed file whose sites use the allocators' quantizers (bit maps included), and its model."""
     model, guide, x, allocs = _mixed_setup()
     q = quantize(guide, JQ(4))
     for i, name in enumerate(guide.sites):
         loc = guide.get_loc_scale(name)[0].detach()
         bits = (torch.arange(loc.numel()) % 5 + 1).reshape(loc.shape)
-        make = [lambda: GaussianLloydQuantizer(3), lambda: IntervalQuantizer(bits, lo=-0.2, hi=0.3),
-                lambda: SignedGridQuantizer(bits), lambda: PercentileIntervalQuantizer(4)][i % 4]
+        make = [lambda: GaussianLloydQuantizer(3), lambda: IntervalQuantizer(bits, interval=(-0.2, 0.3)),
+                lambda: SignedGridQuantizer(bits), lambda: IntervalQuantizer(4)][i % 4]
         old = q.quantizers[name]
         q.quantizers[name] = SiteQuantizers(loc=make().calibrate(loc), scale=old.scale, sample=old.sample)
     path = folder / "mixed.bq"
@@ -538,8 +561,6 @@ def _all_mixed_file(folder):
 
 
 def test_a_file_of_all_mixed_quantizers_loads_exactly(tmp_path):
-    from pyro_bq.quant import load_packed, memory_report
-
     path, model, q = _all_mixed_file(tmp_path)
     back = load_packed(path, model)
     for name in q.sites:
@@ -576,19 +597,18 @@ def _item(fn):
     ("gaussian-lloyd", _set("max_iter", "9"), "max_iter"),
     ("gaussian-lloyd", _drop("max_iter"), "keys"),
     ("interval", _set("lo", 0.0), "keys"),
-    ("percentile-interval", _set("low", 200.0), "low"),
-    ("percentile-interval", _set("low", 99.0), "low must be < high"),
-    ("percentile-interval", _set("high", None), "high"),
+    ("interval", _drop("percentiles"), "keys"),
+    ("interval", _set("percentiles", [200.0, 95.0]), "percentiles"),
+    ("interval", _set("percentiles", [99.0, 5.0]), "low < high"),
+    ("interval", _set("percentiles", "5-95"), "percentiles"),
     ("signed", _set("type", "signed-v2"), "'type' is one of"),
     ("gaussian-lloyd", _item(lambda item: item.__setitem__(1, -1)), "per-element bits"),
-    ("percentile-interval", _item(lambda item: item.__setitem__(1, -1)), "per-element bits"),
     ("interval", _item(lambda item: item.append(5)), "needs"),
-    ("percentile-interval", _item(lambda item: item.__setitem__(1, 17)), "bits"),
+    ("interval", _item(lambda item: item.__setitem__(1, 17)), "bits"),
 ])
 def test_edited_headers_of_mixed_quantizer_files_give_clear_errors(tmp_path, mixed_file, kind, edit, words):
     from pyro_bq.io import CorruptFileError
     from pyro_bq.io.container import read_container, write_container
-    from pyro_bq.quant import load_packed
 
     path, model, _ = mixed_file
     meta, tensors = read_container(path, "packed-guide")
@@ -608,12 +628,11 @@ def test_edited_headers_of_mixed_quantizer_files_give_clear_errors(tmp_path, mix
     ("GaussianLloydQuantizer", "std", [0.0]),
     ("GaussianLloydQuantizer", "mean", [math.inf]),
     ("SignedGridQuantizer", "scale", [-1.0]),
-    ("PercentileIntervalQuantizer", "interval", [1.0, 1.0]),
+    ("IntervalQuantizer", "interval", [1.0, 1.0]),
 ])
 def test_bad_float64_state_in_a_resealed_file_gives_a_clear_error(tmp_path, which, key, values):
     """A file whose float64 calibration data was edited (and its checksum redone) is refused by name."""
     from pyro_bq.io import CorruptFileError
-    from pyro_bq.quant import load_packed, save_packed
 
     path, model, q = _all_mixed_file(tmp_path)
     loc_q = next(sq.loc for sq in q.quantizers.values() if type(sq.loc).__name__ == which)
@@ -638,6 +657,5 @@ def test_random_header_edits_of_mixed_quantizer_files_never_crash(mixed_file, ed
     leaves = [["cfgs"] + t for t in header_leaves(meta["cfgs"])] + [["sites"] + t for t in header_leaves(meta["sites"])]
     trail = edit.draw(st.sampled_from([t for t in leaves if len(t) > 1]))
     replacement = edit.draw(st.one_of(st.none(), st.integers(-3, 10**6), st.floats(), st.text(max_size=3),
-                                      st.sampled_from(["interval", "signed", "gaussian-lloyd", "percentile-interval",
-                                                       "codebook"]), st.just([]), st.just({})))
+                                      st.sampled_from(["interval", "signed", "gaussian-lloyd", "codebook"]), st.just([]), st.just({})))
     check_edited_header_is_refused_clearly(meta, tensors, trail, replacement, path.parent / "edited.bq", model)

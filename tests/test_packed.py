@@ -6,28 +6,14 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from guide_contract import tiny_classifier
+from guide_contract import float_guide, tiny_classifier
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import Predictive
 
-from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.io import CorruptFileError
-from pyro_bq.quant import (
-    JQ,
-    SPQ,
-    VPQ,
-    CodebookQuantizer,
-    FloatPolicy,
-    Log2Quantizer,
-    UniformQuantizer,
-    load_packed,
-    memory_report,
-    pack_bits,
-    quantize,
-    save_packed,
-    unpack_bits,
-)
+from pyro_bq.guides import AutoLogQuantNormal, quantize
+from pyro_bq.io import CorruptFileError, load_packed, memory_report, pack_bits, save_packed, unpack_bits
+from pyro_bq.quant import JQ, SPQ, VPQ, CodebookQuantizer, FloatPolicy, Log2Quantizer, UniformQuantizer
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,9 +45,7 @@ def test_packing_is_vectorized_enough_for_a_million_codes():
 
 
 def _setup(net="mlp"):
-    model, x, y = tiny_classifier(net)
-    guide = AutoMeanFieldNormal(model, init_scale=0.05)
-    guide(x, y)
+    model, guide, x, _ = float_guide(net)
     return model, guide, x
 
 
@@ -158,8 +142,6 @@ def test_loading_into_a_different_model_is_refused(tmp_path):
 
 
 def test_log_quantized_guide_packs_its_scales_as_codes(tmp_path):
-    from pyro_bq.guides.logquant import AutoLogQuantNormal
-
     model, x, y = tiny_classifier("mlp")
     guide = AutoLogQuantNormal(model, bits=3, init_scale=0.05)
     guide(x, y)
@@ -266,7 +248,7 @@ def test_register_quantizer_refuses_clashing_or_incomplete_declarations(tmp_path
         save_packed(q, tmp_path / "u.bq")
 
 
-def test_the_mixed_quantizers_are_registered_without_importing_pyro_bq_mixed():
+def test_every_quantizer_is_registered_without_importing_pyro_bq_mixed():
     import subprocess
     import sys
 
@@ -274,5 +256,13 @@ def test_the_mixed_quantizers_are_registered_without_importing_pyro_bq_mixed():
             "print(q.quantizer_class('gaussian-lloyd').__name__, q.packed_types())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("GaussianLloydQuantizer")
-    for kind in ("uniform", "log2", "codebook", "gaussian-lloyd", "interval", "signed", "percentile-interval"):
+    for kind in ("uniform", "log2", "codebook", "gaussian-lloyd", "interval", "signed"):
         assert repr(kind) in out
+
+
+@pytest.mark.parametrize("bits", [0, 17, 32, 2.0, True])
+def test_pack_bits_takes_the_widths_a_packed_file_stores(bits):
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(np.array([0, 1]), bits)
+    with pytest.raises(ValueError, match="bits"):
+        unpack_bits(np.zeros(8, dtype=np.uint8), 2, bits)

@@ -6,21 +6,22 @@ import torch
 from guide_contract import tiny_classifier
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.guides.logquant import AutoLogQuantNormal
-from pyro_bq.guides.quantized import QuantizedGuide, QuantizedNormal
+from pyro_bq.guides import AutoLogQuantNormal, AutoMeanFieldNormal, QuantizedGuide, QuantizedNormal, quantize
+from pyro_bq.io import memory_report
 from pyro_bq.quant import (
     JQ,
     SPQ,
     VPQ,
+    CodebookQuantizer,
+    FakeQuantActivation,
     FloatPolicy,
+    IntervalQuantizer,
     Log2Quantizer,
     UniformQuantizer,
+    calibrate_activations_,
     make_policy,
-    memory_report,
-    quantize,
+    quantize_activations,
 )
-from pyro_bq.quant.activation import FakeQuantActivation, calibrate_activations_, quantize_activations
 
 
 @pytest.fixture
@@ -127,6 +128,37 @@ def test_bits_per_site_regex_quantity_and_skip(trained):
     assert torch.equal(q.get_loc_scale("net.1.bias")[0], guide.get_loc_scale("net.1.bias")[0])
 
 
+def test_per_site_quantizer_templates_replace_the_policy_wide_ones(trained):
+    model, guide, x, y = trained
+    policy = JQ(4, site_bits={"net.1.weight": {"loc": 3}},
+                site_quantizers={"net.1.weight": {"loc": IntervalQuantizer(8)},
+                                 r"net\.3\..*": {"scale": Log2Quantizer(8, per_channel=True),
+                                                  "sample": CodebookQuantizer(8, family="apot")}})
+    q = quantize(guide, policy)
+    sq = q.quantizers["net.1.weight"]
+    assert isinstance(sq.loc, IntervalQuantizer) and sq.loc.bits == 3  # the template, at the resolved bits
+    assert isinstance(sq.sample, UniformQuantizer) and sq.scale.per_channel  # the policy's own elsewhere
+    for name in ("net.3.weight", "net.3.bias"):
+        sq = q.quantizers[name]
+        assert isinstance(sq.loc, UniformQuantizer) and isinstance(sq.sample, CodebookQuantizer)
+        assert sq.scale.bits == 4 and sq.sample.bits == 4
+    with pytest.raises(ValueError, match="matches no site"):
+        quantize(guide, VPQ(4, site_quantizers={"net.9.weight": {"loc": IntervalQuantizer(4)}}))
+    with pytest.raises(ValueError, match="quantities"):
+        VPQ(4, site_quantizers={"net.1.weight": {"mean": IntervalQuantizer(4)}})
+    with pytest.raises(TypeError, match=r"site_quantizers\['net.1.weight'\]\['loc'\]"):
+        VPQ(4, site_quantizers={"net.1.weight": {"loc": "interval"}})
+    with pytest.raises(TypeError, match="site_quantizers must be a mapping"):
+        VPQ(4, site_quantizers=[IntervalQuantizer(4)])
+
+
+def test_every_policy_takes_bits_first(trained):
+    model, guide, x, y = trained
+    for mode, cls in (("float", FloatPolicy), ("vpq", VPQ), ("spq", SPQ), ("jq", JQ)):
+        policy = make_policy(mode, 3, skip=["net.1.bias"])
+        assert type(policy) is cls and policy.bits == 3 and cls(3).bits == 3 and policy.skip == ["net.1.bias"]
+
+
 def test_mixed_precision_maps_plug_in(trained):
     model, guide, x, y = trained
     site_map = {"net.1.weight": 2, "net.1.bias": 8, "net.3.weight": 4, "net.3.bias": 8}
@@ -170,8 +202,8 @@ def test_quantization_aware_fine_tuning_lowers_the_loss(trained, elbo):
     pyro.clear_param_store()
     svi = SVI(model, q, pyro.optim.Adam({"lr": 2e-2}), elbo())
     pyro.set_rng_seed(0)
-    losses = [svi.step(x, y) for _ in range(25)]
-    assert sum(losses[-5:]) < sum(losses[:5])
+    losses = [svi.step(x, y) for _ in range(40)]  # Trace_ELBO is noisy: compare means of ten steps
+    assert sum(losses[-10:]) < sum(losses[:10])
     q.recalibrate_()
     for name in q.sites:
         assert _on_uniform_grid(q.quantizers[name].loc, q.get_loc_scale(name)[0])

@@ -369,7 +369,8 @@ def test_codebook_policy_packs_a_fixed_guide_exactly(tmp_path):
     from pyro.infer import Predictive
 
     from pyro_bq.pwfn import codebook_policy
-    from pyro_bq.quant import load_packed, memory_report, quantize, save_packed
+    from pyro_bq.guides import quantize
+    from pyro_bq.io import load_packed, memory_report, save_packed
 
     model, guide, x, y = _small()
     with pytest.raises(ValueError, match="fixed"):

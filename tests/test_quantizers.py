@@ -1,4 +1,8 @@
-"""Quantizers: validation, grids, idempotence, error bounds, order, straight-through gradients."""
+"""Grid kernels and quantizers: the rounding rule, validation, grids, error bounds, order.
+
+The contract every quantizer type passes (copies, code range, round trips,
+idempotence, straight-through gradients) is tests/test_quantizer_contract.py.
+"""
 
 import math
 
@@ -7,7 +11,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyro_bq.quant import CodebookQuantizer, Log2Quantizer, UniformQuantizer, pow2_codebook
+from pyro_bq.quant import (
+    CodebookQuantizer,
+    IntervalQuantizer,
+    Log2Quantizer,
+    SignedGridQuantizer,
+    UniformQuantizer,
+    check_bits,
+    pow2_codebook,
+)
+from pyro_bq.quant.grids import (
+    interval_grid,
+    percentile_range,
+    signed_grid,
+    uniform_codes,
+    uniform_quantize,
+    zero_point_grid,
+)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -33,10 +53,64 @@ uniform_specs = st.builds(
 
 
 @pytest.mark.parametrize("bad", [0, 17, -3, 4.0, 2.5, True, "4", None])
-@pytest.mark.parametrize("cls", [UniformQuantizer, Log2Quantizer, CodebookQuantizer])
+@pytest.mark.parametrize("cls", [UniformQuantizer, IntervalQuantizer, Log2Quantizer, CodebookQuantizer,
+                                 SignedGridQuantizer])
 def test_bits_must_be_an_int_from_1_to_16(cls, bad):
     with pytest.raises(ValueError, match="bits"):
         cls(bad)
+    with pytest.raises(ValueError, match="my_bits"):
+        check_bits("my_bits", bad)
+
+
+def test_check_bits_takes_integer_tensors_only_where_allowed():
+    assert check_bits("b", 16) == 16
+    assert check_bits("b", torch.tensor([1, 16]), allow_tensor=True).dtype == torch.int64
+    for bad in (torch.tensor([0, 3]), torch.tensor([4, 17]), torch.tensor([2.0]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="b"):
+            check_bits("b", bad, allow_tensor=True)
+    with pytest.raises(ValueError, match="an int from 1 to 16, got tensor"):
+        check_bits("b", torch.tensor([4]))
+
+
+# -- the grid kernels ---------------------------------------------------------------------------------
+
+def test_ties_round_half_to_even_in_every_uniform_grid():
+    one = torch.tensor(1.0)
+    # levels 0, 1, 2, 3: values half-way between two go to the even code
+    step, zp, qmax = interval_grid(torch.tensor(0.0), torch.tensor(3.0), 2)
+    assert uniform_codes(torch.tensor([0.5, 1.5, 2.5, -0.5, 3.5]), step, zp, qmax).tolist() == [0, 2, 2, 0, 3]
+    step, zp, qmax = zero_point_grid(-one, 2 * one, 2, symmetric=False)  # levels -1, 0, 1, 2: zero point 1
+    assert uniform_codes(torch.tensor([-0.5, 0.5, 1.5]), step, zp, qmax).tolist() == [0, 2, 2]
+    # two signed bits: levels -1.5, -0.5, 0.5, 1.5 (codes 0 .. 3); 0 and +-1 are ties, won by codes 2, 2, 0
+    step, zp, qmax = signed_grid(2, one)
+    assert uniform_quantize(torch.tensor([0.0, 1.0, -1.0, 1.9]), step, zp, qmax).tolist() == [0.5, 0.5, -1.5, 1.5]
+
+
+def test_a_degenerate_range_collapses_onto_its_value():
+    zero = torch.tensor(0.0)
+    for step, zp, qmax in (interval_grid(zero, zero, 4), zero_point_grid(zero, zero, 4, symmetric=False),
+                           zero_point_grid(zero, zero, 3, symmetric=True)):
+        assert bool((uniform_quantize(torch.tensor([-3.0, 0.0, 0.7, 5.0]), step, zp, qmax).abs() < 1e-30).all())
+
+
+def test_percentiles_interpolate_linearly_like_torch_quantile():
+    x = torch.randn(7, 333, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lo, hi = percentile_range(x, 0.5, 99.5)
+    ref = torch.quantile(x, torch.tensor([0.005, 0.995], dtype=torch.float64), dim=1)
+    assert torch.allclose(lo, ref[0], rtol=0, atol=1e-12) and torch.allclose(hi, ref[1], rtol=0, atol=1e-12)
+
+
+def test_interval_quantizer_fixed_or_from_percentiles():
+    x = torch.linspace(-1.0, 3.0, 401)
+    q = IntervalQuantizer(2).calibrate(x)
+    assert q.interval() == pytest.approx((-0.8, 2.8))
+    assert q.levels().tolist() == pytest.approx([-0.8, 0.4, 1.6, 2.8])
+    assert 0.0 not in q.quantize(x).tolist()  # no zero point
+    fixed = IntervalQuantizer(1, interval=(0.25, 0.5)).calibrate(x)
+    assert set(fixed.quantize(x).tolist()) == {0.25, 0.5}
+    for bad in ((1.0, 1.0), (2.0, 1.0), (0.0, math.nan), (0.0,)):
+        with pytest.raises(ValueError, match="interval"):
+            IntervalQuantizer(3, interval=bad)
 
 
 def test_bad_options_are_rejected_with_their_name():
@@ -50,14 +124,6 @@ def test_bad_options_are_rejected_with_their_name():
         UniformQuantizer(torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="family"):
         CodebookQuantizer(4, family="int")
-
-
-def test_calibrate_returns_a_new_calibrated_copy():
-    spec = UniformQuantizer(4)
-    q = spec.calibrate(torch.randn(10))
-    assert q is not spec and q.calibrated and not spec.calibrated
-    with pytest.raises(RuntimeError, match="calibrate"):
-        spec(torch.randn(3))
 
 
 @SETTINGS
@@ -216,17 +282,3 @@ def test_pot_codebook_is_built_from_the_shared_codebook_module():
     custom = CodebookQuantizer(codebook=torch.tensor([-1.0, 0.0, 0.5, 1.0])).calibrate(torch.tensor([-2.0, 2.0]))
     assert custom.bits == 2
     assert custom.quantize(torch.tensor([0.9])).item() == 1.0
-
-
-@pytest.mark.parametrize(
-    "q",
-    [UniformQuantizer(3, per_channel=True), Log2Quantizer(3), CodebookQuantizer(3, family="apot")],
-    ids=["uniform", "log2", "codebook"],
-)
-def test_gradients_pass_straight_through(q):
-    x = (torch.rand(4, 5) + 0.1).requires_grad_(True)
-    q = q.calibrate(x.detach())
-    y = q(x)
-    assert torch.equal(y.detach(), q.quantize(x.detach()))
-    (y * torch.arange(20.0).reshape(4, 5)).sum().backward()
-    assert torch.equal(x.grad, torch.arange(20.0).reshape(4, 5))

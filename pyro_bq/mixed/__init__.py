@@ -2,8 +2,9 @@
 
 An allocator turns a trained posterior into a :class:`BitAllocation`, a dict
 ``{site_name: bits}`` (an int per site, or an integer tensor of the site's
-shape) that any :mod:`pyro_bq.quant` policy takes as ``site_bits``;
-:func:`allocation_policy` also brings the allocator's own grid along.
+shape) that also carries its own grid for the means (``site_quantizers``,
+quantizers of :mod:`pyro_bq.quant`). It becomes a policy through a plain
+constructor call.
 
 * :func:`quantile_inform` -- Quantile Inform (QIU / QINU grids);
 * :func:`random_bits` -- Random Bits;
@@ -12,12 +13,13 @@ shape) that any :mod:`pyro_bq.quant` policy takes as ``site_bits``;
 
 Usage::
 
-    from pyro_bq.mixed import quantile_inform, random_bits, allocation_policy
-    from pyro_bq.quant import quantize, VPQ
+    from pyro_bq.guides import quantize
+    from pyro_bq.mixed import quantile_inform
+    from pyro_bq.quant import VPQ
 
     alloc = quantile_inform(guide, 3.2)                      # QIU, {site: int}
-    qguide = quantize(guide, allocation_policy(alloc))       # with the QIU grid
-    qguide = quantize(guide, VPQ(8, site_bits=alloc))        # or any policy's own grid
+    qguide = quantize(guide, VPQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
+    qguide = quantize(guide, VPQ(8, site_bits=alloc))        # or the policy's own grid, at the same widths
 """
 
 from .informativeness import (
@@ -28,25 +30,10 @@ from .informativeness import (
     normalized_informativeness,
     posterior_params,
 )
-from .lloyd_max import (
-    expected_abs_error,
-    gaussian_quantile_levels,
-    lloyd_max_median,
-    median_condition_residual,
-    quantize_to_levels,
-    quantize_uniform,
-)
 from .quantile_inform import quantile_inform, quantize_means
-from .quantizers import (
-    GaussianLloydQuantizer,
-    IntervalQuantizer,
-    PercentileIntervalQuantizer,
-    SignedGridQuantizer,
-    allocation_policy,
-)
 from .random_bits import random_bits
 from .report import bits_table, evaluate_allocation, evaluate_float, mean_accuracy, plot_bits, results_table
-from .smol import bits_from_s, noise_amplitude, s_from_bits, signed_quantize, smol, smol_penalty, with_locs
+from .smol import bits_from_s, noise_amplitude, s_from_bits, smol, smol_penalty, with_locs
 
 __all__ = [
     "BitAllocation",
@@ -63,19 +50,7 @@ __all__ = [
     "noise_amplitude",
     "s_from_bits",
     "bits_from_s",
-    "signed_quantize",
     "with_locs",
-    "gaussian_quantile_levels",
-    "lloyd_max_median",
-    "median_condition_residual",
-    "expected_abs_error",
-    "quantize_to_levels",
-    "quantize_uniform",
-    "GaussianLloydQuantizer",
-    "IntervalQuantizer",
-    "PercentileIntervalQuantizer",
-    "SignedGridQuantizer",
-    "allocation_policy",
     "bits_table",
     "plot_bits",
     "evaluate_allocation",

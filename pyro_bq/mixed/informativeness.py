@@ -35,6 +35,8 @@ from typing import Iterable, Optional, Union
 import torch
 
 from pyro_bq._validation import check_choice, check_site_names, check_str, check_tensor
+from pyro_bq.quant.grids import MAX_BITS, check_bits
+from pyro_bq.quant.quantizers import Quantizer
 
 __all__ = [
     "posterior_params",
@@ -222,13 +224,17 @@ def mean_bits(bits: Mapping[str, Union[int, float, torch.Tensor]], sizes: Mappin
 
     ``bits[site]`` is a number (one width for the whole site) or a tensor of the
     site's shape (per-parameter widths); every width must be finite and lie in
-    ``[1, 32]``. ``bits`` and ``sizes`` must name the same sites.
+    ``[1, 16]``. ``bits`` and ``sizes`` must name the same sites.
 
     :param bits: ``{site: width}``.
     :param sizes: ``{site: number of weights}`` (ints >= 1).
     :raises TypeError: if either is not a mapping, or holds a value of the wrong type.
-    :raises ValueError: for a width outside ``[1, 32]`` or not finite, a size
+    :raises ValueError: for a width outside ``[1, 16]`` or not finite, a size
         below 1, or sites named in one mapping but not the other.
+
+    Usage::
+
+        mean_bits({"a": 2, "b": 8}, {"a": 3, "b": 1})   # 3.5
     """
     sizes = _check_sizes(sizes)
     if not isinstance(bits, Mapping):
@@ -286,15 +292,15 @@ def _site_bit_total(name: str, b, n: int, *, integer: bool) -> float:
             raise ValueError(f"bits[{name!r}] has {b.numel()} entries, the site has {n} weights")
         lo, hi = torch.aminmax(b.detach())
         lo, hi = float(lo), float(hi)
-        if not (lo >= 1 and hi <= 32):  # also false for NaN
-            raise ValueError(f"bits[{name!r}] must hold finite widths in [1, 32], got values in [{lo}, {hi}]")
+        if not (lo >= 1 and hi <= MAX_BITS):  # also false for NaN
+            raise ValueError(f"bits[{name!r}] must hold finite widths in [1, {MAX_BITS}], got values in [{lo}, {hi}]")
         return float(b.double().sum()) if b.numel() > 1 else float(b) * n
     kinds = numbers.Integral if integer else numbers.Real
     if isinstance(b, bool) or not isinstance(b, kinds):
         raise TypeError(f"bits[{name!r}] must be {what}, got {type(b).__name__} ({b!r})")
     v = float(b)
-    if not (1 <= v <= 32):  # also false for NaN
-        raise ValueError(f"bits[{name!r}] must be a finite width in [1, 32], got {b!r}")
+    if not (1 <= v <= MAX_BITS):  # also false for NaN
+        raise ValueError(f"bits[{name!r}] must be a finite width in [1, {MAX_BITS}], got {b!r}")
     return v * n
 
 
@@ -309,28 +315,38 @@ class BitAllocation(dict):
     * ``method``: e.g. ``"QIU"``, ``"QINU"``, ``"RB"``, ``"SMOL"``;
     * ``mean_bits``: mean bits per weight weighted by site size (Eq. 8);
     * ``sizes``: weights per site;
-    * ``grid``: how the allocator expects each site's means to be quantized
-      (``"uniform-percentile"``, ``"gaussian-lloyd"``, ``"uniform-interval"``, ``"signed"``);
+    * ``grid``: the name of the grid the allocator quantizes each site's means
+      on (``"uniform-percentile"``, ``"gaussian-lloyd"``, ``"uniform-interval"``, ``"signed"``);
+    * ``site_quantizers``: ``{site: {"loc": Quantizer}}``, that grid as
+      quantizer templates (empty: a policy's own grid);
+    * ``site_bits``: ``{site: {"loc": bits, "sample": bits}}``, the widths for
+      a policy's means and samples (its scales keep the policy's own bits);
     * ``info``: method-specific details (scale factor, boundaries, loss history, ...).
 
-    :param bits: ``{site_name: width}``: an int in ``[1, 32]`` or an integer
+    An allocation becomes a policy through a plain constructor call:
+    ``JQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)``.
+
+    :param bits: ``{site_name: width}``: an int in ``[1, 16]`` or an integer
         tensor of such widths with one entry per weight of the site.
     :param method: name of the allocator.
     :param sizes: ``{site_name: number of weights}`` for the same sites (ints >= 1).
-    :param grid: the grid the allocator expects.
+    :param grid: the name of the grid the allocator expects.
     :param info: method-specific details (a dict or None).
-    :raises TypeError: for a ``bits``/``sizes``/``info`` of the wrong type or a
-        width that is not an int.
-    :raises ValueError: for widths outside ``[1, 32]``, sizes below 1, or
-        ``bits`` and ``sizes`` naming different sites.
+    :param site_quantizers: ``{site: {"loc": Quantizer}}`` for sites of ``bits``, or None.
+    :raises TypeError: for a ``bits``/``sizes``/``info``/``site_quantizers`` of
+        the wrong type or a width that is not an int.
+    :raises ValueError: for widths outside ``[1, 16]``, sizes below 1, or
+        ``bits``, ``sizes`` and ``site_quantizers`` naming different sites.
 
     Usage::
 
         alloc = quantile_inform(guide, 3.2)
         alloc["net.fc1.weight"], alloc.mean_bits
+        qguide = quantize(guide, VPQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
     """
 
-    def __init__(self, bits, *, method: str, sizes: Mapping[str, int], grid: str, info: Optional[dict] = None):
+    def __init__(self, bits, *, method: str, sizes: Mapping[str, int], grid: str, info: Optional[dict] = None,
+                 site_quantizers: Optional[Mapping[str, Mapping[str, Quantizer]]] = None):
         if not isinstance(bits, Mapping):
             raise TypeError(f"bits must be a mapping {{site_name: bits}}, got {type(bits).__name__}")
         sizes = _check_sizes(sizes)
@@ -346,6 +362,12 @@ class BitAllocation(dict):
         self.grid = check_str("grid", grid)
         self.info = dict(info or {})
         self.mean_bits = total / sum(sizes.values())
+        self.site_quantizers = _check_site_quantizers(site_quantizers or {}, bits)
+
+    @property
+    def site_bits(self) -> dict[str, dict]:
+        """``{site: {"loc": bits, "sample": bits}}``: the widths as a policy's ``site_bits``."""
+        return {name: {"loc": b, "sample": b} for name, b in self.items()}
 
     def layer_bits(self) -> dict[str, float]:
         """Bits per site: the width, or the mean width for per-parameter maps."""
@@ -355,6 +377,17 @@ class BitAllocation(dict):
         return f"BitAllocation({self.method}, mean_bits={self.mean_bits:.3f}, sites={len(self)})"
 
 
+def _check_site_quantizers(value, bits: Mapping) -> dict:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"site_quantizers must be a mapping {{site: {{'loc': Quantizer}}}}, got {type(value).__name__}")
+    for name, per in value.items():
+        if name not in bits:
+            raise ValueError(f"site_quantizers names site {name!r}, which bits does not list")
+        if not isinstance(per, Mapping) or not all(isinstance(q, Quantizer) for q in per.values()):
+            raise TypeError(f"site_quantizers[{name!r}] must map quantities to Quantizers, got {per!r:.80}")
+    return {name: dict(per) for name, per in value.items()}
+
+
 def check_candidate_bits(candidate_bits) -> list[int]:
     """Sorted unique positive ints; raises on an empty or invalid set."""
     if isinstance(candidate_bits, (str, bytes)) or not hasattr(candidate_bits, "__iter__"):
@@ -362,15 +395,9 @@ def check_candidate_bits(candidate_bits) -> list[int]:
     values = list(candidate_bits)
     if not values:
         raise ValueError("candidate_bits must hold at least one bit-width (e.g. range(2, 9)); got an empty set")
-    out = set()
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, torch.Tensor) and v.numel() == 1):
-            raise TypeError(f"candidate_bits must hold ints, got {v!r}")
-        v = int(v)
-        if not 1 <= v <= 32:
-            raise ValueError(f"candidate_bits must lie in [1, 32], got {v}")
-        out.add(v)
-    return sorted(out)
+    ints = [int(v) if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() else v
+            for v in values]
+    return sorted({check_bits("candidate_bits", v) for v in ints})
 
 
 def check_target(target_mean_bits, candidates: list[int]) -> float:

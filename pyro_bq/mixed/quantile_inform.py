@@ -12,8 +12,10 @@ and takes the one whose mean bits is nearest to the target.
 
 QIU and QINU share this allocation and differ in the grid they quantize a
 site's means onto: ``2**b`` uniform levels on the 5th-95th percentile range
-(QIU), or Gaussian-quantile levels refined by the median (Lloyd-Max style)
-iteration (QINU); see :func:`quantize_means`.
+(QIU, :class:`~pyro_bq.quant.IntervalQuantizer`), or Gaussian-quantile levels
+refined by the median (Lloyd-Max style) iteration (QINU,
+:class:`~pyro_bq.quant.GaussianLloydQuantizer`); the allocation carries that
+grid as its ``site_quantizers``, and :func:`quantize_means` applies it.
 
 Readings of the paper:
 
@@ -36,9 +38,8 @@ Readings of the paper:
 * QINU: the Normal is fitted to a site's means by their sample mean and
   standard deviation. The Gaussian-quantile levels of Section 3.3 are, by
   default, refined by the median (Lloyd-Max style) iteration of the
-  appendix (``max_iter=200`` in :func:`quantize_means` and
-  :class:`~pyro_bq.mixed.GaussianLloydQuantizer`); the experiments cite
-  Section 3.3 itself, which is ``max_iter=0``. QINU levels take at most 16 bits.
+  appendix (``max_iter=200`` of :class:`~pyro_bq.quant.GaussianLloydQuantizer`);
+  the experiments cite Section 3.3 itself, which is ``max_iter=0``.
 
 Usage::
 
@@ -49,13 +50,12 @@ Usage::
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Iterable
 
 import torch
 
 from pyro_bq._validation import check_choice
-from pyro_bq.quant.quantizers import MAX_BITS
+from pyro_bq.quant.quantizers import GaussianLloydQuantizer, IntervalQuantizer
 
 from .informativeness import (
     BitAllocation,
@@ -67,18 +67,14 @@ from .informativeness import (
     site_sizes,
     validated,
 )
-from .lloyd_max import (
-    _quantize_uniform,
-    gaussian_quantile_levels,
-    lloyd_max_median,
-    percentile_interval,
-    quantize_to_levels,
-    quantize_uniform,
-)
 
-__all__ = ["quantile_inform", "bits_for_scale", "quantize_means", "gaussian_levels"]
+__all__ = ["quantile_inform", "bits_for_scale", "quantize_means"]
 
-_GRIDS = {"uniform": ("QIU", "uniform-percentile"), "gaussian": ("QINU", "gaussian-lloyd")}
+#: grid name: (method, grid of the allocation, its quantizer template for the means)
+_GRIDS = {
+    "uniform": ("QIU", "uniform-percentile", IntervalQuantizer),
+    "gaussian": ("QINU", "gaussian-lloyd", GaussianLloydQuantizer),
+}
 
 
 def bits_for_scale(norm_info: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -109,7 +105,8 @@ def quantile_inform(
     :param mode: ``"nearest"`` (mean bits closest to the target) or ``"at_most"``
         (the largest mean bits not above it).
     :returns: a :class:`BitAllocation` (``info`` holds the scale factor, the
-        normalised informativeness and the achievable mean bits).
+        normalised informativeness and the achievable mean bits; ``site_quantizers``
+        the grid of the means).
     :raises ValueError: for an empty candidate set, a target outside the
         candidate range, a non-positive sigma, or an unknown option.
     """
@@ -150,12 +147,13 @@ def _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, gri
         else:
             best = int(torch.argmax(torch.where(ok, means, torch.full_like(means, -1.0))))
     chosen = {n: int(b) for n, b in zip(names, bits[best].tolist())}
-    method, grid_name = _GRIDS[grid]
+    method, grid_name, quantizer = _GRIDS[grid]
     return BitAllocation(
         chosen,
         method=method,
         sizes=sizes,
         grid=grid_name,
+        site_quantizers={n: {"loc": quantizer(b)} for n, b in chosen.items()},
         info={
             "scale": float(scales[best]),
             "target": gamma,
@@ -167,63 +165,29 @@ def _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, gri
     )
 
 
-def _uniform(loc: torch.Tensor, a: float, c: float, bits: int) -> torch.Tensor:
-    """:func:`quantize_uniform` for an allocation's own widths (up to 32 bits, as
-    :func:`check_candidate_bits` allows) and interval."""
-    if bits <= 16:
-        return quantize_uniform(loc, a, c, bits)
-    alpha, beta = (torch.tensor(float(v), dtype=loc.dtype) for v in (a, c))
-    if not (bool(torch.isfinite(alpha)) and bool(torch.isfinite(beta)) and beta > alpha):
-        raise ValueError(f"the interval [{a}, {c}] of the allocation must be finite and non-empty")
-    return _quantize_uniform(loc, alpha, beta, torch.tensor(2.0**bits - 1, dtype=loc.dtype))
+def quantize_means(posterior, allocation: BitAllocation) -> dict:
+    """Quantize each site's posterior means on the allocation's own grid, at its widths.
 
-
-@lru_cache(maxsize=64)
-def _std_levels(bits: int, max_iter: int) -> torch.Tensor:
-    return lloyd_max_median(gaussian_quantile_levels(bits), max_iter=max_iter).levels
-
-
-def gaussian_levels(bits: int, mean: float, std: float, *, max_iter: int = 200) -> torch.Tensor:
-    """QINU levels for ``Normal(mean, std)``: Gaussian-quantile start refined by the median iteration."""
-    return mean + std * _std_levels(int(bits), int(max_iter)).clone()
-
-
-def quantize_means(posterior, allocation: BitAllocation, *, grid: str | None = None, max_iter: int = 200) -> dict:
-    """Quantize each site's posterior means with the allocation's widths.
-
-    ``grid`` defaults to ``allocation.grid``: ``"uniform-percentile"`` (QIU),
-    ``"gaussian-lloyd"`` (QINU, a Normal fitted to the site's means),
-    ``"uniform-interval"`` (Random Bits, its learned ``alpha``/``beta`` in
-    ``allocation.info``). Per-parameter allocations (SMOL) carry their own
-    quantized means in ``allocation.info["locs"]``. Sites not in the
+    The grid is ``allocation.site_quantizers`` (QIU: the 5th-95th percentile
+    interval of the site's means; QINU: a Normal fitted to them; Random Bits:
+    its learned interval; SMOL: its signed grid and scale, meant for the tuned
+    guide :func:`~pyro_bq.mixed.smol.smol` returns). Sites not in the
     allocation are returned unchanged. Returns ``{site: tensor}``.
+
+    :raises ValueError: for an allocated site without a grid in ``site_quantizers``.
+
+    Usage::
+
+        locs = quantize_means(guide, quantile_inform(guide, 3.2))
     """
-    params = validated(posterior)
-    grid = grid or allocation.grid
-    check_choice("grid", grid, ("uniform-percentile", "gaussian-lloyd", "uniform-interval", "signed"))
     out = {}
-    for name, (loc, _) in params.items():
+    for name, (loc, _) in validated(posterior).items():
         if name not in allocation:
             out[name] = loc.clone()
             continue
-        b = allocation[name]
-        if grid == "signed":
-            out[name] = allocation.info["locs"][name].to(loc).clone()
-        elif grid == "uniform-percentile":
-            a, c = percentile_interval(loc)
-            out[name] = _uniform(loc, a, c, int(b))
-        elif grid == "uniform-interval":
-            a, c = allocation.info["alpha"][name], allocation.info["beta"][name]
-            out[name] = _uniform(loc, a, c, int(b))
-        else:
-            if int(b) > MAX_BITS:
-                raise ValueError(f"site {name!r}: QINU (Gaussian) levels take bits up to {MAX_BITS}, "
-                                 f"the allocation gives bits={int(b)}")
-            flat = loc.double().flatten()
-            std = float(flat.std()) if flat.numel() > 1 else 0.0
-            if std <= 0:
-                out[name] = loc.clone()
-                continue
-            levels = gaussian_levels(int(b), float(flat.mean()), std, max_iter=max_iter)
-            out[name] = quantize_to_levels(loc.double(), levels).to(loc.dtype)
+        template = allocation.site_quantizers.get(name, {}).get("loc")
+        if template is None:
+            raise ValueError(f"allocation has no grid for site {name!r}: give the BitAllocation site_quantizers, "
+                             "or quantize with a policy's own grid")
+        out[name] = template.with_bits(allocation[name]).calibrate(loc).quantize(loc)
     return out

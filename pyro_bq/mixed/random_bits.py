@@ -3,7 +3,8 @@
 Site ``j`` has logits ``phi_j`` over the candidate widths; ``P[b_j = i] =
 softmax(phi_j)_i`` (Eq. 4). The coefficient ``tau_{j,i}`` is the
 informativeness-weighted squared error, in units of sigma, of quantizing the
-site's means uniformly on ``[alpha_j, beta_j]`` with width ``i`` (Eq. 7), with
+site's means uniformly on ``[alpha_j, beta_j]`` with width ``i`` (Eq. 7; the
+grid of :func:`~pyro_bq.quant.grids.interval_grid`), with
 weights ``c_j(w) = info(w) / sum info`` over the site. Adam minimises
 
     L(phi) = sum_j sum_i tau_{j,i} P[b_j = i] + eta * (gamma - E[b_mean])^2     (Eq. 9)
@@ -23,8 +24,8 @@ segmented sum per update.
 Readings of the paper:
 
 * Support: the paper lets every ``b_j`` range over 1..32; the default
-  candidates here are 2..8 (``candidate_bits``; any subset of 1..32 works,
-  though the quantization layer packs at most 16 bits). A layer is a Pyro site.
+  candidates here are 2..8 (``candidate_bits``; any subset of 1..16, the
+  widths a packed file stores). A layer is a Pyro site.
 * Appendix B: "1000 epochs" are 1000 steps (the loss involves no data, so an
   epoch is one step) and the regularisation parameter 3e3 is ``eta``.
   ``tau`` is divided by its largest entry so that ``eta`` means the same
@@ -61,9 +62,10 @@ import numpy as np
 import torch
 
 from pyro_bq._validation import check_choice, check_float, check_int, check_positive
+from pyro_bq.quant.grids import interval_grid, minmax_range, percentile_range, uniform_quantize, widen_empty
+from pyro_bq.quant.quantizers import IntervalQuantizer
 
 from .informativeness import BitAllocation, check_candidate_bits, check_target, single_thread, site_sizes, validated
-from .lloyd_max import percentile_interval
 
 __all__ = ["random_bits", "RandomBitsProblem"]
 
@@ -92,48 +94,32 @@ class RandomBitsProblem:
         c = torch.where(denom[self.site] > 0, info / denom[self.site].clamp_min(1e-30), 1.0 / counts[self.site])
         self.weight = c / sigma.pow(2)  # c_j(w) / sigma_w^2
         self.cand = torch.tensor(candidates, dtype=torch.float32)
-        self.levels_m1 = torch.pow(2.0, self.cand) - 1
-        if interval == "percentile":
-            ab = [percentile_interval(params[n][0]) for n in self.names]
-        else:
-            ab = [_minmax(params[n][0]) for n in self.names]
-        self.alpha = torch.tensor([a for a, _ in ab], dtype=torch.float32)
-        self.beta = torch.tensor([b for _, b in ab], dtype=torch.float32)
+
+        def interval_of(loc):
+            flat = loc.reshape(1, -1).double()
+            return percentile_range(flat, 5.0, 95.0) if interval == "percentile" else minmax_range(flat)
+
+        lo, hi = (torch.cat(v) for v in zip(*(interval_of(params[n][0]) for n in self.names)))
+        self.alpha, self.beta = (t.float() for t in widen_empty(lo, hi))
 
     def _segment_sum(self, err: torch.Tensor) -> torch.Tensor:
         # weights are stored site after site, so a per-site sum is one reduceat
         out = np.add.reduceat(err.numpy(), self.starts, axis=-1)
         return torch.from_numpy(np.ascontiguousarray(out))
 
-    def site_errors(self, alpha, beta, levels_m1) -> torch.Tensor:
-        """``sum_w c_j(w) (Q(mu_w) - mu_w)^2 / sigma_w^2`` per site for one width
-        per site: ``levels_m1`` (``2**b - 1``) has shape ``(N,)``; returns ``(N,)``."""
-        width = beta - alpha
-        u = (self.mu - alpha[self.site]) / width[self.site]  # position in [0, 1] of the interval
-        lm = levels_m1[self.site]
-        t = u * lm
-        d = (torch.minimum(torch.round(t).clamp_(min=0), lm) - t) / lm
-        return self._segment_sum(self.weight * width[self.site].pow(2) * d.pow(2))
+    def _errors(self, alpha, beta, bits) -> torch.Tensor:
+        """``c_j(w) (Q(mu_w) - mu_w)^2 / sigma_w^2`` per weight, ``bits`` broadcasting against the weights."""
+        err = uniform_quantize(self.mu, *interval_grid(alpha[self.site], beta[self.site], bits)) - self.mu
+        return self.weight * err.pow(2)
+
+    def site_errors(self, alpha, beta, bits) -> torch.Tensor:
+        """``sum_w c_j(w) (Q(mu_w) - mu_w)^2 / sigma_w^2`` per site for one width per site:
+        ``bits`` has shape ``(N,)``; returns ``(N,)``."""
+        return self._segment_sum(self._errors(alpha, beta, bits[self.site]))
 
     def tau(self, alpha, beta) -> torch.Tensor:
         """``tau_{j,i}`` (Eq. 7) for every site and candidate: shape ``(N, K)``."""
-        width = beta - alpha
-        u = (self.mu - alpha[self.site]) / width[self.site]
-        wt = self.weight * width[self.site].pow(2)
-        lm = self.levels_m1.reshape(-1, 1)  # (K, 1)
-        t = u * lm  # (K, W)
-        d = torch.round(t).clamp_(min=0)
-        d = torch.minimum(d, lm, out=d).sub_(t).div_(lm)
-        d.mul_(d).mul_(wt)
-        return self._segment_sum(d).t().contiguous()
-
-
-def _minmax(x: torch.Tensor) -> tuple[float, float]:
-    a, b = float(x.min()), float(x.max())
-    if b <= a:
-        pad = max(abs(a), 1e-8) * 1e-3
-        a, b = a - pad, b + pad
-    return a, b
+        return self._segment_sum(self._errors(alpha, beta, self.cand.reshape(-1, 1))).t().contiguous()
 
 
 def _round_to_candidates(expected: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -243,8 +229,8 @@ def _random_bits(
                     idx = _round_to_candidates(torch.softmax(phi, -1) @ cand, cand)
                     hat_mean = float((frac * cand[idx]).sum())
                     if hat_mean < gamma:
-                        lm = prob.levels_m1[idx]
-                        alpha, beta, step_size = _boundary_updates(prob, alpha, beta, lm, boundary_steps, step_size)
+                        alpha, beta, step_size = _boundary_updates(prob, alpha, beta, cand[idx], boundary_steps,
+                                                                   step_size)
                         tau = prob.tau(alpha, beta) / norm
     with torch.no_grad():
         p = torch.softmax(phi, -1)
@@ -254,11 +240,13 @@ def _random_bits(
             idx = _budget_rounding(expected, idx, cand, frac, gamma)
         final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
     bits = {name: int(cand[i]) for name, i in zip(prob.names, idx.tolist())}
+    intervals = dict(zip(prob.names, zip(alpha.tolist(), beta.tolist())))
     return BitAllocation(
         bits,
         method="RB",
         sizes=dict(zip(prob.names, (int(s) for s in prob.size.tolist()))),
         grid="uniform-interval",
+        site_quantizers={n: {"loc": IntervalQuantizer(b, interval=intervals[n])} for n, b in bits.items()},
         info={
             "loss": losses + [final_loss],
             "optimized_loss": warm_losses,
@@ -274,9 +262,9 @@ def _random_bits(
     )
 
 
-def _boundary_updates(prob: RandomBitsProblem, alpha, beta, lm, steps, step_size):
+def _boundary_updates(prob: RandomBitsProblem, alpha, beta, bits, steps, step_size):
     """``steps`` guarded steps along Eq. 13 for every site at once."""
-    t_now = prob.site_errors(alpha, beta, lm)
+    t_now = prob.site_errors(alpha, beta, bits)
     for _ in range(steps):
         width = beta - alpha
         grad = 2.0 / width * t_now  # dT/dbeta (Eq. 13); dT/dalpha = -grad
@@ -284,7 +272,7 @@ def _boundary_updates(prob: RandomBitsProblem, alpha, beta, lm, steps, step_size
         move = step_size * width.pow(2) / 2.0 * grad / (1.0 + t_now)
         move = torch.minimum(move, 0.25 * width)
         new_alpha, new_beta = alpha + move, beta - move
-        t_new = prob.site_errors(new_alpha, new_beta, lm)
+        t_new = prob.site_errors(new_alpha, new_beta, bits)
         better = t_new < t_now
         alpha = torch.where(better, new_alpha, alpha)
         beta = torch.where(better, new_beta, beta)

@@ -16,6 +16,9 @@ from collections.abc import Mapping
 import torch
 
 from pyro_bq._validation import check_choice, check_int
+from pyro_bq.guides.quantized import quantize
+from pyro_bq.quant.policies import make_policy
+from pyro_bq.uncertainty import evaluate
 
 from .informativeness import BitAllocation
 
@@ -103,8 +106,6 @@ def mean_accuracy(model, guide, data, *, batch_size: int = 2000) -> float:
 
 
 def _record(model, guide, in_data, ood_data, num_samples, seed):
-    from pyro_bq.uncertainty import evaluate
-
     rec = evaluate(model, guide, in_data, ood_data, num_samples=num_samples, seed=seed)
     rec["accuracy_mean"] = mean_accuracy(model, guide, in_data)
     return rec
@@ -129,8 +130,8 @@ def evaluate_allocation(
     seed: int = 0,
     **policy_kwargs,
 ) -> dict:
-    """Quantize ``guide`` with the allocation (:func:`allocation_policy`, mode
-    ``"vpq"``/``"spq"``/``"jq"``) and evaluate it with
+    """Quantize ``guide`` with the allocation (its widths and grid, in the policy of mode
+    ``"vpq"``/``"spq"``/``"jq"``; other keywords go to the policy) and evaluate it with
     :func:`pyro_bq.uncertainty.evaluate`.
 
     For SMOL pass the tuned guide that :func:`~pyro_bq.mixed.smol.smol` returns.
@@ -138,15 +139,13 @@ def evaluate_allocation(
     allocation, weighted by site size), ``accuracy_mean`` (the quantized
     deterministic network at the means) and ``mode``.
     """
-    from pyro_bq.quant import quantize
-
-    from .quantizers import allocation_policy
-
     if not isinstance(allocation, BitAllocation):
         raise TypeError(f"allocation must be a BitAllocation, got {type(allocation).__name__}")
     check_choice("mode", mode, ("vpq", "spq", "jq"))
     check_int("num_samples", num_samples, low=1)
-    qguide = quantize(guide, allocation_policy(allocation, mode, **policy_kwargs))
+    policy = make_policy(mode, 8, site_bits=allocation.site_bits, site_quantizers=allocation.site_quantizers,
+                         **policy_kwargs)
+    qguide = quantize(guide, policy)
     rec = _record(model, qguide, in_data, ood_data, num_samples, seed)
     return {"method": allocation.method, "mean_bits": allocation.mean_bits, "mode": mode, **rec}
 

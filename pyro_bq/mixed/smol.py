@@ -4,7 +4,9 @@ Each weight ``w = c * theta`` of a site is written in units of a per-site
 scale ``c = max|mu| / 2``, so ``theta`` lies in ``[-2, 2]``, the range of the
 signed-bit value map ``v_j = 2**(1-j)``: with ``p`` signed bits a value can be
 any odd multiple of ``2**(1-p)`` of magnitude below 2, i.e. ``2**p`` levels
-(Appendix B's counting: no separate sign bit), and the rounding error is at
+(Appendix B's counting: no separate sign bit; the grid of
+:func:`~pyro_bq.quant.grids.signed_grid` and
+:class:`~pyro_bq.quant.SignedGridQuantizer`), and the rounding error is at
 most ``2**(1-p)``.
 
 Precision training (Eq. 11-12) replaces the rounding error by uniform noise
@@ -41,7 +43,7 @@ Usage::
 
     alloc, tuned_guide = smol(model, guide, train, lam=1e-5)
     alloc["net.fc1.weight"]            # integer tensor of the site's shape
-    qguide = quantize(tuned_guide, allocation_policy(alloc))
+    qguide = quantize(tuned_guide, VPQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
 """
 
 from __future__ import annotations
@@ -52,19 +54,14 @@ import torch
 import torch.nn.functional as F
 
 from pyro_bq._validation import check_choice, check_float, check_int, check_positive
+from pyro_bq.data.dataset import InMemoryDataset
+from pyro_bq.guides.quantized import copy_guide
+from pyro_bq.quant.grids import check_bits, signed_grid, ste, uniform_quantize
+from pyro_bq.quant.quantizers import SignedGridQuantizer
 
 from .informativeness import BitAllocation, site_sizes, validated
 
-__all__ = [
-    "noise_amplitude",
-    "s_from_bits",
-    "bits_from_s",
-    "smol_penalty",
-    "signed_quantize",
-    "signed_levels",
-    "smol",
-    "site_scales",
-]
+__all__ = ["noise_amplitude", "s_from_bits", "bits_from_s", "smol_penalty", "smol", "site_scales", "with_locs"]
 
 _LN2 = math.log(2.0)
 
@@ -101,25 +98,6 @@ def bits_from_s(s: torch.Tensor) -> torch.Tensor:
 def smol_penalty(s: torch.Tensor, lam: float) -> torch.Tensor:
     """``lam * sum(log2(1 + exp(-s)))`` (Eq. 12), computed stably."""
     return lam * (F.softplus(-s) / _LN2).sum()
-
-
-def signed_quantize(theta: torch.Tensor, bits) -> torch.Tensor:
-    """Nearest ``p``-signed-bit value: an odd multiple of ``2**(1-p)`` with magnitude below 2.
-
-    ``bits`` (int or integer tensor, >= 1) broadcasts against ``theta``.
-    """
-    b = torch.as_tensor(bits, dtype=theta.dtype, device=theta.device)
-    half = torch.pow(2.0, 1.0 - b)  # half the spacing; levels are (2k + 1) * half
-    k = torch.floor(theta / (2 * half))
-    top = 2.0 - half
-    return torch.clamp((2 * k + 1) * half, -top, top)
-
-
-def signed_levels(bits: int) -> torch.Tensor:
-    """All ``2**bits`` values of ``bits`` signed bits, ascending."""
-    bits = check_int("bits", bits, low=1, high=24)
-    half = 2.0 ** (1 - bits)
-    return (2 * torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float64) + 1) * half
 
 
 def site_scales(params) -> dict[str, float]:
@@ -162,13 +140,12 @@ def smol(
     :param init_bits: starting precision (> 1).
     :param max_bits: largest precision handed out.
     :returns: ``(allocation, tuned_guide)``: a :class:`BitAllocation` (integer
-        tensors of each site's shape, or ints for SMOL-L; ``grid="signed"``,
-        ``info`` holds ``scales``, ``locs`` (the quantized means), the
-        continuous mean precision and the loss histories) and a copy of
-        ``guide`` whose means are the fine-tuned float means.
+        tensors of each site's shape, or ints for SMOL-L; ``grid="signed"`` and
+        a :class:`~pyro_bq.quant.SignedGridQuantizer` per site; ``info`` holds
+        ``scales``, ``locs`` (the quantized means), the continuous mean
+        precision and the loss histories) and a copy of ``guide`` whose means
+        are the fine-tuned float means.
     """
-    from pyro_bq.data.dataset import InMemoryDataset
-
     if not isinstance(data, InMemoryDataset):
         raise TypeError(f"data must be a pyro_bq InMemoryDataset, got {type(data).__name__}")
     lam = check_float("lam", lam, low=0.0)
@@ -178,7 +155,7 @@ def smol(
     batch_size = check_int("batch_size", batch_size, low=1)
     lr, s_lr, finetune_lr = (check_positive(n, v) for n, v in (("lr", lr), ("s_lr", s_lr), ("finetune_lr", finetune_lr)))
     init_bits = check_float("init_bits", init_bits, low=1.0, low_open=True)
-    max_bits = check_int("max_bits", max_bits, low=1, high=16)
+    max_bits = check_bits("max_bits", max_bits)
     seed = check_int("seed", seed, low=0)
 
     params = validated(guide, sites)
@@ -232,16 +209,14 @@ def smol(
     with torch.no_grad():
         cont = {n: bits_from_s(s[n].detach()).expand_as(theta[n]) for n in names}
         bits = {n: torch.ceil(cont[n] - 1e-6).clamp(1, max_bits).to(torch.int64) for n in names}
+        grids = {n: signed_grid(bits[n], torch.tensor(1.0)) for n in names}
         cont_mean = sum(float(cont[n].double().sum()) for n in names) / sum(sizes[n] for n in names)
 
     finetune_loss = []
     opt = torch.optim.Adam(list(theta.values()), lr=finetune_lr)
     with torch.enable_grad():
         for xb, yb in batches(finetune_steps, 10_000):
-            weights = {}
-            for n in names:
-                q = signed_quantize(theta[n].detach(), bits[n])
-                weights[n] = scales[n] * (theta[n] + (q - theta[n]).detach())  # straight-through
+            weights = {n: scales[n] * ste(theta[n], uniform_quantize(theta[n].detach(), *grids[n])) for n in names}
             ce = F.cross_entropy(forward(weights, xb), yb)
             opt.zero_grad()
             ce.backward()
@@ -252,7 +227,7 @@ def smol(
             finetune_loss.append(float(ce.detach()))
 
     with torch.no_grad():
-        locs = {n: scales[n] * signed_quantize(theta[n].detach(), bits[n]) for n in names}
+        locs = {n: scales[n] * uniform_quantize(theta[n].detach(), *grids[n]) for n in names}
         float_locs = {n: scales[n] * theta[n].detach() for n in names}
     out_bits = bits if granularity == "parameter" else {n: int(bits[n].flatten()[0]) for n in names}
     alloc = BitAllocation(
@@ -260,6 +235,7 @@ def smol(
         method="SMOL" if granularity == "parameter" else "SMOL-L",
         sizes={n: sizes[n] for n in names},
         grid="signed",
+        site_quantizers={n: {"loc": SignedGridQuantizer(b, scale=scales[n])} for n, b in out_bits.items()},
         info={
             "scales": scales,
             "locs": locs,
@@ -277,9 +253,11 @@ def with_locs(guide, locs: dict):
 
     Works for guides that keep all means in one flat ``loc`` parameter with
     ``guide.sites[name].offset`` (e.g. :class:`~pyro_bq.guides.AutoMeanFieldNormal`).
-    """
-    from pyro_bq.guides.quantized import copy_guide
 
+    Usage::
+
+        tuned = with_locs(guide, {"net.fc1.weight": new_means})
+    """
     if not hasattr(guide, "loc") or not isinstance(getattr(guide, "loc", None), torch.Tensor):
         raise TypeError(
             f"with_locs needs a guide with one flat 'loc' parameter (AutoMeanFieldNormal), got {type(guide).__name__}"

@@ -12,7 +12,7 @@ Usage::
     quantized = guide.median()          # every weight on a codebook value
 """
 
-from pyro_bq.guides.pwfn import AutoPWFN
+from pyro_bq.guides.pwfn import AutoPWFN, pwfn_sigma_init, quantile, relative_pow2_distances
 
 from .clustering import ClusterConfig, ClusterLevel, ClusterResult, cluster_guide_, prefix_within_tau, pwfn_cluster
 from .driver import DEFAULT_SCHEDULE, PWFN, PWFNResult, check_schedule
@@ -26,7 +26,6 @@ from .metrics import (
     weight_entropy,
 )
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective, sigma_regularizer
-from .sigma_init import pow2_bracket, pwfn_sigma_init, quantile, relative_pow2_distances
 
 __all__ = [
     "AutoPWFN",
@@ -46,7 +45,6 @@ __all__ = [
     "prefix_within_tau",
     "sigma_regularizer",
     "pwfn_sigma_init",
-    "pow2_bracket",
     "relative_pow2_distances",
     "quantile",
     "weight_entropy",

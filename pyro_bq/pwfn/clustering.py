@@ -7,7 +7,7 @@ One call fixes free weights until a target count is reached:
    signs, and zero (``include_zero``).
 2. Every free weight's nearest centre under ``D(w_i, c) = |mu_i - c| / sigma_i``
    (Eq. 6; the nearest centre in sigma units is the nearest in value, so it is
-   one :func:`torch.searchsorted`). ``n_k`` counts the weights per centre.
+   one :func:`~pyro_bq.quant.grids.nearest_code_index`). ``n_k`` counts the weights per centre.
 3. The most popular centre ``c_k`` is taken; the free weights are ordered by
    ``D(w, c_k)`` and the longest nearest-first prefix whose running mean of
    ``D`` stays ``<= tau`` is fixed to ``c_k`` (Eq. 7-8). Their ``sigma``
@@ -75,7 +75,9 @@ from typing import Optional
 import torch
 
 from pyro_bq._validation import check_float, check_int, check_tensor, check_type
-from pyro_bq.quant.codebook import nearest_code_index, pow2_codebook
+from pyro_bq.guides.pwfn import AutoPWFN
+from pyro_bq.quant.codebook import pow2_codebook
+from pyro_bq.quant.grids import nearest_code_index
 
 __all__ = ["ClusterConfig", "ClusterLevel", "ClusterResult", "pwfn_cluster", "cluster_guide_", "prefix_within_tau"]
 
@@ -426,9 +428,11 @@ def cluster_guide_(guide, fraction: float, config: ClusterConfig = ClusterConfig
 
     ``fraction`` is ``p_t``: afterwards ``ceil(p_t * N)`` weights are fixed
     (or more, if more were already fixed). Mutates ``guide``; returns the result.
-    """
-    from pyro_bq.guides.pwfn import AutoPWFN
 
+    Usage::
+
+        res = cluster_guide_(guide, 0.5, ClusterConfig(b=6))
+    """
     check_type("guide", guide, AutoPWFN, "an AutoPWFN guide")
     fraction = check_float("fraction", fraction, low=0.0, high=1.0)
     guide._require_setup()

@@ -4,9 +4,9 @@ After the last round every weight's mean lies on the guide's codebook and its
 scale is the spread of the group it was fixed with, so both take few distinct
 values. :func:`codebook_policy` stores each as an index into a table of those
 values (:class:`~pyro_bq.quant.CodebookQuantizer` with ``range="fixed"``):
-:func:`~pyro_bq.quant.quantize` then gives a guide with exactly the same loc
-and scale, and :func:`~pyro_bq.quant.save_packed` and
-:func:`~pyro_bq.quant.memory_report` see ``ceil(log2 K)`` bits per mean plus
+:func:`~pyro_bq.guides.quantize` then gives a guide with exactly the same loc
+and scale, and :func:`~pyro_bq.io.save_packed` and
+:func:`~pyro_bq.io.memory_report` see ``ceil(log2 K)`` bits per mean plus
 the tables.
 """
 
@@ -17,6 +17,9 @@ import math
 import torch
 
 from pyro_bq._validation import check_type
+from pyro_bq.guides.pwfn import AutoPWFN
+from pyro_bq.quant.policies import VPQ
+from pyro_bq.quant.quantizers import CodebookQuantizer
 
 __all__ = ["codebook_policy"]
 
@@ -45,9 +48,6 @@ def codebook_policy(guide):
         qguide = quantize(guide, codebook_policy(guide))   # same loc and scale, packed as indices
         save_packed(qguide, "lenet-pwfn.bq")
     """
-    from pyro_bq.guides.pwfn import AutoPWFN
-    from pyro_bq.quant import VPQ, CodebookQuantizer
-
     check_type("guide", guide, AutoPWFN, "an AutoPWFN guide")
     guide._require_setup()
     if guide.fraction_fixed < 1.0:

@@ -3,7 +3,8 @@
 :func:`quantize_activations` returns a *new* model whose activation modules
 are replaced by :class:`FakeQuantActivation`: the activation function (the
 original one, or a bounded one such as ReLU6 or hardtanh) followed by a
-``bits``-bit uniform grid over a calibrated range. The weight site names are
+``bits``-bit uniform grid over a calibrated range
+(:func:`~pyro_bq.quant.grids.interval_grid`, no zero point). The weight site names are
 unchanged, so a guide trained on the original model still fits the new one.
 
 Ranges are calibrated per *call* of an activation module (LeNet-5 uses one
@@ -28,11 +29,11 @@ import torch
 from torch import nn
 
 from pyro_bq._validation import check_choice, check_int
+from pyro_bq.models.bayesian import BayesianModel
 
-from .quantizers import check_bits
+from .grids import check_bits, interval_grid, ste, uniform_quantize
 
-__all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "calibrate_activations",
-           "BOUNDED_ACTIVATIONS"]
+__all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "BOUNDED_ACTIVATIONS"]
 
 #: activation names accepted by :func:`quantize_activations`
 BOUNDED_ACTIVATIONS = {"relu6": lambda: nn.ReLU6(), "hardtanh": lambda: nn.Hardtanh()}
@@ -112,11 +113,7 @@ class FakeQuantActivation(nn.Module):
             old = self._stats.get(k)
             self._stats[k] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
             return y
-        lo, hi = self.lo[k], self.hi[k]
-        levels = 2.0**self.bits - 1
-        step = torch.clamp((hi - lo) / levels, min=1e-12)
-        q = torch.clamp(torch.floor((y.detach() - lo) / step + 0.5), 0, levels) * step + lo
-        return q + (y - y.detach())
+        return ste(y, uniform_quantize(y.detach(), *interval_grid(self.lo[k], self.hi[k], self.bits)))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, range={self.range!r}"
@@ -187,8 +184,6 @@ def quantize_activations(
         qmodel = quantize_activations(model, 4, activation="relu6", guide=qguide, data=x_calib)
         Predictive(qmodel, guide=qguide, num_samples=32)(x)
     """
-    from pyro_bq.models.bayesian import BayesianModel
-
     if not isinstance(model, BayesianModel):
         raise TypeError(f"model must be a pyro_bq BayesianModel (e.g. BayesianClassifier), got {type(model).__name__}")
     bits = check_bits("bits", bits, allow_tensor=False)
@@ -268,6 +263,3 @@ def calibrate_activations_(model, guide, data: torch.Tensor, *, num_samples: int
             m.lo[k] = min(lo, 0.0)
             m.hi[k] = max(hi, 0.0)
             m.ready[k] = True
-
-
-calibrate_activations = calibrate_activations_

@@ -11,12 +11,14 @@ Sums of two equal powers are not enumerated separately: ``2**-k + 2**-k`` is
 ``2**(1-k)``, which is already a power in the set (or exceeds ``2**max_exp``
 for ``k = -max_exp``, in which case it is deliberately excluded).
 
+Rounding onto a codebook is :func:`pyro_bq.quant.grids.nearest_code`.
+
 Usage::
 
-    from pyro_bq.quant.codebook import pow2_codebook, nearest_code
+    from pyro_bq.quant.codebook import pow2_codebook, pow2_family
 
     cb = pow2_codebook(b=3, r=1)          # 0, +-1/8, +-1/4, +-1/2, +-1
-    q = nearest_code(torch.tensor([0.3, -0.07]), cb)   # tensor([0.25, -0.0625])
+    apot4 = pow2_family(4, "apot")        # at most 16 codes, largest magnitude 1
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import math
 
 import torch
 
-from pyro_bq._validation import check_int, check_tensor, check_type
+from pyro_bq._validation import check_int, check_type
 
-__all__ = ["pow2_codebook", "pow2_magnitudes", "nearest_code", "nearest_code_index", "codebook_size"]
+__all__ = ["pow2_codebook", "pow2_magnitudes", "pow2_family", "codebook_size"]
 
 #: refuse to build codebooks larger than this (the enumeration is combinatorial)
 MAX_CODEBOOK_SIZE = 2_000_000
@@ -123,51 +125,18 @@ def pow2_codebook(
     return torch.unique(torch.cat(parts).to(dtype))  # unique() sorts
 
 
-def _check_codebook(codebook: torch.Tensor) -> torch.Tensor:
-    check_tensor("codebook", codebook, ndim=1, floating=True)
-    if codebook.numel() == 0:
-        raise ValueError("codebook must hold at least one value, got an empty tensor")
-    if codebook.numel() > 1 and not bool((codebook[1:] > codebook[:-1]).all()):
-        raise ValueError("codebook must be sorted strictly ascending (use torch.unique(codebook))")
-    return codebook
-
-
-def nearest_code_index(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index into ``codebook`` of the entry nearest to each element of ``values``.
-
-    Vectorized with :func:`torch.searchsorted` (``O(N log K)``, no per-element
-    loop).  A value exactly half-way between two codes goes to the one with
-    the smaller magnitude (so the result is symmetric under negation).
-
-    :param values: tensor of any shape.
-    :param codebook: sorted, strictly ascending 1-D floating tensor.
-    :returns: ``long`` tensor with the shape of ``values``.
-    """
-    check_tensor("values", values, floating=True)
-    _check_codebook(codebook)
-    cb = codebook.to(device=values.device, dtype=values.dtype)
-    k = cb.numel()
-    flat = values.reshape(-1).contiguous()
-    hi = torch.searchsorted(cb, flat).clamp_(max=k - 1)
-    lo = (hi - 1).clamp_(min=0)
-    d_lo = (flat - cb[lo]).abs()
-    d_hi = (cb[hi] - flat).abs()
-    pick_lo = d_lo < d_hi
-    tie = d_lo == d_hi
-    pick_lo = pick_lo | (tie & (cb[lo].abs() <= cb[hi].abs()))
-    idx = torch.where(pick_lo, lo, hi)
-    return idx.reshape(values.shape)
-
-
-def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Round every element of ``values`` to the nearest entry of ``codebook``.
-
-    Returns a new tensor with the shape and dtype of ``values``; see
-    :func:`nearest_code_index` for the tie rule.
-
-    Usage::
-
-        nearest_code(torch.tensor([0.3, 0.74]), pow2_codebook(3, 2))  # [0.25, 0.75]
-    """
-    idx = nearest_code_index(values, codebook)
-    return codebook.to(device=values.device, dtype=values.dtype)[idx]
+def pow2_family(bits: int, family: str) -> torch.Tensor:
+    """The largest signed power-of-two (``family="pot"``) or additive power-of-two (``"apot"``, sums
+    of two) codebook with zero and at most ``2**bits`` codes, scaled so its largest magnitude is 1."""
+    if bits == 1:
+        return torch.tensor([-1.0, 1.0])
+    r = 1 if family == "pot" else 2
+    best = None
+    for b in range(0, 64):
+        cb = pow2_codebook(b, r, max_exp=0, signed=True, include_zero=True)
+        if cb.numel() > 2**bits:
+            break
+        best = cb
+    if best is None:  # e.g. apot at 2 bits: fall back to pot
+        best = pow2_codebook(0, 1, signed=True, include_zero=True)
+    return best / best.abs().max()

@@ -14,12 +14,15 @@ A guide holds, per weight site, a ``loc`` and a ``scale``; a draw from it is a
 
 Bits are resolved per site and quantity, most specific first:
 ``site_bits[site][quantity]`` > ``site_bits[site]`` > ``loc_bits`` /
-``scale_bits`` / ``sample_bits`` > ``bits``. Keys of ``site_bits`` and
+``scale_bits`` / ``sample_bits`` > ``bits``; the quantizer template likewise:
+``site_quantizers[site][quantity]`` > ``loc_quantizer`` / ``scale_quantizer``
+/ ``sample_quantizer``. Keys of ``site_bits`` and ``site_quantizers`` and
 entries of ``skip`` are exact site names or regular expressions (matched with
 :func:`re.fullmatch`); an exact name wins over a pattern. A bit value is an
-int from 1 to 16 or, for uniform quantizers, an integer tensor of the site's
-shape (per-parameter precision), so the ``{site: int}`` and
-``{site: tensor}`` maps of :mod:`pyro_bq.mixed` plug in as ``site_bits``.
+int from 1 to 16 or, for quantizers that take one, an integer tensor of the
+site's shape (per-parameter precision). A bit allocation of
+:mod:`pyro_bq.mixed` becomes a policy through the constructor:
+``JQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)``.
 
 The one extension point is :meth:`Policy.configure_site`, which returns the
 (uncalibrated) quantizers of one site.
@@ -35,7 +38,8 @@ import torch
 
 from pyro_bq._validation import check_float, check_type
 
-from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer, check_bits
+from .grids import check_bits
+from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer
 
 __all__ = ["Policy", "VPQ", "SPQ", "JQ", "FloatPolicy", "SiteQuantizers", "QUANTITIES", "make_policy"]
 
@@ -82,8 +86,15 @@ def _check_bits_value(name, value):
         unknown = set(value) - set(QUANTITIES)
         if unknown:
             raise ValueError(f"{name} has unknown quantities {sorted(unknown)}; allowed: {', '.join(QUANTITIES)}")
-        return {k: check_bits(f"{name}[{k!r}]", v) for k, v in value.items()}
-    return check_bits(name, value)
+        return {k: check_bits(f"{name}[{k!r}]", v, allow_tensor=True) for k, v in value.items()}
+    return check_bits(name, value, allow_tensor=True)
+
+
+def _check_quantizer(name: str, value) -> Quantizer:
+    if not isinstance(value, Quantizer):
+        raise TypeError(f"{name} must be a pyro_bq Quantizer (e.g. UniformQuantizer, Log2Quantizer, "
+                        f"CodebookQuantizer), got {type(value).__name__}")
+    return value
 
 
 class Policy:
@@ -93,6 +104,8 @@ class Policy:
     :param loc_bits, scale_bits, sample_bits: bits per quantity (override ``bits``).
     :param site_bits: ``{site name or regex: bits}`` where bits is an int, an
         integer tensor of the site's shape, or ``{"loc"|"scale"|"sample": bits}``.
+    :param site_quantizers: ``{site name or regex: {"loc"|"scale"|"sample": Quantizer}}``:
+        per-site templates that replace the policy-wide ones at those sites.
     :param skip: site names or regexes that stay float (e.g. first and last layer).
     :param loc_quantizer, scale_quantizer, sample_quantizer: quantizer templates;
         their bits are replaced by the resolved bits. Defaults: per-channel
@@ -117,26 +130,27 @@ class Policy:
         scale_bits=None,
         sample_bits=None,
         site_bits: Optional[Mapping[str, object]] = None,
+        site_quantizers: Optional[Mapping[str, Mapping[str, Quantizer]]] = None,
         skip: Union[str, Iterable[str]] = (),
         loc_quantizer: Optional[Quantizer] = None,
         scale_quantizer: Optional[Quantizer] = None,
         sample_quantizer: Optional[Quantizer] = None,
         calib_width: float = 2.0,
     ):
-        self.bits = check_bits("bits", bits, allow_tensor=False)
+        self.bits = check_bits("bits", bits)
         self.quantity_bits = {}
         for q, b in (("loc", loc_bits), ("scale", scale_bits), ("sample", sample_bits)):
             if b is not None:
-                self.quantity_bits[q] = check_bits(f"{q}_bits", b)
-        if site_bits is None:
-            site_bits = {}
-        if not isinstance(site_bits, Mapping):
-            raise TypeError(f"site_bits must be a mapping {{site name or regex: bits}}, got {type(site_bits).__name__}")
-        self.site_bits = {}
-        for key, value in site_bits.items():
-            check_type("site_bits key", key, str)
-            self._compile(key, "site_bits")
-            self.site_bits[key] = _check_bits_value(f"site_bits[{key!r}]", value)
+                self.quantity_bits[q] = check_bits(f"{q}_bits", b, allow_tensor=True)
+        self.site_bits = {key: _check_bits_value(f"site_bits[{key!r}]", value)
+                          for key, value in self._site_map("site_bits", site_bits, "bits").items()}
+        self.site_quantizers = {}
+        for key, value in self._site_map("site_quantizers", site_quantizers, "{quantity: Quantizer}").items():
+            if not isinstance(value, Mapping) or set(value) - set(QUANTITIES):
+                raise ValueError(f"site_quantizers[{key!r}] must map quantities ({', '.join(QUANTITIES)}) to "
+                                 f"quantizers, got {value!r:.80}")
+            self.site_quantizers[key] = {q: _check_quantizer(f"site_quantizers[{key!r}][{q!r}]", t)
+                                         for q, t in value.items()}
         if isinstance(skip, str):
             skip = [skip]
         if isinstance(skip, (bytes, Mapping, torch.Tensor)) or not isinstance(skip, Iterable):
@@ -147,9 +161,12 @@ class Policy:
             check_type(f"skip[{i}]", s, str, "a site name or regex (str)")
             self._compile(s, "skip")
             self.skip.append(s)
-        self.loc_quantizer = self._template("loc_quantizer", loc_quantizer, default_loc_quantizer)
-        self.scale_quantizer = self._template("scale_quantizer", scale_quantizer, default_scale_quantizer)
-        self.sample_quantizer = self._template("sample_quantizer", sample_quantizer, default_sample_quantizer)
+        self.loc_quantizer = default_loc_quantizer() if loc_quantizer is None \
+            else _check_quantizer("loc_quantizer", loc_quantizer)
+        self.scale_quantizer = default_scale_quantizer() if scale_quantizer is None \
+            else _check_quantizer("scale_quantizer", scale_quantizer)
+        self.sample_quantizer = default_sample_quantizer() if sample_quantizer is None \
+            else _check_quantizer("sample_quantizer", sample_quantizer)
         self.calib_width = check_float("calib_width", calib_width, low=0.0)
 
     @staticmethod
@@ -159,14 +176,17 @@ class Policy:
         except re.error as err:
             raise ValueError(f"{what} entry {pattern!r} is neither a site name nor a valid regex: {err}") from None
 
-    @staticmethod
-    def _template(name, value, default):
+    @classmethod
+    def _site_map(cls, what: str, value, of: str) -> dict:
+        """``value`` (None or a mapping keyed by site names or regexes) as a dict, its keys checked."""
         if value is None:
-            return default()
-        if not isinstance(value, Quantizer):
-            raise TypeError(f"{name} must be a pyro_bq Quantizer (UniformQuantizer, Log2Quantizer, "
-                            f"CodebookQuantizer), got {type(value).__name__}")
-        return value
+            return {}
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{what} must be a mapping {{site name or regex: {of}}}, got {type(value).__name__}")
+        for key in value:
+            check_type(f"{what} key", key, str)
+            cls._compile(key, what)
+        return dict(value)
 
     # -- matching -------------------------------------------------------------------
     @staticmethod
@@ -181,7 +201,8 @@ class Policy:
     def check_sites(self, sites: Iterable[str]) -> None:
         """Raise ValueError if a ``site_bits`` key or ``skip`` entry matches no site."""
         sites = list(sites)
-        for what, keys in (("site_bits", list(self.site_bits)), ("skip", self.skip)):
+        for what, keys in (("site_bits", list(self.site_bits)), ("site_quantizers", list(self.site_quantizers)),
+                           ("skip", self.skip)):
             for key in keys:
                 if key not in sites and not any(re.fullmatch(key, s) for s in sites):
                     raise ValueError(f"{what} entry {key!r} matches no site; the guide's sites are {sites}")
@@ -215,7 +236,9 @@ class Policy:
             if not self.quantizes(quantity):
                 continue
             bits = self.bits_for(name, quantity)
-            template = getattr(self, f"{quantity}_quantizer")
+            key = self._lookup(list(self.site_quantizers), name)
+            template = self.site_quantizers[key].get(quantity) if key is not None else None
+            template = template if template is not None else getattr(self, f"{quantity}_quantizer")
             if isinstance(bits, torch.Tensor):
                 try:
                     torch.broadcast_shapes(bits.shape, tuple(shape))
@@ -231,13 +254,15 @@ class Policy:
             extra.append(", ".join(f"{k}_bits={v if isinstance(v, int) else 'tensor'}" for k, v in self.quantity_bits.items()))
         if self.site_bits:
             extra.append(f"site_bits={len(self.site_bits)} entries")
+        if self.site_quantizers:
+            extra.append(f"site_quantizers={len(self.site_quantizers)} entries")
         if self.skip:
             extra.append(f"skip={self.skip}")
         return f"{type(self).__name__}({self.bits}{''.join(', ' + e for e in extra)})"
 
 
 class FloatPolicy(Policy):
-    """No quantization: the float baseline (``quantize`` still returns a copy).
+    """No quantization: the float baseline (``quantize`` still returns a copy); ``bits`` is not used.
 
     Usage::
 
@@ -245,9 +270,6 @@ class FloatPolicy(Policy):
     """
 
     mode = "float"
-
-    def __init__(self, **kwargs):
-        super().__init__(8, **kwargs)
 
 
 class VPQ(Policy):
@@ -287,8 +309,13 @@ _BY_MODE = {"float": FloatPolicy, "vpq": VPQ, "spq": SPQ, "jq": JQ}
 
 
 def make_policy(mode: str, bits: int = 8, **kwargs) -> Policy:
-    """A policy from its mode name (``"float"``, ``"vpq"``, ``"spq"``, ``"jq"``; case-insensitive)."""
+    """A policy from its mode name (``"float"``, ``"vpq"``, ``"spq"``, ``"jq"``; case-insensitive),
+    then the arguments every policy takes, in the same order: ``bits``, then keywords.
+
+    Usage::
+
+        policy = make_policy("jq", 4, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)
+    """
     if not isinstance(mode, str) or mode.lower() not in _BY_MODE:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-    cls = _BY_MODE[mode.lower()]
-    return cls(**kwargs) if cls is FloatPolicy else cls(bits, **kwargs)
+    return _BY_MODE[mode.lower()](bits, **kwargs)

@@ -1,38 +1,41 @@
 """Quantizers: small validated objects that calibrate on a tensor, then apply.
 
-A quantizer is first a *specification* (bits, symmetric or not, per tensor or
-per output channel, how the range is found). :meth:`Quantizer.calibrate`
-returns a *calibrated copy* (the specification is left untouched) that maps
-values to integer codes (:meth:`~Quantizer.encode`), codes back to values
-(:meth:`~Quantizer.decode`), and values straight to grid values with a
-straight-through estimator (calling the quantizer), so it can be used during
-training: the forward value is the grid value, the gradient is the identity.
+A quantizer is first a *specification* (bits, the grid, how its range is
+found). :meth:`Quantizer.calibrate` returns a *calibrated copy* (the
+specification is left untouched) that maps values to integer codes
+(:meth:`~Quantizer.encode`), codes back to values (:meth:`~Quantizer.decode`),
+and values straight to grid values with a straight-through estimator (calling
+the quantizer), so it can be used during training: the forward value is the
+grid value, the gradient is the identity. Every grid comes from
+:mod:`pyro_bq.quant.grids` (one rounding rule: half to even).
 
-Three families:
-
-* :class:`UniformQuantizer` -- an evenly spaced grid, symmetric or
-  asymmetric (with a zero point), per tensor or per output channel; the range
-  comes from min/max, from percentiles (5th/95th by default, as in the
-  Quantile-Inform paper) or from a small search minimising the squared error.
-  ``bits`` may also be an integer tensor broadcastable to the calibrated
-  tensor (per-parameter precision, e.g. from SMOL).
-* :class:`Log2Quantizer` -- powers of two ``2**e`` for integer ``e`` in a
-  calibrated window of ``2**bits`` exponents, for positive quantities such as
-  posterior scales. Rounding happens in the log domain, so the relative error
-  is at most ``sqrt(2) - 1`` inside the window.
+* :class:`UniformQuantizer` -- an evenly spaced grid on which 0 is a level,
+  symmetric or with a zero point, per tensor or per output channel; the range
+  comes from min/max, percentiles or a small squared-error search. ``bits``
+  may be an integer tensor broadcastable to the tensor (per-element precision).
+* :class:`IntervalQuantizer` -- ``2**bits`` levels from ``lo`` to ``hi``
+  without a zero point: a fixed interval (Random Bits) or the 5th to 95th
+  percentile of the tensor (Quantile Inform's QIU grid).
+* :class:`Log2Quantizer` -- powers of two ``2**e`` in a calibrated window of
+  ``2**bits`` exponents, for positive quantities such as posterior scales.
 * :class:`CodebookQuantizer` -- nearest entry of a power-of-two or additive
   power-of-two codebook (:mod:`pyro_bq.quant.codebook`) times a calibrated
   scale, or of any user codebook.
+* :class:`GaussianLloydQuantizer` -- Gaussian-quantile levels refined by the
+  median iteration for a Normal fitted to the tensor (QINU).
+* :class:`SignedGridQuantizer` -- signed bits: odd multiples of
+  ``scale * 2**(1 - bits)`` (SMOL).
 
 Every quantizer works on tensors with extra *leading* dimensions (Monte Carlo
 samples): its calibrated range has the calibrated tensor's number of
 dimensions and broadcasts from the right.
 
-Packed files (:func:`pyro_bq.quant.save_packed`) learn a quantizer class from
+Packed files (:func:`pyro_bq.io.save_packed`) learn a quantizer class from
 one declaration on the class itself: ``packed_type`` (the name its
 :meth:`~Quantizer.config` carries as ``"type"``), ``packed_keys`` (the other
 config keys) and the classmethod ``packed_layout(config, shape, k)`` (its
-state tensors: name, stream and shape). A subclass that sets ``packed_type``
+state tensors: name, stream and shape), which is also what
+:meth:`~Quantizer.metadata_bits` counts. A subclass that sets ``packed_type``
 is registered when it is defined (:func:`register_quantizer`);
 :func:`quantizer_from_state` and the packed-file reader look the type up with
 :func:`quantizer_class`. See :class:`Quantizer` for the optional hooks.
@@ -41,24 +44,41 @@ is registered when it is defined (:func:`register_quantizer`);
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import numbers
 from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 
 from pyro_bq._validation import check_choice, check_float, check_int, check_type
 
-from .codebook import nearest_code_index, pow2_codebook
+from .codebook import pow2_family
+from .grids import (
+    check_bits,
+    interval_grid,
+    log2_exponents,
+    log2_top,
+    log2_window,
+    minmax_range,
+    nearest_code_index,
+    percentile_range,
+    signed_grid,
+    ste,
+    uniform_codes,
+    uniform_decode,
+    uniform_quantize,
+    widen_empty,
+    zero_point_grid,
+)
+from .lloyd_max import gaussian_levels
 
 __all__ = [
     "Quantizer",
     "UniformQuantizer",
+    "IntervalQuantizer",
     "Log2Quantizer",
     "CodebookQuantizer",
-    "check_bits",
-    "ste",
+    "GaussianLloydQuantizer",
+    "SignedGridQuantizer",
     "quantizer_from_state",
     "register_quantizer",
     "quantizer_class",
@@ -67,7 +87,6 @@ __all__ = [
     "STATE_STREAMS",
 ]
 
-MAX_BITS = 16
 _RANGES = ("minmax", "percentile", "mse", "auto")
 #: percentiles used by range="auto" below 4 bits
 AUTO_PERCENTILES = (0.5, 99.5)
@@ -76,44 +95,12 @@ AUTO_PERCENTILES = (0.5, 99.5)
 STATE_STREAMS = {"f32": 32, "i16": 16, "f64": 64}
 
 
-def check_bits(name: str, bits, *, allow_tensor: bool = True):
-    """Validate a bit width: an int in ``[1, 16]`` or (if allowed) an integer tensor of such values.
-
-    Any other value raises :class:`ValueError` naming ``name`` and the allowed values.
-    """
-    if isinstance(bits, torch.Tensor) and allow_tensor:
-        if bits.is_floating_point() or bits.is_complex() or bits.dtype == torch.bool:
-            raise ValueError(f"{name} must be an int from 1 to {MAX_BITS} or an integer tensor of such values, "
-                             f"got a tensor of dtype {bits.dtype}")
-        if bits.numel() == 0 or int(bits.min()) < 1 or int(bits.max()) > MAX_BITS:
-            raise ValueError(f"{name} must hold integers from 1 to {MAX_BITS}, got values in "
-                             f"[{int(bits.min()) if bits.numel() else '-'}, {int(bits.max()) if bits.numel() else '-'}]")
-        return bits.detach().to(torch.int64)
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= int(bits) <= MAX_BITS:
-        allowed = f"an int from 1 to {MAX_BITS}" + (" or an integer tensor of such values" if allow_tensor else "")
-        raise ValueError(f"{name} must be {allowed}, got {bits!r}")
-    return int(bits)
-
-
-def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Straight-through estimator: the value of ``q``, the gradient of ``x``.
-
-    Written as ``q + (x - x.detach())`` so the forward value is *exactly* ``q``.
-    """
-    if not x.requires_grad:
-        return q.detach()
-    return q.detach() + (x - x.detach())
-
-
-def _bits_repr(bits) -> str:
-    return f"tensor{tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else str(bits)
-
-
 class Quantizer:
     """Base class: a bit width, calibration, encode/decode and a straight-through call.
 
     Subclasses implement :meth:`_calibrate`, :meth:`encode`, :meth:`decode`,
-    :meth:`state` and :meth:`metadata_bits`.
+    :meth:`config`, :meth:`state` and :meth:`_set_state`, and build their
+    grids with :mod:`pyro_bq.quant.grids`.
 
     Usage::
 
@@ -121,8 +108,6 @@ class Quantizer:
         w_q = q(weight)             # on the grid, gradient passes straight through
         codes = q.encode(weight)    # integers in [0, 2**4)
     """
-
-    kind = "base"
 
     # -- the packed format: one declaration per class ---------------------------------
     #: the name of this class in packed files (what :meth:`config` writes as ``"type"``). A subclass
@@ -255,10 +240,8 @@ class Quantizer:
         return self.bits
 
     def metadata_bits(self) -> int:
-        """Bits of calibration data a packed file must hold (ranges, zero points, codebooks).
-
-        The default counts the tensors of :meth:`packed_layout`.
-        """
+        """Bits of calibration data a packed file must hold (ranges, zero points, codebooks):
+        the tensors of :meth:`packed_layout`, the one source of a file's size."""
         self._require()
         layout = type(self).packed_layout(self.config(), list(self.shape), self.packed_size())
         return sum(STATE_STREAMS[stream] * math.prod(shape) for _, stream, shape in layout)
@@ -283,15 +266,13 @@ class Quantizer:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
-        return f"{type(self).__name__}(bits={_bits_repr(self.bits)}, {cfg})"
+        bits = f"tensor{tuple(self.bits.shape)}" if isinstance(self.bits, torch.Tensor) else str(self.bits)
+        cfg = "".join(f", {k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}(bits={bits}{cfg})"
 
 
 # -- the registry of packable quantizer classes ------------------------------------------------
 _REGISTRY: dict[str, type] = {}
-#: modules outside pyro_bq.quant that define packable quantizers; imported when a type is not known yet
-#: (so a file of mixed-precision quantizers loads without importing pyro_bq.mixed first)
-_PROVIDERS = ["pyro_bq.mixed.quantizers"]
 
 
 def register_quantizer(cls: type) -> type:
@@ -328,14 +309,8 @@ def register_quantizer(cls: type) -> type:
     return cls
 
 
-def _load_providers() -> None:
-    while _PROVIDERS:
-        importlib.import_module(_PROVIDERS.pop(0))
-
-
 def packed_types() -> list[str]:
     """The registered packed quantizer types, sorted."""
-    _load_providers()
     return sorted(_REGISTRY)
 
 
@@ -344,8 +319,6 @@ def quantizer_class(name) -> type:
 
     :raises ValueError: for a name no class is registered under (the message lists the known ones).
     """
-    if isinstance(name, str) and name not in _REGISTRY:
-        _load_providers()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown quantizer type {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -362,8 +335,44 @@ def channel_range_shape(config: dict, shape) -> list[int]:
     return rs
 
 
+def _check_percentiles(percentiles) -> tuple[float, float]:
+    """A pair ``(low, high)`` of numbers in ``[0, 100]`` with ``low < high``."""
+    if not isinstance(percentiles, (tuple, list)) or len(percentiles) != 2:
+        raise ValueError(f"percentiles must be a pair (low, high) of numbers in [0, 100], got {percentiles!r}")
+    lo = check_float("percentiles[0]", percentiles[0], low=0.0, high=100.0)
+    hi = check_float("percentiles[1]", percentiles[1], low=0.0, high=100.0)
+    if lo >= hi:
+        raise ValueError(f"percentiles must satisfy low < high, got {percentiles!r}")
+    return lo, hi
+
+
+def _finite_values(state: dict, key: str, count: int) -> list[float]:
+    """``count`` finite floats from ``state[key]`` (a packed state tensor); ValueError otherwise."""
+    t = state[key]
+    if not isinstance(t, torch.Tensor) or t.numel() != count:
+        raise ValueError(f"state {key!r} must hold {count} value(s)")
+    values = [float(v) for v in t.detach().double().reshape(-1)]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"state {key!r} must be finite, got {values}")
+    return values
+
+
+def _least_error_shrink(steps: int, error) -> torch.Tensor:
+    """Per row, the factor ``r`` among ``steps`` values from 1 down to 0.2 with the least ``error(r)`` (a ``[C]`` tensor)."""
+    best_err, best = None, None
+    for r in torch.linspace(1.0, 0.2, steps).tolist():
+        err = error(r)
+        if best is None:
+            best_err, best = err, torch.full_like(err, r)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
 class _RangeMixin:
-    """Shared range handling: per tensor or per channel; min/max, percentiles or MSE search."""
+    """Shared range handling: per tensor or per channel; min/max, percentiles or a squared-error search."""
 
     search_size = 2**18
 
@@ -371,72 +380,51 @@ class _RangeMixin:
         self.per_channel = check_type("per_channel", per_channel, bool)
         self.channel_dim = check_int("channel_dim", channel_dim)
         self.range = check_choice("range", range, _RANGES)
-        if not isinstance(percentiles, (tuple, list)) or len(percentiles) != 2:
-            raise ValueError(f"percentiles must be a pair (low, high) of numbers in [0, 100], got {percentiles!r}")
-        lo = check_float("percentiles[0]", percentiles[0], low=0.0, high=100.0)
-        hi = check_float("percentiles[1]", percentiles[1], low=0.0, high=100.0)
-        if lo >= hi:
-            raise ValueError(f"percentiles must satisfy low < high, got {percentiles!r}")
-        self.percentiles = (lo, hi)
+        self.percentiles = _check_percentiles(percentiles)
         self.search_steps = check_int("search_steps", search_steps, low=2, high=200)
 
     def _channelwise(self, ndim: int) -> bool:
         return self.per_channel and ndim >= 2
 
     def _flat(self, tensors) -> torch.Tensor:
-        """Tensors as ``[C, M]`` (per channel) or ``[1, M]`` (per tensor)."""
+        """Tensors as ``[C, M]`` (per channel) or ``[1, M]`` (per tensor), float32."""
         x = tensors[0]
         if self._channelwise(x.dim()):
             d = self.channel_dim % x.dim()
-            return torch.cat([t.movedim(d, 0).reshape(t.shape[d], -1) for t in tensors], dim=1)
-        return torch.cat([t.reshape(1, -1) for t in tensors], dim=1)
+            return torch.cat([t.movedim(d, 0).reshape(t.shape[d], -1) for t in tensors], dim=1).float()
+        return torch.cat([t.reshape(1, -1) for t in tensors], dim=1).float()
 
     def _keep_shape(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
         """A ``[C]`` or ``[1]`` vector reshaped to broadcast against a tensor of ``ndim`` dims."""
         if self._channelwise(ndim):
-            d = self.channel_dim % ndim
             shape = [1] * ndim
-            shape[d] = values.numel()
+            shape[self.channel_dim % ndim] = values.numel()
             return values.reshape(shape)
         return values.reshape([1] * ndim) if ndim else values.reshape(())
 
     def _subsample(self, flat: torch.Tensor) -> torch.Tensor:
         """Evenly strided values of each row (about ``search_size`` in all, at least 64 per row)
-        for the MSE range search."""
+        for the squared-error range search."""
         m = flat.shape[1]
         cap = max(64, self.search_size // flat.shape[0])
-        if m <= cap:
-            return flat
-        return flat[:, :: -(-m // cap)]
+        return flat if m <= cap else flat[:, :: -(-m // cap)]
 
     def _mean_bits(self) -> float:
         return float(self.bits.float().mean()) if isinstance(self.bits, torch.Tensor) else float(self.bits)
 
     def _low_high(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.range == "auto":
-            if self._mean_bits() >= 4:
-                return flat.amin(dim=1), flat.amax(dim=1)
-            saved = self.range, self.percentiles
-            self.range, self.percentiles = "percentile", AUTO_PERCENTILES
-            try:
-                return self._low_high(flat)
-            finally:
-                self.range, self.percentiles = saved
         if self.range == "percentile":
-            m = flat.shape[1]
-            k_lo = min(max(1, int(math.ceil(self.percentiles[0] / 100 * m))), m)
-            k_hi = min(max(1, int(math.ceil(self.percentiles[1] / 100 * m))), m)
-            lo = flat.kthvalue(k_lo, dim=1).values
-            hi = flat.kthvalue(k_hi, dim=1).values
-            return lo, hi
-        return flat.amin(dim=1), flat.amax(dim=1)
+            return percentile_range(flat, *self.percentiles)
+        if self.range == "auto" and self._mean_bits() < 4:
+            return percentile_range(flat, *AUTO_PERCENTILES)
+        return minmax_range(flat)
 
 
 class UniformQuantizer(_RangeMixin, Quantizer):
-    """Uniform grid quantizer.
+    """Uniform grid quantizer on which 0 is a level (:func:`~pyro_bq.quant.grids.zero_point_grid`).
 
     * ``symmetric=True``: levels ``step * k`` for ``k = -(2**(b-1) - 1) .. 2**(b-1) - 1``
-      (zero is a level; one code is unused) with ``step = max|x| / (2**(b-1) - 1)``;
+      (one code is unused) with ``step = max|x| / (2**(b-1) - 1)``;
       for ``b = 1`` the two levels ``-max|x|`` and ``+max|x|``.
     * ``symmetric=False``: ``2**b`` levels ``step * (k - z)``, ``k = 0 .. 2**b - 1``,
       over ``[min(x, 0), max(x, 0)]`` with an integer zero point ``z`` (zero is exact).
@@ -447,11 +435,12 @@ class UniformQuantizer(_RangeMixin, Quantizer):
     :param per_channel: one range per slice along ``channel_dim`` (the output
         channel of Linear/Conv weights); tensors with fewer than 2 dims use one range.
     :param range: ``"minmax"``, ``"percentile"`` (``percentiles``, default the
-        5th and 95th), ``"auto"`` (min/max at 4 bits and more, the 0.5th and
-        99.5th percentiles below: at 2-3 bits clipping the rare largest weights
-        buys resolution for all others) or ``"mse"`` (the clipping of the min/max range, among
-        ``search_steps`` candidates, with the least squared error, per channel,
-        measured on about 2**18 evenly strided values of the tensor).
+        5th and 95th, linear interpolation), ``"auto"`` (min/max at 4 bits and
+        more, the 0.5th and 99.5th percentiles below: at 2-3 bits clipping the
+        rare largest weights buys resolution for all others) or ``"mse"`` (the
+        clipping of the min/max range, among ``search_steps`` candidates, with
+        the least squared error, per channel, measured on about 2**18 evenly
+        strided values of the tensor).
 
     Usage::
 
@@ -459,7 +448,6 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         w_q = q(w)
     """
 
-    kind = "uniform"
     _tensor_bits_ok = True
     packed_type = "uniform"
     packed_keys = frozenset({"symmetric", "per_channel", "channel_dim", "range", "percentiles", "search_steps"})
@@ -480,92 +468,55 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         self.lo = None
         self.hi = None
 
-    # grid geometry from the range and the bits (cheap; recomputed on use)
-    def _geometry(self, like: torch.Tensor):
-        lo = self.lo.to(device=like.device, dtype=like.dtype)
-        hi = self.hi.to(device=like.device, dtype=like.dtype)
-        bits = self.bits
-        if isinstance(bits, torch.Tensor):
-            b = bits.to(device=like.device, dtype=like.dtype)
-        else:
-            b = torch.tensor(float(bits), device=like.device, dtype=like.dtype)
-        if self.symmetric:
-            qmax = torch.where(b == 1, torch.ones_like(b), torch.exp2(b) - 2)
-            zp = qmax / 2
-            step = hi / zp
-        else:
-            qmax = torch.exp2(b) - 1
-            step = (hi - lo) / qmax
-            step = torch.where(step > 0, step, torch.ones_like(step))
-            zp = torch.clamp(torch.floor(-lo / step + 0.5), min=torch.zeros_like(qmax), max=qmax)
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        return step, zp, qmax
+    def _grid(self, like: torch.Tensor, lo=None, hi=None, bits=None):
+        """``(step, zp, qmax)`` in ``like``'s dtype and device (of the calibrated range by default)."""
+        lo = (self.lo if lo is None else lo).to(device=like.device, dtype=like.dtype)
+        hi = (self.hi if hi is None else hi).to(device=like.device, dtype=like.dtype)
+        bits = self.bits if bits is None else bits
+        bits = bits.to(like.device) if isinstance(bits, torch.Tensor) else bits
+        return zero_point_grid(lo, hi, bits, symmetric=self.symmetric)
 
-    def _fit(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _calibrate(self, tensors) -> None:
+        ndim = tensors[0].dim()
+        flat = self._flat(tensors)
         lo, hi = self._low_high(flat)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         if self.symmetric:
-            amax = torch.maximum(lo.abs(), hi)
-            return -amax, amax
-        return lo, hi
-
-    def _calibrate(self, tensors) -> None:
-        x = tensors[0]
-        flat = self._flat(tensors).float()
-        lo, hi = self._fit(flat)
+            hi = torch.maximum(lo.abs(), hi)
+            lo = -hi
         if self.range == "mse":
-            lo, hi = self._search(flat, lo, hi, x.dim())
-        self.lo = self._keep_shape(lo, x.dim()).float()
-        self.hi = self._keep_shape(hi, x.dim()).float()
+            sub = self._subsample(flat)
+            # per-element bits: search with the mean precision (the ranges stay per channel)
+            bits = self.bits if isinstance(self.bits, int) else max(1, round(self._mean_bits()))
 
-    def _search(self, flat, lo, hi, ndim):
-        """Shrink the range by the factor (per channel) that minimises the squared error."""
-        flat = self._subsample(flat)
-        best_err = torch.full_like(hi, float("inf"))
-        best_lo, best_hi = lo.clone(), hi.clone()
-        bits = self.bits
-        saved = (self.lo, self.hi, self.bits, self.per_channel)
-        if isinstance(bits, torch.Tensor):  # search with the mean precision; ranges stay per channel
-            self.bits = max(1, int(round(float(bits.float().mean()))))
-        for ratio in torch.linspace(1.0, 0.2, self.search_steps).tolist():
-            self.lo = (lo * ratio).unsqueeze(1)
-            self.hi = (hi * ratio).unsqueeze(1)
-            step, zp, qmax = self._geometry(flat)
-            q = (torch.clamp(torch.floor(flat / step + zp + 0.5), min=0, max=qmax) - zp) * step
-            err = (q - flat).pow(2).sum(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, lo * ratio, best_lo)
-            best_hi = torch.where(better, hi * ratio, best_hi)
-        self.lo, self.hi, self.bits, self.per_channel = saved
-        return best_lo, best_hi
+            def error(r):
+                grid = self._grid(sub, (lo * r).unsqueeze(1), (hi * r).unsqueeze(1), bits)
+                return (uniform_quantize(sub, *grid) - sub).pow(2).sum(dim=1)
+
+            best = _least_error_shrink(self.search_steps, error)
+            lo, hi = lo * best, hi * best
+        self.lo = self._keep_shape(lo, ndim)
+        self.hi = self._keep_shape(hi, ndim)
 
     def encode(self, x):
         self._require()
-        step, zp, qmax = self._geometry(x)
-        return torch.clamp(torch.floor(x.detach() / step + zp + 0.5), min=torch.zeros_like(qmax), max=qmax).to(torch.int64)
+        return uniform_codes(x.detach(), *self._grid(x)).to(torch.int64)
 
     def decode(self, codes, dtype=torch.float32):
         self._require()
-        like = torch.empty((), dtype=dtype, device=codes.device)
-        step, zp, _ = self._geometry(like)
-        return (codes.to(dtype) - zp) * step
+        step, zp, _ = self._grid(torch.empty((), dtype=dtype, device=codes.device))
+        return uniform_decode(codes.to(dtype), step, zp)
 
     def grid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest and largest level (per channel), shaped to broadcast against the tensor."""
         self._require()
-        step, zp, qmax = self._geometry(self.hi)
-        return (0 - zp) * step, (qmax - zp) * step
+        step, zp, qmax = self._grid(self.hi)
+        return uniform_decode(torch.zeros_like(qmax), step, zp), uniform_decode(qmax, step, zp)
 
     def step(self) -> torch.Tensor:
         """The grid step, shaped to broadcast against the tensor."""
         self._require()
-        return self._geometry(self.hi)[0]
-
-    def metadata_bits(self) -> int:
-        self._require()
-        # symmetric: one float32 range per channel; asymmetric: two (low and high)
-        return 32 * self.hi.numel() * (1 if self.symmetric else 2)
+        return self._grid(self.hi)[0]
 
     def config(self):
         return {"type": self.packed_type, "symmetric": self.symmetric, "per_channel": self.per_channel,
@@ -581,15 +532,124 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         self.lo = -self.hi if self.symmetric else state["lo"].float()
 
 
+class IntervalQuantizer(Quantizer):
+    """``2**bits`` evenly spaced levels from ``lo`` to ``hi``, without a zero point
+    (:func:`~pyro_bq.quant.grids.interval_grid`): values are rounded to the nearest
+    level and clamped to ``[lo, hi]``, so 0 is a level only by chance.
+
+    * ``interval=(lo, hi)``: a fixed interval that calibration keeps (Random
+      Bits' learned boundaries);
+    * otherwise ``lo`` and ``hi`` are the ``percentiles`` of the calibration
+      tensor, by linear interpolation as :func:`torch.quantile` (default the
+      5th and 95th: the grid ``Q`` of the Quantile Inform paper, Section 3.2);
+      an empty interval is widened slightly. One interval per tensor.
+
+    Its calibration data is the interval: two float64 values in a packed file
+    (packed type ``"interval"``), bit-exact, so a loaded guide predicts exactly
+    what the saved one did.
+
+    :param bits: an int from 1 to 16, or an integer tensor of per-element widths.
+    :param interval: a fixed ``(lo, hi)`` of finite numbers with ``lo < hi``.
+    :param percentiles: ``(low, high)`` in ``[0, 100]`` with ``low < high`` (without ``interval``).
+
+    Usage::
+
+        q = IntervalQuantizer(3).calibrate(loc)              # QIU: the 5th to the 95th percentile
+        lo, hi = q.interval()
+        fixed = IntervalQuantizer(3, interval=(-0.1, 0.1))   # Random Bits
+    """
+
+    _tensor_bits_ok = True
+    packed_type = "interval"
+    packed_keys = frozenset({"percentiles"})  # None for a fixed interval (which is state)
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("interval", "f64", [2])]
+
+    @classmethod
+    def from_config(cls, config, bits, state=None):
+        pct = config["percentiles"]
+        if pct is None:  # the interval is the state: a placeholder until load_state
+            return cls(bits, interval=(0.0, 1.0))
+        return cls(bits, percentiles=tuple(pct) if isinstance(pct, list) else pct)
+
+    def __init__(self, bits=4, *, interval: Optional[Sequence[float]] = None,
+                 percentiles: Sequence[float] = (5.0, 95.0)):
+        super().__init__(bits)
+        self.fixed, self.percentiles = None, None
+        if interval is None:
+            self.percentiles = _check_percentiles(percentiles)
+        else:
+            if not isinstance(interval, (tuple, list)) or len(interval) != 2:
+                raise ValueError(f"interval must be a pair (lo, hi) of finite numbers, got {interval!r}")
+            lo, hi = check_float("interval[0]", interval[0]), check_float("interval[1]", interval[1])
+            if not hi > lo:
+                raise ValueError(f"interval must have lo < hi, got {interval!r}")
+            self.fixed = (lo, hi)
+        self._reset()
+
+    def _reset(self):
+        self.lo, self.hi = self.fixed if self.fixed is not None else (None, None)
+
+    def _calibrate(self, tensors) -> None:
+        if self.fixed is None:
+            flat = torch.cat([t.reshape(1, -1) for t in tensors], dim=1).double()
+            lo, hi = widen_empty(*percentile_range(flat, *self.percentiles))
+            self.lo, self.hi = float(lo), float(hi)
+
+    def interval(self) -> tuple[float, float]:
+        """``(lo, hi)``: the lowest and the highest level."""
+        self._require()
+        return self.lo, self.hi
+
+    def _grid(self, dtype, device):
+        lo, hi = (torch.tensor(v, dtype=dtype, device=device) for v in (self.lo, self.hi))
+        bits = self.bits.to(device) if isinstance(self.bits, torch.Tensor) else self.bits
+        return interval_grid(lo, hi, bits)
+
+    def encode(self, x):
+        self._require()
+        return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
+
+    def decode(self, codes, dtype=torch.float32):
+        self._require()
+        step, zp, _ = self._grid(dtype, codes.device)
+        return uniform_decode(codes.to(dtype), step, zp)
+
+    def levels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``2**bits`` levels, ascending (one int ``bits`` only)."""
+        return self.decode(torch.arange(2 ** int(self.bits)), dtype)
+
+    def config(self) -> dict:
+        return {"type": self.packed_type, "percentiles": None if self.percentiles is None else list(self.percentiles)}
+
+    def state(self):
+        self._require()
+        return {"interval": torch.tensor([self.lo, self.hi], dtype=torch.float64)}
+
+    def _set_state(self, state):
+        lo, hi = _finite_values(state, "interval", 2)
+        if not hi > lo:
+            raise ValueError(f"state 'interval' must have hi > lo, got lo={lo}, hi={hi}")
+        self.lo, self.hi = lo, hi
+
+    def __repr__(self) -> str:
+        if self.fixed is None:
+            return super().__repr__()
+        return f"{type(self).__name__}(bits={self.bits if isinstance(self.bits, int) else 'tensor'}, interval={self.fixed!r})"
+
+
 class Log2Quantizer(_RangeMixin, Quantizer):
     """Logarithmic (base 2) quantizer for positive quantities such as posterior scales.
 
     Levels are ``2**e`` for the ``2**bits`` integers ``e`` in the window
     ``[top - 2**bits + 1, top]``; ``top`` is the rounded ``log2`` of the largest
     value (``range="minmax"``) or of the upper percentile (``"percentile"``),
-    per tensor or per channel. Values are rounded in the log domain, so inside
-    the window the relative error is at most ``sqrt(2) - 1``; values below the
-    window (and non-positive values) go to its lowest level.
+    per tensor or per channel (:func:`~pyro_bq.quant.grids.log2_window`).
+    Values are rounded in the log domain, so inside the window the relative
+    error is at most ``sqrt(2) - 1``; values below the window (and
+    non-positive values) go to its lowest level.
 
     Usage::
 
@@ -597,7 +657,6 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         scale_q = q(scale)          # powers of two
     """
 
-    kind = "log2"
     _tensor_bits_ok = True
     packed_type = "log2"
     packed_keys = frozenset({"per_channel", "channel_dim", "range", "percentiles"})
@@ -618,25 +677,18 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         self.top = None
 
     def _calibrate(self, tensors) -> None:
-        x = tensors[0]
-        flat = self._flat(tensors).float()
-        _, hi = self._low_high(flat)
-        hi = torch.where(hi > 0, hi, torch.full_like(hi, 2.0**-126))
-        top = torch.floor(torch.log2(hi) + 0.5).clamp(-140, 127)
-        self.top = self._keep_shape(top, x.dim()).to(torch.int16)
+        _, hi = self._low_high(self._flat(tensors))
+        self.top = self._keep_shape(log2_top(torch.log2(hi)), tensors[0].dim()).to(torch.int16)
 
     def _window(self, like):
-        top = self.top.to(device=like.device, dtype=torch.float32)
-        levels = torch.exp2(self.bits.to(like.device).float()) if isinstance(self.bits, torch.Tensor) \
-            else torch.tensor(2.0**self.bits, device=like.device)
-        return top - (levels - 1), top
+        bits = self.bits.to(like.device) if isinstance(self.bits, torch.Tensor) else self.bits
+        return log2_window(self.top.to(device=like.device, dtype=torch.float32), bits)
 
     def encode(self, x):
         self._require()
         low, top = self._window(x)
-        e = torch.floor(torch.log2(x.detach().float()) + 0.5)
-        e = torch.nan_to_num(e, nan=-1e9, neginf=-1e9)
-        return (torch.clamp(e, min=low, max=top) - low).to(torch.int64)
+        e = torch.nan_to_num(torch.log2(x.detach().float()), nan=-1e9, neginf=-1e9)
+        return (log2_exponents(e, low, top) - low).to(torch.int64)
 
     def decode(self, codes, dtype=torch.float32):
         self._require()
@@ -647,10 +699,6 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         """Lowest and highest exponent of the grid (per channel)."""
         self._require()
         return self._window(self.top)
-
-    def metadata_bits(self) -> int:
-        self._require()
-        return 16 * self.top.numel()  # one int16 exponent per window
 
     def config(self):
         return {"type": self.packed_type, "per_channel": self.per_channel, "channel_dim": self.channel_dim,
@@ -664,37 +712,20 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         self.top = state["top"].to(torch.int16)
 
 
-def _pow2_family(bits: int, family: str) -> torch.Tensor:
-    """The largest signed power-of-two (``r=1``) or additive (``r=2``) codebook with at most ``2**bits`` codes,
-    normalised so its largest magnitude is 1."""
-    if bits == 1:
-        return torch.tensor([-1.0, 1.0])
-    r = 1 if family == "pot" else 2
-    best = None
-    for b in range(0, 64):
-        cb = pow2_codebook(b, r, max_exp=0, signed=True, include_zero=True)
-        if cb.numel() > 2**bits:
-            break
-        best = cb
-    if best is None:  # e.g. apot at 2 bits: fall back to pot
-        best = pow2_codebook(0, 1, signed=True, include_zero=True)
-    return best / best.abs().max()
-
-
 class CodebookQuantizer(_RangeMixin, Quantizer):
     """Nearest-entry quantizer on a codebook scaled by a calibrated factor.
 
     ``bits``: an int from 1 to 16, or ``"auto"``: 4 for the power-of-two
     families, the bits needed to index a custom ``codebook``.
     ``family="pot"``: zero and signed powers of two; ``"apot"``: zero and signed
-    sums of at most two powers of two (built with
-    :func:`pyro_bq.quant.codebook.pow2_codebook`), the largest such set with
-    at most ``2**bits`` codes. Or pass any sorted ``codebook`` (``bits`` then
-    defaults to the bits needed to index it). The scale factor maps the
-    codebook's largest magnitude onto the range's largest magnitude (per tensor
-    or channel; ``range="mse"`` searches a smaller factor); ``range="fixed"``
-    keeps the factor at 1, so values snap onto the codebook itself (for a
-    network whose weights already lie on a codebook, such as a PWFN guide).
+    sums of at most two powers of two (:func:`pyro_bq.quant.codebook.pow2_family`),
+    the largest such set with at most ``2**bits`` codes. Or pass any sorted
+    ``codebook`` (``bits`` then defaults to the bits needed to index it). The
+    scale factor maps the codebook's largest magnitude onto the range's largest
+    magnitude (per tensor or channel; ``range="mse"`` searches a smaller
+    factor); ``range="fixed"`` keeps the factor at 1, so values snap onto the
+    codebook itself (for a network whose weights already lie on a codebook,
+    such as a PWFN guide). Rounding: :func:`~pyro_bq.quant.grids.nearest_code_index`.
 
     Usage::
 
@@ -703,7 +734,6 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
         exact = CodebookQuantizer(codebook=torch.tensor([-0.5, 0.0, 0.25]), range="fixed")
     """
 
-    kind = "codebook"
     packed_type = "codebook"
     packed_keys = frozenset({"family", "per_channel", "channel_dim", "range", "percentiles", "search_steps"})
     packed_sized = True  # the header stores the codebook's length
@@ -769,33 +799,28 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
     def codebook(self) -> torch.Tensor:
         """The unscaled codebook (sorted)."""
         if self._codebook is None:
-            self._codebook = _pow2_family(self.bits, self.family).float()
+            self._codebook = pow2_family(self.bits, self.family).float()
         return self._codebook
 
     def _calibrate(self, tensors) -> None:
-        x = tensors[0]
-        flat = self._flat(tensors).float()
+        ndim = tensors[0].dim()
+        flat = self._flat(tensors)
         if self.range == "fixed":
-            self.alpha = self._keep_shape(torch.ones(flat.shape[0]), x.dim())
+            self.alpha = self._keep_shape(torch.ones(flat.shape[0]), ndim)
             return
         lo, hi = self._low_high(flat)
         cb = self.codebook
-        amax = torch.maximum(lo.abs(), hi.abs())
-        alpha = amax / cb.abs().max()
+        alpha = torch.maximum(lo.abs(), hi.abs()) / cb.abs().max()
         alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
         if self.range == "mse":
-            flat = self._subsample(flat)
-            best_err = torch.full_like(alpha, float("inf"))
-            best = alpha.clone()
-            for ratio in torch.linspace(1.0, 0.2, self.search_steps).tolist():
-                a = (alpha * ratio).unsqueeze(1)
-                q = cb[nearest_code_index(flat / a, cb)] * a
-                err = (q - flat).pow(2).sum(dim=1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = torch.where(better, alpha * ratio, best)
-            alpha = best
-        self.alpha = self._keep_shape(alpha, x.dim()).float()
+            sub = self._subsample(flat)
+
+            def error(r):
+                a = (alpha * r).unsqueeze(1)
+                return (cb[nearest_code_index(sub / a, cb)] * a - sub).pow(2).sum(dim=1)
+
+            alpha = alpha * _least_error_shrink(self.search_steps, error)
+        self.alpha = self._keep_shape(alpha, ndim)
 
     def encode(self, x):
         self._require()
@@ -806,10 +831,6 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
         self._require()
         cb = self.codebook.to(device=codes.device, dtype=dtype)
         return cb[codes] * self.alpha.to(device=codes.device, dtype=dtype)
-
-    def metadata_bits(self) -> int:
-        self._require()
-        return 32 * self.alpha.numel() + 32 * self.codebook.numel()
 
     def config(self):
         return {"type": self.packed_type, "family": self.family, "per_channel": self.per_channel,
@@ -825,10 +846,134 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
         self._codebook = state["codebook"].float()
 
 
+class GaussianLloydQuantizer(Quantizer):
+    """``2**bits`` levels for a Normal fitted (mean, std) to the calibration tensor: the
+    Gaussian-quantile levels refined by ``max_iter`` median iterations
+    (:func:`~pyro_bq.quant.lloyd_max.gaussian_levels`; Quantile Inform's QINU grid).
+    Its calibration data are the mean and the std, float64 in a packed file.
+
+    Usage::
+
+        q = GaussianLloydQuantizer(3).calibrate(loc)
+        loc_q = q.quantize(loc)
+    """
+
+    packed_type = "gaussian-lloyd"
+    packed_keys = frozenset({"max_iter"})
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("mean", "f64", [1]), ("std", "f64", [1])]
+
+    def __init__(self, bits=4, *, max_iter: int = 200):
+        super().__init__(bits)
+        self.max_iter = check_int("max_iter", max_iter, low=0)
+        self._reset()
+
+    def _reset(self):
+        self.mean = None
+        self.std = None
+
+    def _calibrate(self, tensors):
+        flat = torch.cat([t.reshape(-1) for t in tensors]).double()
+        self.mean = flat.mean()
+        std = flat.std() if flat.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+        self.std = std if std > 0 else torch.tensor(max(float(flat.abs().max()), 1e-8), dtype=torch.float64)
+
+    def levels(self) -> torch.Tensor:
+        """The ``2**bits`` levels, ascending (float64)."""
+        self._require()
+        return gaussian_levels(int(self.bits), float(self.mean), float(self.std), max_iter=self.max_iter)
+
+    def encode(self, x):
+        return nearest_code_index(x.detach(), self.levels())
+
+    def decode(self, codes, dtype=torch.float32):
+        return self.levels().to(dtype)[codes]
+
+    def config(self) -> dict:
+        return {"type": self.packed_type, "max_iter": self.max_iter}
+
+    def state(self):
+        self._require()
+        return {"mean": self.mean.double().reshape(1), "std": self.std.double().reshape(1)}
+
+    def _set_state(self, state):
+        (mean,), (std,) = _finite_values(state, "mean", 1), _finite_values(state, "std", 1)
+        if not std > 0:
+            raise ValueError(f"state 'std' must be > 0, got {std}")
+        self.mean = torch.tensor(mean, dtype=torch.float64)
+        self.std = torch.tensor(std, dtype=torch.float64)
+
+
+class SignedGridQuantizer(Quantizer):
+    """``b`` signed bits: values ``scale * (2k + 1) * 2**(1-b)`` of magnitude below ``2 * scale``
+    (:func:`~pyro_bq.quant.grids.signed_grid`; SMOL's value map).
+
+    ``scale`` defaults to ``max|x| / 2`` at calibration (float64 in a packed
+    file). ``bits`` may be a per-element integer tensor.
+
+    Usage::
+
+        q = SignedGridQuantizer(bits_tensor, scale=c).calibrate(loc)
+    """
+
+    _tensor_bits_ok = True
+    packed_type = "signed"
+    packed_keys = frozenset()
+
+    @classmethod
+    def packed_layout(cls, config, shape, k=None):
+        return [("scale", "f64", [1])]
+
+    def __init__(self, bits=4, *, scale: Optional[float] = None):
+        super().__init__(bits)
+        self.fixed_scale = None if scale is None else check_float("scale", scale, low=0.0, low_open=True)
+        self._reset()
+
+    def _reset(self):
+        self.scale = self.fixed_scale
+
+    def _calibrate(self, tensors):
+        if self.fixed_scale is None:
+            m = max(float(t.abs().max()) for t in tensors)
+            self.scale = m / 2 if m > 0 else 1.0
+
+    def _grid(self, dtype, device):
+        bits = self.bits.to(device) if isinstance(self.bits, torch.Tensor) else self.bits
+        return signed_grid(bits, torch.tensor(self.scale, dtype=dtype, device=device))
+
+    def encode(self, x):
+        self._require()
+        return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
+
+    def decode(self, codes, dtype=torch.float32):
+        self._require()
+        step, zp, _ = self._grid(dtype, codes.device)
+        return uniform_decode(codes.to(dtype), step, zp)
+
+    def config(self) -> dict:
+        return {"type": self.packed_type}
+
+    def state(self):
+        self._require()
+        return {"scale": torch.tensor([float(self.scale)], dtype=torch.float64)}
+
+    def _set_state(self, state):
+        (scale,) = _finite_values(state, "scale", 1)
+        if not scale > 0:
+            raise ValueError(f"state 'scale' must be > 0, got {scale}")
+        self.scale = scale
+
+
 def quantizer_from_state(config: dict, bits, state: dict[str, torch.Tensor], shape) -> Quantizer:
     """Rebuild a calibrated quantizer from :meth:`Quantizer.config`, its bits and :meth:`Quantizer.state`.
 
     The class is the one registered under ``config["type"]`` (see :func:`register_quantizer`).
+
+    Usage::
+
+        same = quantizer_from_state(q.config(), q.bits, q.state(), shape)
     """
     cls = quantizer_class(config.get("type"))
     return cls.from_config(config, bits, state).load_state(state, shape)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from pyro_bq._validation import check_float, check_int
+from pyro_bq.quant.grids import MAX_BITS, check_bits
 
 __all__ = [
     "StudyConfig",
@@ -32,8 +33,8 @@ EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
 #: Every name ``--policies`` accepts.
 ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
 DEFAULT_BITS = (8, 6, 4, 3, 2)
-#: Allowed weight and activation bit widths.
-BITS_RANGE = (2, 16)
+#: Allowed weight and activation bit widths (those of :func:`pyro_bq.quant.check_bits`).
+BITS_RANGE = (1, MAX_BITS)
 
 
 def check_out_dir(name: str, path) -> Path:
@@ -90,8 +91,8 @@ class StudyConfig:
     :param out_dir: where results, plots, checkpoints and caches go (created; must be writable).
     :param cache_dir: cache of the generated Ambiguous-MNIST (default ``out_dir/cache``).
     :param policies: families to evaluate, from :data:`ALL_POLICIES`; ``float`` is always evaluated.
-    :param bits: bit widths of the post-hoc policies (each in 2..16).
-    :param act_bits: bits of the activation-quantized variants (2..16).
+    :param bits: bit widths of the post-hoc policies (each in 1..16).
+    :param act_bits: bits of the activation-quantized variants (1..16).
     :param act_policies: families that also get an activation-quantized variant.
     :param ends_bits: VPQ/SPQ/JQ keep the first and the last layer at this many bits
         (a common convention; ``None``: every layer at the row's bits).
@@ -170,9 +171,7 @@ class StudyConfig:
             bits = tuple(self.bits)
         if not bits:
             raise ValueError(f"bits must list at least one bit width in {BITS_RANGE[0]}..{BITS_RANGE[1]}")
-        for b in bits:
-            check_int("bits", b, low=BITS_RANGE[0], high=BITS_RANGE[1])
-        set_("bits", tuple(sorted(set(int(b) for b in bits), reverse=True)))
+        set_("bits", tuple(sorted({check_bits("bits", b) for b in bits}, reverse=True)))
         check_int("act_bits", self.act_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
         if self.ends_bits is not None:
             check_int("ends_bits", self.ends_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])

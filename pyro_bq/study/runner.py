@@ -237,7 +237,8 @@ class _Builders:
         if fam == "float":
             return self.guide, {}
         if fam in ("vpq", "spq", "jq"):
-            from pyro_bq.quant import make_policy, quantize
+            from pyro_bq.guides import quantize
+            from pyro_bq.quant import make_policy
 
             site_bits = None
             if self.cfg.ends_bits is not None and self.cfg.ends_bits > spec.bits:
@@ -263,9 +264,9 @@ def _availability(cfg: StudyConfig) -> dict:
     import importlib
 
     needs = {
-        "vpq": ("pyro_bq.quant", ("quantize", "make_policy", "memory_report")),
-        "spq": ("pyro_bq.quant", ("quantize", "make_policy", "memory_report")),
-        "jq": ("pyro_bq.quant", ("quantize", "make_policy", "memory_report")),
+        "vpq": ("pyro_bq.quant", ("make_policy",)),
+        "spq": ("pyro_bq.quant", ("make_policy",)),
+        "jq": ("pyro_bq.quant", ("make_policy",)),
         "logquant": ("pyro_bq.guides.logquant", ("AutoLogQuantNormal",)),
         "pwfn": ("pyro_bq.pwfn", ("PWFN", "AutoPWFN")),
         "qi": ("pyro_bq.mixed", ("quantile_inform",)),
@@ -286,7 +287,7 @@ def _availability(cfg: StudyConfig) -> dict:
 
 def _memory(guide) -> tuple[float, int]:
     try:
-        from pyro_bq.quant import memory_report
+        from pyro_bq.io import memory_report
 
         rep = memory_report(guide)
         return float(rep.bits_per_param), int(rep.file_bytes)
@@ -455,9 +456,8 @@ def _net_from_guide(b: "_Builders"):
 
 
 def _row_pwfn(b: "_Builders", spec: RowSpec):
-    from pyro_bq.guides import init_to_pretrained
+    from pyro_bq.guides import init_to_pretrained, quantize
     from pyro_bq.pwfn import PWFN, AutoPWFN, codebook_policy
-    from pyro_bq.quant import quantize
 
     cfg = b.cfg
     guide = AutoPWFN(b.model, init_loc_fn=init_to_pretrained(_net_from_guide(b)))
@@ -472,8 +472,9 @@ def _row_pwfn(b: "_Builders", spec: RowSpec):
 
 
 def _row_allocation(b: "_Builders", spec: RowSpec):
-    from pyro_bq.mixed import allocation_policy, quantile_inform, random_bits, smol
-    from pyro_bq.quant import quantize
+    from pyro_bq.guides import quantize
+    from pyro_bq.mixed import quantile_inform, random_bits, smol
+    from pyro_bq.quant import JQ
 
     cfg, base = b.cfg, b.guide
     if spec.family == "qi":
@@ -483,7 +484,7 @@ def _row_allocation(b: "_Builders", spec: RowSpec):
     else:
         alloc, base = smol(b.model, base, b.train, precision_steps=cfg.extra_steps, finetune_steps=cfg.extra_steps,
                            batch_size=cfg.batch_size, seed=cfg.seed)
-    qguide = quantize(base, allocation_policy(alloc, "jq"))
+    qguide = quantize(base, JQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
     return qguide, {"method": alloc.method, "mean_bits": float(alloc.mean_bits), "layer_bits": {
         k: float(v) for k, v in alloc.layer_bits().items()}}
 

@@ -1,8 +1,5 @@
-"""Quantization grids used by the bit allocators.
+"""Gaussian quantization levels (the QINU grid of Quantile Inform).
 
-* :func:`quantize_uniform`: ``2**b`` evenly spaced levels on ``[alpha, beta]``
-  with rounding and clamping (the QIU grid on the 5th-95th percentile range,
-  and Random Bits' trainable interval).
 * :func:`gaussian_quantile_levels`: ``2**b`` levels for a Normal: the cells are
   the equal-probability intervals; finite cells are represented by their
   midpoints, the two infinite tail cells by their medians.
@@ -11,34 +8,35 @@
   of neighbouring levels, then each level at the median of its cell. Neither
   half-step can increase ``E|X - c(X)|`` (computed in closed form by
   :func:`expected_abs_error`).
+* :func:`gaussian_levels`: both, for ``Normal(mean, std)`` (cached per width).
 
 Everything works on tensors, in float64 for the Normal computations.
 
 Usage::
 
     levels = lloyd_max_median(gaussian_quantile_levels(3)).levels   # standard Normal, 8 levels
-    q = quantize_to_levels(x, mean + std * levels)
+    q = nearest_code(x, mean + std * levels)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
 from pyro_bq._validation import check_float, check_int, check_positive, check_tensor
-from pyro_bq.quant.quantizers import MAX_BITS
+
+from .grids import check_bits
 
 __all__ = [
-    "quantize_uniform",
-    "percentile_interval",
     "gaussian_quantile_levels",
+    "gaussian_levels",
     "expected_abs_error",
     "lloyd_max_median",
     "LloydMaxResult",
     "median_condition_residual",
-    "quantize_to_levels",
 ]
 
 _SQRT2PI = math.sqrt(2.0 * math.pi)
@@ -50,89 +48,6 @@ def _ndtr(x: torch.Tensor) -> torch.Tensor:
 
 def _pdf(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * x * x) / _SQRT2PI
-
-
-def quantize_uniform(x: torch.Tensor, alpha, beta, bits) -> torch.Tensor:
-    """Round ``x`` onto ``2**bits`` evenly spaced levels from ``alpha`` to ``beta``.
-
-    ``alpha``, ``beta`` and ``bits`` broadcast against ``x``. Values outside
-    ``[alpha, beta]`` go to the end levels.
-
-    :param x: a floating-point tensor.
-    :param alpha: lower end of the interval: a finite number or a tensor of them.
-    :param beta: upper end, ``> alpha`` everywhere: a finite number or a tensor of them.
-    :param bits: the width: an int in ``[1, 16]`` or a tensor of such integers.
-    :raises TypeError: for an argument of the wrong type.
-    :raises ValueError: for non-finite ends, ``beta <= alpha``, widths outside
-        ``[1, 16]`` or shapes that do not broadcast against ``x``.
-    """
-    check_tensor("x", x, floating=True)
-    alpha = _real_tensor("alpha", alpha, x)
-    beta = _real_tensor("beta", beta, x)
-    if not bool((beta > alpha).all()):
-        shown = f"alpha={alpha.item()}, beta={beta.item()}" if alpha.numel() == 1 and beta.numel() == 1 else "some entries"
-        raise ValueError(f"beta must be > alpha (the interval [alpha, beta] must not be empty or reversed), got {shown}")
-    levels_minus_1 = torch.pow(2.0, _bits_tensor("bits", bits, x)) - 1
-    return _quantize_uniform(x, alpha, beta, levels_minus_1)
-
-
-def _quantize_uniform(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, levels_minus_1: torch.Tensor) -> torch.Tensor:
-    """:func:`quantize_uniform` on validated tensors (internal)."""
-    step = (beta - alpha) / levels_minus_1
-    step = torch.where(step > 0, step, torch.ones_like(step))
-    k = torch.clamp(torch.round((x - alpha) / step), torch.zeros_like(levels_minus_1), levels_minus_1)
-    return alpha + step * k
-
-
-def _real_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A finite real number or real tensor that broadcasts against ``like``, as a tensor of its dtype (internal)."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{name} must be a real number or a real tensor, got a tensor of dtype {value.dtype}")
-        _check_broadcast(name, value, like)
-        out = value.detach().to(dtype=like.dtype, device=like.device)
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{name} must be finite everywhere (it holds NaN or inf)")
-        return out
-    return torch.tensor(check_float(name, value), dtype=like.dtype, device=like.device)
-
-
-def _bits_tensor(name: str, bits, like: torch.Tensor, high: int = 16) -> torch.Tensor:
-    """Widths: an int in ``[1, high]`` or a tensor of such integers, as a tensor of ``like``'s dtype (internal)."""
-    if isinstance(bits, torch.Tensor):
-        if bits.dtype == torch.bool or bits.is_complex():
-            raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {bits.dtype}")
-        if bits.numel() == 0:
-            raise ValueError(f"{name} must not be an empty tensor")
-        _check_broadcast(name, bits, like)
-        b = bits.detach()
-        lo, hi = (float(v) for v in torch.aminmax(b))
-        if not (1 <= lo and hi <= high) or (b.is_floating_point() and not bool((b == b.round()).all())):
-            raise ValueError(f"{name} must hold integers in [1, {high}], got values in [{lo}, {hi}]")
-        return b.to(dtype=like.dtype, device=like.device)
-    return torch.tensor(float(check_int(name, bits, low=1, high=high)), dtype=like.dtype, device=like.device)
-
-
-def _check_broadcast(name: str, value: torch.Tensor, like: torch.Tensor) -> None:
-    try:
-        torch.broadcast_shapes(value.shape, like.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{name} of shape {tuple(value.shape)} does not broadcast against x of shape {tuple(like.shape)}"
-        ) from err
-
-
-def percentile_interval(x: torch.Tensor, low: float = 0.05, high: float = 0.95) -> tuple[float, float]:
-    """The ``low`` and ``high`` quantiles of ``x`` (the QIU interval); widened to a
-    non-empty interval if they coincide."""
-    flat = torch.as_tensor(x).detach().flatten().double()
-    if flat.numel() > 2**24:  # torch.quantile limit; a strided subsample is plenty
-        flat = flat[:: flat.numel() // 2**23 + 1]
-    a, b = torch.quantile(flat, torch.tensor([low, high], dtype=torch.float64)).tolist()
-    if b <= a:
-        pad = max(abs(a), 1e-8) * 1e-3
-        a, b = a - pad, b + pad
-    return a, b
 
 
 def gaussian_quantile_levels(bits: int, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -147,7 +62,7 @@ def gaussian_quantile_levels(bits: int, mean: float = 0.0, std: float = 1.0) -> 
     :param std: its standard deviation, a finite number > 0.
     :raises ValueError: for ``bits`` outside ``[1, 16]`` or ``std <= 0``.
     """
-    bits = check_int("bits", bits, low=1, high=MAX_BITS)
+    bits = check_bits("bits", bits)
     mean = check_float("mean", mean)
     std = check_positive("std", std)
     m = 2**bits
@@ -253,12 +168,16 @@ def median_condition_residual(levels) -> torch.Tensor:
     return 2 * _ndtr(q) - _ndtr(b[:-1]) - _ndtr(b[1:])
 
 
-def quantize_to_levels(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Map each entry of ``x`` to its nearest level (``levels`` sorted ascending)."""
-    x = torch.as_tensor(x)
-    lv = torch.as_tensor(levels, dtype=x.dtype).flatten()
-    if lv.numel() == 1:
-        return torch.full_like(x, float(lv))
-    mids = 0.5 * (lv[:-1] + lv[1:])
-    idx = torch.bucketize(x.contiguous(), mids)
-    return lv[idx]
+@lru_cache(maxsize=64)
+def _std_levels(bits: int, max_iter: int) -> torch.Tensor:
+    return lloyd_max_median(gaussian_quantile_levels(bits), max_iter=max_iter).levels
+
+
+def gaussian_levels(bits: int, mean: float, std: float, *, max_iter: int = 200) -> torch.Tensor:
+    """QINU levels for ``Normal(mean, std)``: the Gaussian-quantile start refined by the median iteration.
+
+    Usage::
+
+        levels = gaussian_levels(3, float(w.mean()), float(w.std()))
+    """
+    return mean + std * _std_levels(int(bits), int(max_iter)).clone()

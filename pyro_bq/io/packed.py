@@ -1,6 +1,6 @@
 """Bit-packed export of (quantized) guides: :func:`save_packed` and :func:`load_packed`.
 
-The file is a :mod:`pyro_bq.io.container` of kind ``"packed-guide"`` (no
+The file is a :mod:`~pyro_bq.io.container` of kind ``"packed-guide"`` (no
 pickle; magic, version and SHA-256 checked on reading) with four tensors:
 
 * ``codes`` (uint8): the integer codes of every quantized ``loc`` and
@@ -12,8 +12,8 @@ pickle; magic, version and SHA-256 checked on reading) with four tensors:
 * ``i16`` (int16): the exponent windows of log2 quantizers, and float64
   calibration values (e.g. the mixed-precision quantizers' intervals, means
   and scales), each stored bit-exact as four little-endian int16 words;
-* ``bitmap`` (uint8): per-element bit widths (4 bits each) where a site uses
-  a bits tensor.
+* ``bitmap`` (uint8): per-element bit widths (``bits - 1`` in 4 bits each)
+  where a site uses a bits tensor.
 
 The JSON header lists the sites (name, shape, event dim) and, per quantity, the
 index of its quantizer configuration and its bits (and, for a codebook, its
@@ -22,7 +22,7 @@ the header stays small. Packing and unpacking are vectorized (numpy bit operatio
 
 Which quantizers a file can hold, and how, is declared by each quantizer
 class (``packed_type``, ``packed_keys``, ``packed_layout``; see
-:func:`pyro_bq.quant.quantizers.register_quantizer`): the writer, the header
+:func:`pyro_bq.quant.register_quantizer`): the writer, the header
 checks and the reader consult that registry, so a new quantizer class needs
 no change here.
 
@@ -42,12 +42,14 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from pyro_bq._validation import check_bits, check_callable, check_int, check_tensor
-from pyro_bq.io.container import CorruptFileError, read_container, write_container
+from pyro_bq._validation import check_callable, check_int, check_tensor
+from pyro_bq.guides.base import AutoGaussianSites
+from pyro_bq.guides.quantized import PackedNormalBase, QuantizedGuide
+from pyro_bq.quant.grids import MAX_BITS, check_bits
+from pyro_bq.quant.policies import SiteQuantizers
+from pyro_bq.quant.quantizers import STATE_STREAMS, Quantizer, packed_types, quantizer_class, quantizer_from_state
 
-from .policies import SiteQuantizers
-from .quantizers import MAX_BITS as _MAX_BITS
-from .quantizers import STATE_STREAMS, Quantizer, channel_range_shape, quantizer_class, quantizer_from_state
+from .container import CorruptFileError, read_container, write_container
 
 __all__ = ["save_packed", "load_packed", "pack_bits", "unpack_bits", "encode_guide", "KIND"]
 
@@ -57,10 +59,6 @@ _QUANTITIES = ("loc", "scale")
 
 
 # -- vectorized bit packing -----------------------------------------------------------------
-#: widest code :func:`pack_bits` and :func:`unpack_bits` handle
-MAX_PACK_BITS = 32
-
-
 def _check_codes_array(name: str, value) -> np.ndarray:
     """A 1-D numpy array of integers (bools, floats, lists and tensors are refused)."""
     if not isinstance(value, np.ndarray):
@@ -73,23 +71,23 @@ def _check_codes_array(name: str, value) -> np.ndarray:
 
 
 def _check_widths(bits, count: int) -> Union[int, np.ndarray]:
-    """``bits`` as an int in ``[1, MAX_PACK_BITS]`` or a 1-D integer array of ``count`` such widths."""
+    """``bits`` as an int in ``[1, MAX_BITS]`` or a 1-D integer array of ``count`` such widths."""
     if isinstance(bits, np.ndarray):
         widths = _check_codes_array("bits", bits)
         if widths.size != count:
             raise ValueError(f"bits has {widths.size} entries for {count} codes; give one width per code or one int")
-        if widths.size and (int(widths.min()) < 1 or int(widths.max()) > MAX_PACK_BITS):
-            raise ValueError(f"bits must hold widths in [1, {MAX_PACK_BITS}], got values in "
+        if widths.size and (int(widths.min()) < 1 or int(widths.max()) > MAX_BITS):
+            raise ValueError(f"bits must hold widths in [1, {MAX_BITS}], got values in "
                              f"[{int(widths.min())}, {int(widths.max())}]")
         return widths.astype(np.int64, copy=False)
-    return check_bits("bits", bits, low=1, high=MAX_PACK_BITS)
+    return check_bits("bits", bits)
 
 
 def pack_bits(codes: np.ndarray, bits: Union[int, np.ndarray]) -> np.ndarray:
     """Pack non-negative integer ``codes`` (1-D) at ``bits`` bits each (int, or an array of widths), LSB first.
 
     :param codes: a 1-D numpy integer array; every code must fit in its width (``0 <= code < 2**bits``).
-    :param bits: an int from 1 to 32, or a 1-D integer array of one such width per code.
+    :param bits: an int from 1 to 16, or a 1-D integer array of one such width per code.
     :returns: a uint8 array of ``ceil(total_bits / 8)`` bytes.
     :raises TypeError: for codes or bits of the wrong type (lists, floats, bools).
     :raises ValueError: for codes that do not fit, or widths out of range.
@@ -111,8 +109,6 @@ def pack_bits(codes: np.ndarray, bits: Union[int, np.ndarray]) -> np.ndarray:
             return codes.astype(np.uint8)
         if b == 16:
             return codes.astype("<u2").view(np.uint8)
-        if b == 32:
-            return codes.astype("<u4").view(np.uint8)
         if 8 % b == 0:
             per = 8 // b
             c = codes.astype(np.uint8)
@@ -124,8 +120,7 @@ def pack_bits(codes: np.ndarray, bits: Union[int, np.ndarray]) -> np.ndarray:
             for j in range(per):  # loop over bit slots of a byte (<= 8), not over elements
                 out |= c[:, j] << np.uint8(j * b)
             return out
-        wide = np.uint16 if b <= 16 else np.uint32
-        mat = (codes.astype(wide)[:, None] >> np.arange(b, dtype=wide)) & wide(1)
+        mat = (codes.astype(np.uint16)[:, None] >> np.arange(b, dtype=np.uint16)) & np.uint16(1)
         return np.packbits(mat.astype(np.uint8).reshape(-1), bitorder="little")
     maxb = int(widths.max()) if widths.size else 1
     mat = (codes.astype(np.uint32)[:, None] >> np.arange(maxb, dtype=np.uint32)) & np.uint32(1)
@@ -138,7 +133,7 @@ def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np
 
     :param buf: a 1-D numpy uint8 array (as :func:`pack_bits` returns).
     :param count: the number of codes to read (an int >= 0).
-    :param bits: an int from 1 to 32, or a 1-D integer array of ``count`` widths.
+    :param bits: an int from 1 to 16, or a 1-D integer array of ``count`` widths.
     :raises TypeError: for a buffer that is not uint8, or count/bits of the wrong type.
     :raises ValueError: if ``buf`` is too short for ``count`` codes (a
         :class:`~pyro_bq.io.CorruptFileError`), or for widths out of range.
@@ -160,8 +155,6 @@ def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np
             return buf[:count].astype(np.int64)
         if b == 16:
             return buf[: 2 * count].copy().view("<u2").astype(np.int64)
-        if b == 32:
-            return buf[: 4 * count].copy().view("<u4").astype(np.int64)
         if 8 % b == 0:
             per = 8 // b
             mask = np.uint8((1 << b) - 1)
@@ -183,7 +176,6 @@ def unpack_bits(buf: np.ndarray, count: int, bits: Union[int, np.ndarray]) -> np
 
 
 # -- layout helpers ----------------------------------------------------------------------------
-_range_shape = channel_range_shape
 #: how each state stream of :data:`STATE_STREAMS` is stored: (file stream, file values per value)
 _STATE_STORAGE = {"f32": ("f32", 1), "i16": ("i16", 1), "f64": ("i16", 4)}
 
@@ -213,8 +205,6 @@ def _state_layout(cfg: dict, shape, k: Optional[int] = None) -> list[tuple[str, 
 
 
 def _known_types() -> str:
-    from .quantizers import packed_types
-
     return ", ".join(map(repr, packed_types()))
 
 
@@ -224,7 +214,7 @@ def _packable(q: Quantizer, where: str) -> dict:
     kind = getattr(cls, "packed_type", None)
     if kind is None or _registered(kind) is None:
         raise TypeError(f"{where}: {cls.__name__} has no packed format; a quantizer class declares one with "
-                        "packed_type, packed_keys and packed_layout (see pyro_bq.quant.quantizers.register_quantizer)")
+                        "packed_type, packed_keys and packed_layout (see pyro_bq.quant.register_quantizer)")
     cfg = q.config()
     want = {"type"} | set(_registered(kind).packed_keys)
     if cfg.get("type") != kind or set(cfg) != want:
@@ -235,9 +225,6 @@ def _packable(q: Quantizer, where: str) -> dict:
 
 def _guide_parts(guide):
     """(base guide giving float loc/scale, {site: SiteQuantizers})."""
-    from pyro_bq.guides.base import AutoGaussianSites
-    from pyro_bq.guides.quantized import QuantizedGuide
-
     if isinstance(guide, QuantizedGuide):
         return guide.base, guide.quantizers
     if isinstance(guide, AutoGaussianSites):
@@ -281,7 +268,7 @@ def build_meta(guide) -> dict:
             items.append(item)
         sites.append([name, list(info.shape), int(info.event_dim), *items])
     with torch.no_grad():
-        fused = guide._fused_loc_scale() is not None
+        fused = guide.fused_loc_scale() is not None
     return {"v": _VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
             "sites": sites}
 
@@ -470,8 +457,8 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
             idx, bits = item[0], item[1]
             if not _is_int(idx) or not 0 <= idx < len(cfgs):
                 raise bad(f"{where}: the cfg index must be an int in [0, {len(cfgs)}), got {idx!r}")
-            if not _is_int(bits) or not (bits == -1 or 1 <= bits <= _MAX_BITS):
-                raise bad(f"{where}: bits must be an int from 1 to {_MAX_BITS} (or -1 for a bit map), got {bits!r}")
+            if not _is_int(bits) or not (bits == -1 or 1 <= bits <= MAX_BITS):
+                raise bad(f"{where}: bits must be an int from 1 to {MAX_BITS} (or -1 for a bit map), got {bits!r}")
             cls, kind = classes[idx], cfgs[idx]["type"]
             if cls.packed_sized != (len(item) == 3):
                 need = "[cfg index, bits, size]" if cls.packed_sized else "[cfg index, bits]"
@@ -569,8 +556,6 @@ def _decode_sites(path, cfgs: list, sites: list, tensors) -> tuple[dict, dict]:
 
 def _model_sites(model, x: torch.Tensor, what: str) -> dict[str, tuple[list, int]]:
     """``{site: (shape, event_dim)}`` of ``model``'s latent sites, traced on ``x`` (``what`` says where it came from)."""
-    from pyro_bq.guides.base import AutoGaussianSites
-
     probe = AutoGaussianSites(model)  # its set-up only records the sites
     try:
         probe.setup(x)
@@ -599,8 +584,6 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
 
         qguide = load_packed("lenet-jq4.bq", model)
     """
-    from pyro_bq.guides.quantized import PackedNormalBase, QuantizedGuide
-
     check_callable("model", model, "a Pyro model (e.g. the BayesianClassifier the guide was trained for)")
     if example_input is not None:
         check_tensor("example_input", example_input)

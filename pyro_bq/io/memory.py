@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pyro_bq.guides.quantized import QuantizedGuide
+
 from .packed import KIND, build_meta, encode_guide
 
 __all__ = ["memory_report", "MemoryReport", "SiteMemory"]
@@ -104,7 +106,7 @@ def _file_bytes(meta: dict, stream_bytes: dict) -> int:
 def memory_report(guide) -> MemoryReport:
     """Bits per parameter and bytes of ``guide`` (quantized or float), against its float version.
 
-    The byte counts are those of :func:`~pyro_bq.quant.save_packed`'s file.
+    The byte counts are those of :func:`~pyro_bq.io.save_packed`'s file.
 
     Usage::
 
@@ -121,8 +123,6 @@ def memory_report(guide) -> MemoryReport:
     report.payload_bytes = sum(v[2] for v in sizes.values())
     report.file_bytes = _file_bytes(meta, sizes)
     # the float guide: every loc and scale as float32
-    from pyro_bq.guides.quantized import QuantizedGuide
-
     float_meta = build_meta(guide.base if isinstance(guide, QuantizedGuide) else guide)
     n = report.num_params * 2
     float_sizes = {"codes": ("uint8", 0, 0), "f32": ("float32", n, 4 * n), "i16": ("int16", 0, 0), "bitmap": ("uint8", 0, 0)}

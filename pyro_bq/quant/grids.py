@@ -1,0 +1,277 @@
+"""Grid kernels: how numbers become integer codes and codes become numbers.
+
+This module is the one home of the quantization grids. Every quantizer of
+:mod:`pyro_bq.quant.quantizers`, the allocators of :mod:`pyro_bq.mixed`, the
+activation fake-quantizer, the log-quantized guide and the PWFN codebook call
+these functions; none of them rounds on its own.
+
+* **Rounding rule**: round half to even (:func:`torch.round`, the IEEE 754
+  default). A value exactly half-way between two levels goes to the even code.
+  It is exact (unlike ``floor(x + 0.5)``, whose addition can round up a value
+  just below one half) and symmetric under negation.
+* **Uniform grids** are a step, a zero point ``zp`` and the top code
+  ``qmax``: codes ``clamp(round(x / step + zp), 0, qmax)``, values
+  ``(k - zp) * step``. :func:`interval_grid` spans ``[lo, hi]`` without a
+  zero point; :func:`zero_point_grid` puts 0 on a level (asymmetric, or
+  symmetric around 0); :func:`signed_grid` gives the odd multiples of
+  ``scale * 2**(1 - bits)`` (SMOL's signed bits). A degenerate range
+  (``hi == lo``) collapses onto its one value.
+* **Ranges** of the rows of a ``[C, M]`` tensor: :func:`minmax_range` and
+  :func:`percentile_range` (linear interpolation, as :func:`torch.quantile`,
+  for any number of elements); :func:`widen_empty` opens an empty interval.
+* **The log2 window**: :func:`log2_top`, :func:`log2_window`,
+  :func:`log2_exponents` (rounding in the log domain).
+* **Codebooks**: :func:`nearest_code_index` and :func:`nearest_code` for any
+  sorted codebook; there a tie goes to the code of smaller magnitude (a sorted
+  codebook has no "even" code).
+* :func:`ste` (the straight-through estimator) and :func:`check_bits` with
+  :data:`MAX_BITS`.
+
+Usage::
+
+    step, zp, qmax = interval_grid(torch.tensor(-1.0), torch.tensor(1.0), 3)
+    codes = uniform_codes(x, step, zp, qmax)          # 0 .. 7 (floats)
+    values = uniform_decode(codes, step, zp)          # 8 levels from -1 to 1
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Union
+
+import torch
+
+from pyro_bq._validation import check_tensor
+
+__all__ = [
+    "MAX_BITS",
+    "check_bits",
+    "ste",
+    "bits_like",
+    "interval_grid",
+    "zero_point_grid",
+    "signed_grid",
+    "uniform_codes",
+    "uniform_decode",
+    "uniform_quantize",
+    "minmax_range",
+    "percentile_range",
+    "quantile_rows",
+    "widen_empty",
+    "log2_top",
+    "log2_window",
+    "log2_exponents",
+    "nearest_code_index",
+    "nearest_code",
+]
+
+#: the widest code: a packed file stores widths from 1 to 16 (its bit map holds ``bits - 1`` in 4 bits)
+MAX_BITS = 16
+
+
+def check_bits(name: str, bits, *, allow_tensor: bool = False) -> Union[int, torch.Tensor]:
+    """Validate a bit width: an int from 1 to :data:`MAX_BITS` or, if allowed, an integer tensor of such values.
+
+    Returns the int, or the tensor as ``torch.int64``. Anything else raises
+    :class:`ValueError` naming ``name`` and the allowed values.
+
+    Usage::
+
+        bits = check_bits("bits", 4)
+        per_weight = check_bits("bits", torch.full((3, 5), 4), allow_tensor=True)
+    """
+    if isinstance(bits, torch.Tensor) and allow_tensor:
+        if bits.is_floating_point() or bits.is_complex() or bits.dtype == torch.bool:
+            raise ValueError(f"{name} must be an int from 1 to {MAX_BITS} or an integer tensor of such values, "
+                             f"got a tensor of dtype {bits.dtype}")
+        if bits.numel() == 0 or int(bits.min()) < 1 or int(bits.max()) > MAX_BITS:
+            shown = f"[{int(bits.min())}, {int(bits.max())}]" if bits.numel() else "an empty tensor"
+            raise ValueError(f"{name} must hold integers from 1 to {MAX_BITS}, got {shown}")
+        return bits.detach().to(torch.int64)
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= int(bits) <= MAX_BITS:
+        allowed = f"an int from 1 to {MAX_BITS}" + (" or an integer tensor of such values" if allow_tensor else "")
+        raise ValueError(f"{name} must be {allowed}, got {bits!r}")
+    return int(bits)
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator: the value of ``q``, the gradient of ``x``.
+
+    Written as ``q + (x - x.detach())`` so the forward value is exactly ``q``.
+
+    Usage::
+
+        w_q = ste(w, uniform_quantize(w.detach(), step, zp, qmax))
+    """
+    if not x.requires_grad:
+        return q.detach()
+    return q.detach() + (x - x.detach())
+
+
+def bits_like(bits, like: torch.Tensor) -> torch.Tensor:
+    """``bits`` (an int or an integer tensor) as a tensor of ``like``'s dtype and device."""
+    return torch.as_tensor(bits, dtype=like.dtype, device=like.device)
+
+
+def _positive(step: torch.Tensor) -> torch.Tensor:
+    """A degenerate (zero) step becomes the smallest normal number: the grid collapses onto its range."""
+    return step.clamp(min=torch.finfo(step.dtype).tiny)
+
+
+def interval_grid(lo: torch.Tensor, hi: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(step, zp, qmax)`` of ``2**bits`` evenly spaced levels from ``lo`` to ``hi`` (no zero point).
+
+    ``bits`` is an int or a tensor; everything broadcasts.
+    """
+    qmax = torch.exp2(bits_like(bits, lo)) - 1
+    step = _positive((hi - lo) / qmax)
+    return step, -lo / step, qmax
+
+
+def zero_point_grid(lo: torch.Tensor, hi: torch.Tensor, bits, *, symmetric: bool):
+    """``(step, zp, qmax)`` of a grid on ``[lo, hi]`` (``lo <= 0 <= hi``) on which 0 is a level.
+
+    ``symmetric=True``: levels ``step * k`` for ``|k| <= 2**(bits-1) - 1`` with
+    ``step = hi / (2**(bits-1) - 1)`` (one code unused; one bit gives the two
+    levels ``-hi`` and ``hi``). ``symmetric=False``: ``2**bits`` levels and an
+    integer zero point.
+    """
+    b = bits_like(bits, hi)
+    if symmetric:
+        qmax = torch.where(b == 1, torch.ones_like(b), torch.exp2(b) - 2)
+        zp = qmax / 2
+        return _positive(hi / zp), zp, qmax
+    qmax = torch.exp2(b) - 1
+    step = _positive((hi - lo) / qmax)
+    zp = torch.minimum(torch.round(-lo / step).clamp(min=0), qmax)
+    return step, zp, qmax
+
+
+def signed_grid(bits, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(step, zp, qmax)`` of ``bits`` signed bits: the ``2**bits`` odd multiples of
+    ``scale * 2**(1 - bits)`` of magnitude below ``2 * scale`` (SMOL's value map)."""
+    b = bits_like(bits, scale)
+    levels = torch.exp2(b)
+    return scale * torch.exp2(2 - b), (levels - 1) / 2, levels - 1
+
+
+def uniform_codes(x: torch.Tensor, step, zp, qmax) -> torch.Tensor:
+    """The codes ``clamp(round(x / step + zp), 0, qmax)`` (a floating tensor of integer values).
+
+    Usage::
+
+        codes = uniform_codes(x, *interval_grid(lo, hi, 4)).to(torch.int64)
+    """
+    return torch.minimum(torch.round(x / step + zp).clamp(min=0), qmax)
+
+
+def uniform_decode(codes: torch.Tensor, step, zp) -> torch.Tensor:
+    """The values ``(codes - zp) * step`` of floating ``codes``."""
+    return (codes - zp) * step
+
+
+def uniform_quantize(x: torch.Tensor, step, zp, qmax) -> torch.Tensor:
+    """``x`` on the grid: :func:`uniform_decode` of :func:`uniform_codes` (no gradient trick)."""
+    return uniform_decode(uniform_codes(x, step, zp, qmax), step, zp)
+
+
+def minmax_range(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest value of each row of ``flat`` (``[C, M]``)."""
+    return flat.amin(dim=-1), flat.amax(dim=-1)
+
+
+def quantile_rows(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile (``0 <= q <= 1``) of each row of ``flat``, by linear interpolation.
+
+    The definition of :func:`torch.quantile`, built on :func:`torch.kthvalue`,
+    so any number of elements works.
+    """
+    m = flat.shape[-1]
+    pos = q * (m - 1)
+    k = min(int(pos), m - 1)
+    below = flat.kthvalue(k + 1, dim=-1).values
+    if pos == k or k + 1 >= m:
+        return below
+    return torch.lerp(below, flat.kthvalue(k + 2, dim=-1).values, pos - k)
+
+
+def percentile_range(flat: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``low`` and ``high`` percentiles (in ``[0, 100]``) of each row of ``flat``."""
+    return quantile_rows(flat, low / 100), quantile_rows(flat, high / 100)
+
+
+def widen_empty(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``, where ``hi <= lo`` widened by ``1e-3 * max(|lo|, 1e-8)`` on each side."""
+    pad = torch.where(hi <= lo, lo.abs().clamp(min=1e-8) * 1e-3, torch.zeros_like(lo))
+    return lo - pad, hi + pad
+
+
+def log2_top(e_max: torch.Tensor) -> torch.Tensor:
+    """The top exponent of a log2 window whose largest value is ``2**e_max``: ``round(e_max)`` in
+    ``[-140, 127]``; NaN or ``-inf`` (the log2 of a non-positive value) give ``-126``."""
+    return torch.round(torch.nan_to_num(e_max, nan=-126.0, neginf=-126.0)).clamp(-140, 127)
+
+
+def log2_window(top: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest exponent of the ``2**bits`` integer exponents ending at ``top``."""
+    return top - (torch.exp2(bits_like(bits, top)) - 1), top
+
+
+def log2_exponents(e: torch.Tensor, low, top) -> torch.Tensor:
+    """Exponents ``e = log2(x)`` rounded (half to even) and clamped to the window ``[low, top]``.
+
+    Usage::
+
+        low, top = log2_window(log2_top(torch.log2(scale.max())), 4)
+        scale_q = torch.exp2(log2_exponents(torch.log2(scale), low, top))
+    """
+    return torch.clamp(torch.round(e), min=low, max=top)
+
+
+def _check_codebook(codebook: torch.Tensor) -> torch.Tensor:
+    check_tensor("codebook", codebook, ndim=1, floating=True)
+    if codebook.numel() == 0:
+        raise ValueError("codebook must hold at least one value, got an empty tensor")
+    if codebook.numel() > 1 and not bool((codebook[1:] > codebook[:-1]).all()):
+        raise ValueError("codebook must be sorted strictly ascending (use torch.unique(codebook))")
+    return codebook
+
+
+def nearest_code_index(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index into ``codebook`` of the entry nearest to each element of ``values``.
+
+    Vectorized with :func:`torch.searchsorted` (``O(N log K)``). A value exactly
+    half-way between two codes goes to the one with the smaller magnitude (so
+    the result is symmetric under negation).
+
+    :param values: a floating tensor of any shape.
+    :param codebook: a sorted, strictly ascending 1-D floating tensor.
+    :returns: a ``long`` tensor with the shape of ``values``.
+    :raises TypeError: for a non-floating ``values`` or ``codebook``.
+    :raises ValueError: for an empty or unsorted codebook.
+
+    Usage::
+
+        idx = nearest_code_index(torch.tensor([0.3, -0.07]), pow2_codebook(3))
+    """
+    check_tensor("values", values, floating=True)
+    _check_codebook(codebook)
+    cb = codebook.to(device=values.device, dtype=values.dtype)
+    flat = values.reshape(-1).contiguous()
+    hi = torch.searchsorted(cb, flat).clamp_(max=cb.numel() - 1)
+    lo = (hi - 1).clamp_(min=0)
+    d_lo, d_hi = (flat - cb[lo]).abs(), (cb[hi] - flat).abs()
+    pick_lo = (d_lo < d_hi) | ((d_lo == d_hi) & (cb[lo].abs() <= cb[hi].abs()))
+    return torch.where(pick_lo, lo, hi).reshape(values.shape)
+
+
+def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Every element of ``values`` rounded to the nearest entry of ``codebook`` (ties as in
+    :func:`nearest_code_index`); the shape and dtype of ``values``.
+
+    Usage::
+
+        nearest_code(torch.tensor([0.3, 0.74]), pow2_codebook(3, 2))  # [0.25, 0.75]
+    """
+    idx = nearest_code_index(values, codebook)
+    return codebook.to(device=values.device, dtype=values.dtype)[idx]

@@ -1,0 +1,124 @@
+"""The allocator contract, run on QIU, QINU, Random Bits and SMOL (per parameter and per layer).
+
+An allocator returns a :class:`~pyro_bq.mixed.BitAllocation`: a ``{site: bits}``
+map keyed by the guide's site names, in its order, with valid widths; its mean
+bits keeps the budget where the allocator promises one; a seed makes it
+deterministic; and it becomes a policy through a plain constructor call that
+:func:`~pyro_bq.guides.quantize` accepts, quantizing the means on the
+allocator's own grid at the allocated widths.
+"""
+
+import pytest
+import torch
+from guide_contract import float_guide
+
+from pyro_bq.data import InMemoryDataset
+from pyro_bq.guides import quantize
+from pyro_bq.mixed import BitAllocation, quantile_inform, quantize_means, random_bits, smol
+from pyro_bq.quant import JQ, SPQ, VPQ, GaussianLloydQuantizer, IntervalQuantizer, SignedGridQuantizer, check_bits
+
+TARGET = 3.5
+CANDIDATES = range(2, 7)
+
+
+def _smol(granularity):
+    def run(model, guide, data, seed):
+        return smol(model, guide, data, lam=0.0, granularity=granularity, precision_steps=4, finetune_steps=2,
+                    batch_size=16, init_bits=3.9, s_lr=0.5, max_bits=6, seed=seed)
+
+    return run
+
+
+#: name -> (run(model, guide, data, seed) -> (allocation, guide to quantize), the grid of its means,
+#:          whether its mean bits keeps the budget (at most TARGET))
+ALLOCATORS = {
+    "QIU": (lambda m, g, d, seed: (quantile_inform(g, TARGET, candidate_bits=CANDIDATES, mode="at_most"), g),
+            IntervalQuantizer, True),
+    "QINU": (lambda m, g, d, seed: (quantile_inform(g, TARGET, candidate_bits=CANDIDATES, grid="gaussian",
+                                                    mode="at_most"), g), GaussianLloydQuantizer, True),
+    "RB": (lambda m, g, d, seed: (random_bits(g, TARGET, candidate_bits=CANDIDATES, num_steps=150, seed=seed,
+                                              rounding="budget"), g), IntervalQuantizer, False),
+    "SMOL": (_smol("parameter"), SignedGridQuantizer, False),
+    "SMOL-L": (_smol("layer"), SignedGridQuantizer, False),
+}
+_RUNS = {}
+
+
+def _allocate(name, seed=0):
+    """(model, guide, allocation, guide to quantize), computed once per allocator and seed."""
+    if (name, seed) not in _RUNS:
+        model, guide, x, y = float_guide()
+        data = InMemoryDataset(x, y)
+        alloc, base = ALLOCATORS[name][0](model, guide, data, seed)
+        _RUNS[(name, seed)] = model, guide, alloc, base
+    return _RUNS[(name, seed)]
+
+
+@pytest.fixture(params=list(ALLOCATORS))
+def name(request):
+    return request.param
+
+
+def test_the_allocation_is_keyed_by_the_guide_sites(name):
+    _, guide, alloc, _ = _allocate(name)
+    assert isinstance(alloc, BitAllocation)
+    assert list(alloc) == list(guide.sites)
+    assert alloc.sizes == {n: info.numel for n, info in guide.sites.items()}
+
+
+def test_the_widths_are_valid(name):
+    _, guide, alloc, _ = _allocate(name)
+    high = max(CANDIDATES)
+    for site, bits in alloc.items():
+        if isinstance(bits, torch.Tensor):
+            assert bits.shape == guide.sites[site].shape
+            assert torch.equal(check_bits(site, bits, allow_tensor=True), bits)
+            assert int(bits.max()) <= high
+        else:
+            assert check_bits(site, bits) in CANDIDATES
+    weights = sum(alloc.sizes.values())
+    total = sum(float(b.double().sum()) if isinstance(b, torch.Tensor) else b * alloc.sizes[s] for s, b in alloc.items())
+    assert alloc.mean_bits == pytest.approx(total / weights)
+
+
+def test_the_mean_bits_keeps_the_budget_where_promised(name):
+    _, _, alloc, _ = _allocate(name)
+    if ALLOCATORS[name][2]:
+        assert alloc.mean_bits <= TARGET + 1e-9
+        # and it is the largest achievable mean that does
+        best = max(m for m in alloc.info["achievable_mean_bits"] if m <= TARGET + 1e-9)  # rounded to 1e-6
+        assert alloc.mean_bits == pytest.approx(best, abs=1e-6)
+    if name == "RB":  # the expected width is pulled to the target, the rounded one stays near it
+        assert abs(alloc.info["expected_mean_bits"] - TARGET) < 0.25
+        assert abs(alloc.mean_bits - TARGET) <= 1.0
+
+
+def _same(a, b):
+    assert list(a) == list(b)
+    for site in a:
+        x, y = a[site], b[site]
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_a_seed_makes_the_allocation_deterministic(name):
+    first = _allocate(name)[2]
+    _RUNS.pop((name, 0))
+    _same(first, _allocate(name)[2])
+
+
+@pytest.mark.parametrize("mode", [VPQ, SPQ, JQ])
+def test_the_allocation_becomes_a_policy_by_a_constructor_call(name, mode):
+    model, guide, alloc, base = _allocate(name)
+    qguide = quantize(base, mode(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
+    grid, means = ALLOCATORS[name][1], quantize_means(base, alloc)
+    for site, bits in alloc.items():
+        sq = qguide.quantizers[site]
+        assert sq.scale is None or sq.scale.bits == 8  # scales keep the policy's own bits
+        for quantizer in (sq.loc, sq.sample):
+            if quantizer is not None:
+                assert (torch.equal(quantizer.bits, bits) if isinstance(bits, torch.Tensor) else quantizer.bits == bits)
+        if mode is SPQ:
+            assert sq.loc is None
+            continue
+        assert type(sq.loc) is grid
+        assert torch.equal(qguide.get_loc_scale(site)[0], means[site])
