@@ -397,7 +397,27 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
     fused = meta.get("fused", True)
     if not isinstance(fused, bool):
         raise bad(f"'fused' must be true or false, got {fused!r}")
-    spec = meta["input"]
+    in_shape, in_dtype = _check_input(meta["input"], bad)
+    for key, dtype in _STREAMS.items():
+        t = tensors.get(key)
+        if t is None:
+            raise CorruptFileError(f"{path}: missing tensor {key!r}")
+        if t.dtype != dtype or t.dim() != 1:
+            raise CorruptFileError(f"{path}: tensor {key!r} must be a 1-D {str(dtype).replace('torch.', '')} tensor, "
+                                   f"got dtype {str(t.dtype).replace('torch.', '')} and shape {list(t.shape)}")
+    cfgs = meta["cfgs"]
+    classes = _check_cfgs(cfgs, bad)
+    sites = meta["sites"]
+    if not isinstance(sites, list) or not sites:
+        raise bad(f"'sites' must be a non-empty list, got {sites!r}")
+    seen = set()
+    for j, entry in enumerate(sites):
+        _check_site(j, entry, seen, cfgs, classes, bad)
+    return fused, in_shape, in_dtype, cfgs, sites
+
+
+def _check_input(spec, bad) -> tuple[list, str]:
+    """The header's example input ``[feature shape, dtype name]``."""
     if not isinstance(spec, list) or len(spec) != 2:
         raise bad(f"'input' must be [feature shape, dtype name], got {spec!r}")
     in_shape, in_dtype = spec
@@ -407,14 +427,11 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
         raise bad(f"'input' shape {in_shape} is implausibly large ({math.prod(in_shape)} elements)")
     if not isinstance(in_dtype, str) or in_dtype not in _INPUT_DTYPES:
         raise bad(f"'input' dtype must be one of {', '.join(_INPUT_DTYPES)}; got {in_dtype!r}")
-    for key, dtype in _STREAMS.items():
-        t = tensors.get(key)
-        if t is None:
-            raise CorruptFileError(f"{path}: missing tensor {key!r}")
-        if t.dtype != dtype or t.dim() != 1:
-            raise CorruptFileError(f"{path}: tensor {key!r} must be a 1-D {str(dtype).replace('torch.', '')} tensor, "
-                                   f"got dtype {str(t.dtype).replace('torch.', '')} and shape {list(t.shape)}")
-    cfgs = meta["cfgs"]
+    return in_shape, in_dtype
+
+
+def _check_cfgs(cfgs, bad) -> list[type]:
+    """The quantizer class of each configuration of the header, each checked by its constructor."""
     if not isinstance(cfgs, list):
         raise bad(f"'cfgs' must be a list of quantizer configurations, got {type(cfgs).__name__}")
     classes = []
@@ -431,47 +448,44 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
         except (TypeError, ValueError) as err:
             raise bad(f"cfgs[{i}] ({cfg['type']}): {err}") from None
         classes.append(cls)
-    sites = meta["sites"]
-    if not isinstance(sites, list) or not sites:
-        raise bad(f"'sites' must be a non-empty list, got {sites!r}")
-    seen = set()
-    for j, entry in enumerate(sites):
-        if not isinstance(entry, list) or len(entry) != 3 + len(("loc", "scale", "sample")):
-            raise bad(f"sites[{j}] must be [name, shape, event_dim, loc, scale, sample], got {entry!r}")
-        name, shape, event_dim = entry[:3]
-        if not isinstance(name, str) or not name:
-            raise bad(f"sites[{j}] name must be a non-empty str, got {name!r}")
-        if name in seen:
-            raise bad(f"site {name!r} is listed twice")
-        seen.add(name)
-        if not _is_shape(shape):
-            raise bad(f"site {name!r}: the shape must be a list of ints >= 1, got {shape!r}")
-        if not _is_int(event_dim) or not 0 <= event_dim <= len(shape):
-            raise bad(f"site {name!r}: event_dim must be an int in [0, {len(shape)}], got {event_dim!r}")
-        for quantity, item in zip(("loc", "scale", "sample"), entry[3:]):
-            if item is None:
-                continue
-            where = f"site {name!r} {quantity}"
-            if not isinstance(item, list) or len(item) not in (2, 3):
-                raise bad(f"{where} must be null or [cfg index, bits(, codebook size)], got {item!r}")
-            idx, bits = item[0], item[1]
-            if not _is_int(idx) or not 0 <= idx < len(cfgs):
-                raise bad(f"{where}: the cfg index must be an int in [0, {len(cfgs)}), got {idx!r}")
-            if not _is_int(bits) or not (bits == -1 or 1 <= bits <= MAX_BITS):
-                raise bad(f"{where}: bits must be an int from 1 to {MAX_BITS} (or -1 for a bit map), got {bits!r}")
-            cls, kind = classes[idx], cfgs[idx]["type"]
-            if cls.packed_sized != (len(item) == 3):
-                need = "[cfg index, bits, size]" if cls.packed_sized else "[cfg index, bits]"
-                raise bad(f"{where}: a {kind!r} quantizer needs {need} (a codebook quantizer stores its codebook "
-                          f"size, others do not); got {item!r}")
-            if bits == -1 and not cls._tensor_bits_ok:
-                raise bad(f"{where}: a {kind!r} quantizer cannot use per-element bits (-1)")
-            if cls.packed_sized:
-                problem = (f"a {kind!r} quantizer cannot use per-element bits (-1)" if bits == -1
-                           else cls.check_packed_size(bits, item[2]))
-                if problem:
-                    raise bad(f"{where}: {problem}")
-    return fused, in_shape, in_dtype, cfgs, sites
+    return classes
+
+
+def _check_site(j: int, entry, seen: set, cfgs: list, classes: list, bad) -> None:
+    """One site entry ``[name, shape, event_dim, loc, scale, sample]`` of the header."""
+    if not isinstance(entry, list) or len(entry) != 3 + len(("loc", "scale", "sample")):
+        raise bad(f"sites[{j}] must be [name, shape, event_dim, loc, scale, sample], got {entry!r}")
+    name, shape, event_dim = entry[:3]
+    if not isinstance(name, str) or not name:
+        raise bad(f"sites[{j}] name must be a non-empty str, got {name!r}")
+    if name in seen:
+        raise bad(f"site {name!r} is listed twice")
+    seen.add(name)
+    if not _is_shape(shape):
+        raise bad(f"site {name!r}: the shape must be a list of ints >= 1, got {shape!r}")
+    if not _is_int(event_dim) or not 0 <= event_dim <= len(shape):
+        raise bad(f"site {name!r}: event_dim must be an int in [0, {len(shape)}], got {event_dim!r}")
+    for quantity, item in zip(("loc", "scale", "sample"), entry[3:]):
+        if item is None:
+            continue
+        where = f"site {name!r} {quantity}"
+        if not isinstance(item, list) or len(item) not in (2, 3):
+            raise bad(f"{where} must be null or [cfg index, bits(, codebook size)], got {item!r}")
+        idx, bits = item[0], item[1]
+        if not _is_int(idx) or not 0 <= idx < len(cfgs):
+            raise bad(f"{where}: the cfg index must be an int in [0, {len(cfgs)}), got {idx!r}")
+        if not _is_int(bits) or not (bits == -1 or 1 <= bits <= MAX_BITS):
+            raise bad(f"{where}: bits must be an int from 1 to {MAX_BITS} (or -1 for a bit map), got {bits!r}")
+        cls, kind = classes[idx], cfgs[idx]["type"]
+        if cls.packed_sized != (len(item) == 3):
+            need = "[cfg index, bits, size]" if cls.packed_sized else "[cfg index, bits]"
+            raise bad(f"{where}: a {kind!r} quantizer needs {need} (a codebook quantizer stores its codebook "
+                      f"size, others do not); got {item!r}")
+        if bits == -1 and not cls._tensor_bits_ok:
+            raise bad(f"{where}: a {kind!r} quantizer cannot use per-element bits (-1)")
+        problem = cls.check_packed_size(bits, item[2]) if cls.packed_sized else None
+        if problem:
+            raise bad(f"{where}: {problem}")
 
 
 class _Reader:

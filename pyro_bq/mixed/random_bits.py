@@ -199,8 +199,7 @@ def _random_bits(
 
     gen = torch.Generator().manual_seed(seed)
     phi = (1e-3 * torch.randn(n, k, generator=gen)).requires_grad_(True)
-    adam_m, adam_v = torch.zeros(n, k), torch.zeros(n, k)
-    beta1, beta2 = 0.9, 0.999
+    moments = torch.zeros(n, k), torch.zeros(n, k)
     cand = prob.cand
     step_size = torch.full((n,), boundary_lr)
     losses, warm_losses = [], []
@@ -212,13 +211,7 @@ def _random_bits(
             warm = penalty_warmup * num_steps
             eta = penalty * (1e-3 ** max(0.0, 1.0 - step / warm) if warm > 0 else 1.0)
             loss = (tau * p).sum() + eta * (gamma - exp_mean) ** 2
-            (grad,) = torch.autograd.grad(loss, phi)
-            with torch.no_grad():  # Adam, written out (a (N, K) tensor needs no optimizer object)
-                adam_m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                adam_v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = adam_m / (1 - beta1 ** (step + 1))
-                v_hat = adam_v / (1 - beta2 ** (step + 1))
-                phi -= lr * m_hat / (v_hat.sqrt() + 1e-8)
+            _adam_step_(phi, torch.autograd.grad(loss, phi)[0], moments, step, lr)
             with torch.no_grad():
                 tau_term = float((tau * p).sum())
                 gap2 = float((gamma - exp_mean) ** 2)
@@ -239,27 +232,24 @@ def _random_bits(
         if rounding == "budget":
             idx = _budget_rounding(expected, idx, cand, frac, gamma)
         final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
-    bits = {name: int(cand[i]) for name, i in zip(prob.names, idx.tolist())}
-    intervals = dict(zip(prob.names, zip(alpha.tolist(), beta.tolist())))
-    return BitAllocation(
-        bits,
-        method="RB",
-        sizes=dict(zip(prob.names, (int(s) for s in prob.size.tolist()))),
-        grid="uniform-interval",
-        site_quantizers={n: {"loc": IntervalQuantizer(b, interval=intervals[n])} for n, b in bits.items()},
-        info={
-            "loss": losses + [final_loss],
-            "optimized_loss": warm_losses,
-            "expected_mean_bits": float((frac * expected).sum()),
-            "expected_bits": dict(zip(prob.names, expected.tolist())),
-            "probs": {name: row for name, row in zip(prob.names, p.tolist())},
-            "alpha": dict(zip(prob.names, alpha.tolist())),
-            "beta": dict(zip(prob.names, beta.tolist())),
-            "tau_scale": norm,
-            "target": gamma,
-            "candidates": candidates,
-        },
-    )
+    names = prob.names
+    bits = {name: int(cand[i]) for name, i in zip(names, idx.tolist())}
+    info = {"loss": losses + [final_loss], "optimized_loss": warm_losses,
+            "expected_mean_bits": float((frac * expected).sum()), "expected_bits": dict(zip(names, expected.tolist())),
+            "probs": dict(zip(names, p.tolist())), "alpha": dict(zip(names, alpha.tolist())),
+            "beta": dict(zip(names, beta.tolist())), "tau_scale": norm, "target": gamma, "candidates": candidates}
+    loc_grids = {n: {"loc": IntervalQuantizer(b, interval=(info["alpha"][n], info["beta"][n]))} for n, b in bits.items()}
+    sizes = dict(zip(names, (int(s) for s in prob.size.tolist())))
+    return BitAllocation(bits, method="RB", sizes=sizes, grid="uniform-interval", site_quantizers=loc_grids, info=info)
+
+
+@torch.no_grad()
+def _adam_step_(param: torch.Tensor, grad: torch.Tensor, moments: tuple, step: int, lr: float) -> None:
+    """One Adam step on ``param`` in place (written out: an ``(N, K)`` tensor needs no optimizer object)."""
+    m, v = moments
+    m.mul_(0.9).add_(grad, alpha=1 - 0.9)
+    v.mul_(0.999).addcmul_(grad, grad, value=1 - 0.999)
+    param -= lr * (m / (1 - 0.9 ** (step + 1))) / ((v / (1 - 0.999 ** (step + 1))).sqrt() + 1e-8)
 
 
 def _boundary_updates(prob: RandomBitsProblem, alpha, beta, bits, steps, step_size):

@@ -159,93 +159,89 @@ def smol(
     seed = check_int("seed", seed, low=0)
 
     params = validated(guide, sites)
-    names = list(params)
-    sizes = site_sizes(params)
-    scales = site_scales(params)
-    all_params = validated(guide)
-    fixed = {n: loc for n, (loc, _) in all_params.items() if n not in params}
+    names, sizes, scales = list(params), site_sizes(params), site_scales(params)
+    fixed = {n: loc[None] for n, (loc, _) in validated(guide).items() if n not in params}
     theta = {n: (params[n][0] / scales[n]).clamp(-2, 2).clone().requires_grad_(True) for n in names}
     s0 = float(s_from_bits(init_bits))
-    if granularity == "parameter":
-        s = {n: torch.full_like(params[n][0], s0).requires_grad_(True) for n in names}
-    else:
-        s = {n: torch.tensor(s0).requires_grad_(True) for n in names}
+    shape = {n: params[n][0].shape if granularity == "parameter" else () for n in names}
+    s = {n: torch.full(shape[n], s0).requires_grad_(True) for n in names}
 
-    gen = torch.Generator().manual_seed(seed)
+    def cross_entropy(weights, xb, yb):
+        full = {**fixed, **{n: scales[n] * w[None] for n, w in weights.items()}}
+        return F.cross_entropy(model.batched_forward(full, xb)[0], yb)
 
-    def forward(weights, xb):
-        full = {**{k: v[None] for k, v in fixed.items()}, **{k: v[None] for k, v in weights.items()}}
-        return model.batched_forward(full, xb)[0]
-
-    def batches(steps, epoch0):
-        done, epoch = 0, epoch0
-        while done < steps:
-            for xb, yb in data.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
-                yield xb, yb
-                done += 1
-                if done >= steps:
-                    return
-            epoch += 1
-
-    precision_loss = []
-    opt = torch.optim.Adam([{"params": list(theta.values()), "lr": lr}, {"params": list(s.values()), "lr": s_lr}])
-    with torch.enable_grad():
-        for xb, yb in batches(precision_steps, 0):
-            weights = {}
-            for n in names:
-                eps = torch.rand(theta[n].shape, generator=gen) * 2 - 1
-                weights[n] = scales[n] * (theta[n] + torch.sigmoid(s[n]) * eps)
-            ce = F.cross_entropy(forward(weights, xb), yb)
-            pen = sum(smol_penalty(s[n].expand_as(theta[n]), lam) for n in names)
-            loss = ce + pen
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for n in names:
-                    theta[n].clamp_(-2, 2)
-            precision_loss.append((float(ce.detach()), float(pen.detach())))
-
+    precision_loss = _learn_precisions(theta, s, cross_entropy, lam, _batches(data, batch_size, seed, precision_steps, 0),
+                                       lr, s_lr, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         cont = {n: bits_from_s(s[n].detach()).expand_as(theta[n]) for n in names}
         bits = {n: torch.ceil(cont[n] - 1e-6).clamp(1, max_bits).to(torch.int64) for n in names}
         grids = {n: signed_grid(bits[n], torch.tensor(1.0)) for n in names}
         cont_mean = sum(float(cont[n].double().sum()) for n in names) / sum(sizes[n] for n in names)
-
-    finetune_loss = []
-    opt = torch.optim.Adam(list(theta.values()), lr=finetune_lr)
-    with torch.enable_grad():
-        for xb, yb in batches(finetune_steps, 10_000):
-            weights = {n: scales[n] * ste(theta[n], uniform_quantize(theta[n].detach(), *grids[n])) for n in names}
-            ce = F.cross_entropy(forward(weights, xb), yb)
-            opt.zero_grad()
-            ce.backward()
-            opt.step()
-            with torch.no_grad():
-                for n in names:
-                    theta[n].clamp_(-2, 2)
-            finetune_loss.append(float(ce.detach()))
-
+    finetune_loss = _finetune(theta, grids, cross_entropy, _batches(data, batch_size, seed, finetune_steps, 10_000),
+                              finetune_lr)
     with torch.no_grad():
         locs = {n: scales[n] * uniform_quantize(theta[n].detach(), *grids[n]) for n in names}
         float_locs = {n: scales[n] * theta[n].detach() for n in names}
     out_bits = bits if granularity == "parameter" else {n: int(bits[n].flatten()[0]) for n in names}
-    alloc = BitAllocation(
-        out_bits,
-        method="SMOL" if granularity == "parameter" else "SMOL-L",
-        sizes={n: sizes[n] for n in names},
-        grid="signed",
-        site_quantizers={n: {"loc": SignedGridQuantizer(b, scale=scales[n])} for n, b in out_bits.items()},
-        info={
-            "scales": scales,
-            "locs": locs,
-            "lambda": lam,
-            "continuous_mean_bits": cont_mean,
-            "precision_loss": precision_loss,
-            "finetune_loss": finetune_loss,
-        },
-    )
+    info = {"scales": scales, "locs": locs, "lambda": lam, "continuous_mean_bits": cont_mean,
+            "precision_loss": precision_loss, "finetune_loss": finetune_loss}
+    loc_grids = {n: {"loc": SignedGridQuantizer(b, scale=scales[n])} for n, b in out_bits.items()}
+    alloc = BitAllocation(out_bits, method="SMOL" if granularity == "parameter" else "SMOL-L", sizes=sizes,
+                          grid="signed", site_quantizers=loc_grids, info=info)
     return alloc, with_locs(guide, float_locs)
+
+
+def _learn_precisions(theta: dict, s: dict, cross_entropy, lam: float, batches, lr: float, s_lr: float, gen) -> list:
+    """Train ``theta`` and the precisions ``s`` under uniform noise of the rounding error's size, plus
+    the penalty (Eq. 11-12); returns the (cross-entropy, penalty) of each step."""
+
+    def loss_of(xb, yb):
+        noisy = {n: t + torch.sigmoid(s[n]) * (torch.rand(t.shape, generator=gen) * 2 - 1) for n, t in theta.items()}
+        ce = cross_entropy(noisy, xb, yb)
+        pen = sum(smol_penalty(s[n].expand_as(t), lam) for n, t in theta.items())
+        return ce + pen, (float(ce.detach()), float(pen.detach()))
+
+    opt = torch.optim.Adam([{"params": list(theta.values()), "lr": lr}, {"params": list(s.values()), "lr": s_lr}])
+    return _train(theta, opt, batches, loss_of)
+
+
+def _finetune(theta: dict, grids: dict, cross_entropy, batches, lr: float) -> list:
+    """Train ``theta`` on its signed grids with a straight-through gradient; returns each step's cross-entropy."""
+
+    def loss_of(xb, yb):
+        ce = cross_entropy({n: ste(t, uniform_quantize(t.detach(), *grids[n])) for n, t in theta.items()}, xb, yb)
+        return ce, float(ce.detach())
+
+    return _train(theta, torch.optim.Adam(list(theta.values()), lr=lr), batches, loss_of)
+
+
+def _batches(data, batch_size: int, seed: int, steps: int, epoch0: int):
+    """``steps`` shuffled minibatches ``(x, y)`` of ``data``, epoch after epoch from ``epoch0``."""
+    done, epoch = 0, epoch0
+    while done < steps:
+        for xb, yb in data.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
+            yield xb, yb
+            done += 1
+            if done >= steps:
+                return
+        epoch += 1
+
+
+def _train(theta: dict, opt, batches, loss_of) -> list:
+    """One optimizer step per minibatch on ``loss_of(x, y) -> (loss, record)``, ``theta`` kept in
+    ``[-2, 2]``; returns the records."""
+    records = []
+    with torch.enable_grad():
+        for xb, yb in batches:
+            loss, record = loss_of(xb, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for t in theta.values():
+                    t.clamp_(-2, 2)
+            records.append(record)
+    return records
 
 
 def with_locs(guide, locs: dict):

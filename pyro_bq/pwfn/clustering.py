@@ -268,12 +268,6 @@ def _prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None)
     return chosen
 
 
-def _sweep_to_nearest(d_near, nearest, codebook, need, *, fix_many, level):
-    """Fix the ``need`` weights nearest (in sigmas) to any centre onto their nearest centre."""
-    sel = _k_smallest(d_near, torch.isfinite(d_near), need)
-    fix_many(sel, nearest[sel], codebook)
-
-
 def _auto_max_exp(mu: torch.Tensor, b: int) -> int:
     m = float(mu.abs().max()) if mu.numel() else 0.0
     if m <= 0:
@@ -325,102 +319,112 @@ def pwfn_cluster(
     if not bool((sigma > 0).all()):
         raise ValueError("sigma must be positive for every weight")
 
-    fixed = fixed.clone()
-    fixed_loc = fixed_loc.clone()
-    fixed_scale = fixed_scale.clone()
-    groups: list[dict] = []
-    free_idx = (~fixed).nonzero().squeeze(1)
-    mu_f, sig_f = mu[free_idx], sigma[free_idx]
-    alive = torch.ones(free_idx.numel(), dtype=torch.bool, device=mu.device)
-    need = target - (n - free_idx.numel())
-    num_new = 0
-
-    def fix(sel: torch.Tensor, centre: float):
-        nonlocal need, num_new
-        vals = mu_f[sel]
-        std = float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0
-        std = max(std, config.sigma_min)
-        gi = free_idx[sel]
-        fixed[gi] = True
-        fixed_loc[gi] = centre
-        fixed_scale[gi] = std
-        alive[sel] = False
-        k = int(vals.numel())
-        need -= k
-        num_new += k
-        groups.append({"centre": float(centre), "count": k, "std": std, "tau": level.tau})
-
-    def fix_many(sel: torch.Tensor, code_idx: torch.Tensor, codebook: torch.Tensor):
-        """Fix the weights ``sel`` to ``codebook[code_idx]``, one group per code (vectorized)."""
-        nonlocal need, num_new
-        k_codes = codebook.numel()
-        vals = mu_f[sel].double()
-        cnt = torch.bincount(code_idx, minlength=k_codes).double()
-        s1 = torch.bincount(code_idx, weights=vals, minlength=k_codes)
-        s2 = torch.bincount(code_idx, weights=vals * vals, minlength=k_codes)
-        mean = s1 / cnt.clamp_min(1)
-        std = (s2 / cnt.clamp_min(1) - mean * mean).clamp_min(0).sqrt().clamp_min(config.sigma_min)
-        gi = free_idx[sel]
-        fixed[gi] = True
-        fixed_loc[gi] = codebook[code_idx]
-        fixed_scale[gi] = std[code_idx].to(fixed_scale.dtype)
-        alive[sel] = False
-        k = int(sel.sum())
-        need -= k
-        num_new += k
-        for j in cnt.nonzero().squeeze(1).tolist():
-            groups.append({"centre": float(codebook[j]), "count": int(cnt[j]), "std": float(std[j]), "tau": level.tau,
-                           "sweep": True})
-
-    if config.zero_fix > 0 and free_idx.numel():
-        sel = mu_f.abs() <= config.zero_fix
+    state = _Clustering(mu, sigma, fixed, fixed_loc, fixed_scale, target, config, level)
+    if config.zero_fix > 0 and state.free_idx.numel():
+        sel = state.mu_f.abs() <= config.zero_fix
         if bool(sel.any()):
-            fix(sel, 0.0)
-
+            state.fix(sel, 0.0)
     max_exp = config.max_exp if config.max_exp is not None else _auto_max_exp(mu, 0)
-    inf = torch.tensor(float("inf"), dtype=mu.dtype, device=mu.device)
-    jumps = 0
-    while need > 0:
-        if int(alive.sum()) < alive.numel() // 2:  # drop fixed weights from the working arrays
-            free_idx, mu_f, sig_f = free_idx[alive], mu_f[alive], sig_f[alive]
-            alive = torch.ones(free_idx.numel(), dtype=torch.bool, device=mu.device)
-        b = level.b
+    while state.need > 0:
+        state.compact_()
+        b = state.level.b
         codebook = pow2_codebook(
-            b, level.order, max_exp=max(max_exp, -b), include_zero=config.include_zero, dtype=mu.dtype
+            b, state.level.order, max_exp=max(max_exp, -b), include_zero=config.include_zero, dtype=mu.dtype
         ).to(mu.device)
+        if not state.try_level(codebook):
+            break
+    return ClusterResult(state.fixed, state.fixed_loc, state.fixed_scale, state.level, state.groups, state.num_new)
+
+
+class _Clustering:
+    """The working state of :func:`pwfn_cluster`: the freeze state, the free weights and the level."""
+
+    def __init__(self, mu, sigma, fixed, fixed_loc, fixed_scale, target: int, config: ClusterConfig, level):
+        self.config, self.level = config, level
+        self.fixed, self.fixed_loc, self.fixed_scale = fixed.clone(), fixed_loc.clone(), fixed_scale.clone()
+        self.groups: list[dict] = []
+        self.free_idx = (~fixed).nonzero().squeeze(1)
+        self.mu_f, self.sig_f = mu[self.free_idx], sigma[self.free_idx]
+        self.alive = torch.ones(self.free_idx.numel(), dtype=torch.bool, device=mu.device)
+        self.need = target - (mu.numel() - self.free_idx.numel())
+        self.num_new = 0
+        self.inf = torch.tensor(float("inf"), dtype=mu.dtype, device=mu.device)
+        self.jumps = 0
+
+    def compact_(self) -> None:
+        """Drop the fixed weights from the working arrays once they are half of them."""
+        if int(self.alive.sum()) < self.alive.numel() // 2:
+            alive = self.alive
+            self.free_idx, self.mu_f, self.sig_f = self.free_idx[alive], self.mu_f[alive], self.sig_f[alive]
+            self.alive = torch.ones(self.free_idx.numel(), dtype=torch.bool, device=alive.device)
+
+    def _freeze(self, sel: torch.Tensor, loc, scale) -> int:
+        gi = self.free_idx[sel]
+        self.fixed[gi] = True
+        self.fixed_loc[gi] = loc
+        self.fixed_scale[gi] = scale
+        self.alive[sel] = False
+        k = int(gi.numel())
+        self.need -= k
+        self.num_new += k
+        return k
+
+    def fix(self, sel: torch.Tensor, centre: float) -> None:
+        """Fix the free weights ``sel`` to ``centre``, with the (floored) std of their means as scale."""
+        vals = self.mu_f[sel]
+        std = max(float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0, self.config.sigma_min)
+        k = self._freeze(sel, centre, std)
+        self.groups.append({"centre": float(centre), "count": k, "std": std, "tau": self.level.tau})
+
+    def fix_many(self, sel: torch.Tensor, code_idx: torch.Tensor, codebook: torch.Tensor) -> None:
+        """Fix the weights ``sel`` to ``codebook[code_idx]``, one group per code (vectorized)."""
         k_codes = codebook.numel()
-        nearest = nearest_code_index(mu_f, codebook)
-        counts = torch.bincount(nearest[alive], minlength=k_codes)
+        vals = self.mu_f[sel].double()
+        cnt = torch.bincount(code_idx, minlength=k_codes).double()
+        mean = torch.bincount(code_idx, weights=vals, minlength=k_codes) / cnt.clamp_min(1)
+        sq = torch.bincount(code_idx, weights=vals * vals, minlength=k_codes) / cnt.clamp_min(1)
+        std = (sq - mean * mean).clamp_min(0).sqrt().clamp_min(self.config.sigma_min)
+        self._freeze(sel, codebook[code_idx], std[code_idx].to(self.fixed_scale.dtype))
+        for j in cnt.nonzero().squeeze(1).tolist():
+            self.groups.append({"centre": float(codebook[j]), "count": int(cnt[j]), "std": float(std[j]),
+                                "tau": self.level.tau, "sweep": True})
+
+    def try_level(self, codebook: torch.Tensor) -> bool:
+        """Fix weights to the centres of ``codebook`` at the current level (most popular first), then
+        raise the level if more are needed; False once the tail sweep has fixed the rest."""
+        config, level = self.config, self.level
+        k_codes = codebook.numel()
+        nearest = nearest_code_index(self.mu_f, codebook)
+        counts = torch.bincount(nearest[self.alive], minlength=k_codes)
         nxt = level.raised(config)
         if nxt.b == level.b and nxt.order == level.order:
             # The codebook can no longer grow, so failed levels only add
             # tau_step to tau: jump over the ones that cannot fix anything.
-            d_near = torch.where(alive, (mu_f - codebook[nearest]).abs() / sig_f, inf)
+            d_near = torch.where(self.alive, (self.mu_f - codebook[nearest]).abs() / self.sig_f, self.inf)
             d_min = float(d_near.min())
             if d_min > level.tau:
                 steps = math.ceil((d_min - level.tau) / config.tau_step)
-                level = ClusterLevel(level.b, level.order, level.tau + steps * config.tau_step)
-                jumps += 1
-                if jumps > config.max_jumps:
-                    _sweep_to_nearest(d_near, nearest, codebook, need, fix_many=fix_many, level=level)
-                    break
-        tried = torch.zeros(k_codes, dtype=torch.bool, device=mu.device)
-        while need > 0:
+                self.level = ClusterLevel(level.b, level.order, level.tau + steps * config.tau_step)
+                self.jumps += 1
+                if self.jumps > config.max_jumps:
+                    sel = _k_smallest(d_near, torch.isfinite(d_near), self.need)
+                    self.fix_many(sel, nearest[sel], codebook)
+                    return False
+        tried = torch.zeros(k_codes, dtype=torch.bool, device=codebook.device)
+        while self.need > 0:
             cand = counts.masked_fill(tried, 0)
             k = int(torch.argmax(cand))
             if int(cand[k]) <= 0:
                 break
             tried[k] = True
-            c = codebook[k]
-            d = torch.where(alive, (mu_f - c).abs() / sig_f, inf)
-            sel = _prefix_within_tau(d, level.tau, limit=need)
-            if not bool(sel.any()):
-                continue
-            counts -= torch.bincount(nearest[sel], minlength=k_codes)
-            fix(sel, float(c))
-        if need > 0:
-            level = level.raised(config)
-    return ClusterResult(fixed, fixed_loc, fixed_scale, level, groups, num_new)
+            d = torch.where(self.alive, (self.mu_f - codebook[k]).abs() / self.sig_f, self.inf)
+            sel = _prefix_within_tau(d, self.level.tau, limit=self.need)
+            if bool(sel.any()):
+                counts -= torch.bincount(nearest[sel], minlength=k_codes)
+                self.fix(sel, float(codebook[k]))
+        if self.need > 0:
+            self.level = self.level.raised(config)
+        return True
 
 
 def cluster_guide_(guide, fraction: float, config: ClusterConfig = ClusterConfig(), level=None) -> ClusterResult:

@@ -211,6 +211,10 @@ class Quantizer:
     def _calibrate(self, tensors) -> None:
         raise NotImplementedError
 
+    def _bits_on(self, device):
+        """``bits`` (an int, or the tensor on ``device``)."""
+        return self.bits.to(device) if isinstance(self.bits, torch.Tensor) else self.bits
+
     def _require(self) -> None:
         if not self._calibrated:
             raise RuntimeError(f"{type(self).__name__} is not calibrated: use q = q.calibrate(tensor) first")
@@ -420,7 +424,20 @@ class _RangeMixin:
         return minmax_range(flat)
 
 
-class UniformQuantizer(_RangeMixin, Quantizer):
+class _OnUniformGrid:
+    """Encode and decode on the uniform grid ``(step, zp, qmax)`` that ``self._grid(dtype, device)`` gives."""
+
+    def encode(self, x):
+        self._require()
+        return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
+
+    def decode(self, codes, dtype=torch.float32):
+        self._require()
+        step, zp, _ = self._grid(dtype, codes.device)
+        return uniform_decode(codes.to(dtype), step, zp)
+
+
+class UniformQuantizer(_OnUniformGrid, _RangeMixin, Quantizer):
     """Uniform grid quantizer on which 0 is a level (:func:`~pyro_bq.quant.grids.zero_point_grid`).
 
     * ``symmetric=True``: levels ``step * k`` for ``k = -(2**(b-1) - 1) .. 2**(b-1) - 1``
@@ -468,13 +485,9 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         self.lo = None
         self.hi = None
 
-    def _grid(self, like: torch.Tensor, lo=None, hi=None, bits=None):
-        """``(step, zp, qmax)`` in ``like``'s dtype and device (of the calibrated range by default)."""
-        lo = (self.lo if lo is None else lo).to(device=like.device, dtype=like.dtype)
-        hi = (self.hi if hi is None else hi).to(device=like.device, dtype=like.dtype)
-        bits = self.bits if bits is None else bits
-        bits = bits.to(like.device) if isinstance(bits, torch.Tensor) else bits
-        return zero_point_grid(lo, hi, bits, symmetric=self.symmetric)
+    def _grid(self, dtype, device):
+        lo, hi = (t.to(device=device, dtype=dtype) for t in (self.lo, self.hi))
+        return zero_point_grid(lo, hi, self._bits_on(device), symmetric=self.symmetric)
 
     def _calibrate(self, tensors) -> None:
         ndim = tensors[0].dim()
@@ -490,7 +503,7 @@ class UniformQuantizer(_RangeMixin, Quantizer):
             bits = self.bits if isinstance(self.bits, int) else max(1, round(self._mean_bits()))
 
             def error(r):
-                grid = self._grid(sub, (lo * r).unsqueeze(1), (hi * r).unsqueeze(1), bits)
+                grid = zero_point_grid((lo * r).unsqueeze(1), (hi * r).unsqueeze(1), bits, symmetric=self.symmetric)
                 return (uniform_quantize(sub, *grid) - sub).pow(2).sum(dim=1)
 
             best = _least_error_shrink(self.search_steps, error)
@@ -498,25 +511,16 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         self.lo = self._keep_shape(lo, ndim)
         self.hi = self._keep_shape(hi, ndim)
 
-    def encode(self, x):
-        self._require()
-        return uniform_codes(x.detach(), *self._grid(x)).to(torch.int64)
-
-    def decode(self, codes, dtype=torch.float32):
-        self._require()
-        step, zp, _ = self._grid(torch.empty((), dtype=dtype, device=codes.device))
-        return uniform_decode(codes.to(dtype), step, zp)
-
     def grid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest and largest level (per channel), shaped to broadcast against the tensor."""
         self._require()
-        step, zp, qmax = self._grid(self.hi)
+        step, zp, qmax = self._grid(self.hi.dtype, self.hi.device)
         return uniform_decode(torch.zeros_like(qmax), step, zp), uniform_decode(qmax, step, zp)
 
     def step(self) -> torch.Tensor:
         """The grid step, shaped to broadcast against the tensor."""
         self._require()
-        return self._grid(self.hi)[0]
+        return self._grid(self.hi.dtype, self.hi.device)[0]
 
     def config(self):
         return {"type": self.packed_type, "symmetric": self.symmetric, "per_channel": self.per_channel,
@@ -532,7 +536,7 @@ class UniformQuantizer(_RangeMixin, Quantizer):
         self.lo = -self.hi if self.symmetric else state["lo"].float()
 
 
-class IntervalQuantizer(Quantizer):
+class IntervalQuantizer(_OnUniformGrid, Quantizer):
     """``2**bits`` evenly spaced levels from ``lo`` to ``hi``, without a zero point
     (:func:`~pyro_bq.quant.grids.interval_grid`): values are rounded to the nearest
     level and clamped to ``[lo, hi]``, so 0 is a level only by chance.
@@ -605,17 +609,7 @@ class IntervalQuantizer(Quantizer):
 
     def _grid(self, dtype, device):
         lo, hi = (torch.tensor(v, dtype=dtype, device=device) for v in (self.lo, self.hi))
-        bits = self.bits.to(device) if isinstance(self.bits, torch.Tensor) else self.bits
-        return interval_grid(lo, hi, bits)
-
-    def encode(self, x):
-        self._require()
-        return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
-
-    def decode(self, codes, dtype=torch.float32):
-        self._require()
-        step, zp, _ = self._grid(dtype, codes.device)
-        return uniform_decode(codes.to(dtype), step, zp)
+        return interval_grid(lo, hi, self._bits_on(device))
 
     def levels(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``2**bits`` levels, ascending (one int ``bits`` only)."""
@@ -681,8 +675,7 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         self.top = self._keep_shape(log2_top(torch.log2(hi)), tensors[0].dim()).to(torch.int16)
 
     def _window(self, like):
-        bits = self.bits.to(like.device) if isinstance(self.bits, torch.Tensor) else self.bits
-        return log2_window(self.top.to(device=like.device, dtype=torch.float32), bits)
+        return log2_window(self.top.to(device=like.device, dtype=torch.float32), self._bits_on(like.device))
 
     def encode(self, x):
         self._require()
@@ -906,7 +899,7 @@ class GaussianLloydQuantizer(Quantizer):
         self.std = torch.tensor(std, dtype=torch.float64)
 
 
-class SignedGridQuantizer(Quantizer):
+class SignedGridQuantizer(_OnUniformGrid, Quantizer):
     """``b`` signed bits: values ``scale * (2k + 1) * 2**(1-b)`` of magnitude below ``2 * scale``
     (:func:`~pyro_bq.quant.grids.signed_grid`; SMOL's value map).
 
@@ -940,17 +933,7 @@ class SignedGridQuantizer(Quantizer):
             self.scale = m / 2 if m > 0 else 1.0
 
     def _grid(self, dtype, device):
-        bits = self.bits.to(device) if isinstance(self.bits, torch.Tensor) else self.bits
-        return signed_grid(bits, torch.tensor(self.scale, dtype=dtype, device=device))
-
-    def encode(self, x):
-        self._require()
-        return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
-
-    def decode(self, codes, dtype=torch.float32):
-        self._require()
-        step, zp, _ = self._grid(dtype, codes.device)
-        return uniform_decode(codes.to(dtype), step, zp)
+        return signed_grid(self._bits_on(device), torch.tensor(self.scale, dtype=dtype, device=device))
 
     def config(self) -> dict:
         return {"type": self.packed_type}
