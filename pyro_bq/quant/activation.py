@@ -29,12 +29,14 @@ import torch
 from torch import nn
 
 from pyro_bq._validation import check_choice, check_int
-from pyro_bq.models.bayesian import BayesianModel
 
 from .grids import check_bits, interval_grid, ste, uniform_quantize
 
 __all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "BOUNDED_ACTIVATIONS"]
 
+#: what :func:`quantize_activations` uses of a :class:`~pyro_bq.models.BayesianModel` (duck-typed, so that
+#: this tensor-level package imports no model code)
+_MODEL_ATTRIBUTES = ("net", "_template", "_initial_params", "weight_sites", "prior", "dataset_size")
 #: activation names accepted by :func:`quantize_activations`
 BOUNDED_ACTIVATIONS = {"relu6": lambda: nn.ReLU6(), "hardtanh": lambda: nn.Hardtanh()}
 _ACTIVATIONS = {**BOUNDED_ACTIVATIONS, "relu": lambda: nn.ReLU()}
@@ -184,7 +186,7 @@ def quantize_activations(
         qmodel = quantize_activations(model, 4, activation="relu6", guide=qguide, data=x_calib)
         Predictive(qmodel, guide=qguide, num_samples=32)(x)
     """
-    if not isinstance(model, BayesianModel):
+    if not all(hasattr(model, name) for name in _MODEL_ATTRIBUTES):
         raise TypeError(f"model must be a pyro_bq BayesianModel (e.g. BayesianClassifier), got {type(model).__name__}")
     bits = check_bits("bits", bits, allow_tensor=False)
     check_choice("range", range, ("calibrated", "natural"))

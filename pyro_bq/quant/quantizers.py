@@ -99,8 +99,9 @@ class Quantizer:
     """Base class: a bit width, calibration, encode/decode and a straight-through call.
 
     Subclasses implement :meth:`_calibrate`, :meth:`encode`, :meth:`decode`,
-    :meth:`config`, :meth:`state` and :meth:`_set_state`, and build their
-    grids with :mod:`pyro_bq.quant.grids`.
+    :meth:`state` and :meth:`_set_state` (and :meth:`config` where the
+    attributes named by ``packed_keys`` do not say it), and build their grids
+    with :mod:`pyro_bq.quant.grids`.
 
     Usage::
 
@@ -251,8 +252,10 @@ class Quantizer:
         return sum(STATE_STREAMS[stream] * math.prod(shape) for _, stream, shape in layout)
 
     def config(self) -> dict:
-        """JSON-able specification (without bits tensors and calibration)."""
-        raise NotImplementedError
+        """JSON-able specification (without bits and calibration): ``"type"`` (:attr:`packed_type`) and
+        the attributes that :attr:`packed_keys` names (tuples as lists)."""
+        values = {key: getattr(self, key) for key in sorted(self.packed_keys)}
+        return {"type": self.packed_type, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
 
     def state(self) -> dict[str, torch.Tensor]:
         """The calibration tensors (what :meth:`metadata_bits` counts)."""
@@ -522,11 +525,6 @@ class UniformQuantizer(_OnUniformGrid, _RangeMixin, Quantizer):
         self._require()
         return self._grid(self.hi.dtype, self.hi.device)[0]
 
-    def config(self):
-        return {"type": self.packed_type, "symmetric": self.symmetric, "per_channel": self.per_channel,
-                "channel_dim": self.channel_dim, "range": self.range, "percentiles": list(self.percentiles),
-                "search_steps": self.search_steps}
-
     def state(self):
         self._require()
         return {"hi": self.hi} if self.symmetric else {"lo": self.lo, "hi": self.hi}
@@ -615,9 +613,6 @@ class IntervalQuantizer(_OnUniformGrid, Quantizer):
         """The ``2**bits`` levels, ascending (one int ``bits`` only)."""
         return self.decode(torch.arange(2 ** int(self.bits)), dtype)
 
-    def config(self) -> dict:
-        return {"type": self.packed_type, "percentiles": None if self.percentiles is None else list(self.percentiles)}
-
     def state(self):
         self._require()
         return {"interval": torch.tensor([self.lo, self.hi], dtype=torch.float64)}
@@ -692,10 +687,6 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         """Lowest and highest exponent of the grid (per channel)."""
         self._require()
         return self._window(self.top)
-
-    def config(self):
-        return {"type": self.packed_type, "per_channel": self.per_channel, "channel_dim": self.channel_dim,
-                "range": self.range, "percentiles": list(self.percentiles)}
 
     def state(self):
         self._require()
@@ -825,11 +816,6 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
         cb = self.codebook.to(device=codes.device, dtype=dtype)
         return cb[codes] * self.alpha.to(device=codes.device, dtype=dtype)
 
-    def config(self):
-        return {"type": self.packed_type, "family": self.family, "per_channel": self.per_channel,
-                "channel_dim": self.channel_dim, "range": self.range, "percentiles": list(self.percentiles),
-                "search_steps": self.search_steps}
-
     def state(self):
         self._require()
         return {"alpha": self.alpha, "codebook": self.codebook}
@@ -884,9 +870,6 @@ class GaussianLloydQuantizer(Quantizer):
     def decode(self, codes, dtype=torch.float32):
         return self.levels().to(dtype)[codes]
 
-    def config(self) -> dict:
-        return {"type": self.packed_type, "max_iter": self.max_iter}
-
     def state(self):
         self._require()
         return {"mean": self.mean.double().reshape(1), "std": self.std.double().reshape(1)}
@@ -934,9 +917,6 @@ class SignedGridQuantizer(_OnUniformGrid, Quantizer):
 
     def _grid(self, dtype, device):
         return signed_grid(self._bits_on(device), torch.tensor(self.scale, dtype=dtype, device=device))
-
-    def config(self) -> dict:
-        return {"type": self.packed_type}
 
     def state(self):
         self._require()
