@@ -154,15 +154,18 @@ class AutoMeanFieldNormal(AutoGaussianSites):
     def _initial_scale(self, name: str, loc: torch.Tensor) -> torch.Tensor:
         return torch.full_like(loc, self.init_scale)
 
-    def _setup_params(self, trace) -> None:
+    def _initial_flat(self, trace) -> tuple[torch.Tensor, torch.Tensor]:
+        """The initial ``(loc, scale)`` of all sites as two flat vectors in site order."""
         locs, scales = [], []
         for name in self.sites:
-            site = trace.nodes[name]
-            loc = self._initial_loc(name, site).reshape(-1)
-            locs.append(loc)
-            scales.append(self._initial_scale(name, loc).reshape(-1))
-        self.loc = nn.Parameter(torch.cat(locs))
-        self.scale_raw = nn.Parameter(_softplus_inverse(torch.cat(scales).clamp_min(1e-30)))
+            locs.append(self._initial_loc(name, trace.nodes[name]).reshape(-1))
+            scales.append(self._initial_scale(name, locs[-1]).reshape(-1))
+        return torch.cat(locs), torch.cat(scales)
+
+    def _setup_params(self, trace) -> None:
+        loc, scale = self._initial_flat(trace)
+        self.loc = nn.Parameter(loc)
+        self.scale_raw = nn.Parameter(_softplus_inverse(scale.clamp_min(1e-30)))
 
     def flat_loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All locs and scales as two flat vectors in site order."""
@@ -183,7 +186,7 @@ class AutoMeanFieldNormal(AutoGaussianSites):
             and cls.get_posterior is AutoGaussianSites.get_posterior
         )
 
-    def _fused_loc_scale(self):
+    def fused_loc_scale(self):
         return self.flat_loc_scale() if self._own_layout() else None
 
     def _fused_draw(self):
