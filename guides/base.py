@@ -131,13 +131,8 @@ class AutoGaussianSites(AutoGuide):
         return loc, scale, torch.addcmul(loc, scale, eps), eps
 
     def _needs_plates(self) -> bool:
-        if self.create_plates is not None:
-            return True
-        return any(
-            frame.vectorized
-            for name in self.sites
-            for frame in self.prototype_trace.nodes[name]["cond_indep_stack"]
-        )
+        return self.create_plates is not None or any(
+            frame.vectorized for name in self.sites for frame in self.prototype_trace.nodes[name]["cond_indep_stack"])
 
     def setup(self, *args, **kwargs) -> "AutoGaussianSites":
         """Trace the model with example inputs and create the parameters now.
@@ -178,8 +173,7 @@ class AutoGaussianSites(AutoGuide):
 
     # -- AutoGuide API --------------------------------------------------------------
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self.setup(*args, **kwargs)
         needed = self.__dict__.get("_plates_needed")
         if needed is None:
             needed = self.__dict__["_plates_needed"] = self._needs_plates()
@@ -217,8 +211,7 @@ class AutoGaussianSites(AutoGuide):
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Posterior median (= mean) of each site, keyed by site name."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self.setup(*args, **kwargs)
         return {name: self.get_loc_scale(name)[0].detach().clone() for name in self.sites}
 
     @torch.no_grad()
@@ -230,8 +223,7 @@ class AutoGaussianSites(AutoGuide):
         :raises ValueError: for an empty list or levels outside (0, 1) (NaN included).
         """
         q = _check_quantiles(quantiles)
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self.setup(*args, **kwargs)
         out = {}
         for name in self.sites:
             loc, scale = self.get_loc_scale(name)

@@ -35,18 +35,14 @@ class _SoftplusReparam(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, grad_scale):
         scale_raw, eps = ctx.saved_tensors
-        grad_loc = grad_raw = None
-        if ctx.needs_input_grad[0]:
-            grad_loc = grad_value
-        if ctx.needs_input_grad[1]:
-            if grad_value is None:
-                total = grad_scale
-            elif grad_scale is None:
-                total = grad_value * eps
-            else:
-                total = torch.addcmul(grad_scale, grad_value, eps)
-            grad_raw = None if total is None else torch.ops.aten.softplus_backward(total, scale_raw, 1.0, 20.0)
-        return grad_loc, grad_raw, None
+        grad_loc = grad_value if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1] or (grad_value is None and grad_scale is None):
+            return grad_loc, None, None
+        if grad_value is None:
+            total = grad_scale
+        else:
+            total = grad_value * eps if grad_scale is None else torch.addcmul(grad_scale, grad_value, eps)
+        return grad_loc, torch.ops.aten.softplus_backward(total, scale_raw, 1.0, 20.0), None
 
 
 def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:

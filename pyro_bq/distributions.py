@@ -7,11 +7,6 @@ is their per-site KL (registered with ``torch.distributions.kl``) and
 :class:`KLNormalConstSum` the KL of a whole flat draw in one pass, with the
 constants of :func:`flat_prior_constants`. :class:`~pyro_bq.inference.MeanFieldELBO`
 reads exactly these names and the attributes documented on them.
-
-Usage::
-
-    kl = torch.distributions.kl_divergence(dist.Normal(loc, scale), ConstNormal(0.0, 1.0, like=loc))
-    total = KLNormalConstSum.apply(loc, scale, *flat_prior_constants([0.0], [1.0], [loc.numel()], loc))
 """
 
 from __future__ import annotations
@@ -86,9 +81,7 @@ class FusedNormal(dist.Normal):
 
     def __init__(self, loc, scale, value, eps, flat: Optional[FlatDraw] = None, offset: int = 0):
         super().__init__(loc, scale, validate_args=False)
-        self._pending = value
-        self._value = value
-        self._eps = eps
+        self._pending, self._value, self._eps = value, value, eps
         self.flat, self.offset = flat, offset
 
     def rsample(self, sample_shape=torch.Size()):
@@ -155,16 +148,11 @@ class _KLNormalConst(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, scale, c = _restore(ctx)
-        grad_loc = grad_scale = None
-        uniform = grad.dim() > 0 and all(st == 0 for st in grad.stride())
-        if uniform:  # one value broadcast: fold it into the constants
-            g = grad.reshape(-1)[0]
-            grad_loc, grad_scale = _kl_grads_times(ctx.needs_input_grad, z, scale, c, g)
-        else:
-            if ctx.needs_input_grad[0]:
-                grad_loc = torch.mul(z, grad).mul_(c)
-            if ctx.needs_input_grad[1]:
-                grad_scale = torch.reciprocal(scale).mul_(-1.0).add_(scale, alpha=c).mul_(grad)
+        if grad.dim() > 0 and all(st == 0 for st in grad.stride()):  # one value broadcast: fold it into c
+            return (*_kl_grads_times(ctx.needs_input_grad, z, scale, c, grad.reshape(-1)[0]), None, None)
+        needs = ctx.needs_input_grad
+        grad_loc = torch.mul(z, grad).mul_(c) if needs[0] else None
+        grad_scale = torch.reciprocal(scale).mul_(-1.0).add_(scale, alpha=c).mul_(grad) if needs[1] else None
         return grad_loc, grad_scale, None, None
 
 

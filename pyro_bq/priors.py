@@ -31,13 +31,11 @@ class Prior:
     """Base class of weight priors: override :meth:`distribution`.
 
     :func:`bq_priors` calls ``prior.distribution(module, module_name, param_name, param)``
-    once per selected parameter, where ``module`` is the layer that owns the
-    parameter (a plain ``nn.Module``: read its other parameters, such as the
-    weight's fan-in for a bias), ``module_name`` its dotted name in the network
-    (``""`` for the network itself), ``param_name`` the attribute name
-    (``"weight"``) and ``param`` the parameter's value. It returns a Pyro
-    distribution whose ``batch_shape + event_shape`` is ``param.shape``. A prior
-    keeps no state about the network, so one instance can serve many networks.
+    once per selected parameter: ``module`` is the plain ``nn.Module`` that owns it
+    (read its other parameters there, e.g. a bias's fan-in), ``module_name`` its
+    dotted name (``""`` for the network itself), ``param_name`` e.g. ``"weight"``,
+    ``param`` the value. It returns a Pyro distribution whose ``batch_shape +
+    event_shape`` is ``param.shape``, and keeps no state about the network.
 
     Usage::
 

@@ -61,12 +61,8 @@ def _analytic_pair(guide_fn, model_fn) -> bool:
     (so their log-densities go unused)."""
     q, q_dims = _unwrap(guide_fn)
     p, p_dims = _unwrap(model_fn)
-    return (
-        type(p) is ConstNormal
-        and q_dims == p_dims
-        and q.batch_shape == p.batch_shape
-        and _kl_function(type(q), type(p)) is kl_normal_const
-    )
+    return (type(p) is ConstNormal and q_dims == p_dims and q.batch_shape == p.batch_shape
+            and _kl_function(type(q), type(p)) is kl_normal_const)
 
 
 def _kl_function(type_q, type_p):

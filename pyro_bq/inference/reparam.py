@@ -218,20 +218,15 @@ class _WeightNoiseMessenger(Messenger):
     def __enter__(self):
         out = super().__enter__()
         _patch()
-        stack = getattr(_STATE, "stack", None)
-        if stack is None:
-            stack = _STATE.stack = []
-        stack.append(self)
+        vars(_STATE).setdefault("stack", []).append(self)  # this thread's stack of active handlers
         return out
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
             stack = _STATE.stack
-            # remove the innermost occurrence of self
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i] is self:
-                    del stack[i]
-                    break
+            innermost = [i for i, handler in enumerate(stack) if handler is self][-1:]
+            for i in innermost:
+                del stack[i]
         finally:
             _unpatch()
         return super().__exit__(exc_type, exc_value, traceback)
