@@ -54,14 +54,9 @@ class AutoLogQuantNormal(AutoMeanFieldNormal):
         super().__init__(model, init_loc_fn=init_loc_fn, init_scale=init_scale, create_plates=create_plates)
 
     def _setup_params(self, trace) -> None:
-        locs, scales = [], []
-        for name in self.sites:
-            site = trace.nodes[name]
-            loc = self._initial_loc(name, site).reshape(-1)
-            locs.append(loc)
-            scales.append(self._initial_scale(name, loc).reshape(-1))
-        self.loc = nn.Parameter(torch.cat(locs))
-        self.log2_scale = nn.Parameter(torch.log2(torch.cat(scales).clamp_min(1e-30)))
+        loc, scale = self._initial_flat(trace)
+        self.loc = nn.Parameter(loc)
+        self.log2_scale = nn.Parameter(torch.log2(scale.clamp_min(1e-30)))
 
     def _window(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.window_top is None:

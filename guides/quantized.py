@@ -168,7 +168,7 @@ class QuantizedGuide(AutoGaussianSites):
         #: policy draws exactly what its guide draws under the same seed); load_packed
         #: sets it to match the saved guide.
         with torch.no_grad():
-            self.fused = base._fused_loc_scale() is not None
+            self.fused = base.fused_loc_scale() is not None
 
     def _site_quantizers(self, name):
         return self.quantizers.get(name)
@@ -191,7 +191,7 @@ class QuantizedGuide(AutoGaussianSites):
         loc, scale = self.get_loc_scale(name)
         return QuantizedNormal(loc, scale, sq.sample, validate_args=False).to_event(self.sites[name].event_dim)
 
-    def _fused_loc_scale(self):
+    def fused_loc_scale(self):
         # Sites that sample a plain Normal (float and VPQ sites) can share the
         # base class's one-draw path: then a FloatPolicy guide draws exactly
         # what its float guide draws under the same seed, and VPQ differs from

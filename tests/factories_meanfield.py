@@ -1,4 +1,5 @@
 from guide_contract import GuideCase, tiny_classifier
+from test_conjugate import check_meanfield_conjugate
 
 from pyro_bq.guides import AutoMeanFieldNormal
 
@@ -11,8 +12,6 @@ def _make(net="mlp"):
 
 
 def _conjugate():
-    from test_conjugate import check_meanfield_conjugate
-
     check_meanfield_conjugate(lambda model: AutoMeanFieldNormal(model, init_scale=0.1))
 
 

@@ -281,7 +281,7 @@ def build_meta(guide) -> dict:
             items.append(item)
         sites.append([name, list(info.shape), int(info.event_dim), *items])
     with torch.no_grad():
-        fused = guide._fused_loc_scale() is not None
+        fused = guide.fused_loc_scale() is not None
     return {"v": _VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
             "sites": sites}
 
