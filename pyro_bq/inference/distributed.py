@@ -46,9 +46,8 @@ What happens under ``torchrun`` (``WORLD_SIZE > 1``):
   and optimizer state carry over, and ranks without a saved RNG state are
   seeded from ``(seed, rank, step)``.
 
-``fit_svi`` itself has no rank branches: it asks a strategy object,
-:class:`SingleProcess` or :class:`DataParallel` (chosen by :func:`resolve`),
-for each of the steps above.
+``fit_svi`` has no rank branches: a strategy, :class:`SingleProcess` or
+:class:`DataParallel` (:func:`resolve` picks it), does each of these steps.
 
 Usage::
 
@@ -305,41 +304,15 @@ def broadcast_modules(*modules) -> None:
         DataParallel(info).broadcast_modules(*modules)
 
 
-# ---------------------------------------------------------------------------------------
-# The training strategies: what fit_svi does differently in one process and on many ranks.
-
-
-def _fail(info: DistInfo, what: str, err: BaseException) -> DistributedError:
-    return DistributedError(
-        f"rank {info.rank} of {info.world_size}: {what} failed ({type(err).__name__}: {err}). "
-        "Another rank probably died, raised an error or timed out; see its output."
-    )
-
-
 def _signature(names: Iterable[str], tensors: Iterable[torch.Tensor]) -> int:
     text = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(names, tensors))
     return zlib.crc32(text.encode()) & 0xFFFFF  # 20 bits: its square sums exactly in float64
 
 
-def floating_buffers(*modules) -> dict:
-    """Floating-point buffers of the given modules, keyed ``"{i}.{name}"``."""
-    out = {}
-    for i, module in enumerate(modules):
-        if isinstance(module, torch.nn.Module):
-            for name, b in module.named_buffers():
-                if b.is_floating_point():
-                    out[f"{i}.{name}"] = b
-    return out
-
-
 class SingleProcess:
-    """The training strategy of one process: :func:`~pyro_bq.inference.fit_svi` asks it for
-    everything that differs between one process and a data-parallel group.
-
-    It owns the rank and world size, cuts each global batch into this rank's
-    shard, averages gradients over ranks, lets only rank 0 write and log, and
-    makes ranks agree. In one process each of these is the identity or a plain
-    call; :class:`DataParallel` does them with ``torch.distributed``.
+    """The training strategy of one process, and the interface of :class:`DataParallel`: the rank and
+    world size, each rank's shard of a global batch, the gradient average, "only rank 0 logs and
+    writes", agreement between ranks. In one process each is the identity or a plain call.
 
     Usage::
 
@@ -356,14 +329,11 @@ class SingleProcess:
         """``fn(*args, **kwargs)`` on rank 0 (returns its result); None on the other ranks."""
         return fn(*args, **kwargs)
 
-    def agree(self, settings: dict, error: Optional[str] = None) -> None:
-        """Check that every rank was given the same ``settings``; raise on every rank if not.
-
-        ``error`` is a problem found on this rank only (e.g. rank 0's checkpoint
-        folder is not writable); it is raised as ``ValueError`` on every rank.
-        """
-        if error is not None:
-            raise ValueError(error)
+    def agree(self, settings: dict, check=None) -> None:
+        """Run ``check()`` on rank 0 (e.g. make the checkpoint folder) and check that every rank
+        was given the same ``settings``; a ``ValueError`` of either is raised on every rank."""
+        if check is not None:
+            check()
 
     def batches(self, data, order: torch.Tensor, batch_size: int):
         """For each global batch of ``order``: ``(x, y, weight, global batch size)`` of this
@@ -380,13 +350,10 @@ class SingleProcess:
     def share_modules(self, *modules) -> None:
         """Give every rank rank 0's parameters and buffers (in place) before training."""
 
-    def share_checkpoint(self, found: Optional[tuple[Path, dict]], folder: Path) -> Optional[tuple[dict, str, str]]:
-        """Rank 0's checkpoint ``found = (path, state)`` on every rank, as ``(state, where, name)``
-        (``where``: the file for error messages; ``name``: the path reported as resumed from), or None."""
-        if found is None:
-            return None
-        path, state = found
-        return state, str(path), str(path)
+    def share_checkpoint(self, path: Optional[Path], folder: Path) -> Optional[tuple[dict, str, str]]:
+        """Rank 0's checkpoint ``path`` loaded on every rank, as ``(state, where, name)`` (``where``:
+        the file for error messages; ``name``: the path reported as resumed from), or None."""
+        return None if path is None else (load_checkpoint(path), str(path), str(path))
 
     def restore_rng(self, state: dict, seed: int, step: int) -> None:
         """Set this rank's RNG states from the checkpoint ``state`` of ``step``."""
@@ -420,14 +387,16 @@ class DataParallel(SingleProcess):
         self.rank, self.world_size = info.rank, info.world_size
         self._buffers: dict = {}
 
-    # -- small helpers ---------------------------------------------------------------
     def _run(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DistributedError:
             raise
         except (RuntimeError, ConnectionError, OSError) as err:  # DistBackendError is a RuntimeError
-            raise _fail(self.info, what, err) from err
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed ({type(err).__name__}: {err}). "
+                "Another rank probably died, raised an error or timed out; see its output."
+            ) from err
 
     def all_gather(self, obj, what: str) -> list:
         out = [None] * self.world_size
@@ -442,7 +411,12 @@ class DataParallel(SingleProcess):
     def main_only(self, fn, *args, **kwargs):
         return fn(*args, **kwargs) if self.info.is_main else None
 
-    def agree(self, settings: dict, error: Optional[str] = None) -> None:
+    def agree(self, settings: dict, check=None) -> None:
+        error = None
+        try:
+            self.main_only(check or (lambda: None))
+        except ValueError as err:
+            error = str(err)
         everyone = self.all_gather((settings, error), "the start-up handshake")
         for rank, (_, err) in enumerate(everyone):
             if err is not None:
@@ -470,43 +444,21 @@ class DataParallel(SingleProcess):
     def save_after_local_error(self, save) -> None:
         """Nothing: the other ranks wait inside a collective, so a (collective) checkpoint would hang."""
 
-    # -- state -----------------------------------------------------------------------
-    def share_checkpoint(self, found, folder):
+    def share_checkpoint(self, path, folder):
         """Rank 0 sends the bytes of its checkpoint file; the others load them from a temporary copy."""
-        path = self._broadcast_file(found[0] if found is not None else None)
-        if self.info.is_main or path is None:
-            return super().share_checkpoint(found, folder)
+        payload = [Path(path).read_bytes() if path is not None else None]  # None on the other ranks
+        self._run("broadcasting the checkpoint", dist.broadcast_object_list, payload, src=0)
+        if self.info.is_main or payload[0] is None:
+            return super().share_checkpoint(path, folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"pyro_bq-rank{self.rank}-", suffix=".bq")
         try:
-            state = load_checkpoint(path)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload[0])
+            state = load_checkpoint(tmp)
         finally:
-            path.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
         step = state.get("step")
         return state, f"rank 0's {folder}/ckpt-{step}.bq", str(Path(folder) / f"ckpt-{step}.bq")
-
-    def _broadcast_file(self, path: Optional[Path]) -> Optional[Path]:
-        """Rank 0 sends the bytes of ``path`` (or None); other ranks get a temporary copy."""
-        dev = self.info.device
-        if self.info.is_main:
-            payload = Path(path).read_bytes() if path is not None else b""
-            size = torch.tensor([len(payload) if path is not None else -1], dtype=torch.int64, device=dev)
-        else:
-            size = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._run("broadcasting the checkpoint size", dist.broadcast, size, src=0)
-        n = int(size.item())
-        if n < 0:
-            return None
-        if self.info.is_main:
-            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev) if n else torch.zeros(0, dtype=torch.uint8, device=dev)
-        else:
-            buf = torch.empty(n, dtype=torch.uint8, device=dev)
-        if n:
-            self._run("broadcasting the checkpoint", dist.broadcast, buf, src=0)
-        if self.info.is_main:
-            return Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f"pyro_bq-rank{self.rank}-", suffix=".bq")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.cpu().numpy().tobytes())
-        return Path(tmp)
 
     def restore_rng(self, state: dict, seed: int, step: int) -> None:
         """Rank 0's saved states on rank 0; each other rank's own when the checkpoint has as many
@@ -524,8 +476,10 @@ class DataParallel(SingleProcess):
         return {"world_size": self.world_size, "rng_ranks": ranks}
 
     def share_modules(self, *modules) -> None:
+        """Also remember the floating-point buffers (BatchNorm statistics), which each step averages."""
         self.broadcast_modules(*modules)
-        self._buffers = floating_buffers(*modules)
+        self._buffers = {f"{i}.{name}": b for i, m in enumerate(modules) if isinstance(m, torch.nn.Module)
+                         for name, b in m.named_buffers() if b.is_floating_point()}
 
     def broadcast_modules(self, *modules) -> None:
         """Copy rank 0's parameters and buffers into every rank's modules (in place)."""

@@ -2,30 +2,18 @@
 
 :func:`fit_svi` runs stock Pyro SVI (``elbo.loss_and_grads`` plus a Pyro
 optimizer, exactly what ``pyro.infer.SVI.step`` does) over minibatches of a
-dataset (any object with tensors ``.x`` and ``.y`` and a seeded
-``epoch_order(epoch, seed)``, such as :class:`~pyro_bq.data.InMemoryDataset`), with
+dataset, with a progress bar, in three parts:
 
-* checkpoints every ``checkpoint_every`` steps (atomic, pickle-free) and
-  automatic resumption from the latest valid one;
-* a guard against non-finite losses and gradients that names the site(s) and
-  the step, saves the last good state, then raises or skips the step;
-* a progress bar with the running ELBO;
-* data-parallel training on ``torch.distributed`` when launched with
-  ``torchrun`` (see :mod:`pyro_bq.inference.distributed`), with the same
-  model, guide and call.
-
-A run resumed after a kill ends in exactly the state of an uninterrupted run
-with the same seed: data order is a function of ``(seed, epoch)`` and the RNG
-states are part of the checkpoint. A checkpoint also records ``seed``,
-``batch_size`` and a fingerprint of the data, and a resume with other ones (or
-with a model or guide of another architecture) is refused with a
-``ValueError`` naming the checkpoint, rather than continuing a run that is
-neither the old one nor a new one.
-
-The parts: the guarded step (:func:`svi_step`), resume from the folder's
-latest checkpoint (:mod:`pyro_bq.io.checkpoint`, which the PWFN driver uses
-too), and a strategy object (:mod:`pyro_bq.inference.distributed`) that does
-what differs between one process and a data-parallel group.
+* the guarded step (:func:`svi_step`): a non-finite loss or gradient, or an
+  error of the model, is reported naming the site(s) and the step; the last
+  good state is saved, then the run raises or skips the step;
+* resume from the latest valid checkpoint (:mod:`pyro_bq.io.checkpoint`, as
+  the PWFN driver does). A run resumed after a kill ends exactly like an
+  uninterrupted one: data order is a function of ``(seed, epoch)`` and the RNG
+  states are in the checkpoint. A checkpoint of another seed, batch size, data
+  (fingerprint) or architecture is refused with a ``ValueError`` naming it;
+* a strategy (:mod:`pyro_bq.inference.distributed`): one process, or
+  data-parallel ranks under ``torchrun``, with the same model, guide and call.
 """
 
 from __future__ import annotations
@@ -50,7 +38,8 @@ from pyro.params.param_store import param_with_module_name
 from tqdm.auto import tqdm
 
 from pyro_bq._validation import check_bool, check_callable, check_choice, check_int, check_path, check_positive, check_type
-from pyro_bq.io.checkpoint import load_latest_checkpoint, make_checkpoint_dir, replace_checkpoint, rng_state
+from pyro_bq.io.checkpoint import latest_checkpoint, replace_checkpoint, rng_state
+from pyro_bq.io.container import writable_folder
 
 from .distributed import SingleProcess, rank_seed, resolve
 from .elbo import MeanFieldELBO
@@ -155,18 +144,21 @@ def _nonfinite_sites(guide, params) -> list[str]:
 
 
 def svi_step(model, guide, optim, elbo: ELBO, *args, on_nonfinite: str = "raise", step: int = 0, **kwargs):
-    """One SVI step; returns ``(loss, ok)``. Raises :class:`NonFiniteError` on NaN/inf
-    when ``on_nonfinite == "raise"`` (nothing is updated), or skips the update.
+    """One guarded SVI step; returns ``(loss, ok)``. On a NaN/inf loss or gradient it raises
+    :class:`NonFiniteError` naming the site(s) (``on_nonfinite="raise"``) or skips the update.
 
-    An exception raised by the model or the guide (e.g. torch's argument
-    validation on a NaN input) comes back naming ``step``; when the inputs hold
-    NaN or infinite values it is a :class:`NonFiniteError` saying so. Nothing is
-    updated then either.
+    An exception of the model or the guide (e.g. torch's validation of a NaN
+    input) comes back naming ``step``, as a :class:`NonFiniteError` when the
+    inputs hold NaN or infinite values. Nothing is updated then either.
 
     :param optim: a ``pyro.optim.PyroOptim`` (e.g. ``pyro.optim.Adam({"lr": 1e-3})``).
     :param elbo: a ``pyro.infer.ELBO`` instance (e.g. ``TraceMeanField_ELBO()``).
     :param on_nonfinite: ``"raise"`` or ``"skip"``.
     :param step: the step number used in error messages.
+
+    Usage::
+
+        loss, ok = svi_step(model, guide, default_optim(1e-3), MeanFieldELBO(), xb, yb, step=10)
     """
     _check_optim_elbo(optim, elbo)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
@@ -192,18 +184,14 @@ def _nonfinite_inputs(args, kwargs) -> list[str]:
     return found
 
 
-def _short_message(err: Exception, limit: int = 300) -> str:
-    text = str(err)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _step_error(err: Exception, step: int, args, kwargs) -> Exception:
     """The exception to raise for ``err``, raised by the model or guide at ``step``: one that names the step."""
     bad = _nonfinite_inputs(args, kwargs)
     if bad:
+        text = str(err) if len(str(err)) <= 300 else str(err)[:297] + "..."
         return NonFiniteError(
             f"step {step}: the model or guide failed on a minibatch with non-finite inputs ({'; '.join(bad)}); "
-            f"remove or fix those examples in the data. It raised {type(err).__name__}: {_short_message(err)}"
+            f"remove or fix those examples in the data. It raised {type(err).__name__}: {text}"
         )
     if type(err) in (ValueError, TypeError, RuntimeError, AssertionError, AttributeError, IndexError, ZeroDivisionError,
                      NotImplementedError, FloatingPointError, NonFiniteError):
@@ -390,9 +378,6 @@ def _check_dataset(data) -> None:
             "data must be a dataset with tensors .x and .y and a method epoch_order(epoch, seed), such as a "
             f"pyro_bq InMemoryDataset; got {type(data).__name__}"
         )
-    if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"data.x and data.y must hold the same number (>= 1) of rows, got shapes "
-                         f"{tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def _batches_per_epoch(data, batch_size: int) -> int:
@@ -405,15 +390,6 @@ def _total_steps(data, batch_size: int, num_epochs: Optional[int], num_steps: Op
     if num_epochs is None:
         raise ValueError("give num_epochs or num_steps")
     return check_int("num_epochs", num_epochs, low=1) * _batches_per_epoch(data, batch_size)
-
-
-def _folder_problem(folder: Path) -> Optional[str]:
-    """Why ``folder`` cannot take checkpoints (it is created if need be), or None."""
-    try:
-        make_checkpoint_dir(folder)
-    except ValueError as err:
-        return str(err)
-    return None
 
 
 @dataclass
@@ -447,19 +423,16 @@ class _Run:
             check_callable("step_hook", self.step_hook, "a callable step_hook() or None")
         _check_optim_elbo(self.optim, self.elbo)
 
-    def agree(self, total: int, checkpoint_every: int, resume: bool) -> None:
-        """Fix the settings a checkpoint records, make the folder (rank 0) and check that every rank has the same."""
+    def start(self, total: int, checkpoint_every: int, resume: bool) -> None:
+        """Fix the settings a checkpoint records, make the folder (rank 0), check that every rank has the same;
+        seed, create the guide's parameters, resume from the folder's latest checkpoint, share rank 0's state."""
         if self.folder is not None or self.strategy.distributed:  # the data's fingerprint only when needed
             self.settings = {"seed": self.seed, "batch_size": self.batch_size, "data": _data_fingerprint(self.data)}
-        error = self.strategy.main_only(_folder_problem, self.folder) if self.folder is not None else None
         self.strategy.agree(
             {"seed": self.seed, "batch_size": self.batch_size, "num_steps": total, "checkpoint_every": checkpoint_every,
              "resume": resume, "on_nonfinite": self.on_nonfinite, "data": (self.settings or {}).get("data")},
-            error,
+            functools.partial(writable_folder, "checkpoint_dir", self.folder) if self.folder is not None else None,
         )
-
-    def start(self, resume: bool) -> None:
-        """Seed, create the guide's parameters, resume from the folder's latest checkpoint, share rank 0's state."""
         seed_everything(rank_seed(self.seed, self.strategy.rank))
         first = torch.arange(min(self.batch_size, self.data.x.shape[0]))
         if hasattr(self.guide, "setup"):
@@ -473,7 +446,7 @@ class _Run:
 
     def resume_(self) -> None:
         """Load the latest valid checkpoint (rank 0's, on every rank) into the model, guide, optimizer and counters."""
-        shared = self.strategy.share_checkpoint(self.strategy.main_only(load_latest_checkpoint, self.folder), self.folder)
+        shared = self.strategy.share_checkpoint(self.strategy.main_only(latest_checkpoint, self.folder), self.folder)
         if shared is None:
             return
         state, where, name = shared
@@ -600,13 +573,10 @@ def fit_svi(
     :param step_hook: called after every optimizer step (e.g. to re-apply masks).
     :param distributed: ``None`` (default): data-parallel over ``torch.distributed``
         when a process group of more than one rank exists or ``torchrun``'s
-        environment describes one; ``False``: always one process; ``True``:
-        require a group. See :mod:`pyro_bq.inference.distributed`: every rank
-        passes the same full ``data`` and arguments; each gets a disjoint shard
-        of every global batch; gradients are averaged (weighted by shard size)
-        before each optimizer step, which makes the step that of one process on
-        the global batch; only rank 0 writes checkpoints and shows progress; a
-        checkpoint resumes with any number of ranks.
+        environment describes one; ``False``: one process; ``True``: require a
+        group. Every rank passes the same full ``data`` and arguments; a step
+        equals one process's step on the global batch; a checkpoint resumes with
+        any number of ranks (see :mod:`pyro_bq.inference.distributed`).
 
     Usage::
 
@@ -623,6 +593,5 @@ def fit_svi(
     elbo = elbo if elbo is not None else MeanFieldELBO()
     run = _Run(model, guide, optim, elbo, data, batch_size, seed, on_nonfinite, folder, resolve(distributed),
                callback=callback, step_hook=step_hook)
-    run.agree(total, checkpoint_every, resume)
-    run.start(resume)
+    run.start(total, checkpoint_every, resume)
     return run.train(total, checkpoint_every, progress)

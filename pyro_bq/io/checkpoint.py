@@ -7,17 +7,17 @@ strings and ``None`` is stored: tensors and arrays as raw bytes, the rest as
 JSON. Loading gives back the same structure (tuples stay tuples, int keys stay
 ints, arrays stay arrays) and never runs code from the file.
 
-A run that checkpoints every N steps (``fit_svi``, the PWFN rounds) keeps
-one ``{prefix}-{step}.bq`` file in a folder made by :func:`make_checkpoint_dir`:
+A run that checkpoints every N steps (``fit_svi``, the PWFN rounds) keeps one
+``{prefix}-{step}.bq`` file in a folder (:func:`~pyro_bq.io.container.writable_folder`):
 :func:`replace_checkpoint` writes the newest state at :func:`checkpoint_path`
-and deletes the others, and :func:`load_latest_checkpoint` gives back the
-newest file that passes every integrity check, with its state, to resume from.
+and deletes the others, and the run resumes from :func:`latest_checkpoint`,
+the newest file that passes every integrity check.
 
 Usage::
 
-    folder = make_checkpoint_dir("runs/a")
-    found = load_latest_checkpoint(folder)
-    step = found[1]["step"] if found else 0
+    folder = writable_folder("checkpoint_dir", "runs/a")
+    ckpt = latest_checkpoint(folder)
+    state = load_checkpoint(ckpt) if ckpt else None
     ...
     replace_checkpoint(folder, step, {"step": step, "guide": guide.state_dict(), "rng": rng_state()})
 """
@@ -39,8 +39,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
-    "load_latest_checkpoint",
-    "make_checkpoint_dir",
     "replace_checkpoint",
     "checkpoint_path",
     "list_checkpoints",
@@ -265,43 +263,19 @@ def list_checkpoints(folder: os.PathLike, prefix: str = "ckpt") -> list[tuple[in
     return sorted(found, key=lambda item: item[0], reverse=True)
 
 
-def _load_valid(path: Path) -> Optional[dict]:
-    """The state of the checkpoint ``path``, or None when it fails an integrity check."""
-    try:
-        return load_checkpoint(path)
-    except (CorruptFileError, OSError):
-        return None
-
-
-def load_latest_checkpoint(folder: os.PathLike, prefix: str = "ckpt") -> Optional[tuple[Path, dict]]:
-    """``(path, state)`` of the newest *valid* checkpoint ``{prefix}-{step}.bq`` in ``folder``, or None.
+def latest_checkpoint(folder: os.PathLike, prefix: str = "ckpt") -> Optional[Path]:
+    """The newest *valid* checkpoint ``{prefix}-{step}.bq`` in ``folder`` (or None).
 
     Files that fail any integrity check (truncated, corrupted, newer version,
     not a checkpoint) are skipped, so a run falls back to the one before.
-
-    Usage::
-
-        found = load_latest_checkpoint(folder)
-        if found is not None:
-            path, state = found
-            guide.load_state_dict(state["guide"])
     """
     for _, candidate in list_checkpoints(folder, prefix):
-        state = _load_valid(candidate)
-        if state is not None:
-            return candidate, state
+        try:
+            load_checkpoint(candidate)
+            return candidate
+        except (CorruptFileError, OSError):
+            continue
     return None
-
-
-def latest_checkpoint(folder: os.PathLike, prefix: str = "ckpt") -> Optional[Path]:
-    """The newest *valid* checkpoint ``{prefix}-{step}.bq`` in ``folder`` (or None): see :func:`load_latest_checkpoint`.
-
-    Usage::
-
-        ckpt = latest_checkpoint(folder)
-    """
-    found = load_latest_checkpoint(folder, prefix)
-    return None if found is None else found[0]
 
 
 def prune_checkpoints(folder: os.PathLike, prefix: str = "ckpt", keep: int = 1) -> list[Path]:
@@ -316,20 +290,21 @@ def prune_checkpoints(folder: os.PathLike, prefix: str = "ckpt", keep: int = 1) 
         raise ValueError(f"keep must be >= 1, got {keep}")
     kept, removed = 0, []
     for _, candidate in list_checkpoints(folder, prefix):
-        if kept < keep and _load_valid(candidate) is not None:
-            kept += 1
-            continue
+        if kept < keep:
+            try:
+                load_checkpoint(candidate)
+                kept += 1
+                continue
+            except (CorruptFileError, OSError):
+                pass
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
 
 
 def replace_checkpoint(folder: os.PathLike, step: int, state: dict, prefix: str = "ckpt") -> Path:
-    """Save ``state`` as the checkpoint after ``step`` in ``folder``, then delete its other checkpoints.
-
-    The folder then holds this state only, whatever older (or stale newer)
-    ``{prefix}-*.bq`` files were there; a crash during the write leaves them
-    in place. Returns the path written (:func:`checkpoint_path`).
+    """Save ``state`` as the checkpoint after ``step`` in ``folder`` (:func:`checkpoint_path`, returned),
+    then delete the folder's other ``{prefix}-{step}.bq`` files, older or stale newer ones.
 
     Usage::
 
@@ -342,21 +317,3 @@ def replace_checkpoint(folder: os.PathLike, step: int, state: dict, prefix: str 
             old.unlink(missing_ok=True)
     return path
 
-
-def make_checkpoint_dir(folder: os.PathLike) -> Path:
-    """Create the checkpoint folder ``folder`` (and its parents) and check that it is writable.
-
-    :raises ValueError: naming ``checkpoint_dir`` when it cannot be created or written to.
-
-    Usage::
-
-        folder = make_checkpoint_dir("runs/a")
-    """
-    folder = _check_path("checkpoint_dir", folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"checkpoint_dir {str(folder)!r} cannot be created ({err}); choose a writable folder") from err
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"checkpoint_dir {str(folder)!r} is not writable; choose another folder")
-    return folder

@@ -52,7 +52,8 @@ from pyro_bq._validation import check_schedule as _check_schedule
 from pyro_bq.data.dataset import InMemoryDataset
 from pyro_bq.guides.pwfn import AutoPWFN
 from pyro_bq.inference import fit_svi
-from pyro_bq.io.checkpoint import load_latest_checkpoint, make_checkpoint_dir, replace_checkpoint, rng_state, set_rng_state
+from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, replace_checkpoint, rng_state, set_rng_state
+from pyro_bq.io.container import writable_folder
 
 from .clustering import ClusterConfig, ClusterLevel, cluster_guide_
 from .metrics import accuracy, compression_stats, ensemble_accuracy
@@ -216,12 +217,11 @@ class PWFN:
 
     def _resume(self, result: PWFNResult) -> tuple[int, ClusterLevel, list, dict]:
         """``(rounds done, clustering level, round log, extra)`` from the latest round checkpoint, or of a fresh start."""
-        found = None
-        if self.checkpoint_dir is not None:
-            found = load_latest_checkpoint(make_checkpoint_dir(self.checkpoint_dir), prefix="pwfn")
-        if found is None:
+        folder = self.checkpoint_dir
+        ckpt = None if folder is None else latest_checkpoint(writable_folder("checkpoint_dir", folder), "pwfn")
+        if ckpt is None:
             return 0, self.cluster.start_level(), [], {}
-        ckpt, state = found
+        state = load_checkpoint(ckpt)
         self.guide.load_state_dict(state["guide"])
         set_rng_state(state["rng"])
         result.resumed_from = str(ckpt)
@@ -235,13 +235,12 @@ class PWFN:
         t0 = time.perf_counter()
         steps = 0
         if self.guide.num_fixed < self.guide.num_params:
-            fit = fit_svi(
+            steps = fit_svi(
                 self.model, self.guide, self.train_data, num_epochs=self.num_epochs, num_steps=self.num_steps,
                 batch_size=self.batch_size, optim=self._optimizer(), elbo=self.objective, seed=self.seed + t,
                 checkpoint_dir=(self.checkpoint_dir / f"round-{t + 1}") if self.checkpoint_dir else None,
                 progress=self.progress, step_hook=self.guide.enforce_fixed_,
-            )
-            steps = fit.steps
+            ).steps
         t_train = time.perf_counter() - t0
         t1 = time.perf_counter()
         res = cluster_guide_(self.guide, p, self.cluster, level)
