@@ -77,19 +77,8 @@ from pyro_bq._validation import check_choice, check_int, check_positive
 from pyro_bq.io.checkpoint import load_checkpoint, set_rng_state
 
 __all__ = [
-    "DistInfo",
-    "DistributedError",
-    "default_backend",
-    "init_distributed",
-    "destroy_distributed",
-    "dist_info",
-    "rank_seed",
-    "shard_batch",
-    "broadcast_modules",
-    "BACKENDS",
-    "SingleProcess",
-    "DataParallel",
-    "resolve",
+    "DistInfo", "DistributedError", "default_backend", "init_distributed", "destroy_distributed", "dist_info",
+    "rank_seed", "shard_batch", "broadcast_modules", "BACKENDS", "SingleProcess", "DataParallel", "resolve"
 ]
 
 BACKENDS = ("gloo", "nccl")

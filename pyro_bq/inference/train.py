@@ -405,7 +405,7 @@ class _Run:
     seed: int
     on_nonfinite: str
     folder: Optional[Path]
-    strategy: SingleProcess
+    distributed: Optional[bool]
     callback: Optional[Callable[[int, float], None]] = None
     step_hook: Optional[Callable[[], None]] = None
     settings: Optional[dict] = None  # what a checkpoint records, and a resume must match
@@ -413,6 +413,7 @@ class _Run:
     step: int = 0
     before: Optional[dict] = None  # the RNG states before the current step: those of the last good state
     model_failed: bool = False
+    strategy: SingleProcess = field(init=False)
 
     def __post_init__(self) -> None:
         check_choice("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
@@ -422,6 +423,7 @@ class _Run:
         if self.step_hook is not None:
             check_callable("step_hook", self.step_hook, "a callable step_hook() or None")
         _check_optim_elbo(self.optim, self.elbo)
+        self.strategy = resolve(self.distributed)
 
     def start(self, total: int, checkpoint_every: int, resume: bool) -> None:
         """Fix the settings a checkpoint records, make the folder (rank 0), check that every rank has the same;
@@ -441,10 +443,10 @@ class _Run:
             self.guide(self.data.x[first], self.data.y[first])
         _unshadow_params(self.model, self.guide)
         if self.folder is not None and resume:
-            self.resume_()
+            self.resume()
         self.strategy.share_modules(self.model, self.guide)
 
-    def resume_(self) -> None:
+    def resume(self) -> None:
         """Load the latest valid checkpoint (rank 0's, on every rank) into the model, guide, optimizer and counters."""
         shared = self.strategy.share_checkpoint(self.strategy.main_only(latest_checkpoint, self.folder), self.folder)
         if shared is None:
@@ -484,7 +486,7 @@ class _Run:
         self.model_failed = True
         self.strategy.save_after_local_error(functools.partial(self.save, self.step, self.before))
 
-    def step_(self, xb: torch.Tensor, yb: torch.Tensor, weight: float, n_global: int) -> tuple[float, bool]:
+    def guarded_step(self, xb: torch.Tensor, yb: torch.Tensor, weight: float, n_global: int) -> tuple[float, bool]:
         """One guarded step on this rank's shard; returns the global batch's loss and whether it was applied."""
         reduce = functools.partial(self.strategy.average, weight=weight, step=self.step)
         if self.folder is not None:
@@ -516,7 +518,7 @@ class _Run:
                 epoch, offset = divmod(self.step, per_epoch)
                 order = self.data.epoch_order(epoch, self.seed)[offset * self.batch_size :]
                 for xb, yb, weight, n_global in self.strategy.batches(self.data, order, self.batch_size):
-                    loss, ok = self.step_(xb, yb, weight, n_global)
+                    loss, ok = self.guarded_step(xb, yb, weight, n_global)
                     if ok:
                         running = loss if running is None else 0.95 * running + 0.05 * loss
                     if bar is not None:
@@ -591,7 +593,7 @@ def fit_svi(
     resume, progress = check_bool("resume", resume), check_bool("progress", progress)
     optim = optim if optim is not None else default_optim(lr)
     elbo = elbo if elbo is not None else MeanFieldELBO()
-    run = _Run(model, guide, optim, elbo, data, batch_size, seed, on_nonfinite, folder, resolve(distributed),
+    run = _Run(model, guide, optim, elbo, data, batch_size, seed, on_nonfinite, folder, distributed,
                callback=callback, step_hook=step_hook)
     run.start(total, checkpoint_every, resume)
     return run.train(total, checkpoint_every, progress)

@@ -36,17 +36,8 @@ import torch
 from .container import SUPPORTED_DTYPES, CorruptFileError, _check_path, read_container, write_container
 
 __all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "latest_checkpoint",
-    "replace_checkpoint",
-    "checkpoint_path",
-    "list_checkpoints",
-    "prune_checkpoints",
-    "rng_state",
-    "set_rng_state",
-    "flatten_state",
-    "unflatten_state",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "replace_checkpoint", "checkpoint_path",
+    "list_checkpoints", "prune_checkpoints", "rng_state", "set_rng_state", "flatten_state", "unflatten_state"
 ]
 
 _KIND = "checkpoint"

@@ -35,13 +35,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 __all__ = [
-    "FORMAT_VERSION",
-    "CorruptFileError",
-    "write_container",
-    "read_container",
-    "atomic_write_bytes",
-    "writable_folder",
-    "SUPPORTED_DTYPES",
+    "FORMAT_VERSION", "CorruptFileError", "write_container", "read_container", "atomic_write_bytes",
+    "writable_folder", "SUPPORTED_DTYPES"
 ]
 
 MAGIC = b"PYROBQ\x00\x1a"
