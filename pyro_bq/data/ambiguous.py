@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_bq._validation import check_float, check_int, check_probability
+from pyro_bq.io.container import writable_folder
 
 from .dataset import InMemoryDataset
 from .mnist import MNIST_MEAN, MNIST_STD, load_mnist, resolve_root
@@ -498,13 +499,7 @@ def generate_ambiguous_mnist(
     cache = default_cache_dir() if cache_dir is None else cache_dir
     if not isinstance(cache, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a path (str or os.PathLike) or None, got {type(cache).__name__}")
-    cache = Path(cache).expanduser()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cache_dir {str(cache)!r} cannot be created ({err}); choose a writable folder") from err
-    if not os.access(cache, os.W_OK):
-        raise ValueError(f"cache_dir {str(cache)!r} is not writable; choose a writable folder")
+    cache = writable_folder("cache_dir", Path(cache).expanduser())
     data_path, manifest_path = _cache_paths(cache, cfg)
     if not force:
         hit = _try_cache(data_path, manifest_path, cfg)
