@@ -100,11 +100,11 @@ class BayesianModel(PyroModule):
 
     @contextlib.contextmanager
     def shape_errors(self, x: torch.Tensor):
-        """Turn torch's shape/size RuntimeErrors from the network into a ValueError naming ``x``."""
+        """Turn torch's shape/size/dim RuntimeErrors from the network into a ValueError naming ``x``."""
         try:
             yield
         except RuntimeError as err:
-            if "shape" in str(err) or "size" in str(err):
+            if any(word in str(err) for word in ("shape", "size", "dim")):
                 raise ValueError(
                     f"x has shape {tuple(x.shape)}, which {type(self._template).__name__} cannot take: {err}"
                 ) from err
@@ -115,7 +115,8 @@ class BayesianModel(PyroModule):
             return self.net_output(self.net(x))
 
     def net_output(self, out: torch.Tensor, sample_dims: int = 0) -> torch.Tensor:
-        """The value of :attr:`output_site` from the network's output (with ``sample_dims`` leading sample dimensions)."""
+        """The value of :attr:`output_site` from the network's output ``out`` with ``sample_dims`` leading
+        sample dimensions: ``out`` itself here; a subclass may reshape it."""
         return out
 
     def _check_samples(self, samples, sites: list[str]) -> None:

@@ -205,7 +205,8 @@ def _plan(model, samples, x, num_samples: int, batch_size, chunk_size, max_bytes
     key = (tuple(x.shape[1:]), x.dtype)
     if key not in cache:  # activations grow linearly with the number of inputs
         net = model.functional_net({k: v[:1] for k, v in samples.items()}, x[:1])[0]
-        cache[key] = activation_bytes_per_sample(net, x[:1])
+        with model.shape_errors(x):
+            cache[key] = activation_bytes_per_sample(net, x[:1])
     per_input = max(cache[key], 1)
     rows = min(len(x), batch_size or len(x))
     if chunk_size is None:
@@ -329,9 +330,9 @@ def predict_looped(
     if not isinstance(site, str) or not site:
         raise ValueError(f"site: the model ({type(model).__name__}) names no output_site; pass site= the name "
                          "of its deterministic output site")
-    outs = []
+    predictive, outs = Predictive(model, posterior_samples=samples, return_sites=[site], parallel=False), []
     for r in range(0, len(x), batch_size):
-        pred = Predictive(model, posterior_samples=dict(samples), return_sites=[site], parallel=False)(x[r : r + batch_size])
+        pred = predictive(x[r : r + batch_size])
         if site not in pred:
             raise ValueError(f"the model has no site {site!r}; pass site= the name of its output site")
         outs.append(pred[site])

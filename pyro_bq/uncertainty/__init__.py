@@ -17,7 +17,8 @@ from .decompose import check_probs, decompose, decompose_regression, entropy
 from .evaluate import evaluate, evaluate_details, uncertainty_scores
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll, reliability_data
 from .plots import plot_reliability, plot_uncertainty
-from .predict import DEFAULT_MAX_BYTES, DEFAULT_NUM_SAMPLES, predictive_logits, predictive_probs, predictive_regression, sample_weights
+from .predict import (DEFAULT_MAX_BYTES, DEFAULT_NUM_SAMPLES, predictive_logits, predictive_probs,
+                      predictive_regression, sample_weights)
 
 __all__ = [
     "predictive_probs",
