@@ -35,7 +35,7 @@ from pyro_bq.data import load_fashion_mnist, load_mnist
 from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.inference import fit_svi, seed_everything
 from pyro_bq.models import MLP, BayesianClassifier, LeNet5
-from pyro_bq.uncertainty import evaluate, plot_reliability, plot_uncertainty
+from pyro_bq.uncertainty import evaluate_details, plot_reliability, plot_uncertainty
 
 NETS = {"lenet": LeNet5, "mlp": MLP}
 
@@ -95,9 +95,7 @@ def main(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    record, parts = evaluate(
-        model, guide, test, fashion, num_samples=args.num_samples, seed=args.seed, return_details=True
-    )
+    record, parts = evaluate_details(model, guide, test, fashion, num_samples=args.num_samples, seed=args.seed)
     eval_s = time.perf_counter() - t0
 
     record.update(

@@ -171,7 +171,7 @@ def _register_foundation():
     from pyro_bq import IIDNormal, LayerwiseNormal, PretrainedNormal, ScaleMixtureNormal, bq_priors
     from pyro_bq.data import InMemoryDataset, load_fashion_mnist, load_mnist
     from pyro_bq.guides import AutoMeanFieldNormal, init_to_pretrained
-    from pyro_bq.inference import default_optim, fit_svi, seed_everything
+    from pyro_bq.inference import default_optim, fit_svi, prediction, seed_everything
     from pyro_bq.io import load_checkpoint, read_container, save_checkpoint, set_rng_state, write_container
     from pyro_bq.io.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
     from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5, ResNet20
@@ -220,13 +220,12 @@ def _register_foundation():
                 .filter(lambda v: not isinstance(v, (int, str)))})
 
     def batched_forward(samples, x):
-        model = _model()
-        return model.batched_forward(samples, x)
+        return prediction.batched_forward(_model(), samples, x)
 
     def good_samples():
         return {name: torch.zeros((2,) + tuple(t.shape)) for name, t in _model().initial_params().items()}
 
-    entry("BayesianModel.batched_forward", batched_forward,
+    entry("inference.batched_forward", batched_forward,
           lambda: {"samples": good_samples(), "x": torch.zeros(3, 4)},
           {"samples": st.one_of(st.none(), st.integers(), st.just({}), st.just({"net.1.weight": torch.zeros(2, 3, 4)})),
            "x": bad_tensor(shapes=[(3, 7)], dtypes=[(torch.long, (3, 4))], devices=False)})

@@ -7,18 +7,18 @@ from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.inference import fit_svi
+from pyro_bq.inference import batched_forward, fit_svi
 from pyro_bq.io import load_checkpoint, save_checkpoint
 from pyro_bq.models import BayesianClassifier, LeNet5
 
 
 def _accuracy(model, guide, data, num_samples=8):
-    probs = model.batched_forward(guide.sample_latents(num_samples), data.x).softmax(-1).mean(0)
+    probs = batched_forward(model, guide.sample_latents(num_samples), data.x).softmax(-1).mean(0)
     return (probs.argmax(-1) == data.y).float().mean().item()
 
 
 def _nll(model, guide, data, num_samples=4):
-    logits = model.batched_forward(guide.sample_latents(num_samples), data.x)
+    logits = batched_forward(model, guide.sample_latents(num_samples), data.x)
     return torch.nn.functional.cross_entropy(logits.mean(0), data.y).item()
 
 

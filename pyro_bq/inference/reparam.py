@@ -57,7 +57,7 @@ Usage::
     # or wrap both once (the same handler instance must see model and guide):
     lr = LocalReparameterization()
     svi = SVI(lr(model), lr(guide), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    # Handled keeps the wrapped object's attributes (median, state_dict, batched_forward, ...):
+    # Handled keeps the wrapped object's attributes (median, state_dict, functional_net, ...):
     svi = SVI(Handled(model, lr), Handled(guide, lr), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
 
 Measured cost (``benchmarks/harness.py --reps 30 --threads 2``, 2 CPU cores,
@@ -368,7 +368,7 @@ class Handled:
     """A model or guide that runs under a handler, with its attributes intact.
 
     ``Handled(guide, handler)(*args)`` runs ``guide(*args)`` inside ``handler``;
-    every other attribute (``median``, ``state_dict``, ``batched_forward``,
+    every other attribute (``median``, ``state_dict``, ``functional_net``,
     ``setup``, ...) is the wrapped object's own. Use the *same* handler
     instance for the model and the guide. Note: the wrapper is not an
     ``nn.Module``; save and load the wrapped object (``.wrapped``).

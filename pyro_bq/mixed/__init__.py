@@ -45,7 +45,7 @@ from .quantizers import (
     allocation_policy,
 )
 from .random_bits import random_bits
-from .report import bits_table, evaluate_allocation, evaluate_float, mean_accuracy, plot_bits, results_table
+from .report import bits_table, evaluate_allocation, evaluate_float, plot_bits, results_table
 from .smol import bits_from_s, noise_amplitude, s_from_bits, signed_quantize, smol, smol_penalty, with_locs
 
 __all__ = [
@@ -80,6 +80,5 @@ __all__ = [
     "plot_bits",
     "evaluate_allocation",
     "evaluate_float",
-    "mean_accuracy",
     "results_table",
 ]

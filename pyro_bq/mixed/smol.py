@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_bq._validation import check_choice, check_float, check_int, check_positive
+from pyro_bq.inference.prediction import batched_forward
 
 from .informativeness import BitAllocation, site_sizes, validated
 
@@ -151,8 +152,8 @@ def smol(
 ):
     """Learn per-parameter (or per-site) precisions, then fine-tune the means under them.
 
-    :param model: the :class:`~pyro_bq.models.BayesianClassifier` (its
-        ``batched_forward`` runs the deterministic network).
+    :param model: the :class:`~pyro_bq.models.BayesianClassifier` (its deterministic
+        network runs through :func:`~pyro_bq.inference.batched_forward`).
     :param guide: the trained guide; it is not modified.
     :param data: an :class:`~pyro_bq.data.InMemoryDataset` of training examples.
     :param lam: ``lambda`` of Eq. 12 (larger: fewer bits). The data term is the
@@ -198,7 +199,7 @@ def smol(
 
     def forward(weights, xb):
         full = {**{k: v[None] for k, v in fixed.items()}, **{k: v[None] for k, v in weights.items()}}
-        return model.batched_forward(full, xb)[0]
+        return batched_forward(model, full, xb)[0]
 
     def batches(steps, epoch0):
         done, epoch = 0, epoch0

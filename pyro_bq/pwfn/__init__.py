@@ -17,14 +17,7 @@ from pyro_bq.guides.pwfn import AutoPWFN
 from .clustering import ClusterConfig, ClusterLevel, ClusterResult, cluster_guide_, prefix_within_tau, pwfn_cluster
 from .driver import DEFAULT_SCHEDULE, PWFN, PWFNResult, check_schedule
 from .export import codebook_policy
-from .metrics import (
-    accuracy,
-    compression_stats,
-    ensemble_accuracy,
-    fl_bias_excluded_sites,
-    unique_values,
-    weight_entropy,
-)
+from .metrics import compression_stats, ensemble_accuracy, fl_bias_excluded_sites, unique_values, weight_entropy
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective, sigma_regularizer
 from .sigma_init import pow2_bracket, pwfn_sigma_init, quantile, relative_pow2_distances
 
@@ -53,6 +46,5 @@ __all__ = [
     "unique_values",
     "fl_bias_excluded_sites",
     "compression_stats",
-    "accuracy",
     "ensemble_accuracy",
 ]

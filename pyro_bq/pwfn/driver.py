@@ -54,9 +54,10 @@ from pyro_bq.guides.pwfn import AutoPWFN
 from pyro_bq.inference import fit_svi
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, replace_checkpoint, rng_state, set_rng_state
 from pyro_bq.io.container import writable_folder
+from pyro_bq.uncertainty import accuracy, predictive_probs
 
 from .clustering import ClusterConfig, ClusterLevel, cluster_guide_
-from .metrics import accuracy, compression_stats, ensemble_accuracy
+from .metrics import compression_stats, ensemble_accuracy
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective
 
 __all__ = ["PWFN", "PWFNResult", "DEFAULT_SCHEDULE", "check_schedule"]
@@ -204,7 +205,9 @@ class PWFN:
     def _accuracy(self) -> Optional[float]:
         if self.test_data is None:
             return None
-        return accuracy(self.model, self.guide.median(), self.test_data, batch_size=self.eval_batch_size)
+        point = {k: v[None] for k, v in self.guide.median().items()}
+        probs = predictive_probs(self.model, x=self.test_data, samples=point, batch_size=self.eval_batch_size)
+        return accuracy(probs, self.test_data.y)
 
     def _save(self, t: int, level: ClusterLevel, rounds: list, extra: dict) -> None:
         """Checkpoint the state after round ``t`` (in place of the one before) and drop round ``t``'s SVI checkpoints."""

@@ -297,7 +297,7 @@ def _memory(guide) -> tuple[float, int]:
 
 def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, row_dir: Path, extra: dict):
     from pyro_bq.io.container import write_container
-    from pyro_bq.uncertainty import evaluate
+    from pyro_bq.uncertainty import evaluate_details
 
     eval_model = model
     if spec.act_bits is not None:
@@ -306,9 +306,9 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
         calib = train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_rows]]
         eval_model = quantize_activations(model, spec.act_bits, guide=guide, data=calib)
     t0 = time.time()
-    record, details = evaluate(
+    record, details = evaluate_details(
         eval_model, guide, tests["mnist"], tests["fashion"], ambiguous_data=tests["ambiguous"],
-        num_samples=cfg.num_samples, seed=cfg.seed, return_details=True,
+        num_samples=cfg.num_samples, seed=cfg.seed,
     )
     bpp, nbytes = _memory(guide)
     row = {
