@@ -57,6 +57,7 @@ from pyro_bq._validation import (
 from pyro_bq._validation import check_schedule as _check_schedule
 from pyro_bq.data.dataset import InMemoryDataset
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pyro_bq.recipes import scale_aware_adam
 
 from .clustering import ClusterConfig, ClusterLevel, cluster_guide_
 from .metrics import accuracy, compression_stats, ensemble_accuracy
@@ -203,10 +204,7 @@ class PWFN:
             self.log(line)
 
     def _optimizer(self):
-        import pyro.optim
-
-        lr, scale_lr = self.lr, self.scale_lr
-        return pyro.optim.Adam(lambda name: {"lr": scale_lr if name.endswith("scale_raw") else lr})
+        return scale_aware_adam(self.lr, self.scale_lr)
 
     def _accuracy(self) -> Optional[float]:
         if self.test_data is None:
