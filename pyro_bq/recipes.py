@@ -88,6 +88,8 @@ def pretrain(
 
         net = pretrain(LeNet5, train, epochs=2, lr=2e-3, checkpoint="runs/lenet.bq")
     """
+    if isinstance(make_net, nn.Module):
+        raise TypeError("make_net must build the network (e.g. the class LeNet5), not be a network instance")
     check_callable("make_net", make_net, "a callable that returns an nn.Module")
     epochs = check_int("epochs", epochs, low=0)
     batch_size = check_int("batch_size", batch_size, low=1)
