@@ -96,7 +96,7 @@ def load_or_fit(args, train):
             return model, guide, False
     net = pretrain(LeNet5, train, epochs=args.pretrain_epochs)
     model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=len(train))
-    guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=args.svi_epochs)
+    guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=args.svi_epochs, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_meanfield_guide(path, guide, key=key)
     return model, guide, True

@@ -128,15 +128,9 @@ def fit_meanfield_bnn(
     *,
     pretrained: Optional[nn.Module] = None,
     init_scale: float = 1e-3,
-    num_epochs: int = 1,
-    batch_size: int = 128,
     lr: float = 1e-3,
     scale_lr: Optional[float] = None,
-    seed: int = 0,
-    checkpoint_dir: Optional[os.PathLike] = None,
-    checkpoint_every: int = 100,
-    progress: bool = False,
-    callback: Optional[Callable[[int, float], None]] = None,
+    **fit_kwargs,
 ) -> tuple[AutoMeanFieldNormal, FitResult]:
     """Fit a mean-field Normal guide for ``model`` on ``data`` with :func:`~pyro_bq.inference.fit_svi`.
 
@@ -146,24 +140,22 @@ def fit_meanfield_bnn(
         guide's initial means (:func:`~pyro_bq.guides.init_to_pretrained`);
         ``None``: the model's own initial weights.
     :param init_scale: the initial posterior standard deviation of every weight.
+    :param lr: learning rate of the means (of every parameter when ``scale_lr`` is ``None``).
     :param scale_lr: learning rate of the scales with :func:`scale_aware_adam`;
-        ``None``: ``fit_svi``'s default optimizer with ``lr`` for all parameters.
-    :param checkpoint_dir, checkpoint_every, progress, callback: as for ``fit_svi``.
+        ``None``: ``fit_svi``'s default optimizer with ``lr``.
+    :param fit_kwargs: passed on to ``fit_svi`` (``num_epochs``, ``batch_size``, ``seed``,
+        ``checkpoint_dir``, ``progress``, ``callback``, ...).
     :returns: ``(guide, fit_result)``.
 
     Usage::
 
         model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train))
-        guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=3)
+        guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=3, progress=False)
     """
     init = init_to_pretrained(pretrained) if pretrained is not None else None
     guide = AutoMeanFieldNormal(model, init_loc_fn=init, init_scale=init_scale)
     optim = None if scale_lr is None else scale_aware_adam(lr, scale_lr)
-    result = fit_svi(
-        model, guide, data, num_epochs=num_epochs, batch_size=batch_size, optim=optim, lr=lr, seed=seed,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress, callback=callback,
-    )
-    return guide, result
+    return guide, fit_svi(model, guide, data, optim=optim, lr=lr, **fit_kwargs)
 
 
 def save_meanfield_guide(path: os.PathLike, guide: AutoMeanFieldNormal, *, key=None) -> None:

@@ -62,7 +62,7 @@ def test_fit_meanfield_bnn_starts_at_the_pretrained_weights_and_round_trips(data
     net = pretrain(_mlp, data, epochs=1, batch_size=16, seed=1)
     model = BayesianClassifier(_mlp(), IIDNormal(1.0), dataset_size=len(data))
     guide, result = fit_meanfield_bnn(model, data, pretrained=net, num_epochs=1, batch_size=20, lr=1e-12,
-                                      scale_lr=1e-12, init_scale=1e-3)
+                                      scale_lr=1e-12, init_scale=1e-3, progress=False)
     assert result.steps == 2
     start = {f"net.{k}": v for k, v in net.state_dict().items()}
     for name, value in guide.median().items():
