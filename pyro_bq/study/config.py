@@ -30,7 +30,7 @@ __all__ = [
 QUANT_POLICIES = ("vpq", "spq", "jq")
 #: Rows evaluated once rather than per bit width: the log-quantized guide, PWFN and the allocators.
 EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
-#: Every name ``--policies`` accepts.
+#: Every name ``--policies`` accepts; each has a builder in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
 DEFAULT_BITS = (8, 6, 4, 3, 2)
 #: Allowed weight and activation bit widths.
