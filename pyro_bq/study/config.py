@@ -211,8 +211,8 @@ class StudyConfig:
         check_int("calib_rows", self.calib_rows, low=1)
         check_int("extra_steps", self.extra_steps, low=1)
         check_float("mixed_bits", self.mixed_bits, low=2.0, high=8.0)
-        check_bool("progress", self.progress)
-        check_bool("keep_going", self.keep_going)
+        set_("progress", check_bool("progress", self.progress))
+        set_("keep_going", check_bool("keep_going", self.keep_going))
 
     # -- derived -----------------------------------------------------------------------
     @property
