@@ -6,8 +6,9 @@ dtypes and devices) and calls the entry point with every *other* argument
 valid. Each call must raise ``ValueError`` or ``TypeError`` whose message
 names the argument: any other exception type, or a silent success, fails.
 
-Gaps found in other engineers' files stay here as ``xfail(strict=True)`` cases
-with the reason (the lead fixes the file; the mark then has to go).
+A known gap stays here as an ``xfail(strict=True)`` case with the reason;
+once the entry point is fixed the case passes, and the strict mark makes the
+run fail until the mark is removed.
 
 ``PYRO_BQ_FUZZ_EXAMPLES`` sets the number of examples per (entry point,
 argument), 12 by default; runs are derandomized (the same draws every run) so

@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-import pyro.optim
 import torch
 from tqdm.auto import tqdm
 
@@ -55,6 +54,7 @@ from pyro_bq.inference import fit_svi
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, replace_checkpoint, rng_state, set_rng_state
 from pyro_bq.io.container import writable_folder
 from pyro_bq.uncertainty import accuracy, predictive_probs
+from pyro_bq.recipes import scale_aware_adam
 
 from .clustering import ClusterConfig, ClusterLevel, cluster_guide_
 from .metrics import compression_stats, ensemble_accuracy
@@ -199,8 +199,7 @@ class PWFN:
             self.log(line)
 
     def _optimizer(self):
-        lr, scale_lr = self.lr, self.scale_lr
-        return pyro.optim.Adam(lambda name: {"lr": scale_lr if name.endswith("scale_raw") else lr})
+        return scale_aware_adam(self.lr, self.scale_lr)
 
     def _accuracy(self) -> Optional[float]:
         if self.test_data is None:
