@@ -39,7 +39,7 @@ class PerSiteGuide(AutoMeanFieldNormal):
 
 
 class FullTensorNormal(Prior):
-    def distribution(self, module_name, param_name, param):
+    def distribution(self, module, module_name, param_name, param):
         zeros = torch.zeros_like(param)
         return dist.Normal(zeros, zeros + 1.0)
 

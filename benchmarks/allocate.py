@@ -18,10 +18,23 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from pathlib import Path
 
+import pyro
 import torch
+
+from pyro_bq import IIDNormal
+from pyro_bq.guides import AutoMeanFieldNormal, softplus_inverse
+from pyro_bq.mixed import informativeness, posterior_params, quantile_inform, quantize_means, random_bits
+from pyro_bq.mixed.informativeness import single_thread
+from pyro_bq.models import BayesianClassifier, LeNet5, ResNet20
+from pyro_bq.recipes import load_meanfield_guide
+
+#: the BNN examples/mixed_precision_mnist.py trains and caches
+EXAMPLE_CHECKPOINT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyro_bq/mixed/lenet5_mnist_bnn.bq"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,26 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _guide(net_name: str, checkpoint, synthetic: bool):
-    import pyro
-
-    from pyro_bq import IIDNormal
-    from pyro_bq.guides import AutoMeanFieldNormal
-    from pyro_bq.models import BayesianClassifier, LeNet5, ResNet20
-
     pyro.clear_param_store()
     if net_name == "lenet5":
         if not synthetic:
-            from pathlib import Path
-
-            from pyro_bq.io import load_checkpoint
-            from pyro_bq.mixed._train import default_cache
-
-            path = Path(checkpoint) if checkpoint else default_cache()
-            if path.exists():
-                model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=60000)
-                guide = AutoMeanFieldNormal(model)
-                guide.setup(torch.zeros(2, 1, 28, 28))
-                guide.load_state_dict(load_checkpoint(path)["guide"])
+            model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=60000)
+            guide = load_meanfield_guide(checkpoint or EXAMPLE_CHECKPOINT, model, torch.zeros(2, 1, 28, 28))
+            if guide is not None:
                 return guide, "trained on MNIST"
         net, x = LeNet5(), torch.zeros(2, 1, 28, 28)
     elif net_name == "resnet20":
@@ -70,8 +69,6 @@ def _guide(net_name: str, checkpoint, synthetic: bool):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         guide.loc.copy_(0.1 * torch.randn(guide.loc.shape, generator=gen))
-        from pyro_bq.guides import softplus_inverse
-
         guide.scale_raw.copy_(softplus_inverse(0.005 + 0.045 * torch.rand(guide.loc.shape, generator=gen)))
     return guide, "synthetic"
 
@@ -86,9 +83,6 @@ def _time(fn, repeats: int) -> tuple[float, object]:
 
 
 def main(args) -> list[dict]:
-    from pyro_bq.mixed import informativeness, posterior_params, quantile_inform, quantize_means, random_bits
-    from pyro_bq.mixed.informativeness import single_thread
-
     torch.set_num_threads(args.threads)
     lo, hi = (int(v) for v in args.candidates.split("-"))
     cand = range(lo, hi + 1)

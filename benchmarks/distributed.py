@@ -33,23 +33,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyro
+import pyro.optim
+import torch
+import torch.distributed as dist
+
+from pyro_bq import IIDNormal
+from pyro_bq.data import load_mnist
+from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.inference import fit_svi
+from pyro_bq.inference.distributed import destroy_distributed, init_distributed
+from pyro_bq.models import BayesianClassifier, LeNet5
+
 HERE = Path(__file__).resolve()
 
 
 def worker(args) -> None:
     """One rank under torchrun: train, time the steps after the warm-up, rank 0 writes JSON."""
-    import pyro
-    import pyro.optim
-    import torch
-    import torch.distributed as dist
-
-    from pyro_bq import IIDNormal
-    from pyro_bq.data import load_mnist
-    from pyro_bq.guides import AutoMeanFieldNormal
-    from pyro_bq.inference import fit_svi
-    from pyro_bq.inference.distributed import destroy_distributed, init_distributed
-    from pyro_bq.models import BayesianClassifier, LeNet5
-
     torch.set_num_threads(1)
     info = init_distributed("gloo", timeout=300)
     comm = [0.0]

@@ -41,7 +41,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -52,9 +51,27 @@ import sys
 import time
 from typing import Callable, Dict
 
+import pyro
+import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule, PyroSample
+from pyro.nn.module import to_pyro_module_
 from torch import nn
+
+from pyro_bq import IIDNormal
+from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.inference import MeanFieldELBO, default_optim
+from pyro_bq.inference.prediction import predict_batched
+from pyro_bq.inference.reparam import Flipout, LocalReparameterization
+from pyro_bq.models import MLP, BayesianClassifier, LeNet5
+
+try:  # optional: the bayesian-torch rows run only where it is installed
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
+except ImportError:
+    dnn_to_bnn = get_kl_loss = None
 
 DATASET_SIZE = 60000
 BATCH = 128
@@ -64,8 +81,6 @@ INIT_SCALE = 1e-2
 
 
 def make_net(name: str) -> nn.Module:
-    from pyro_bq.models import MLP, LeNet5
-
     torch.manual_seed(0)
     return LeNet5() if name == "lenet" else MLP((784, 400, 400, 10))
 
@@ -155,11 +170,6 @@ def bbb_step(net_name, lr: bool, fused: bool = False):
 
 # -- (c) naive Pyro --------------------------------------------------------------------------------
 def naive_pyro_model(net_name):
-    import pyro
-    import pyro.distributions as dist
-    from pyro.nn import PyroModule, PyroSample
-    from pyro.nn.module import to_pyro_module_
-
     net = make_net(net_name)
     to_pyro_module_(net)
     for module in list(net.modules()):
@@ -183,10 +193,6 @@ def naive_pyro_model(net_name):
 
 
 def naive_pyro_step(net_name):
-    import pyro
-    from pyro.infer import SVI, TraceMeanField_ELBO
-    from pyro.infer.autoguide import AutoNormal
-
     model = naive_pyro_model(net_name)
     guide = AutoNormal(model, init_scale=INIT_SCALE)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
@@ -201,12 +207,6 @@ _BQ_CACHE: Dict[str, tuple] = {}
 
 def bq_setup(net_name):
     """One model + guide per network, shared by the pyro_bq rows (one param store)."""
-    import pyro
-
-    from pyro_bq import IIDNormal
-    from pyro_bq.guides import AutoMeanFieldNormal
-    from pyro_bq.models import BayesianClassifier
-
     if net_name not in _BQ_CACHE:
         pyro.clear_param_store()
         model = BayesianClassifier(make_net(net_name), IIDNormal(PRIOR_SCALE), DATASET_SIZE)
@@ -219,11 +219,6 @@ def bq_setup(net_name):
 
 
 def bq_step(net_name, handler=None, stock=False):
-    import pyro
-    from pyro.infer import SVI, TraceMeanField_ELBO
-
-    from pyro_bq.inference import MeanFieldELBO, default_optim
-
     model, guide = bq_setup(net_name)
     if stock:  # stock Pyro optimizer and ELBO
         svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
@@ -242,17 +237,10 @@ def bq_step(net_name, handler=None, stock=False):
 
 # -- (g) bayesian-torch ------------------------------------------------------------------------------
 def have_bayesian_torch() -> bool:
-    try:
-        import bayesian_torch  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
+    return dnn_to_bnn is not None
 
 
 def bt_net(net_name, kind="Reparameterization"):
-    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
-
     net = make_net(net_name)
     dnn_to_bnn(
         net,
@@ -269,8 +257,6 @@ def bt_net(net_name, kind="Reparameterization"):
 
 
 def bt_step(net_name, kind="Reparameterization"):
-    from bayesian_torch.models.dnn_to_bnn import get_kl_loss
-
     net = bt_net(net_name, kind)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     x, y = data(BATCH)
@@ -306,16 +292,12 @@ def pred_det(net_name):
 
 
 def pred_bq(net_name):
-    from pyro_bq.inference.prediction import predict_batched
-
     model, guide = bq_setup(net_name)
     x, _ = data(PRED_N, 1)
     return lambda: predict_batched(model, guide, x, num_samples=PRED_S)
 
 
 def pred_loop(net_name):
-    from pyro.infer import Predictive
-
     model, guide = bq_setup(net_name)
     x, _ = data(PRED_N, 1)
     pred = Predictive(model, guide=guide, num_samples=PRED_S, return_sites=["logits"])
@@ -333,8 +315,6 @@ def pred_bt(net_name):
 
 # -- registry ---------------------------------------------------------------------------------------------
 def train_rows(net_name) -> Dict[str, Callable[[], Callable[[], None]]]:
-    from pyro_bq.inference.reparam import Flipout, LocalReparameterization
-
     rows = {
         "det": lambda: det_step(net_name),
         "bbb-lr": lambda: bbb_step(net_name, lr=True),
@@ -439,8 +419,6 @@ def main(argv=None):
     if args.memory_child:
         memory_child(*args.memory_child, steps=args.memory_steps)
         return
-    import pyro
-
     pyro.enable_validation(True)  # Pyro's default; the user's choice
     print(f"# pyro_bq speed harness: torch {torch.__version__}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start\n")

@@ -20,10 +20,11 @@ import time
 
 import torch
 
+from pyro_bq.guides.pwfn import pwfn_sigma_init
+from pyro_bq.pwfn.clustering import ClusterConfig, pwfn_cluster
+
 
 def make_weights(n: int, seed: int):
-    from pyro_bq.guides.pwfn import pwfn_sigma_init
-
     g = torch.Generator().manual_seed(seed)
     layer_scale = torch.tensor([0.2, 0.08, 0.04, 0.02, 0.01])
     which = torch.randint(0, len(layer_scale), (n,), generator=g)
@@ -34,8 +35,6 @@ def make_weights(n: int, seed: int):
 
 
 def main(args) -> dict:
-    from pyro_bq.pwfn.clustering import ClusterConfig, pwfn_cluster
-
     torch.set_num_threads(args.threads)
     mu, sigma = make_weights(args.n, args.seed)
     n = mu.numel()

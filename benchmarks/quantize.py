@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pyro_bq import IIDNormal
+from pyro_bq.guides import AutoMeanFieldNormal, quantize
+from pyro_bq.io import memory_report, save_packed
+from pyro_bq.models import BayesianClassifier
+from pyro_bq.quant import make_policy
+
 
 def build_guide(num_params: float):
     """A mean-field guide over an MLP with about ``num_params`` weights, filled with random values."""
-    from pyro_bq import IIDNormal
-    from pyro_bq.guides import AutoMeanFieldNormal
-    from pyro_bq.models import BayesianClassifier
-
     width = int(((num_params - 1024 * 512) / 3) ** 0.5)  # three width x width layers dominate
     net = nn.Sequential(
         nn.Flatten(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
@@ -57,10 +59,6 @@ def main(args=None):
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args(args)
     torch.set_num_threads(args.threads)
-
-    from pyro_bq.guides import quantize
-    from pyro_bq.io import memory_report, save_packed
-    from pyro_bq.quant import make_policy
 
     model, guide = build_guide(args.params)
     n = guide.num_params

@@ -18,16 +18,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
+import pyro
 import torch
+
+from pyro_bq import IIDNormal
+from pyro_bq.data import load_fashion_mnist, load_mnist
+from pyro_bq.mixed import (
+    bits_table,
+    evaluate_allocation,
+    evaluate_float,
+    plot_bits,
+    quantile_inform,
+    random_bits,
+    results_table,
+    smol,
+)
+from pyro_bq.models import BayesianClassifier, LeNet5
+from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide
+
+#: where the trained BNN is cached (benchmarks/allocate.py reads the same file)
+DEFAULT_CHECKPOINT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyro_bq/mixed/lenet5_mnist_bnn.bq"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=None, help="MNIST-family root (default: $PYRO_BQ_DATA or ~/.cache/pyro_bq/data)")
-    p.add_argument("--checkpoint", default=None, help="cache file of the trained BNN (default ~/.cache/pyro_bq/mixed/...)")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="cache file of the trained BNN (default: %(default)s)")
     p.add_argument("--retrain", action="store_true", help="train even if the cache exists")
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only this many MNIST / Fashion-MNIST test images")
@@ -64,38 +84,36 @@ def main(args) -> dict:
         torch.set_num_threads(threads)
 
 
-def _run(args) -> dict:
-    from pyro_bq.data import load_fashion_mnist, load_mnist
-    from pyro_bq.mixed import (
-        bits_table,
-        evaluate_allocation,
-        evaluate_float,
-        plot_bits,
-        quantile_inform,
-        random_bits,
-        results_table,
-        smol,
-    )
-    from pyro_bq.mixed._train import load_or_train_lenet5_bnn
+def load_or_fit(args, train):
+    """The LeNet-5 BNN cached at ``args.checkpoint`` for these settings, or a new one (pretrained, then SVI)."""
+    path = Path(args.checkpoint)
+    key = {"train_size": len(train), "pretrain_epochs": args.pretrain_epochs, "svi_epochs": args.svi_epochs}
+    pyro.clear_param_store()
+    if not args.retrain:
+        model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train))
+        guide = load_meanfield_guide(path, model, train.x[:2], key=key)
+        if guide is not None:
+            return model, guide, False
+    net = pretrain(LeNet5, train, epochs=args.pretrain_epochs)
+    model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=len(train))
+    guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=args.svi_epochs, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_meanfield_guide(path, guide, key=key)
+    return model, guide, True
 
+
+def _run(args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - {"QIU", "QINU", "RB", "RB-budget", "SMOL", "SMOL-L"}
     if unknown:
         raise ValueError(f"--methods has unknown entries {sorted(unknown)}")
     candidates = parse_candidates(args.candidates)
     t0 = time.perf_counter()
-    model, guide, info = load_or_train_lenet5_bnn(
-        args.data_root,
-        args.checkpoint,
-        train_limit=args.train_limit,
-        retrain=args.retrain,
-        pretrain_epochs=args.pretrain_epochs,
-        svi_epochs=args.svi_epochs,
-    )
-    print(f"BNN: {'trained' if info['trained'] else 'loaded'} {info['path']} ({time.perf_counter() - t0:.1f} s)")
     train = load_mnist(args.data_root, train=True, limit=args.train_limit)
     test = load_mnist(args.data_root, train=False, limit=args.test_limit)
     ood = load_fashion_mnist(args.data_root, train=False, limit=args.test_limit)
+    model, guide, trained = load_or_fit(args, train)
+    print(f"BNN: {'trained' if trained else 'loaded'} {args.checkpoint} ({time.perf_counter() - t0:.1f} s)")
 
     allocs, guides, times = {}, {}, {}
     for m in methods:

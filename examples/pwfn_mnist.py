@@ -6,7 +6,8 @@
         --pretrain-epochs 1 --num-steps 20 --schedule 0.5 1.0              # a quick look
 
 The pretrained net is cached with ``--pretrained PATH`` (pickle-free
-``pyro_bq.io`` checkpoint): loaded when the file exists, written otherwise.
+``pyro_bq.io`` checkpoint, written after every pretraining epoch): a later run
+loads it, or resumes its pretraining.
 ``--checkpoint-dir`` makes the PWFN rounds resumable.
 """
 
@@ -17,8 +18,15 @@ import math
 import time
 from pathlib import Path
 
+import pyro
 import torch
-import torch.nn.functional as F
+
+from pyro_bq import IIDNormal
+from pyro_bq.data import load_mnist
+from pyro_bq.guides import init_to_pretrained
+from pyro_bq.models import BayesianClassifier, LeNet5
+from pyro_bq.pwfn import PWFN, AutoPWFN, ClusterConfig, compression_stats
+from pyro_bq.recipes import pretrain
 
 
 #: the paper's nine fractions (pyro_bq.pwfn.DEFAULT_SCHEDULE) with WFN's finer tail
@@ -26,17 +34,6 @@ import torch.nn.functional as F
 #: fit no centre, and a round of retraining after most of them keeps the accuracy
 #: (LeNet-5: 98.54% with the tail against 98.15% without, same settings otherwise).
 TAIL_SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999, 1.0)
-
-
-def pretrain(net, train, *, epochs: int, lr: float, batch_size: int, seed: int) -> None:
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    for epoch in range(epochs):
-        for xb, yb in train.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
-            opt.zero_grad()
-            F.cross_entropy(net(xb), yb).backward()
-            opt.step()
-    net.eval()
 
 
 @torch.no_grad()
@@ -79,34 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args) -> dict:
-    import pyro
-
-    from pyro_bq import IIDNormal
-    from pyro_bq.data import load_mnist
-    from pyro_bq.guides import init_to_pretrained
-    from pyro_bq.io import load_checkpoint, save_checkpoint
-    from pyro_bq.models import BayesianClassifier, LeNet5
-    from pyro_bq.pwfn import PWFN, AutoPWFN, ClusterConfig, compression_stats
-
     torch.manual_seed(args.seed)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     train = load_mnist(args.data_dir, train=True, limit=args.train_limit)
     test = load_mnist(args.data_dir, train=False, limit=args.test_limit)
 
-    net = LeNet5()
     path = Path(args.pretrained) if args.pretrained else None
+    if path is not None:
+        print(f"{'loading' if path.exists() else 'writing'} the pretrained LeNet-5 at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if path is not None and path.exists():
-        net.load_state_dict(load_checkpoint(path)["net"])
-        print(f"loaded pretrained LeNet-5 from {path}")
-    else:
-        pretrain(net, train, epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=args.batch_size, seed=args.seed)
-        print(f"pretrained LeNet-5 for {args.pretrain_epochs} epoch(s) in {time.perf_counter() - t0:.1f}s")
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(path, {"net": net.state_dict()})
-    net.eval()
+    net = pretrain(LeNet5, train, epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=args.batch_size,
+                   seed=args.seed, checkpoint=path, progress=not args.no_progress)
+    print(f"pretrained LeNet-5 for {args.pretrain_epochs} epoch(s) in {time.perf_counter() - t0:.1f}s")
     base_acc = net_accuracy(net, test)
     base_stats = compression_stats({f"net.{k}": v for k, v in net.named_parameters()})
     print(f"pretrained accuracy {100 * base_acc:.2f}%  entropy {base_stats['entropy']:.1f} bits  "

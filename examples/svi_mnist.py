@@ -32,10 +32,10 @@ import torch
 
 from pyro_bq import IIDNormal
 from pyro_bq.data import load_fashion_mnist, load_mnist
-from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.inference import fit_svi, seed_everything
+from pyro_bq.inference import seed_everything
 from pyro_bq.models import MLP, BayesianClassifier, LeNet5
-from pyro_bq.uncertainty import evaluate, plot_reliability, plot_uncertainty
+from pyro_bq.recipes import fit_meanfield_bnn
+from pyro_bq.uncertainty import evaluate_details, plot_reliability, plot_uncertainty
 
 NETS = {"lenet": LeNet5, "mlp": MLP}
 
@@ -72,8 +72,6 @@ def main(args: argparse.Namespace) -> dict:
     fashion = load_fashion_mnist(args.data_dir, train=False, limit=args.test_limit)
 
     model = BayesianClassifier(NETS[args.net](), IIDNormal(args.prior_scale), dataset_size=len(train))
-    guide = AutoMeanFieldNormal(model, init_scale=args.init_scale)
-
     recent: list = []  # the last raw losses (negative ELBO estimates of the whole training set)
 
     def keep_loss(step: int, loss: float) -> None:
@@ -81,23 +79,14 @@ def main(args: argparse.Namespace) -> dict:
         del recent[:-50]
 
     t0 = time.perf_counter()
-    fit_svi(
-        model,
-        guide,
-        train,
-        num_epochs=args.num_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        progress=not args.no_progress,
-        callback=keep_loss,
+    guide, _ = fit_meanfield_bnn(
+        model, train, init_scale=args.init_scale, num_epochs=args.num_epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, progress=not args.no_progress, callback=keep_loss,
     )
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    record, parts = evaluate(
-        model, guide, test, fashion, num_samples=args.num_samples, seed=args.seed, return_details=True
-    )
+    record, parts = evaluate_details(model, guide, test, fashion, num_samples=args.num_samples, seed=args.seed)
     eval_s = time.perf_counter() - t0
 
     record.update(

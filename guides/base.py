@@ -12,8 +12,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Iterable, NamedTuple
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -22,10 +20,9 @@ from pyro.infer.autoguide import AutoGuide
 
 from pyro_bq._rng import normal_rows, standard_normal
 from pyro_bq._validation import check_schedule
+from pyro_bq.distributions import FlatDraw, FusedNormal
 
 __all__ = ["AutoGaussianSites", "SiteInfo"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _check_quantiles(quantiles) -> torch.Tensor:
@@ -43,53 +40,6 @@ def _check_quantiles(quantiles) -> torch.Tensor:
         shown = q.tolist() if q.numel() <= 8 else f"{q.numel()} values in [{q.min().item()}, {q.max().item()}]"
         raise ValueError(f"quantiles must be {allowed}; got {shown}")
     return q
-
-
-class _FusedNormal(dist.Normal):
-    """A plain ``Normal(loc, scale)`` whose one draw was made ahead of time.
-
-    The fused guide path draws all sites' weights in one flat operation
-    (``value = loc + scale * eps``) and hands each site its view through this
-    class: the first ``rsample()`` returns the prepared draw, every other call
-    draws afresh, and ``log_prob`` of the prepared draw is computed from ``eps``
-    (same value and gradient as ``Normal.log_prob``, fewer full-size operations).
-    """
-
-    _bq_exact_gaussian = True  # samples are exactly loc + scale * eps (see inference.reparam)
-
-    def __init__(self, loc, scale, value, eps, flat: "_FlatDraw | None" = None, offset: int = 0):
-        super().__init__(loc, scale, validate_args=False)
-        self._pending = value
-        self._value = value
-        self._eps = eps
-        # the flat draw this site's tensors are views of, and where: lets an ELBO
-        # sum the KL of all sites of one draw in one pass over the flat vectors
-        self._flat, self._offset = flat, offset
-
-    def rsample(self, sample_shape=torch.Size()):
-        if self._pending is not None and not sample_shape:
-            value, self._pending = self._pending, None
-            return value
-        return super().rsample(sample_shape)
-
-    def sample(self, sample_shape=torch.Size()):
-        with torch.no_grad():
-            return self.rsample(sample_shape).detach()
-
-    def log_prob(self, value):
-        if value is self._value:
-            return self._eps.square().mul_(-0.5).sub_(_HALF_LOG_2PI) - self.scale.log()
-        return super().log_prob(value)
-
-    def expand(self, batch_shape, _instance=None):
-        return dist.Normal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
-
-
-class _FlatDraw(NamedTuple):
-    """The flat ``loc`` and ``scale`` of all sites of one fused guide draw (shared by their ``_FusedNormal``)."""
-
-    loc: torch.Tensor
-    scale: torch.Tensor
 
 
 class SiteInfo(NamedTuple):
@@ -158,16 +108,22 @@ class AutoGaussianSites(AutoGuide):
     def _setup_params(self, trace) -> None:
         """Create the guide's parameters once the sites are known (subclasses)."""
 
-    def _fused_loc_scale(self):
-        """Flat ``(loc, scale)`` of all sites when every site samples a plain
-        ``Normal`` whose loc and scale are views of them (site order, offsets of
-        :attr:`sites`); ``None`` otherwise. Enables one fused draw for all sites."""
+    def fused_loc_scale(self):
+        """Two 1-D vectors ``(loc, scale)`` of all sites in site order when every site samples a
+        plain ``Normal`` whose loc and scale are their pieces at the offsets of :attr:`sites`,
+        else ``None``. Then the guide draws all sites in one operation, and a file writer can
+        store the vectors as they are. A subclass with one flat layout overrides it.
+
+        Usage::
+
+            fused = guide.fused_loc_scale()  # (loc, scale), each of guide.num_params values, or None
+        """
         return None
 
     def _fused_draw(self):
         """``(loc, scale, value, eps)``: one draw of all sites as flat vectors
-        (``value = loc + scale * eps``), or ``None`` where :meth:`_fused_loc_scale` is."""
-        fused = self._fused_loc_scale()
+        (``value = loc + scale * eps``), or ``None`` where :meth:`fused_loc_scale` is."""
+        fused = self.fused_loc_scale()
         if fused is None:
             return None
         loc, scale = fused
@@ -175,13 +131,8 @@ class AutoGaussianSites(AutoGuide):
         return loc, scale, torch.addcmul(loc, scale, eps), eps
 
     def _needs_plates(self) -> bool:
-        if self.create_plates is not None:
-            return True
-        return any(
-            frame.vectorized
-            for name in self.sites
-            for frame in self.prototype_trace.nodes[name]["cond_indep_stack"]
-        )
+        return self.create_plates is not None or any(
+            frame.vectorized for name in self.sites for frame in self.prototype_trace.nodes[name]["cond_indep_stack"])
 
     def setup(self, *args, **kwargs) -> "AutoGaussianSites":
         """Trace the model with example inputs and create the parameters now.
@@ -222,8 +173,7 @@ class AutoGaussianSites(AutoGuide):
 
     # -- AutoGuide API --------------------------------------------------------------
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self.setup(*args, **kwargs)
         needed = self.__dict__.get("_plates_needed")
         if needed is None:
             needed = self.__dict__["_plates_needed"] = self._needs_plates()
@@ -251,18 +201,17 @@ class AutoGaussianSites(AutoGuide):
         return [c.view(lead + info.shape) for c, info in zip(chunks, self.sites.values())]
 
     def _forward_fused(self, loc, scale, value, eps) -> dict[str, torch.Tensor]:
-        result, flat = {}, _FlatDraw(loc, scale)
+        result, flat = {}, FlatDraw(loc, scale)
         parts = zip(self.sites.items(), self._split(loc), self._split(scale), self._split(value), self._split(eps))
         for (name, info), loc_i, scale_i, value_i, eps_i in parts:
-            fn = _FusedNormal(loc_i, scale_i, value_i, eps_i, flat, info.offset).to_event(info.event_dim)
+            fn = FusedNormal(loc_i, scale_i, value_i, eps_i, flat, info.offset).to_event(info.event_dim)
             result[name] = pyro.sample(name, fn)
         return result
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Posterior median (= mean) of each site, keyed by site name."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self.setup(*args, **kwargs)
         return {name: self.get_loc_scale(name)[0].detach().clone() for name in self.sites}
 
     @torch.no_grad()
@@ -274,8 +223,7 @@ class AutoGaussianSites(AutoGuide):
         :raises ValueError: for an empty list or levels outside (0, 1) (NaN included).
         """
         q = _check_quantiles(quantiles)
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self.setup(*args, **kwargs)
         out = {}
         for name in self.sites:
             loc, scale = self.get_loc_scale(name)
@@ -293,7 +241,7 @@ class AutoGaussianSites(AutoGuide):
         self._require_setup()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        fused = self._fused_loc_scale()
+        fused = self.fused_loc_scale()
         if fused is not None:
             loc, scale = fused
             flat = normal_rows(loc, scale, num_samples)  # row r: the guide's r-th draw from here

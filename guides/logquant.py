@@ -55,10 +55,9 @@ class AutoLogQuantNormal(AutoMeanFieldNormal):
         super().__init__(model, init_loc_fn=init_loc_fn, init_scale=init_scale, create_plates=create_plates)
 
     def _setup_params(self, trace) -> None:
-        locs = {name: self._initial_loc(name, trace.nodes[name]).reshape(-1) for name in self.sites}
-        scales = torch.cat([self._initial_scale(name, loc).reshape(-1) for name, loc in locs.items()])
-        self.loc = nn.Parameter(torch.cat(list(locs.values())))
-        self.log2_scale = nn.Parameter(torch.log2(scales.clamp_min(1e-30)))
+        loc, scale = self._initial_flat(trace)
+        self.loc = nn.Parameter(loc)
+        self.log2_scale = nn.Parameter(torch.log2(scale.clamp_min(1e-30)))
 
     def _exponents(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Site ``name``'s float exponents and its window's top (the rounded largest one, or ``window_top``)."""

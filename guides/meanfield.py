@@ -35,18 +35,14 @@ class _SoftplusReparam(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, grad_scale):
         scale_raw, eps = ctx.saved_tensors
-        grad_loc = grad_raw = None
-        if ctx.needs_input_grad[0]:
-            grad_loc = grad_value
-        if ctx.needs_input_grad[1]:
-            if grad_value is None:
-                total = grad_scale
-            elif grad_scale is None:
-                total = grad_value * eps
-            else:
-                total = torch.addcmul(grad_scale, grad_value, eps)
-            grad_raw = None if total is None else torch.ops.aten.softplus_backward(total, scale_raw, 1.0, 20.0)
-        return grad_loc, grad_raw, None
+        grad_loc = grad_value if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1] or (grad_value is None and grad_scale is None):
+            return grad_loc, None, None
+        if grad_value is None:
+            total = grad_scale
+        else:
+            total = grad_value * eps if grad_scale is None else torch.addcmul(grad_scale, grad_value, eps)
+        return grad_loc, torch.ops.aten.softplus_backward(total, scale_raw, 1.0, 20.0), None
 
 
 def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
@@ -154,15 +150,18 @@ class AutoMeanFieldNormal(AutoGaussianSites):
     def _initial_scale(self, name: str, loc: torch.Tensor) -> torch.Tensor:
         return torch.full_like(loc, self.init_scale)
 
-    def _setup_params(self, trace) -> None:
+    def _initial_flat(self, trace) -> tuple[torch.Tensor, torch.Tensor]:
+        """The initial ``(loc, scale)`` of all sites as two flat vectors in site order."""
         locs, scales = [], []
         for name in self.sites:
-            site = trace.nodes[name]
-            loc = self._initial_loc(name, site).reshape(-1)
-            locs.append(loc)
-            scales.append(self._initial_scale(name, loc).reshape(-1))
-        self.loc = nn.Parameter(torch.cat(locs))
-        self.scale_raw = nn.Parameter(_softplus_inverse(torch.cat(scales).clamp_min(1e-30)))
+            locs.append(self._initial_loc(name, trace.nodes[name]).reshape(-1))
+            scales.append(self._initial_scale(name, locs[-1]).reshape(-1))
+        return torch.cat(locs), torch.cat(scales)
+
+    def _setup_params(self, trace) -> None:
+        loc, scale = self._initial_flat(trace)
+        self.loc = nn.Parameter(loc)
+        self.scale_raw = nn.Parameter(_softplus_inverse(scale.clamp_min(1e-30)))
 
     def flat_loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All locs and scales as two flat vectors in site order."""
@@ -183,7 +182,7 @@ class AutoMeanFieldNormal(AutoGaussianSites):
             and cls.get_posterior is AutoGaussianSites.get_posterior
         )
 
-    def _fused_loc_scale(self):
+    def fused_loc_scale(self):
         return self.flat_loc_scale() if self._own_layout() else None
 
     def _fused_draw(self):

@@ -5,15 +5,15 @@ model. The likelihood sits in ``pyro.plate("data", dataset_size,
 subsample_size=len(x))``, so the log likelihood of a minibatch is scaled to the
 whole dataset and a minibatch ELBO is an unbiased estimate of the full one.
 The weight sites are named after the network's parameters with the prefix
-``net.``, e.g. ``net.conv1.weight``.
+``net.``, e.g. ``net.conv1.weight``. :meth:`BayesianModel.functional_net` gives the
+network as a function of its weights, which :mod:`pyro_bq.inference.prediction`
+evaluates for many weight samples at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import time
 from typing import Mapping, Optional, Union
 
 import pyro
@@ -23,23 +23,36 @@ from pyro.distributions import constraints
 from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule, PyroParam
 from torch import nn
-from torch.func import functional_call, vmap
 
 from pyro_bq._validation import check_int, check_module, check_positive
 from pyro_bq.priors import Prior, bq_priors, prior_sites
-from pyro_bq.inference.folded import FoldedNet, NotFoldable
 
-__all__ = ["BayesianModel", "BayesianClassifier", "BayesianRegressor"]
+__all__ = ["BayesianModel", "BayesianClassifier", "BayesianRegressor", "check_inputs"]
 
-#: ways :meth:`BayesianModel.batched_forward` evaluates many weight samples
-_STRATEGIES = ("auto", "folded", "vmap", "loop")
+
+def check_inputs(name: str, x) -> torch.Tensor:
+    """``x`` checked as network inputs: a floating-point tensor ``(N, ...features)`` with ``N >= 1``.
+
+    :raises TypeError, ValueError: naming ``name``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (N, ...features) with N >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
 
 
 class BayesianModel(PyroModule):
-    """Shared machinery: priors on ``net``, minibatch scaling, batched prediction.
+    """Shared machinery: priors on ``net``, minibatch scaling, the network as a function of its weights.
 
-    Subclasses define the likelihood in :meth:`forward`.
+    Subclasses define the likelihood in :meth:`forward` and name its deterministic
+    output site in :attr:`output_site`.
     """
+
+    #: the deterministic site holding the network's output (``"logits"``, ``"loc"``)
+    output_site: str
 
     def __init__(self, net: nn.Module, prior: Prior, dataset_size: int, *, expose=None):
         super().__init__()
@@ -47,8 +60,8 @@ class BayesianModel(PyroModule):
         self.dataset_size = check_int("dataset_size", dataset_size, low=1)
         self.net = bq_priors(net, prior, expose=expose)
         self.prior = prior
-        # A parameter-free twin of the network for vectorized prediction with
-        # torch.func; every tensor it uses is supplied at call time.
+        # A parameter-free twin of the network for functional_net; every tensor
+        # it uses is supplied at call time.
         object.__setattr__(self, "_template", copy.deepcopy(net).to("meta").eval())
         object.__setattr__(
             self, "_initial_params", {f"net.{k}": v.detach().clone() for k, v in net.named_parameters()}
@@ -66,12 +79,7 @@ class BayesianModel(PyroModule):
 
     # -- input checks ------------------------------------------------------------
     def _check_inputs(self, x, y=None) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 2 or x.shape[0] < 1:
-            raise ValueError(f"x must have shape (batch, ...features) with batch >= 1, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        check_inputs("x", x)
         if y is not None:
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
@@ -91,23 +99,28 @@ class BayesianModel(PyroModule):
         return pyro.plate("data", size=self.dataset_size, subsample=torch.arange(n, device=x.device))
 
     @contextlib.contextmanager
-    def _shape_errors(self, x: torch.Tensor):
-        """Turn torch's shape/size RuntimeErrors from the network into a ValueError naming ``x``."""
+    def shape_errors(self, x: torch.Tensor):
+        """Turn torch's shape/size/dim RuntimeErrors from the network into a ValueError naming ``x``."""
         try:
             yield
         except RuntimeError as err:
-            if "shape" in str(err) or "size" in str(err):
+            if any(word in str(err) for word in ("shape", "size", "dim")):
                 raise ValueError(
                     f"x has shape {tuple(x.shape)}, which {type(self._template).__name__} cannot take: {err}"
                 ) from err
             raise
 
     def _run_net(self, x: torch.Tensor) -> torch.Tensor:
-        with self._shape_errors(x):
-            return self.net(x)
+        with self.shape_errors(x):
+            return self.net_output(self.net(x))
+
+    def net_output(self, out: torch.Tensor, sample_dims: int = 0) -> torch.Tensor:
+        """The value of :attr:`output_site` from the network's output ``out`` with ``sample_dims`` leading
+        sample dimensions: ``out`` itself here; a subclass may reshape it."""
+        return out
 
     def _check_samples(self, samples, sites: list[str]) -> None:
-        """Check ``samples`` of :meth:`batched_forward`: shapes and dtypes only (no pass over the values)."""
+        """Check ``samples`` of :meth:`functional_net`: shapes and dtypes only (no pass over the values)."""
         if not isinstance(samples, Mapping):
             raise TypeError(f"samples must be a dict {{site name: tensor of shape (S, *site_shape)}}, "
                             f"got {type(samples).__name__}")
@@ -132,109 +145,26 @@ class BayesianModel(PyroModule):
         if not draws:
             raise ValueError("samples must hold at least one draw (S >= 1)")
 
-    # -- vectorized prediction ---------------------------------------------------------
-    def _memo(self, name: str) -> dict:
-        """A dict kept on this model (outside the module's state) for values remembered per input shape."""
-        memo = self.__dict__.get(name)
-        if memo is None:
-            memo = {}
-            object.__setattr__(self, name, memo)
-        return memo
+    def functional_net(self, samples: Mapping[str, torch.Tensor], x: torch.Tensor):
+        """The network as a function of its weights, for evaluation with :mod:`torch.func`.
 
-    def _folded_net(self):
-        """The network traced for folded evaluation, or ``None`` where it uses unsupported operations."""
-        folded = self.__dict__.get("_folded")
-        if folded is None:
-            try:
-                folded = FoldedNet(self._template)
-            except NotFoldable:
-                folded = False
-            object.__setattr__(self, "_folded", folded)
-        return folded or None
+        :param samples: weight draws ``{site: (S, *site_shape)}`` holding every weight site.
+        :param x: inputs ``(N, ...)``.
+        :returns: ``(net, sampled, shared)``: a parameter-free copy of ``net`` in eval mode
+            (on the meta device: every tensor is supplied at call time), the draws keyed by
+            the network's parameter names, and the network's other parameters and buffers.
+        :raises TypeError, ValueError: for ``x`` or ``samples`` of the wrong type or shape.
 
-    def batched_forward(self, samples: Mapping[str, torch.Tensor], x: torch.Tensor, *,
-                        strategy: str = "auto") -> torch.Tensor:
-        """Network outputs for ``S`` weight samples at once: shape ``(S, N, ...)``.
+        Usage::
 
-        ``samples`` maps every weight site to a tensor with a leading sample
-        dimension ``S``. Deterministic parameters and buffers (e.g. BatchNorm)
-        are shared across samples. The network runs in eval mode. Three ways to
-        evaluate, all giving the same outputs up to float rounding (tested), and
-        a default that picks one:
-
-        * ``"folded"``: all samples in one pass with the samples folded into the
-          tensors (:class:`~pyro_bq.inference.folded.FoldedNet`: grouped
-          convolutions, stacked Linear weights), where the network's operations allow it;
-        * ``"vmap"``: one :func:`torch.func.vmap` call over the samples;
-        * ``"loop"``: one ordinary network pass per sample, with its weights swapped in;
-        * ``"auto"`` (default): the faster of ``folded`` (or ``vmap`` where the
-          network cannot be folded) and ``loop`` for this input shape and ``S``,
-          timed on the first call with them (each twice) and remembered; ``loop``,
-          which holds one sample's activations at a time, unless the other is
-          more than 5% faster. Which one wins
-          depends on the CPU and its BLAS/oneDNN kernels: on one 2-core machine
-          the folded LeNet-5 pass of 32 samples was 1.09x the time of 32
-          deterministic passes, on another 1.3x to 1.5x while the loop was 0.98x.
-
-        :raises ValueError: for an unknown ``strategy``, or ``"folded"`` on a network that cannot be folded.
+            net, sampled, shared = model.functional_net(draws, x)
+            out = functional_call(net, {**shared, **{k: v[0] for k, v in sampled.items()}}, (x,))
         """
-        if strategy not in _STRATEGIES:
-            raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         self._check_inputs(x)
         sites = self.weight_sites
         self._check_samples(samples, sites)
         shared = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
-        batched = {name[len("net."):]: samples[name] for name in sites}
-        num = next(iter(batched.values())).shape[0]
-        with self._shape_errors(x):
-            if strategy == "auto":
-                if num == 1:
-                    return self._forward_loop(batched, shared, x)
-                return self._forward_auto(batched, shared, x, num)
-            if strategy == "folded":
-                if self._folded_net() is None:
-                    raise ValueError(f"strategy='folded': {type(self._template).__name__} uses operations the "
-                                     "folded pass does not handle; use strategy='vmap' or 'auto'")
-                return self._forward_folded(batched, shared, x)
-            if strategy == "loop":
-                return self._forward_loop(batched, shared, x)
-            return self._forward_vmap(batched, shared, x)
-
-    def _forward_vmap(self, batched, shared, x):
-        return vmap(lambda params: functional_call(self._template, {**shared, **params}, (x,)))(batched)
-
-    def _forward_folded(self, batched, shared, x):
-        folded = self._folded_net()
-        if folded is not None:
-            try:
-                return folded(batched, {k: v for k, v in shared.items() if k not in batched}, x)
-            except NotFoldable:  # an operation only seen at run time: use vmap from now on
-                object.__setattr__(self, "_folded", False)
-        return self._forward_vmap(batched, shared, x)
-
-    def _forward_loop(self, batched, shared, x):
-        num = next(iter(batched.values())).shape[0]
-        outs = [functional_call(self._template, {**shared, **{k: v[i] for k, v in batched.items()}}, (x,))
-                for i in range(num)]
-        return torch.stack(outs)
-
-    def _forward_auto(self, batched, shared, x, num):
-        key = (tuple(x.shape), x.dtype, x.device, num, torch.is_grad_enabled(), torch.get_num_threads())
-        cache = self._memo("_strategies")
-        chosen = cache.get(key)
-        one_pass = "folded" if self._folded_net() is not None else "vmap"
-        runners = {"loop": self._forward_loop, one_pass: self._forward_folded}
-        if chosen is not None:
-            return runners[chosen](batched, shared, x)
-        # each twice (a first call pays one-off set-up costs), in the order a b b a; the
-        # one-pass way holds all samples' activations at once, so it must win by 5%
-        times, outs = {}, {}
-        for name in ("loop", one_pass, one_pass, "loop"):
-            start = time.perf_counter()
-            outs[name] = runners[name](batched, shared, x)
-            times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
-        chosen = cache[key] = one_pass if times[one_pass] < 0.95 * times["loop"] else "loop"
-        return outs[chosen]
+        return self._template, {name[len("net."):]: samples[name] for name in sites}, shared
 
 
 class BayesianClassifier(BayesianModel):
@@ -246,7 +176,7 @@ class BayesianClassifier(BayesianModel):
         scaled by ``dataset_size / len(x)``.
     :param expose: which parameters get priors, as in :func:`~pyro_bq.bq_priors`.
 
-    Sites: the weights ``net.*``, ``logits`` (deterministic) and ``obs``.
+    Sites: the weights ``net.*``, ``logits`` (deterministic, :attr:`output_site`) and ``obs``.
 
     Usage::
 
@@ -255,6 +185,8 @@ class BayesianClassifier(BayesianModel):
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
         svi.step(x, y)
     """
+
+    output_site = "logits"
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_inputs(x, y)
@@ -285,13 +217,15 @@ class BayesianRegressor(BayesianModel):
         named ``noise``).
     :param noise_init: starting value of a learned noise scale.
 
-    Sites: the weights ``net.*``, ``loc`` (deterministic) and ``obs``.
+    Sites: the weights ``net.*``, ``loc`` (deterministic, :attr:`output_site`) and ``obs``.
     The network's output of shape ``(N,)`` or ``(N, 1)`` is the mean.
 
     Usage::
 
         model = BayesianRegressor(nn.Linear(3, 1), IIDNormal(1.0), dataset_size=100, noise=0.1)
     """
+
+    output_site = "loc"
 
     def __init__(
         self,
@@ -317,8 +251,6 @@ class BayesianRegressor(BayesianModel):
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_inputs(x, y)
         loc = self._run_net(x)
-        if loc.dim() == 2 and loc.shape[-1] == 1:
-            loc = loc.squeeze(-1)
         if loc.dim() != 1:
             raise ValueError(f"net must return one output per example, got shape {tuple(loc.shape)}")
         if y is not None:
@@ -334,9 +266,9 @@ class BayesianRegressor(BayesianModel):
             pyro.sample("obs", dist.Normal(loc, noise), obs=y)
         return loc
 
-    def batched_forward(self, samples, x, *, strategy: str = "auto"):
-        out = super().batched_forward(samples, x, strategy=strategy)
-        return out.squeeze(-1) if out.dim() == 3 and out.shape[-1] == 1 else out
+    def net_output(self, out: torch.Tensor, sample_dims: int = 0) -> torch.Tensor:
+        """The mean ``loc``: the network's output ``(*samples, N)``, or ``(*samples, N, 1)`` squeezed."""
+        return out.squeeze(-1) if out.dim() == sample_dims + 2 and out.shape[-1] == 1 else out
 
     def noise_scale(self) -> torch.Tensor:
         """The observation noise scale (a detached scalar tensor)."""

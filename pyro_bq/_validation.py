@@ -123,7 +123,7 @@ def _check_range(name, value, low, high, low_open=False, high_open=False) -> Non
         raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}, got {value}")
 
 
-# -- further helpers (reliability, issue 9) ---------------------------------------------------
+# -- bools, strings, callables, paths, dtypes, devices, shapes, bit widths, sequences ------------
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from pyro_bq.study.cli import main as study_main
+
 __all__ = ["main"]
 
 _COMMANDS = {"study": "run the Dirty-MNIST study (train, quantize, evaluate; resumable)"}
@@ -28,11 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         parser.parse_args(argv[:1])  # prints help, or an error naming the allowed commands
         return 2
-    if argv[0] == "study":
-        from pyro_bq.study.cli import main as study_main
-
-        return study_main(argv[1:], prog="pyro-bq study")
-    return 2
+    return study_main(argv[1:], prog="pyro-bq study")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def _pause(marker: Path) -> None:
 def run_pwfn(args) -> None:
     import pyro
 
-    import pyro_bq.inference.train as train_module
+    import pyro_bq.pwfn.driver as driver_module
     from pyro_bq import IIDNormal
     from pyro_bq.data import load_mnist
     from pyro_bq.guides import init_to_pretrained
@@ -121,7 +121,7 @@ def run_pwfn(args) -> None:
     model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=len(data))
     guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net))
     folder = Path(args.ckpt)
-    real_fit = train_module.fit_svi
+    real_fit = driver_module.fit_svi
     rounds_started = {"n": 0}
 
     def fit_with_pause(*a, **kw):
@@ -138,7 +138,7 @@ def run_pwfn(args) -> None:
         kw.update(checkpoint_every=args.every, callback=callback)
         return real_fit(*a, **kw)
 
-    train_module.fit_svi = fit_with_pause
+    driver_module.fit_svi = fit_with_pause
 
     def log(line: str) -> None:
         if line.startswith(f"round {args.pause_after_round}/"):

@@ -38,3 +38,12 @@ def mnist_small(data_root):
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for the tests of a module (``pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

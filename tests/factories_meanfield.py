@@ -1,11 +1,10 @@
 from guide_contract import GuideCase, float_guide
+from test_conjugate import check_meanfield_conjugate
 
 from pyro_bq.guides import AutoMeanFieldNormal
 
 
 def _conjugate():
-    from test_conjugate import check_meanfield_conjugate
-
     check_meanfield_conjugate(lambda model: AutoMeanFieldNormal(model, init_scale=0.1))
 
 

@@ -8,7 +8,6 @@ import torch
 from pyro_bq.data import DirtyMNIST, dirty_mnist_test_sets, load_mnist
 from pyro_bq.data.ambiguous import (
     AmbiguousConfig,
-    ensemble_uncertainty,
     generate_ambiguous_mnist,
     load_ambiguous_mnist,
     load_original_ambiguous_mnist,
@@ -81,17 +80,6 @@ def test_generator_is_deterministic_given_seed_and_seed_matters(data_root, tmp_p
     c = generate_ambiguous_mnist(data_root, tmp_path / "a", AmbiguousConfig(seed=4, **TINY), progress=False)
     assert not c.from_cache and not torch.equal(a.train_images, c.train_images)
     assert c.train_labels.shape == (30, 4)
-
-
-def test_ensemble_uncertainty_decomposition():
-    agree = torch.tensor([[[0.5, 0.5]], [[0.5, 0.5]]])
-    disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
-    ua, ud = ensemble_uncertainty(agree), ensemble_uncertainty(disagree)
-    ln2 = torch.log(torch.tensor(2.0))
-    assert torch.allclose(ua["aleatoric"], ln2) and torch.allclose(ua["epistemic"], torch.zeros(1), atol=1e-6)
-    assert torch.allclose(ud["epistemic"], ln2, atol=1e-5) and torch.allclose(ud["aleatoric"], torch.zeros(1), atol=1e-5)
-    with pytest.raises(ValueError, match="probs"):
-        ensemble_uncertainty(torch.ones(3, 2))
 
 
 def _write_original(folder, n_images=6200, k=10, shape=None, label_shape=None):

@@ -20,13 +20,8 @@ from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor  # noqa: E
 from pyro_bq.uncertainty import predictive_logits, sample_weights, to_arviz  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # a shared, loaded CPU: one intra-op thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# a shared, loaded CPU: one intra-op thread avoids oversubscription stalls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def launches(data_root, tmp_path_factory):
     minutes. Each test then waits for its own job, with a subprocess timeout."""
     folder = tmp_path_factory.mktemp("launches")
     jobs = {}
-    # the acceptance run: 2 gloo processes through torchrun, checkpointing every 3 steps
+    # the main run: 2 gloo processes through torchrun, checkpointing every 3 steps
     jobs["two"] = _Job(
         _torchrun_start(2, _args(data_root, folder / "two.bq", "--checkpoint-dir", folder / "ckpt", "--checkpoint-every", 3)),
         out=folder / "two.bq", ckpt=folder / "ckpt",
@@ -245,7 +245,7 @@ def test_init_and_fit_svi_validate_distributed_arguments(mnist_small, monkeypatc
         fit_svi(model, guide, train, num_steps=1, progress=False, distributed=True)
 
 
-# -- acceptance: 2 processes == 1 process on the global batch ------------------------------
+# -- 2 processes == 1 process on the global batch ------------------------------------------
 
 
 def test_two_gloo_processes_match_one_process(launches, reference):

@@ -9,6 +9,7 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro_bq import IIDNormal, LayerwiseNormal, Prior, ScaleMixtureNormal
 from pyro_bq.guides import AutoMeanFieldNormal, quantize
 from pyro_bq.inference import MeanFieldELBO
+from pyro_bq.inference.elbo import _analytic_pair
 from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5
 from pyro_bq.quant import JQ, SPQ
 
@@ -16,7 +17,7 @@ from pyro_bq.quant import JQ, SPQ
 class _Laplace(Prior):
     """A prior without a closed-form KL against a Normal guide (sampled KL estimate)."""
 
-    def distribution(self, module_name, param_name, param):
+    def distribution(self, module, module_name, param_name, param):
         return dist.Laplace(torch.zeros_like(param), 0.5)
 
 
@@ -52,8 +53,6 @@ def test_same_loss_and_gradients_as_stock_trace_mean_field_elbo(prior, which, va
 
 
 def test_it_skips_the_unused_log_densities_and_keeps_the_needed_ones():
-    from pyro_bq.inference.elbo import _analytic_pair
-
     model, guide, x, y = _setup(IIDNormal(1.0))
     elbo = MeanFieldELBO()
     model_trace, guide_trace = elbo._get_trace(model, guide, (x, y), {})

@@ -60,7 +60,7 @@ def test_parser_rejects_unknown_net():
 
 
 @pytest.mark.slow
-def test_default_run_reaches_the_acceptance_figures(data_root, tmp_path):
+def test_default_run_reaches_98_5_percent_accuracy_and_separates_fashion(data_root, tmp_path):
     example = _load()
     record = example.main(
         example.build_parser().parse_args(["--data-dir", str(data_root), "--out-dir", str(tmp_path), "--threads", "1", "--no-progress"])

@@ -8,7 +8,9 @@ from torch import nn
 
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.inference import prediction
 from pyro_bq.inference.folded import FoldedNet, NotFoldable
+from pyro_bq.inference.prediction import batched_forward
 from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5, ResNet20
 
 
@@ -40,7 +42,11 @@ class _Mixed(nn.Module):
 
 
 def _vmap(model, draws, x):
-    return model.batched_forward(draws, x, strategy="vmap")
+    return batched_forward(model, draws, x, strategy="vmap")
+
+
+def _foldable(model, draws, x):
+    return prediction._folded_net(model, model.functional_net(draws, x)[0]) is not None
 
 
 CASES = {
@@ -63,12 +69,12 @@ def test_folded_pass_equals_vmap(name):
     x = torch.randn(shape)
     guide = AutoMeanFieldNormal(model, init_scale=0.1)
     guide(x[:2])
-    assert model._folded_net() is not None
     draws = guide.sample_latents(4)
+    assert _foldable(model, draws, x)
     with torch.no_grad():
-        folded = model.batched_forward(draws, x, strategy="folded")
+        folded = batched_forward(model, draws, x, strategy="folded")
         ref = _vmap(model, draws, x)
-        others = {k: model.batched_forward(draws, x, strategy=k) for k in ("loop", "auto")}
+        others = {k: batched_forward(model, draws, x, strategy=k) for k in ("loop", "auto")}
     assert folded.shape == ref.shape == (4, shape[0], ref.shape[-1])
     torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
     for out in others.values():
@@ -76,7 +82,7 @@ def test_folded_pass_equals_vmap(name):
     # the samples really differ (the folded layout does not mix them up)
     assert not torch.allclose(folded[0], folded[1])
     # one sample alone gives that sample's row
-    one = model.batched_forward({k: v[2:3] for k, v in draws.items()}, x)
+    one = batched_forward(model, {k: v[2:3] for k, v in draws.items()}, x)
     torch.testing.assert_close(one[0], folded[2], rtol=1e-5, atol=1e-5)
 
 
@@ -88,16 +94,16 @@ def test_unsupported_networks_fall_back_to_vmap_with_the_same_result():
     x = torch.randn(6, 12)
     guide = AutoMeanFieldNormal(model, init_scale=0.1)
     guide(x)
-    assert model._folded_net() is None
     draws = guide.sample_latents(3)
+    assert not _foldable(model, draws, x)
     manual = torch.stack([F.linear(x - x.mean(-1, keepdim=True), draws["net.fc.weight"][s], draws["net.fc.bias"][s])
                           for s in range(3)])
     for strategy in ("auto", "vmap", "loop"):
-        torch.testing.assert_close(model.batched_forward(draws, x, strategy=strategy), manual, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched_forward(model, draws, x, strategy=strategy), manual, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="strategy='folded'.*does not handle"):
-        model.batched_forward(draws, x, strategy="folded")
+        batched_forward(model, draws, x, strategy="folded")
     with pytest.raises(ValueError, match="strategy must be one of"):
-        model.batched_forward(draws, x, strategy="fast")
+        batched_forward(model, draws, x, strategy="fast")
 
 
 @pytest.mark.parametrize("slow", ["loop", "folded"])
@@ -112,25 +118,25 @@ def test_auto_strategy_keeps_the_faster_way_per_input_shape(slow, monkeypatch):
     draws = guide.sample_latents(3)
     calls = []
     for name in ("loop", "folded"):
-        original = getattr(type(model), f"_forward_{name}")
+        original = prediction._WAYS[name]
 
-        def run(self, *args, _name=name, _original=original):
+        def run(*args, _name=name, _original=original):
             calls.append(_name)
             if _name == slow:
                 _time.sleep(0.05)
-            return _original(self, *args)
+            return _original(*args)
 
-        monkeypatch.setattr(type(model), f"_forward_{name}", run)
+        monkeypatch.setitem(prediction._WAYS, name, run)
     with torch.no_grad():
-        first = model.batched_forward(draws, x)
+        first = batched_forward(model, draws, x)
         calls.clear()
-        again = model.batched_forward(draws, x)
+        again = batched_forward(model, draws, x)
     fast = "folded" if slow == "loop" else "loop"
     assert calls == [fast]  # timed once, then remembered for this shape
     torch.testing.assert_close(first, again)
-    torch.testing.assert_close(first, model.batched_forward(draws, x, strategy="vmap"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, batched_forward(model, draws, x, strategy="vmap"), rtol=1e-5, atol=1e-5)
     calls.clear()
-    model.batched_forward(draws, x[:2])  # a new shape is timed afresh
+    batched_forward(model, draws, x[:2])  # a new shape is timed afresh
     assert sorted(set(calls)) == ["folded", "loop"]
 
 
@@ -140,9 +146,9 @@ def test_regressor_outputs_through_the_folded_pass():
     x = torch.randn(7, 3)
     guide = AutoMeanFieldNormal(model, init_scale=0.2)
     guide(x, torch.randn(7))
-    assert model._folded_net() is not None
     draws = guide.sample_latents(5)
-    out = model.batched_forward(draws, x)
+    assert _foldable(model, draws, x)
+    out = batched_forward(model, draws, x)
     assert out.shape == (5, 7)
     torch.testing.assert_close(out, _vmap(model, draws, x), rtol=1e-5, atol=1e-5)
 
@@ -153,4 +159,4 @@ def test_inputs_the_network_cannot_take_give_a_clear_error():
     guide = AutoMeanFieldNormal(model)
     guide(torch.randn(2, 1, 28, 28))
     with pytest.raises(ValueError, match="x has shape"):
-        model.batched_forward(guide.sample_latents(2), torch.randn(2, 3, 28, 28))
+        batched_forward(model, guide.sample_latents(2), torch.randn(2, 3, 28, 28))

@@ -6,8 +6,9 @@ dtypes and devices) and calls the entry point with every *other* argument
 valid. Each call must raise ``ValueError`` or ``TypeError`` whose message
 names the argument: any other exception type, or a silent success, fails.
 
-Gaps found in other engineers' files stay here as ``xfail(strict=True)`` cases
-with the reason (the lead fixes the file; the mark then has to go).
+A known gap stays here as an ``xfail(strict=True)`` case with the reason;
+once the entry point is fixed the case passes, and the strict mark makes the
+run fail until the mark is removed.
 
 ``PYRO_BQ_FUZZ_EXAMPLES`` sets the number of examples per (entry point,
 argument), 12 by default; runs are derandomized (the same draws every run) so
@@ -171,7 +172,7 @@ def _register_foundation():
     from pyro_bq import IIDNormal, LayerwiseNormal, PretrainedNormal, ScaleMixtureNormal, bq_priors
     from pyro_bq.data import InMemoryDataset, load_fashion_mnist, load_mnist
     from pyro_bq.guides import AutoMeanFieldNormal, init_to_pretrained
-    from pyro_bq.inference import default_optim, fit_svi, seed_everything
+    from pyro_bq.inference import default_optim, fit_svi, prediction, seed_everything
     from pyro_bq.io import load_checkpoint, read_container, save_checkpoint, set_rng_state, write_container
     from pyro_bq.io.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
     from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5, ResNet20
@@ -220,13 +221,12 @@ def _register_foundation():
                 .filter(lambda v: not isinstance(v, (int, str)))})
 
     def batched_forward(samples, x):
-        model = _model()
-        return model.batched_forward(samples, x)
+        return prediction.batched_forward(_model(), samples, x)
 
     def good_samples():
         return {name: torch.zeros((2,) + tuple(t.shape)) for name, t in _model().initial_params().items()}
 
-    entry("BayesianModel.batched_forward", batched_forward,
+    entry("inference.batched_forward", batched_forward,
           lambda: {"samples": good_samples(), "x": torch.zeros(3, 4)},
           {"samples": st.one_of(st.none(), st.integers(), st.just({}), st.just({"net.1.weight": torch.zeros(2, 3, 4)})),
            "x": bad_tensor(shapes=[(3, 7)], dtypes=[(torch.long, (3, 4))], devices=False)})

@@ -10,7 +10,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from guide_contract import GuideCase
-from pyro_bq.inference import MeanFieldELBO
+from pyro_bq.inference import MeanFieldELBO, batched_forward
 
 CASES: list[GuideCase] = []
 for path in sorted(pathlib.Path(__file__).parent.glob("factories_*.py")):
@@ -48,7 +48,7 @@ def test_samples_vectorized_and_guide_trace_agree_on_shapes(case):
     for name, value in samples.items():
         assert value.shape == (5,) + tuple(trace.nodes[name]["value"].shape)
         assert torch.isfinite(value).all()
-    out = model.batched_forward(samples, x)
+    out = batched_forward(model, samples, x)
     assert out.shape[:2] == (5, x.shape[0])
 
 

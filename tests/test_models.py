@@ -6,9 +6,11 @@ import pytest
 import torch
 from pyro.infer import Predictive, TraceMeanField_ELBO
 from torch import nn
+from torch.func import functional_call
 
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal, init_to_pretrained
+from pyro_bq.inference import batched_forward
 from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5, ResNet20
 
 
@@ -66,10 +68,27 @@ def test_batched_forward_matches_one_conditioned_forward_per_sample():
     guide(x)
     model.eval()
     samples = guide.sample_latents(4)
-    batched = model.batched_forward(samples, x)
+    batched = batched_forward(model, samples, x)
     for s in range(4):
         conditioned = poutine.condition(model, data={k: v[s] for k, v in samples.items()})
         torch.testing.assert_close(batched[s], conditioned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_functional_net_is_the_network_as_a_function_of_its_weights():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model = BayesianRegressor(net, IIDNormal(1.0), dataset_size=10, noise=0.1, expose=lambda m, p: m != "2")
+    x = torch.randn(5, 3)
+    draws = {k: torch.randn((2,) + v.shape) for k, v in model.initial_params().items()}
+    template, sampled, shared = model.functional_net(draws, x)
+    assert sorted(sampled) == ["0.bias", "0.weight"] and sorted(shared) == ["2.bias", "2.weight"]
+    out = functional_call(template, {**shared, **{k: v[1] for k, v in sampled.items()}}, (x,))
+    trace = poutine.trace(poutine.condition(model, data={k: v[1] for k, v in draws.items()})).get_trace(x)
+    torch.testing.assert_close(model.net_output(out), trace.nodes[model.output_site]["value"])
+    assert model.net_output(out).shape == (5,) and model.net_output(out[None], sample_dims=1).shape == (1, 5)
+    with pytest.raises(ValueError, match="samples lacks"):
+        model.functional_net({"net.0.weight": draws["net.0.weight"]}, x)
+    with pytest.raises(TypeError, match="x"):
+        model.functional_net(draws, x.long())
 
 
 def test_regressor_with_learned_noise_trains_the_noise():
@@ -84,7 +103,7 @@ def test_regressor_with_learned_noise_trains_the_noise():
     assert model.noise_scale().item() < 0.3
     pred = Predictive(model, guide=guide, num_samples=8, return_sites=["loc"])(x)["loc"]
     assert pred.shape == (8, 64)
-    assert model.batched_forward(guide.sample_latents(8), x).shape == (8, 64)
+    assert batched_forward(model, guide.sample_latents(8), x).shape == (8, 64)
 
 
 def test_init_to_pretrained_starts_the_locs_at_the_trained_weights():

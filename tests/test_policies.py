@@ -7,6 +7,7 @@ from guide_contract import tiny_classifier
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_bq.guides import AutoLogQuantNormal, AutoMeanFieldNormal, QuantizedGuide, QuantizedNormal, quantize
+from pyro_bq.inference import batched_forward
 from pyro_bq.io import memory_report
 from pyro_bq.quant import (
     JQ,
@@ -239,10 +240,10 @@ def test_activation_quantization_keeps_sites_and_puts_activations_on_a_grid():
     act = qm.net.act
     assert bool(act.ready[:4].all()) and not bool(act.ready[4:].any())  # LeNet-5 uses its activation 4 times
     draws = {k: v[None] for k, v in guide.median().items()}  # weights seen during calibration
-    a, b = model.batched_forward(draws, x), qm.batched_forward(draws, x)
+    a, b = batched_forward(model, draws, x), batched_forward(qm, draws, x)
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # 8 bits: close to float
     low = quantize_activations(model, 2, guide=guide, data=x, num_samples=2)
-    assert (low.batched_forward(draws, x) - a).abs().max() > (b - a).abs().max()
+    assert (batched_forward(low, draws, x) - a).abs().max() > (b - a).abs().max()
     # activations land on the grid: capture them with a hook on the module's output
     seen = []
     handle = qm.net.act.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
@@ -264,7 +265,7 @@ def test_bounded_activations_use_their_natural_range():
     fq = [m for m in qm.net.modules() if isinstance(m, FakeQuantActivation)]
     assert len(fq) == 1 and isinstance(fq[0].activation, torch.nn.ReLU6)
     assert fq[0].lo[0].item() == 0.0 and fq[0].hi[0].item() == 6.0
-    out = qm.batched_forward(guide.sample_latents(2), x)
+    out = batched_forward(qm, guide.sample_latents(2), x)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="natural"):
         quantize_activations(model, 4, activation="relu", range="natural")

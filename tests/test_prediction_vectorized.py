@@ -7,6 +7,7 @@ from torch import nn
 
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.inference import prediction
 from pyro_bq.inference.prediction import activation_bytes_per_sample, predict_batched, predict_looped
 from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor, LeNet5
 
@@ -42,17 +43,38 @@ def test_chunking_over_samples_and_inputs_gives_the_same_result():
     samples = guide.sample_latents(5)
     whole = predict_batched(model, guide, x, samples=samples)
     by_two = predict_batched(model, guide, x, samples=samples, chunk_size=2)
-    per_sample = activation_bytes_per_sample(model, x)
+    per_sample = activation_bytes_per_sample(model.functional_net(samples, x)[0], x)
     tiny = predict_batched(model, guide, x, samples=samples, max_bytes=per_sample // 3)
-    torch.testing.assert_close(by_two, whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tiny, whole, rtol=1e-5, atol=1e-5)
+    batches = predict_batched(model, guide, x, samples=samples, batch_size=7, chunk_size=3)
+    for out in (by_two, tiny, batches):
+        torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_the_byte_budget_sets_the_samples_and_inputs_of_each_pass(monkeypatch):
+    model, guide, x = _setup("mlp")
+    samples = guide.sample_latents(6)
+    per_input = activation_bytes_per_sample(model.functional_net(samples, x)[0], x[:1])
+    calls = []
+
+    def counting(model, part, xb):
+        calls.append((next(iter(part.values())).shape[0], xb.shape[0]))
+        return original(model, part, xb)
+
+    original = prediction.batched_forward
+    monkeypatch.setattr(prediction, "batched_forward", counting)
+    predict_batched(model, guide, x, samples=samples, batch_size=5, max_bytes=per_input * 5 * 4)
+    assert calls == [(4, 5)] * 4 + [(2, 5)] * 4  # 4 samples of 5 inputs fit; 20 inputs in batches of 5
+    calls.clear()
+    predict_batched(model, guide, x, samples=samples, max_bytes=per_input * 8)
+    assert calls == [(1, 8), (1, 8), (1, 4)] * 6  # one sample on all 20 inputs does not fit: 8 at a time
 
 
 def test_activation_bytes_counts_layer_outputs():
     model, guide, x = _setup("mlp")
     # flatten (784) + linear (32) + relu (32) + linear (10) + the Sequential's output (10), + input
     expected = 20 * (784 + 32 + 32 + 10 + 10) * 4 + x.numel() * 4
-    assert activation_bytes_per_sample(model, x) == expected
+    assert activation_bytes_per_sample(model.functional_net(guide.sample_latents(1), x)[0], x) == expected
+    assert activation_bytes_per_sample(MLP((784, 32, 10)), x) == expected  # any network, on any device
 
 
 def test_vectorized_samples_have_the_guide_distribution():

@@ -80,6 +80,21 @@ def test_layerwise_normal_is_fan_in_scaled():
     assert torch.allclose(sites["conv2.bias"]["fn"].base_dist.scale, torch.tensor(2.0 / math.sqrt(150)))
 
 
+def test_one_layerwise_prior_shared_by_two_nets_gives_each_its_own_fan_in():
+    prior = LayerwiseNormal(gain=1.0)
+    before = dict(vars(prior))
+    first = bq_priors(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), prior)
+    # module "0" is now a LayerNorm: its 1-D weight has no fan-in of a layer, so it counts its own 5 values
+    second = bq_priors(nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 2)), prior,
+                       expose={"0.weight", "1.weight", "1.bias"})
+    a, b = sample_sites(first, torch.randn(1, 4)), sample_sites(second, torch.randn(1, 5))
+    assert vars(prior) == before  # the prior keeps no state about the networks
+    expected = [(a, "0.weight", 4), (a, "0.bias", 4), (a, "1.weight", 3), (a, "1.bias", 3),
+                (b, "0.weight", 5), (b, "1.weight", 5), (b, "1.bias", 5)]
+    for sites, name, fan_in in expected:
+        assert torch.all(sites[name]["fn"].base_dist.scale == 1.0 / math.sqrt(fan_in)), name
+
+
 def test_scale_mixture_log_density_matches_the_formula():
     prior = ScaleMixtureNormal(pi=0.25, sigma1=1.0, sigma2=0.1)
     bnn = bq_priors(nn.Linear(3, 2), prior)
@@ -102,13 +117,17 @@ def test_pretrained_normal_is_centred_at_the_trained_weights():
         assert torch.all(sites[name]["fn"].base_dist.scale == 0.05)
 
 
-def test_custom_prior_overrides_one_method():
+def test_custom_prior_overrides_one_method_and_is_given_the_owning_layer():
+    calls = []
+
     class Laplace(Prior):
-        def distribution(self, module_name, param_name, param):
+        def distribution(self, module, module_name, param_name, param):
+            calls.append((type(module), module_name, param_name, tuple(param.shape), tuple(module.weight.shape)))
             return dist.Laplace(torch.zeros_like(param), 0.1)
 
-    sites = sample_sites(bq_priors(nn.Linear(4, 2), Laplace()), torch.randn(1, 4))
-    assert isinstance(sites["weight"]["fn"].base_dist, dist.Laplace)
+    sites = sample_sites(bq_priors(nn.Sequential(nn.Linear(4, 2)), Laplace()), torch.randn(1, 4))
+    assert isinstance(sites["0.weight"]["fn"].base_dist, dist.Laplace)
+    assert calls == [(nn.Linear, "0", "weight", (2, 4), (2, 4)), (nn.Linear, "0", "bias", (2,), (2, 4))]
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ def test_example_runs_with_tiny_settings(data_root, capsys):
 
 @pytest.mark.slow
 def test_full_schedule_lenet5_on_mnist(data_root, tmp_path):
-    """The acceptance run: full MNIST, LeNet-5, the default schedule, one epoch per round."""
+    """The full run: all of MNIST, LeNet-5, the default schedule, one epoch per round."""
     mod = _load_example()
     args = mod.build_parser().parse_args(
         ["--data-dir", str(data_root), "--pretrain-epochs", "5", "--no-progress",

@@ -1,4 +1,4 @@
-"""Quantization on real MNIST: the example end to end (fast) and the acceptance thresholds (slow)."""
+"""Quantization on real MNIST: the example end to end (fast) and its accuracy and size thresholds (slow)."""
 
 import importlib.util
 import os
@@ -40,8 +40,8 @@ def test_example_runs_end_to_end_on_a_tiny_subset(data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_acceptance_thresholds_on_full_mnist(data_root, tmp_path):
-    """LeNet-5 BNN on all of MNIST; every threshold of the quantization issue."""
+def test_accuracy_and_size_thresholds_on_full_mnist(data_root, tmp_path):
+    """LeNet-5 BNN on all of MNIST: every threshold that ``check_thresholds`` of the example prints."""
     example = _example()
     out = Path(os.environ.get("PYRO_BQ_QUANT_OUT", tmp_path))
     rows = example.main([

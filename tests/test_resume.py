@@ -85,21 +85,26 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout=120.0):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(data_root, tmp_path, reference):
-    ref_final, ref_ckpt = reference
-    folder = tmp_path / "killed"
-    folder.mkdir()
-    # pause after step 25: checkpoints 7, 14, 21 exist; steps 22-25 are lost work
-    proc = subprocess.Popen(_cmd(data_root, folder, "--pause-at", 25), cwd=REPO, env=_env(),
+def _kill_at(data_root, folder: Path, marker: str, *extra):
+    """Run the worker with ``extra`` until it writes ``marker``, then SIGKILL it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(_cmd(data_root, folder, *extra), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(folder / "paused-25", proc)
+        _wait_for(folder / marker, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(data_root, tmp_path, reference):
+    ref_final, ref_ckpt = reference
+    folder = tmp_path / "killed"
+    # pause after step 25: checkpoints 7, 14, 21 exist; steps 22-25 are lost work
+    _kill_at(data_root, folder, "paused-25", "--pause-at", 25)
     assert not (folder / "final.bq").exists()
     steps_on_disk = [s for s, _ in list_checkpoints(folder / "ckpt")]
     assert steps_on_disk == [21], steps_on_disk  # at most the work since step 21 is lost
@@ -179,24 +184,10 @@ def pwfn_reference(data_root, tmp_path_factory):
     return final
 
 
-def _kill_at(data_root, folder: Path, marker: str, *extra):
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(_cmd(data_root, folder, *PWFN_ARGS, *extra), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(folder / marker, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-
-
 def test_pwfn_killed_mid_round_resumes_to_exactly_the_uninterrupted_result(data_root, tmp_path, pwfn_reference):
     folder = tmp_path / "pwfn"
     # pause at step 5 of round 2: round 1 is checkpointed (pwfn-1.bq), round 2 has fit_svi's ckpt-3
-    _kill_at(data_root, folder, "paused-2-5", "--pause-round", 2, "--pause-at", 5)
+    _kill_at(data_root, folder, "paused-2-5", *PWFN_ARGS, "--pause-round", 2, "--pause-at", 5)
     assert [p.name for p in sorted((folder / "ckpt").glob("pwfn-*.bq"))] == ["pwfn-1.bq"]
     assert [s for s, _ in list_checkpoints(folder / "ckpt" / "round-2")] == [3]
     _run(data_root, folder, *PWFN_ARGS)
@@ -211,7 +202,7 @@ def test_pwfn_killed_mid_round_resumes_to_exactly_the_uninterrupted_result(data_
 @pytest.mark.slow
 def test_pwfn_killed_between_clustering_and_its_checkpoint_resumes_exactly(data_root, tmp_path, pwfn_reference):
     folder = tmp_path / "pwfn"
-    _kill_at(data_root, folder, "paused-after-2", "--pause-after-round", 2)
+    _kill_at(data_root, folder, "paused-after-2", *PWFN_ARGS, "--pause-after-round", 2)
     assert [p.name for p in (folder / "ckpt").glob("pwfn-*.bq")] == ["pwfn-1.bq"]
     _run(data_root, folder, *PWFN_ARGS)
     final = load_checkpoint(folder / "final.bq")

@@ -2,10 +2,15 @@
 
 import multiprocessing as mp
 
+import pyro
 import pytest
 import torch
+from pyro import poutine
 
+from pyro_bq import IIDNormal
 from pyro_bq._rng import CHUNK, MIN_PARALLEL, standard_normal
+from pyro_bq.guides import AutoMeanFieldNormal
+from pyro_bq.models import MLP, BayesianClassifier
 
 
 def _ks_statistic(z: torch.Tensor) -> float:
@@ -78,13 +83,6 @@ def test_works_in_a_forked_child_after_use_in_the_parent():
 @pytest.mark.parametrize("width", [8, 400], ids=["small", "chunked"])
 def test_many_draws_at_once_equal_as_many_guide_draws(width):
     """``sample_latents(S)`` gives exactly the guide's next ``S`` draws (with and without chunked streams)."""
-    import pyro
-    from pyro import poutine
-
-    from pyro_bq import IIDNormal
-    from pyro_bq.guides import AutoMeanFieldNormal
-    from pyro_bq.models import MLP, BayesianClassifier
-
     pyro.clear_param_store()
     model = BayesianClassifier(MLP((784, width, width, 10)), IIDNormal(1.0), dataset_size=100)
     guide = AutoMeanFieldNormal(model, init_scale=0.1)

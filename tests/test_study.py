@@ -4,9 +4,11 @@ import json
 import math
 import os
 
+import arviz as az
 import pytest
 
-from pyro_bq.study import StudyConfig
+from pyro_bq.cli import main as cli_main
+from pyro_bq.study import ALL_POLICIES, ROW_BUILDERS, StudyConfig
 from pyro_bq.study.cli import main as study_main
 from pyro_bq.study.report import COLUMNS
 
@@ -22,8 +24,6 @@ EXPECTED_ROWS = ["float", "jq4", "jq4+act8", "logquant4", "qi"]
 @pytest.fixture(scope="module")
 def tiny_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    from pyro_bq.cli import main as cli_main
-
     assert cli_main(["study", "--data-dir", str(data_root), "--out-dir", str(out), *TINY]) == 0
     return out
 
@@ -65,15 +65,14 @@ def test_json_has_every_configuration_and_column_in_range(tiny_run):
     md = (tiny_run / "results.md").read_text()
     assert all(f"| {name} |" in md for name in EXPECTED_ROWS)
     csv_lines = (tiny_run / "results.csv").read_text().strip().splitlines()
-    assert csv_lines[0].split(",") == list(COLUMNS) and len(csv_lines) == 1 + len(EXPECTED_ROWS)
-    # rows the run was not asked for are not in the table, and skipped rows are explained
-    assert "pwfn" not in rows and isinstance(data["skipped"], dict)
+    assert csv_lines[0].split(",") == [*COLUMNS, "error"] and len(csv_lines) == 1 + len(EXPECTED_ROWS)
+    # rows the run was not asked for are not in the table, and no row failed
+    assert "pwfn" not in rows and data["errors"] == {}
+    assert all(r["error"] is None for r in data["rows"])
     assert data["ambiguous_mnist"]["source"] == "generated"
 
 
 def test_arviz_inference_data_per_configuration(tiny_run):
-    import arviz as az
-
     idata = az.from_netcdf(tiny_run / "configs" / "jq4.nc")
     assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data"} <= set(idata.groups())
     assert idata.posterior.sizes["draw"] == 4
@@ -97,6 +96,44 @@ def test_rerun_skips_finished_work(tiny_run, data_root, caplog):
     redone = {p.name: p.stat().st_mtime_ns for p in (out / "configs").iterdir()}
     assert redone["float.json"] == before["float.json"] and redone["jq4.nc"] != before["jq4.nc"]
     assert json.loads((out / "results.json").read_text())["rows"][1]["config"] == "jq4"
+
+
+def _failing_run(tiny_run, data_root, out, *extra):
+    """The tiny run's data cache and trained guide, one JQ row whose builder raises."""
+    guide = next((tiny_run / "train").glob("*/guide.bq"))
+    args = [*TINY, "--policies", "jq", "--act-policies", "", "--cache-dir", str(tiny_run / "cache"),
+            "--checkpoint", str(guide), *extra]
+    return study_main(["--data-dir", str(data_root), "--out-dir", str(out), *args])
+
+
+def _boom(ctx, spec):
+    raise RuntimeError(f"no guide for {spec.name}")
+
+
+def test_a_failing_row_fails_the_study(tiny_run, data_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(ROW_BUILDERS, "jq", _boom)
+    with pytest.raises(RuntimeError, match="no guide for jq4") as exc:
+        _failing_run(tiny_run, data_root, tmp_path)
+    assert any("jq4" in note and "--keep-going" in note for note in exc.value.__notes__)
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_keep_going_records_the_error_of_a_failing_row(tiny_run, data_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(ROW_BUILDERS, "jq", _boom)
+    assert _failing_run(tiny_run, data_root, tmp_path, "--keep-going") == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["float", "jq4"]
+    assert rows["jq4"]["error"] == "RuntimeError: no guide for jq4" and rows["jq4"]["accuracy"] is None
+    assert rows["float"]["error"] is None and 0.0 <= rows["float"]["accuracy"] <= 1.0
+    assert data["errors"] == {"jq4": "RuntimeError: no guide for jq4"}
+    assert "- `jq4`: RuntimeError: no guide for jq4" in (tmp_path / "results.md").read_text()
+    assert "RuntimeError: no guide for jq4" in (tmp_path / "results.csv").read_text().splitlines()[2]
+    assert not (tmp_path / "configs" / "jq4.json").exists()  # a re-run tries the row again
+
+
+def test_every_policy_has_a_row_builder():
+    assert set(ROW_BUILDERS) == set(ALL_POLICIES)
 
 
 @pytest.mark.parametrize(
@@ -156,9 +193,7 @@ def test_study_config_validation_names_the_argument():
 
 
 def test_pyro_bq_cli_rejects_unknown_commands(capsys):
-    from pyro_bq.cli import main
-
     with pytest.raises(SystemExit):
-        main(["stduy"])
+        cli_main(["stduy"])
     assert "invalid choice" in capsys.readouterr().err
-    assert main([]) == 2
+    assert cli_main([]) == 2

@@ -7,18 +7,19 @@ from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.inference import fit_svi
+from pyro_bq.inference import batched_forward
 from pyro_bq.io import load_checkpoint, save_checkpoint
 from pyro_bq.models import BayesianClassifier, LeNet5
+from pyro_bq.recipes import fit_meanfield_bnn
 
 
 def _accuracy(model, guide, data, num_samples=8):
-    probs = model.batched_forward(guide.sample_latents(num_samples), data.x).softmax(-1).mean(0)
+    probs = batched_forward(model, guide.sample_latents(num_samples), data.x).softmax(-1).mean(0)
     return (probs.argmax(-1) == data.y).float().mean().item()
 
 
 def _nll(model, guide, data, num_samples=4):
-    logits = model.batched_forward(guide.sample_latents(num_samples), data.x)
+    logits = batched_forward(model, guide.sample_latents(num_samples), data.x)
     return torch.nn.functional.cross_entropy(logits.mean(0), data.y).item()
 
 
@@ -42,8 +43,7 @@ def test_stock_svi_on_real_mnist_lowers_the_loss_and_beats_chance(mnist_small):
 def test_save_and_reload_model_and_guide_gives_identical_predictions(mnist_small, tmp_path):
     train, test = mnist_small
     model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train))
-    guide = AutoMeanFieldNormal(model, init_scale=1e-3)
-    fit_svi(model, guide, train.subset(500), num_steps=20, batch_size=50, progress=False)
+    guide, _ = fit_meanfield_bnn(model, train.subset(500), num_steps=20, batch_size=50, progress=False)
     save_checkpoint(tmp_path / "run.bq", {"model": model.state_dict(), "guide": guide.state_dict()})
 
     state = load_checkpoint(tmp_path / "run.bq")
@@ -71,6 +71,5 @@ def test_full_mnist_lenet_reaches_high_accuracy(data_root):
 
     train, test = load_mnist(data_root, train=True), load_mnist(data_root, train=False)
     model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train))
-    guide = AutoMeanFieldNormal(model, init_scale=1e-3)
-    fit_svi(model, guide, train, num_epochs=3, batch_size=128, lr=1e-3, progress=False)
+    guide, _ = fit_meanfield_bnn(model, train, num_epochs=3, batch_size=128, lr=1e-3, progress=False)
     assert _accuracy(model, guide, test, num_samples=16) > 0.98

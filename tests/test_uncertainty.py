@@ -8,7 +8,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal
-from pyro_bq.inference import fit_svi
+from pyro_bq.inference import fit_svi, prediction
 from pyro_bq.models import MLP, BayesianClassifier, BayesianRegressor
 from pyro_bq.uncertainty import (
     accuracy,
@@ -17,6 +17,7 @@ from pyro_bq.uncertainty import (
     decompose_regression,
     ece,
     evaluate,
+    evaluate_details,
     nll,
     plot_reliability,
     plot_uncertainty,
@@ -28,13 +29,8 @@ from pyro_bq.uncertainty import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # a shared, loaded CPU: one intra-op thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# a shared, loaded CPU: one intra-op thread avoids oversubscription stalls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- decomposition on hand-built probabilities --------------------------------------------
@@ -63,6 +59,12 @@ def test_uniform_prediction_has_total_entropy_log_k(k):
     assert torch.allclose(parts["total"], torch.full((3,), math.log(k)), atol=1e-6)
     assert torch.allclose(parts["aleatoric"], torch.full((3,), math.log(k)), atol=1e-6)
     assert torch.allclose(parts["epistemic"], torch.zeros(3), atol=1e-6)
+
+
+def test_confident_draws_that_disagree_are_all_epistemic():
+    parts = decompose(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))  # two draws, one input, zero probabilities
+    assert torch.allclose(parts["epistemic"], torch.full((1,), math.log(2)))
+    assert torch.equal(parts["aleatoric"], torch.zeros(1))
 
 
 def test_decomposition_adds_up_and_accepts_a_single_input():
@@ -134,27 +136,30 @@ def test_generic_pyro_guide_uses_predictive_and_matches_vectorized():
     assert not torch.allclose(a[0], a[1])  # draws differ
 
 
-def test_chunking_gives_the_same_numbers_and_few_vectorized_calls():
+def test_chunking_gives_the_same_numbers_and_few_vectorized_calls(monkeypatch):
     model, guide, x = _tiny()
     draws = sample_weights(model, guide, 10)
     calls = []
-    original = model.batched_forward
+    original = prediction.batched_forward
 
-    def counting(samples, xb):
+    def counting(model, samples, xb):
         calls.append((next(iter(samples.values())).shape[0], xb.shape[0]))
-        return original(samples, xb)
+        return original(model, samples, xb)
 
-    model.batched_forward = counting
-    try:
-        whole = predictive_logits(model, None, x, samples=draws, batch_size=100, sample_chunk=100)
-        assert calls == [(10, 23)]  # all 10 draws in one vectorized pass
-        calls.clear()
-        chunked = predictive_logits(model, None, x, samples=draws, batch_size=10, sample_chunk=4)
-    finally:
-        del model.batched_forward
+    monkeypatch.setattr(prediction, "batched_forward", counting)
+    whole = predictive_logits(model, None, x, samples=draws, batch_size=100, sample_chunk=100)
+    assert calls == [(10, 23)]  # all 10 draws in one vectorized pass
+    calls.clear()
+    chunked = predictive_logits(model, None, x, samples=draws, batch_size=10, sample_chunk=4)
     # ceil(10/4) sample chunks x ceil(23/10) input batches, never one pass per draw
     assert sorted(calls) == sorted([(s, n) for s in (4, 4, 2) for n in (10, 10, 3)])
     assert torch.allclose(whole, chunked, rtol=1e-5, atol=1e-4)
+    calls.clear()
+    # the default: as many draws per pass as fit the byte budget
+    per_input = prediction.activation_bytes_per_sample(model.functional_net(draws, x)[0], x[:1])
+    budget = predictive_logits(model, None, x, samples=draws, batch_size=10, max_bytes=per_input * 10 * 3)
+    assert calls == [(3, 10), (3, 10), (3, 3)] * 3 + [(1, 10), (1, 10), (1, 3)]
+    assert torch.allclose(whole, budget, rtol=1e-5, atol=1e-4)
 
 
 def test_drawing_chunk_by_chunk_keeps_draws_shared_across_input_batches():
@@ -237,7 +242,8 @@ def trained(mnist_small, data_root):
 
 def test_evaluate_on_mnist_vs_fashion(trained):
     model, guide, test, fashion = trained
-    record, details = evaluate(model, guide, test, fashion, num_samples=20, seed=5, return_details=True)
+    record, details = evaluate_details(model, guide, test, fashion, num_samples=20, seed=5)
+    assert evaluate(model, guide, test, fashion, num_samples=20, seed=5) == record
     for key in ("accuracy", "nll", "brier", "ece", "aleatoric_in", "epistemic_in", "aleatoric_out", "epistemic_out", "auroc_mi"):
         assert key in record and math.isfinite(record[key]), key
     assert 0.8 < record["accuracy"] <= 1.0  # chance is 0.1

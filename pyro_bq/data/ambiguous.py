@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -36,9 +37,16 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import nn
+from tqdm.auto import tqdm
 
 from pyro_bq._validation import check_float, check_int, check_probability
+from pyro_bq.io.container import CorruptFileError, atomic_write_bytes, read_container, writable_folder, write_container
+from pyro_bq.models.nets import LeNet5
+from pyro_bq.uncertainty.decompose import decompose
+from pyro_bq.uncertainty.metrics import accuracy
 
 from .dataset import InMemoryDataset
 from .mnist import MNIST_MEAN, MNIST_STD, load_mnist, resolve_root
@@ -52,7 +60,6 @@ __all__ = [
     "load_original_ambiguous_mnist",
     "find_original_ambiguous_mnist",
     "default_cache_dir",
-    "ensemble_uncertainty",
     "save_image_grid",
 ]
 
@@ -261,8 +268,6 @@ def _train_vae(x01: torch.Tensor, cfg: AmbiguousConfig, gen: torch.Generator, ba
 
 
 def _train_ensemble(x: torch.Tensor, y: torch.Tensor, cfg: AmbiguousConfig, gen: torch.Generator, bar) -> list:
-    from pyro_bq.models.nets import LeNet5
-
     members = []
     for _ in range(cfg.ensemble_size):
         net = LeNet5()  # initialised from the seeded global RNG (forked by the caller)
@@ -288,21 +293,6 @@ def _ensemble_probs(members, x: torch.Tensor, batch: int = 2000) -> torch.Tensor
         xb = x[start : start + batch]
         out.append(torch.stack([m(xb).softmax(-1) for m in members]))
     return torch.cat(out, dim=1)
-
-
-def ensemble_uncertainty(probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Entropy decomposition of member probabilities ``(K, N, C)`` in nats.
-
-    Returns ``total`` (entropy of the mean), ``aleatoric`` (mean member entropy)
-    and ``epistemic`` (their difference, the mutual information), each ``(N,)``,
-    and the mean prediction ``mean`` ``(N, C)``.
-    """
-    if not isinstance(probs, torch.Tensor) or probs.dim() != 3:
-        raise ValueError(f"probs must be a tensor of shape (K, N, C), got {getattr(probs, 'shape', probs)!r}")
-    mean = probs.mean(0)
-    total = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
-    aleatoric = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(0)
-    return {"total": total, "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0.0), "mean": mean}
 
 
 @torch.no_grad()
@@ -447,8 +437,6 @@ def _requested_manifest(cfg: AmbiguousConfig) -> dict:
 
 
 def _try_cache(data_path: Path, manifest_path: Path, cfg: AmbiguousConfig) -> Optional[GeneratedAmbiguousMNIST]:
-    from pyro_bq.io.container import CorruptFileError, read_container
-
     if not (data_path.is_file() and manifest_path.is_file()):
         return None
     try:
@@ -498,13 +486,7 @@ def generate_ambiguous_mnist(
     cache = default_cache_dir() if cache_dir is None else cache_dir
     if not isinstance(cache, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a path (str or os.PathLike) or None, got {type(cache).__name__}")
-    cache = Path(cache).expanduser()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cache_dir {str(cache)!r} cannot be created ({err}); choose a writable folder") from err
-    if not os.access(cache, os.W_OK):
-        raise ValueError(f"cache_dir {str(cache)!r} is not writable; choose a writable folder")
+    cache = writable_folder("cache_dir", Path(cache).expanduser())
     data_path, manifest_path = _cache_paths(cache, cfg)
     if not force:
         hit = _try_cache(data_path, manifest_path, cfg)
@@ -514,8 +496,6 @@ def generate_ambiguous_mnist(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         result = _generate(root, cfg, progress)
-    from pyro_bq.io.container import atomic_write_bytes, write_container
-
     names = ("train_images", "train_labels", "test_images", "test_labels")
     tensors = dict(zip(names, result[:4]))
     manifest = {**_requested_manifest(cfg), "checksums": {n: _sha256(t) for n, t in tensors.items()}, "stats": result[4]}
@@ -525,8 +505,6 @@ def generate_ambiguous_mnist(
 
 
 def _generate(root, cfg: AmbiguousConfig, progress: bool):
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(cfg.seed)
     n_keep = cfg.num_train_images + cfg.num_test_images
     n_cand = n_keep * cfg.candidate_factor
@@ -552,18 +530,18 @@ def _generate(root, cfg: AmbiguousConfig, progress: bool):
         bar.update(1)
         bar.set_postfix(stage="label")
         probs = _ensemble_probs(members, (cand - MNIST_MEAN) / MNIST_STD)
-        unc = ensemble_uncertainty(probs)
+        unc = decompose(probs)
         admissible = (unc["epistemic"] <= torch.quantile(unc["epistemic"], cfg.max_mi_quantile)) & (
             unc["aleatoric"] >= torch.quantile(unc["aleatoric"], cfg.min_entropy_quantile)
         )
         score = unc["aleatoric"] - 2.0 * unc["epistemic"]
         keep = _stratified_select(unc["total"], admissible, score, n_keep, cfg.num_strata, gen)
         images = cand[keep].contiguous()
-        mean = unc["mean"][keep]
+        mean = unc["mean_probs"][keep]
         labels = torch.multinomial(mean, cfg.labels_per_image, replacement=True, generator=gen)
         # the reference: the same ensemble on real MNIST test digits
         mnist_test = load_mnist(root, train=False, normalize=True, limit=2000)
-        ref = ensemble_uncertainty(_ensemble_probs(members, mnist_test.x))
+        ref = decompose(_ensemble_probs(members, mnist_test.x))
         bar.update(1)
     finally:
         bar.close()
@@ -574,7 +552,7 @@ def _generate(root, cfg: AmbiguousConfig, progress: bool):
         "mean_entropy_mnist": float(ref["total"].mean()),
         "mean_expected_entropy_mnist": float(ref["aleatoric"].mean()),
         "mean_mutual_information_mnist": float(ref["epistemic"].mean()),
-        "ensemble_accuracy_mnist_test": float((ref["mean"].argmax(-1) == mnist_test.y).float().mean()),
+        "ensemble_accuracy_mnist_test": accuracy(ref["mean_probs"], mnist_test.y),
         "num_candidates": int(n_cand),
         "num_admissible": int(admissible.sum()),
     }
@@ -629,22 +607,15 @@ def save_image_grid(images: torch.Tensor, path: PathLike, *, nrow: int = 16, lab
 
     With ``labels`` ``(N, K)``, each tile is captioned with its label counts' top classes.
     """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from pyro_bq.io.container import atomic_write_bytes
-
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
         raise ValueError(f"images must be a tensor of shape (N, 1, 28, 28), got {getattr(images, 'shape', images)!r}")
     nrow = check_int("nrow", nrow, low=1)
     n = images.shape[0]
     ncol = nrow
     nrows = -(-n // ncol)
-    fig, axes = plt.subplots(nrows, ncol, figsize=(ncol * 0.9, nrows * (1.05 if labels is not None else 0.9)), squeeze=False)
+    fig = Figure(figsize=(ncol * 0.9, nrows * (1.05 if labels is not None else 0.9)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncol, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -659,7 +630,6 @@ def save_image_grid(images: torch.Tensor, path: PathLike, *, nrow: int = 16, lab
     fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1.0 - (0.5 / (nrows + 1) if title else 0.0)))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     path = Path(path)
     atomic_write_bytes(path, [buf.getvalue()])
     return path

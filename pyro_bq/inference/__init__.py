@@ -1,6 +1,8 @@
 """Training and prediction helpers."""
 
 from .elbo import MeanFieldELBO
+from .prediction import batched_forward, predict_batched, predict_looped
 from .train import FitResult, NonFiniteError, default_optim, fit_svi, seed_everything, svi_step
 
-__all__ = ["fit_svi", "default_optim", "MeanFieldELBO", "FitResult", "NonFiniteError", "seed_everything", "svi_step"]
+__all__ = ["fit_svi", "default_optim", "MeanFieldELBO", "FitResult", "NonFiniteError", "seed_everything", "svi_step",
+           "batched_forward", "predict_batched", "predict_looped"]

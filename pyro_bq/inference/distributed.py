@@ -46,6 +46,9 @@ What happens under ``torchrun`` (``WORLD_SIZE > 1``):
   and optimizer state carry over, and ranks without a saved RNG state are
   seeded from ``(seed, rank, step)``.
 
+``fit_svi`` has no rank branches: a strategy, :class:`SingleProcess` or
+:class:`DataParallel` (:func:`resolve` picks it), does each of these steps.
+
 Usage::
 
     from pyro_bq.inference import fit_svi
@@ -66,22 +69,16 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+import pyro
 import torch
 import torch.distributed as dist
 
 from pyro_bq._validation import check_choice, check_int, check_positive
+from pyro_bq.io.checkpoint import load_checkpoint, set_rng_state
 
 __all__ = [
-    "DistInfo",
-    "DistributedError",
-    "default_backend",
-    "init_distributed",
-    "destroy_distributed",
-    "dist_info",
-    "rank_seed",
-    "shard_batch",
-    "broadcast_modules",
-    "BACKENDS",
+    "DistInfo", "DistributedError", "default_backend", "init_distributed", "destroy_distributed", "dist_info",
+    "rank_seed", "shard_batch", "broadcast_modules", "BACKENDS", "SingleProcess", "DataParallel", "resolve"
 ]
 
 BACKENDS = ("gloo", "nccl")
@@ -296,48 +293,119 @@ def broadcast_modules(*modules) -> None:
         DataParallel(info).broadcast_modules(*modules)
 
 
-# ---------------------------------------------------------------------------------------
-# The collectives fit_svi needs (internal).
-
-
-def _fail(info: DistInfo, what: str, err: BaseException) -> DistributedError:
-    return DistributedError(
-        f"rank {info.rank} of {info.world_size}: {what} failed ({type(err).__name__}: {err}). "
-        "Another rank probably died, raised an error or timed out; see its output."
-    )
-
-
 def _signature(names: Iterable[str], tensors: Iterable[torch.Tensor]) -> int:
     text = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(names, tensors))
     return zlib.crc32(text.encode()) & 0xFFFFF  # 20 bits: its square sums exactly in float64
 
 
-class DataParallel:
-    """The collectives of a data-parallel :func:`fit_svi` run (one object per run)."""
+class SingleProcess:
+    """The training strategy of one process, and the interface of :class:`DataParallel`: the rank and
+    world size, each rank's shard of a global batch, the gradient average, "only rank 0 logs and
+    writes", agreement between ranks. In one process each is the identity or a plain call.
+
+    Usage::
+
+        strategy = resolve(None)    # SingleProcess() outside torchrun
+        for xb, yb, weight, n in strategy.batches(data, order, 128):
+            ...
+    """
+
+    rank = 0
+    world_size = 1
+    distributed = False
+
+    def main_only(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on rank 0 (returns its result); None on the other ranks."""
+        return fn(*args, **kwargs)
+
+    def agree(self, settings: dict, check=None) -> None:
+        """Run ``check()`` on rank 0 (e.g. make the checkpoint folder) and check that every rank
+        was given the same ``settings``; a ``ValueError`` of either is raised on every rank."""
+        if check is not None:
+            check()
+
+    def batches(self, data, order: torch.Tensor, batch_size: int):
+        """For each global batch of ``order``: ``(x, y, weight, global batch size)`` of this
+        rank's shard (:func:`shard_batch`), ``data`` being any object with tensors ``.x`` and ``.y``."""
+        for start in range(0, len(order), batch_size):
+            mine, weight = shard_batch(order[start : start + batch_size], self.rank, self.world_size)
+            yield data.x[mine], data.y[mine], weight, min(batch_size, len(order) - start)
+
+    def average(self, params: dict, loss: float, *, weight: float, step: int) -> float:
+        """Replace every gradient by ``sum_r w_r grad_r`` and return ``sum_r w_r loss_r``
+        (``w_r``: rank ``r``'s ``weight``); in one process the gradients and ``loss`` as they are."""
+        return loss
+
+    def share_modules(self, *modules) -> None:
+        """Give every rank rank 0's parameters and buffers (in place) before training."""
+
+    def share_checkpoint(self, path: Optional[Path], folder: Path) -> Optional[tuple[dict, str, str]]:
+        """Rank 0's checkpoint ``path`` loaded on every rank, as ``(state, where, name)`` (``where``:
+        the file for error messages; ``name``: the path reported as resumed from), or None."""
+        return None if path is None else (load_checkpoint(path), str(path), str(path))
+
+    def restore_rng(self, state: dict, seed: int, step: int) -> None:
+        """Set this rank's RNG states from the checkpoint ``state`` of ``step``."""
+        set_rng_state(state["rng"])
+
+    def rng_record(self, rng: dict, step: int) -> dict:
+        """What a checkpoint of ``step`` records besides rank 0's RNG states ``rng``."""
+        return {}
+
+    def write(self, fn, what: str) -> None:
+        """Run ``fn()`` (which writes ``what``) on rank 0; every rank raises if it failed."""
+        fn()
+
+    def save_after_local_error(self, save) -> None:
+        """Call ``save()`` after the model failed on this rank alone, when no other rank waits on it."""
+        save()
+
+
+class DataParallel(SingleProcess):
+    """The data-parallel strategy of a :func:`fit_svi` run on ``torch.distributed`` (one object per run).
+
+    Usage::
+
+        strategy = resolve(None)    # DataParallel(dist_info()) under torchrun
+    """
+
+    distributed = True
 
     def __init__(self, info: DistInfo):
         self.info = info
+        self.rank, self.world_size = info.rank, info.world_size
+        self._buffers: dict = {}
 
-    # -- small helpers ---------------------------------------------------------------
     def _run(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DistributedError:
             raise
         except (RuntimeError, ConnectionError, OSError) as err:  # DistBackendError is a RuntimeError
-            raise _fail(self.info, what, err) from err
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed ({type(err).__name__}: {err}). "
+                "Another rank probably died, raised an error or timed out; see its output."
+            ) from err
 
     def all_gather(self, obj, what: str) -> list:
-        out = [None] * self.info.world_size
+        out = [None] * self.world_size
         self._run(what, dist.all_gather_object, out, obj)
         return out
 
-    def agree(self, settings: dict, error: Optional[str] = None) -> None:
-        """Check that every rank was given the same ``settings``; raise on every rank if not.
+    def all_ok(self, ok: bool, what: str) -> bool:
+        flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64, device=self.info.device)
+        self._run(what, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
-        ``error`` is a problem found on this rank only (e.g. rank 0's checkpoint
-        folder is not writable); it is raised as ``ValueError`` on every rank.
-        """
+    def main_only(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs) if self.info.is_main else None
+
+    def agree(self, settings: dict, check=None) -> None:
+        error = None
+        try:
+            self.main_only(check or (lambda: None))
+        except ValueError as err:
+            error = str(err)
         everyone = self.all_gather((settings, error), "the start-up handshake")
         for rank, (_, err) in enumerate(everyone):
             if err is not None:
@@ -350,36 +418,57 @@ class DataParallel:
                     "arguments and the same full dataset (fit_svi shards the data itself)"
                 )
 
-    def all_ok(self, ok: bool, what: str) -> bool:
-        flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64, device=self.info.device)
-        self._run(what, dist.all_reduce, flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() == 1.0)
+    def write(self, fn, what: str) -> None:
+        error = None
+        if self.info.is_main:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
+                error = err
+        if not self.all_ok(error is None, what):
+            if error is not None:
+                raise error
+            raise DistributedError(f"rank {self.rank}: rank 0 failed to write {what}")
 
-    # -- state -----------------------------------------------------------------------
-    def broadcast_file(self, path: Optional[Path]) -> Optional[Path]:
-        """Rank 0 sends the bytes of ``path`` (or None); other ranks get a temporary copy."""
-        dev = self.info.device
+    def save_after_local_error(self, save) -> None:
+        """Nothing: the other ranks wait inside a collective, so a (collective) checkpoint would hang."""
+
+    def share_checkpoint(self, path, folder):
+        """Rank 0 sends the bytes of its checkpoint file; the others load them from a temporary copy."""
+        payload = [Path(path).read_bytes() if path is not None else None]  # None on the other ranks
+        self._run("broadcasting the checkpoint", dist.broadcast_object_list, payload, src=0)
+        if self.info.is_main or payload[0] is None:
+            return super().share_checkpoint(path, folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"pyro_bq-rank{self.rank}-", suffix=".bq")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload[0])
+            state = load_checkpoint(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        step = state.get("step")
+        return state, f"rank 0's {folder}/ckpt-{step}.bq", str(Path(folder) / f"ckpt-{step}.bq")
+
+    def restore_rng(self, state: dict, seed: int, step: int) -> None:
+        """Rank 0's saved states on rank 0; each other rank's own when the checkpoint has as many
+        ranks, else a seed derived from ``(seed, rank, step)``."""
+        saved = state.get("rng_ranks")
         if self.info.is_main:
-            payload = Path(path).read_bytes() if path is not None else b""
-            size = torch.tensor([len(payload) if path is not None else -1], dtype=torch.int64, device=dev)
+            set_rng_state(state["rng"])
+        elif saved is not None and len(saved) == self.world_size:
+            set_rng_state(saved[self.rank])
         else:
-            size = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._run("broadcasting the checkpoint size", dist.broadcast, size, src=0)
-        n = int(size.item())
-        if n < 0:
-            return None
-        if self.info.is_main:
-            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(dev) if n else torch.zeros(0, dtype=torch.uint8, device=dev)
-        else:
-            buf = torch.empty(n, dtype=torch.uint8, device=dev)
-        if n:
-            self._run("broadcasting the checkpoint", dist.broadcast, buf, src=0)
-        if self.info.is_main:
-            return Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f"pyro_bq-rank{self.info.rank}-", suffix=".bq")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.cpu().numpy().tobytes())
-        return Path(tmp)
+            pyro.set_rng_seed(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1, dtype=np.uint32)[0]))
+
+    def rng_record(self, rng: dict, step: int) -> dict:
+        ranks = self.all_gather(rng, f"gathering the RNG states at step {step}")
+        return {"world_size": self.world_size, "rng_ranks": ranks}
+
+    def share_modules(self, *modules) -> None:
+        """Also remember the floating-point buffers (BatchNorm statistics), which each step averages."""
+        self.broadcast_modules(*modules)
+        self._buffers = {f"{i}.{name}": b for i, m in enumerate(modules) if isinstance(m, torch.nn.Module)
+                         for name, b in m.named_buffers() if b.is_floating_point()}
 
     def broadcast_modules(self, *modules) -> None:
         """Copy rank 0's parameters and buffers into every rank's modules (in place)."""
@@ -398,97 +487,67 @@ class DataParallel:
                     t.data.copy_(data)
 
     # -- the per-step gradient average -----------------------------------------------
-    def average(self, params: dict, loss: float, weight: float, buffers: dict, step: int) -> float:
-        """Replace every gradient by ``sum_r w_r grad_r`` and return ``sum_r w_r loss_r``.
-
-        Floating-point buffers (BatchNorm statistics) get the same weighted average.
-        Parameters without a gradient on every rank keep ``grad = None``.
-        """
-        names = sorted(params)
-        bnames = sorted(buffers)
+    def average(self, params: dict, loss: float, *, weight: float, step: int) -> float:
+        """Floating-point buffers (BatchNorm statistics) get the same weighted average.
+        Parameters without a gradient on every rank keep ``grad = None``."""
+        buffers = self._buffers
+        names, bnames = sorted(params), sorted(buffers)
         sig = _signature(names + bnames, [params[n] for n in names] + [buffers[n] for n in bnames])
         w = float(weight)
         meta = torch.tensor(
-            [0.0 if w == 0 else w * loss, float(sig), float(sig) ** 2, 1.0],
-            dtype=torch.float64,
-            device=self.info.device,
+            [0.0 if w == 0 else w * loss, float(sig), float(sig) ** 2, 1.0], dtype=torch.float64, device=self.info.device
         )
         self._run(f"the all-reduce of step {step}", dist.all_reduce, meta)
-        R = self.info.world_size
+        R = self.world_size
         if meta[3].item() != R or meta[1].item() != R * sig or meta[2].item() != R * float(sig) ** 2:
             raise DistributedError(
-                f"rank {self.info.rank}: the ranks' models and guides have different parameters at step {step}; "
+                f"rank {self.rank}: the ranks' models and guides have different parameters at step {step}; "
                 "every rank must build the same model and guide"
             )
         # one flat buffer per (dtype, device): weighted grads, then has-grad flags, then buffers
         groups: dict = {}
         for n in names:
-            p = params[n]
-            groups.setdefault((p.dtype, p.device), ([], []))[0].append(n)
+            groups.setdefault((params[n].dtype, params[n].device), ([], []))[0].append(n)
         for n in bnames:
-            b = buffers[n]
-            groups.setdefault((b.dtype, b.device), ([], []))[1].append(n)
+            groups.setdefault((buffers[n].dtype, buffers[n].device), ([], []))[1].append(n)
         for (dtype, device), (pnames, bn) in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            parts = []
-            for n in pnames:
-                g = params[n].grad
-                if g is None or w == 0:
-                    parts.append(torch.zeros(params[n].numel(), dtype=dtype, device=device))
-                else:
-                    parts.append(g.reshape(-1) * w)
-            parts.append(
-                torch.tensor(
-                    [0.0 if (params[n].grad is None or w == 0) else 1.0 for n in pnames], dtype=dtype, device=device
-                )
-            )
-            parts += [buffers[n].reshape(-1) * w for n in bn]
-            flat = torch.cat(parts)
-            comm = flat if self.info.backend != "nccl" or flat.is_cuda else flat.to(self.info.device)
-            self._run(f"the gradient all-reduce of step {step}", dist.all_reduce, comm)
-            flat = comm.to(device)
-            at = 0
-            pieces = []
-            for n in pnames:
-                k = params[n].numel()
-                pieces.append((n, flat[at : at + k]))
-                at += k
-            flags = flat[at : at + len(pnames)]
-            at += len(pnames)
-            for (n, piece), flag in zip(pieces, flags.tolist()):
-                p = params[n]
-                if flag == 0:
-                    p.grad = None
-                else:
-                    p.grad = piece.view_as(p).clone()
-            with torch.no_grad():
-                for n in bn:
-                    k = buffers[n].numel()
-                    buffers[n].copy_(flat[at : at + k].view_as(buffers[n]))
-                    at += k
+            self._average_group(dtype, device, [params[n] for n in pnames], [buffers[n] for n in bn], w, step)
         return float(meta[0].item())
 
+    def _average_group(self, dtype, device, params: list, buffers: list, w: float, step: int) -> None:
+        """All-reduce the weighted gradients, has-grad flags and buffers of one (dtype, device) in one buffer."""
+        has_grad = [p.grad is not None and w != 0 for p in params]
+        parts = [p.grad.reshape(-1) * w if ok else torch.zeros(p.numel(), dtype=dtype, device=device)
+                 for p, ok in zip(params, has_grad)]
+        parts.append(torch.tensor([1.0 if ok else 0.0 for ok in has_grad], dtype=dtype, device=device))
+        parts += [b.reshape(-1) * w for b in buffers]
+        flat = torch.cat(parts)
+        comm = flat if self.info.backend != "nccl" or flat.is_cuda else flat.to(self.info.device)
+        self._run(f"the gradient all-reduce of step {step}", dist.all_reduce, comm)
+        pieces = comm.to(device).split([p.numel() for p in params] + [len(params)] + [b.numel() for b in buffers])
+        flags = pieces[len(params)].tolist()
+        for p, piece, flag in zip(params, pieces, flags):
+            p.grad = None if flag == 0 else piece.view_as(p).clone()
+        with torch.no_grad():
+            for b, piece in zip(buffers, pieces[len(params) + 1 :]):
+                b.copy_(piece.view_as(b))
 
-def floating_buffers(*modules) -> dict:
-    """Floating-point buffers of the given modules, keyed ``"{i}.{name}"``."""
-    out = {}
-    for i, module in enumerate(modules):
-        if isinstance(module, torch.nn.Module):
-            for name, b in module.named_buffers():
-                if b.is_floating_point():
-                    out[f"{i}.{name}"] = b
-    return out
 
-
-def resolve(distributed: Optional[bool], backend: Optional[str] = None) -> Optional[DataParallel]:
-    """The :class:`DataParallel` helper for ``fit_svi(distributed=...)``, or None for one process.
+def resolve(distributed: Optional[bool], backend: Optional[str] = None) -> SingleProcess:
+    """The training strategy for ``fit_svi(distributed=...)``: :class:`DataParallel` or :class:`SingleProcess`.
 
     ``None``: data-parallel when a process group of more than one rank exists
     or torchrun's environment describes one (then it is initialised).
+
+    Usage::
+
+        strategy = resolve(None)
+        print(strategy.rank, strategy.world_size)
     """
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
     if distributed is False:
-        return None
+        return SingleProcess()
     if not (dist.is_available() and dist.is_initialized()):
         if launched_distributed():
             init_distributed(backend)
@@ -499,5 +558,5 @@ def resolve(distributed: Optional[bool], backend: Optional[str] = None) -> Optio
             )
     info = dist_info()
     if info.world_size <= 1:
-        return None
+        return SingleProcess()
     return DataParallel(info)

@@ -7,13 +7,14 @@ with a closed-form KL, uses ``KL(q || p)`` instead and never reads them. On a
 Bayesian network these are full passes over every weight, every step.
 :class:`MeanFieldELBO` is the same estimator (same loss, same gradients, same
 checks) that skips those unused evaluations for the site pairs whose KL it
-knows to be analytic: a pyro_bq Normal guide site against a pyro_bq constant
-Normal prior (``IIDNormal``, ``LayerwiseNormal``, ``PretrainedNormal`` scalar
-priors), possibly wrapped in ``Independent`` with the same event dims. Every
-other site is evaluated exactly as the stock ELBO does.
+knows to be analytic: a Normal guide site against a
+:class:`~pyro_bq.distributions.ConstNormal` prior (``IIDNormal``, ``LayerwiseNormal``),
+the pair :func:`~pyro_bq.distributions.kl_normal_const` computes, possibly wrapped
+in ``Independent`` with the same event dims. Every other site is evaluated
+exactly as the stock ELBO does.
 
-When all sites of one fused guide draw (the flat ``loc`` and ``scale`` of
-:class:`~pyro_bq.guides.AutoMeanFieldNormal`) are such pairs, with no mask and
+When all sites of one fused guide draw (the :attr:`~pyro_bq.distributions.FusedNormal.flat`
+draw of :class:`~pyro_bq.guides.AutoMeanFieldNormal`) are such pairs, with no mask and
 one common scale, their KL terms are summed in one pass over the flat vectors
 rather than site by site: the same number up to float rounding (the terms are
 added in another order) and the same gradients, without per-site views whose
@@ -26,6 +27,8 @@ Usage::
 
 from __future__ import annotations
 
+from functools import cached_property
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import pyro.poutine as poutine
@@ -38,6 +41,8 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+
+from pyro_bq.distributions import ConstNormal, FusedNormal, KLNormalConstSum, flat_prior_constants, kl_normal_const
 
 __all__ = ["MeanFieldELBO"]
 
@@ -54,16 +59,10 @@ def _unwrap(fn):
 def _analytic_pair(guide_fn, model_fn) -> bool:
     """True for the pairs whose KL the loss computes with pyro_bq's closed form, which cannot fail
     (so their log-densities go unused)."""
-    from pyro_bq.priors import _ConstNormal, _kl_normal_const
-
     q, q_dims = _unwrap(guide_fn)
     p, p_dims = _unwrap(model_fn)
-    return (
-        type(p) is _ConstNormal
-        and q_dims == p_dims
-        and q.batch_shape == p.batch_shape
-        and _kl_function(type(q), type(p)) is _kl_normal_const
-    )
+    return (type(p) is ConstNormal and q_dims == p_dims and q.batch_shape == p.batch_shape
+            and _kl_function(type(q), type(p)) is kl_normal_const)
 
 
 def _kl_function(type_q, type_p):
@@ -74,13 +73,6 @@ def _kl_function(type_q, type_p):
     if fun is None:
         fun = memo[type_q, type_p] = tdist.kl._dispatch_kl(type_q, type_p)
     return fun
-
-
-class _Shape:
-    """Stands in for an unevaluated log-density in Pyro's site-shape check."""
-
-    def __init__(self, shape):
-        self.shape = shape
 
 
 def _subtrace(trace: Trace, names) -> Trace:
@@ -109,16 +101,14 @@ def _flat_groups(guide_trace: Trace, model_trace: Trace, names, cache: dict) -> 
     A draw qualifies when every one of its sites is among ``names``, none has a
     mask, and all have the same numeric scale; other sites keep the per-site KL.
     """
-    from pyro_bq.priors import _flat_prior_constants
-
     draws: dict = {}
     for name in names:
         site = guide_trace.nodes[name]
         q, _ = _unwrap(site["fn"])
-        flat = getattr(q, "_flat", None)
+        flat = q.flat if isinstance(q, FusedNormal) else None
         if flat is None or site["mask"] is not None or not isinstance(site["scale"], (int, float)):
             continue
-        draws.setdefault(id(flat), (flat, []))[1].append((q._offset, q.loc.numel(), name, site["scale"]))
+        draws.setdefault(id(flat), (flat, []))[1].append((q.offset, q.loc.numel(), name, site["scale"]))
     groups = []
     for flat, segments in draws.values():
         segments.sort()
@@ -129,14 +119,14 @@ def _flat_groups(guide_trace: Trace, model_trace: Trace, names, cache: dict) -> 
         if not ok or end != flat.loc.numel() or flat.loc.dim() != 1:
             continue  # not the whole draw: site by site
         priors = [_unwrap(model_trace.nodes[name]["fn"])[0] for _, _, name, _ in segments]
-        key = (tuple((n, p._loc0, p._scale0) for (_, n, _, _), p in zip(segments, priors)), flat.loc.dtype,
+        key = (tuple((n, p.loc0, p.scale0) for (_, n, _, _), p in zip(segments, priors)), flat.loc.dtype,
                flat.loc.device)
         constants = cache.get(key)
         if constants is None:
             if len(cache) > 16:
                 cache.clear()
-            constants = cache[key] = _flat_prior_constants(
-                [p._loc0 for p in priors], [p._scale0 for p in priors], [s[1] for s in segments], flat.loc)
+            constants = cache[key] = flat_prior_constants(
+                [p.loc0 for p in priors], [p.scale0 for p in priors], [s[1] for s in segments], flat.loc)
         groups.append(_FlatKL(tuple(s[2] for s in segments), flat.loc, flat.scale, *constants,
                               float(segments[0][3])))
     return groups
@@ -179,23 +169,18 @@ class MeanFieldELBO(TraceMeanField_ELBO):
                 for name, site in trace.nodes.items():
                     if site["type"] == "sample":
                         if name in skip:  # the shape its log-density would have
-                            site = {**site, "log_prob": _Shape(site["fn"].batch_shape)}
+                            site = {**site, "log_prob": SimpleNamespace(shape=site["fn"].batch_shape)}
                         check_site_shape(site, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
             _check_mean_field_requirement(model_trace, guide_trace)
         return model_trace, guide_trace
 
-    @property
+    @cached_property
     def _flat_constants(self) -> dict:
         """Per-instance cache of the prior constants of each flat KL (they change only with the priors)."""
-        cache = self.__dict__.get("_bq_flat_constants")
-        if cache is None:
-            cache = self.__dict__["_bq_flat_constants"] = {}
-        return cache
+        return {}
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        from pyro_bq.priors import _KLNormalConstSum
-
         groups = getattr(guide_trace, "bq_flat_kl", None)
         if not groups:
             return super()._differentiable_loss_particle(model_trace, guide_trace)
@@ -206,7 +191,7 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         )
         kl = 0.0
         for g in groups:
-            term = _KLNormalConstSum.apply(g.loc, g.scale, g.loc0, g.c, g.const)
+            term = KLNormalConstSum.apply(g.loc, g.scale, g.loc0, g.c, g.const)
             kl = kl + (term if g.site_scale == 1.0 else term * g.site_scale)
         kl_value = kl.detach() if torch._C._get_tracing_state() else torch_item(kl)
         return loss + kl_value, surrogate + kl

@@ -57,7 +57,7 @@ Usage::
     # or wrap both once (the same handler instance must see model and guide):
     lr = LocalReparameterization()
     svi = SVI(lr(model), lr(guide), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    # Handled keeps the wrapped object's attributes (median, state_dict, batched_forward, ...):
+    # Handled keeps the wrapped object's attributes (median, state_dict, functional_net, ...):
     svi = SVI(Handled(model, lr), Handled(guide, lr), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
 
 Measured cost (``benchmarks/harness.py --reps 30 --threads 2``, 2 CPU cores,
@@ -85,12 +85,13 @@ import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
+from pyro_bq.distributions import ConstNormal, FusedNormal
+
 __all__ = ["LocalReparameterization", "Flipout", "Handled", "GaussianTag", "GAUSSIAN_TYPES", "gaussian_tag"]
 
 #: Distribution classes whose samples are exactly ``loc + scale * eps``; a
-#: subclass is *not* trusted (it may change what a sample is) unless added here
-#: or unless it sets the class attribute ``_bq_exact_gaussian = True`` itself.
-GAUSSIAN_TYPES: set = {dist.Normal, tdist.Normal}
+#: subclass is *not* trusted (it may change what a sample is) unless added here.
+GAUSSIAN_TYPES: set = {dist.Normal, tdist.Normal, ConstNormal, FusedNormal}
 
 _TAG = "_bq_gaussian"
 _TOKEN = "_bq_fresh"
@@ -126,7 +127,7 @@ def _gaussian_params(fn) -> Optional[tuple]:
         if len(fn.batch_shape) != 0:  # plate dims (e.g. vectorized particles): not a layer weight
             return None
         fn = fn.base_dist
-    if type(fn) not in GAUSSIAN_TYPES and not vars(type(fn)).get("_bq_exact_gaussian", False):
+    if type(fn) not in GAUSSIAN_TYPES:
         return None
     return fn.loc, fn.scale
 
@@ -143,29 +144,23 @@ def _active():
     return stack[-1] if stack else None
 
 
-def _linear_forward(self, input):
-    handler = _active()
-    if handler is not None and handler._covers(self):
-        weight, bias = self.weight, self.bias
-        out = handler._layer(input, weight, bias, F.linear, self)
-        if out is not None:
-            return out
-        return F.linear(input, weight, bias)
-    return _ORIGINAL[nn.Linear](self, input)
+def _override(cls, product):
+    """The ``forward`` of layer type ``cls`` while patched: ``product(layer)`` is its
+    ``(input, weight, bias) -> output`` operation (``F.linear``, a conv's ``_conv_forward``)."""
+
+    def forward(self, input):
+        handler = _active()
+        if handler is None or not handler._covers(self):
+            return _ORIGINAL[cls](self, input)
+        weight, bias, op = self.weight, self.bias, product(self)
+        out = handler._layer(input, weight, bias, op, self)
+        return op(input, weight, bias) if out is None else out
+
+    return forward
 
 
-def _conv2d_forward(self, input):
-    handler = _active()
-    if handler is not None and handler._covers(self):
-        weight, bias = self.weight, self.bias
-        out = handler._layer(input, weight, bias, self._conv_forward, self)
-        if out is not None:
-            return out
-        return self._conv_forward(input, weight, bias)
-    return _ORIGINAL[nn.Conv2d](self, input)
-
-
-_OVERRIDES = {nn.Linear: _linear_forward, nn.Conv2d: _conv2d_forward}
+_OVERRIDES = {nn.Linear: _override(nn.Linear, lambda layer: F.linear),
+              nn.Conv2d: _override(nn.Conv2d, lambda layer: layer._conv_forward)}
 
 
 def _patch():
@@ -223,20 +218,15 @@ class _WeightNoiseMessenger(Messenger):
     def __enter__(self):
         out = super().__enter__()
         _patch()
-        stack = getattr(_STATE, "stack", None)
-        if stack is None:
-            stack = _STATE.stack = []
-        stack.append(self)
+        vars(_STATE).setdefault("stack", []).append(self)  # this thread's stack of active handlers
         return out
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
             stack = _STATE.stack
-            # remove the innermost occurrence of self
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i] is self:
-                    del stack[i]
-                    break
+            innermost = [i for i, handler in enumerate(stack) if handler is self][-1:]
+            for i in innermost:
+                del stack[i]
         finally:
             _unpatch()
         return super().__exit__(exc_type, exc_value, traceback)
@@ -255,17 +245,14 @@ class _WeightNoiseMessenger(Messenger):
             msg[_TOKEN] = token
 
     def _pyro_post_sample(self, msg) -> None:
-        token = msg.pop(_TOKEN, None) if _TOKEN in msg else None
-        infer = msg["infer"]
-        fresh = token is not None and infer.get(_TOKEN) is token
+        token = msg.pop(_TOKEN, None)
+        fresh = token is not None and msg["infer"].get(_TOKEN) is token
         if fresh:
-            infer.pop(_TOKEN, None)
+            msg["infer"].pop(_TOKEN, None)
         value = msg["value"]
         if not fresh or msg["is_observed"] or not isinstance(value, torch.Tensor):
             return
-        if hasattr(value, _TAG):
-            return
-        if not value.is_floating_point():
+        if hasattr(value, _TAG) or not value.is_floating_point():
             return
         params = _gaussian_params(msg["fn"])
         if params is not None:
@@ -278,16 +265,15 @@ class _WeightNoiseMessenger(Messenger):
         setattr(value, _TAG, _NotGaussian(msg["name"], _describe(msg["fn"])))
 
     def _not_gaussian(self, info: "_NotGaussian") -> None:
-        name = info.name
         text = (
-            f"{type(self).__name__}: site {name!r} is sampled from {info.fn}, "
+            f"{type(self).__name__}: site {info.name!r} is sampled from {info.fn}, "
             "not a plain Normal, so its pre-activations are not Gaussian (or its perturbation not "
             "sign-symmetric); the layer uses the sampled weight instead (weight sampling)"
         )
         if self.strict:
             raise ValueError(text + "; strict=True forbids this fallback")
-        if name not in self._warned:
-            self._warned.add(name)
+        if info.name not in self._warned:
+            self._warned.add(info.name)
             warnings.warn(text, UserWarning, stacklevel=3)
 
     # -- the layer ---------------------------------------------------------------------
@@ -382,7 +368,7 @@ class Handled:
     """A model or guide that runs under a handler, with its attributes intact.
 
     ``Handled(guide, handler)(*args)`` runs ``guide(*args)`` inside ``handler``;
-    every other attribute (``median``, ``state_dict``, ``batched_forward``,
+    every other attribute (``median``, ``state_dict``, ``functional_net``,
     ``setup``, ...) is the wrapped object's own. Use the *same* handler
     instance for the model and the guide. Note: the wrapper is not an
     ``nn.Module``; save and load the wrapped object (``.wrapped``).

@@ -1,25 +1,19 @@
 """A resumable SVI training loop for pyro_bq models and guides.
 
 :func:`fit_svi` runs stock Pyro SVI (``elbo.loss_and_grads`` plus a Pyro
-optimizer, exactly what ``pyro.infer.SVI.step`` does) over minibatches of an
-:class:`~pyro_bq.data.InMemoryDataset`, with
+optimizer, exactly what ``pyro.infer.SVI.step`` does) over minibatches of a
+dataset, with a progress bar, in three parts:
 
-* checkpoints every ``checkpoint_every`` steps (atomic, pickle-free) and
-  automatic resumption from the latest valid one;
-* a guard against non-finite losses and gradients that names the site(s) and
-  the step, saves the last good state, then raises or skips the step;
-* a progress bar with the running ELBO;
-* data-parallel training on ``torch.distributed`` when launched with
-  ``torchrun`` (see :mod:`pyro_bq.inference.distributed`), with the same
-  model, guide and call.
-
-A run resumed after a kill ends in exactly the state of an uninterrupted run
-with the same seed: data order is a function of ``(seed, epoch)`` and the RNG
-states are part of the checkpoint. A checkpoint also records ``seed``,
-``batch_size`` and a fingerprint of the data, and a resume with other ones (or
-with a model or guide of another architecture) is refused with a
-``ValueError`` naming the checkpoint, rather than continuing a run that is
-neither the old one nor a new one.
+* the guarded step (:func:`svi_step`): a non-finite loss or gradient, or an
+  error of the model, is reported naming the site(s) and the step; the last
+  good state is saved, then the run raises or skips the step;
+* resume from the latest valid checkpoint (:mod:`pyro_bq.io.checkpoint`, as
+  the PWFN driver does). A run resumed after a kill ends exactly like an
+  uninterrupted one: data order is a function of ``(seed, epoch)`` and the RNG
+  states are in the checkpoint. A checkpoint of another seed, batch size, data
+  (fingerprint) or architecture is refused with a ``ValueError`` naming it;
+* a strategy (:mod:`pyro_bq.inference.distributed`): one process, or
+  data-parallel ranks under ``torchrun``, with the same model, guide and call.
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +31,17 @@ import pyro
 import pyro.optim
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
 from pyro.infer.util import zero_grads
+from pyro.nn.module import PyroModule, _make_name
+from pyro.params.param_store import param_with_module_name
+from tqdm.auto import tqdm
 
 from pyro_bq._validation import check_bool, check_callable, check_choice, check_int, check_path, check_positive, check_type
-from pyro_bq.data.dataset import InMemoryDataset
-from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pyro_bq.io.checkpoint import latest_checkpoint, replace_checkpoint, rng_state
+from pyro_bq.io.container import writable_folder
 
-from . import distributed as _dist
+from .distributed import SingleProcess, rank_seed, resolve
 from .elbo import MeanFieldELBO
 
 __all__ = ["fit_svi", "FitResult", "NonFiniteError", "default_optim", "seed_everything", "svi_step"]
@@ -124,10 +120,7 @@ def seed_everything(seed: int) -> None:
 
     :param seed: an int in ``[0, 2**32 - 1]``.
     """
-    seed = check_int("seed", seed, low=0, high=MAX_SEED)
-    pyro.set_rng_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    pyro.set_rng_seed(check_int("seed", seed, low=0, high=MAX_SEED))  # torch, numpy and Python's random
 
 
 def _nonfinite_sites(guide, params) -> list[str]:
@@ -151,18 +144,21 @@ def _nonfinite_sites(guide, params) -> list[str]:
 
 
 def svi_step(model, guide, optim, elbo: ELBO, *args, on_nonfinite: str = "raise", step: int = 0, **kwargs):
-    """One SVI step; returns ``(loss, ok)``. Raises :class:`NonFiniteError` on NaN/inf
-    when ``on_nonfinite == "raise"`` (nothing is updated), or skips the update.
+    """One guarded SVI step; returns ``(loss, ok)``. On a NaN/inf loss or gradient it raises
+    :class:`NonFiniteError` naming the site(s) (``on_nonfinite="raise"``) or skips the update.
 
-    An exception raised by the model or the guide (e.g. torch's argument
-    validation on a NaN input) comes back naming ``step``; when the inputs hold
-    NaN or infinite values it is a :class:`NonFiniteError` saying so. Nothing is
-    updated then either.
+    An exception of the model or the guide (e.g. torch's validation of a NaN
+    input) comes back naming ``step``, as a :class:`NonFiniteError` when the
+    inputs hold NaN or infinite values. Nothing is updated then either.
 
     :param optim: a ``pyro.optim.PyroOptim`` (e.g. ``pyro.optim.Adam({"lr": 1e-3})``).
     :param elbo: a ``pyro.infer.ELBO`` instance (e.g. ``TraceMeanField_ELBO()``).
     :param on_nonfinite: ``"raise"`` or ``"skip"``.
     :param step: the step number used in error messages.
+
+    Usage::
+
+        loss, ok = svi_step(model, guide, default_optim(1e-3), MeanFieldELBO(), xb, yb, step=10)
     """
     _check_optim_elbo(optim, elbo)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
@@ -188,18 +184,14 @@ def _nonfinite_inputs(args, kwargs) -> list[str]:
     return found
 
 
-def _short_message(err: Exception, limit: int = 300) -> str:
-    text = str(err)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _step_error(err: Exception, step: int, args, kwargs) -> Exception:
     """The exception to raise for ``err``, raised by the model or guide at ``step``: one that names the step."""
     bad = _nonfinite_inputs(args, kwargs)
     if bad:
+        text = str(err) if len(str(err)) <= 300 else str(err)[:297] + "..."
         return NonFiniteError(
             f"step {step}: the model or guide failed on a minibatch with non-finite inputs ({'; '.join(bad)}); "
-            f"remove or fix those examples in the data. It raised {type(err).__name__}: {_short_message(err)}"
+            f"remove or fix those examples in the data. It raised {type(err).__name__}: {text}"
         )
     if type(err) in (ValueError, TypeError, RuntimeError, AssertionError, AttributeError, IndexError, ZeroDivisionError,
                      NotImplementedError, FloatingPointError, NonFiniteError):
@@ -245,19 +237,6 @@ def _svi_step(model, guide, optim, elbo, args, kwargs, on_nonfinite, step, reduc
     return loss, True
 
 
-def _state(model, guide, optim, step, losses, skipped, rng, settings):
-    return {
-        "step": step,
-        "model": model.state_dict() if isinstance(model, torch.nn.Module) else {},
-        "guide": guide.state_dict(),
-        "optim": optim.get_state(),
-        "rng": rng,
-        "losses": list(losses),
-        "skipped": list(skipped),
-        "settings": settings,
-    }
-
-
 def _unshadow_params(*modules) -> None:
     """Make Pyro's global param store hold these modules' own parameters.
 
@@ -271,9 +250,6 @@ def _unshadow_params(*modules) -> None:
     at its next use. (Constrained ``PyroParam`` values are left alone: Pyro
     deliberately takes those from the store.)
     """
-    from pyro.nn.module import PyroModule, _make_name
-    from pyro.params.param_store import param_with_module_name
-
     store = pyro.get_param_store()
     for module in modules:
         if not isinstance(module, PyroModule):
@@ -302,15 +278,16 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _data_fingerprint(data: InMemoryDataset) -> dict:
-    """Size, shapes, dtypes and a cheap checksum of ``data``, as stored in a checkpoint.
+def _data_fingerprint(data) -> dict:
+    """Size, shapes, dtypes and a cheap checksum of ``data`` (any object with tensors ``.x`` and ``.y``),
+    as stored in a checkpoint.
 
     The checksum covers every byte of ``y`` (in order), the bytes of up to 256
     evenly spaced rows of ``x``, and the wrap-around sum of all of ``x``'s bytes
     read as 64-bit words: one pass over ``x`` on its own device, no copy of it.
     """
     x, y = data.x.detach(), data.y.detach()
-    n = len(data)
+    n = x.shape[0]
     k = min(n, _FINGERPRINT_ROWS)
     rows = torch.arange(k) * (n - 1) // max(k - 1, 1)
     crc = zlib.crc32(_bytes(x[rows.to(x.device)]), zlib.crc32(_bytes(y)))
@@ -394,29 +371,184 @@ def _restore(model, guide, optim, state, where: str) -> None:
         raise ValueError(f"checkpoint {where} does not fit this run ({type(err).__name__}: {err}); {advice}") from err
 
 
+def _check_dataset(data) -> None:
+    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and callable(getattr(data, "epoch_order", None))):
+        raise TypeError(
+            "data must be a dataset with tensors .x and .y and a method epoch_order(epoch, seed), such as a "
+            f"pyro_bq InMemoryDataset; got {type(data).__name__}"
+        )
+
+
+def _batches_per_epoch(data, batch_size: int) -> int:
+    return -(-data.x.shape[0] // batch_size)
+
+
+def _total_steps(data, batch_size: int, num_epochs: Optional[int], num_steps: Optional[int]) -> int:
+    if num_steps is not None:
+        return check_int("num_steps", num_steps, low=1)
+    if num_epochs is None:
+        raise ValueError("give num_epochs or num_steps")
+    return check_int("num_epochs", num_epochs, low=1) * _batches_per_epoch(data, batch_size)
+
+
+@dataclass
+class _Run:
+    """One :func:`fit_svi` run: its arguments (checked here), counters and result."""
+
+    model: object
+    guide: object
+    optim: pyro.optim.PyroOptim
+    elbo: ELBO
+    data: object
+    batch_size: int
+    seed: int
+    on_nonfinite: str
+    folder: Optional[Path]
+    distributed: Optional[bool]
+    callback: Optional[Callable[[int, float], None]] = None
+    step_hook: Optional[Callable[[], None]] = None
+    settings: Optional[dict] = None  # what a checkpoint records, and a resume must match
+    result: FitResult = field(default_factory=FitResult)
+    step: int = 0
+    before: Optional[dict] = None  # the RNG states before the current step: those of the last good state
+    model_failed: bool = False
+    strategy: SingleProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_choice("on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        self.seed = check_int("seed", self.seed, low=0, high=MAX_SEED)
+        if self.callback is not None:
+            check_callable("callback", self.callback, "a callable callback(step, loss) or None")
+        if self.step_hook is not None:
+            check_callable("step_hook", self.step_hook, "a callable step_hook() or None")
+        _check_optim_elbo(self.optim, self.elbo)
+        self.strategy = resolve(self.distributed)
+
+    def start(self, total: int, checkpoint_every: int, resume: bool) -> None:
+        """Fix the settings a checkpoint records, make the folder (rank 0), check that every rank has the same;
+        seed, create the guide's parameters, resume from the folder's latest checkpoint, share rank 0's state."""
+        if self.folder is not None or self.strategy.distributed:  # the data's fingerprint only when needed
+            self.settings = {"seed": self.seed, "batch_size": self.batch_size, "data": _data_fingerprint(self.data)}
+        self.strategy.agree(
+            {"seed": self.seed, "batch_size": self.batch_size, "num_steps": total, "checkpoint_every": checkpoint_every,
+             "resume": resume, "on_nonfinite": self.on_nonfinite, "data": (self.settings or {}).get("data")},
+            functools.partial(writable_folder, "checkpoint_dir", self.folder) if self.folder is not None else None,
+        )
+        seed_everything(rank_seed(self.seed, self.strategy.rank))
+        first = torch.arange(min(self.batch_size, self.data.x.shape[0]))
+        if hasattr(self.guide, "setup"):
+            self.guide.setup(self.data.x[first], self.data.y[first])
+        else:
+            self.guide(self.data.x[first], self.data.y[first])
+        _unshadow_params(self.model, self.guide)
+        if self.folder is not None and resume:
+            self.resume()
+        self.strategy.share_modules(self.model, self.guide)
+
+    def resume(self) -> None:
+        """Load the latest valid checkpoint (rank 0's, on every rank) into the model, guide, optimizer and counters."""
+        shared = self.strategy.share_checkpoint(self.strategy.main_only(latest_checkpoint, self.folder), self.folder)
+        if shared is None:
+            return
+        state, where, name = shared
+        _check_settings(state.get("settings"), self.settings, where)
+        _restore(self.model, self.guide, self.optim, state, where)
+        self.step = int(state["step"])
+        self.strategy.restore_rng(state, self.seed, self.step)
+        self.result.losses = list(state["losses"])
+        self.result.skipped_steps = list(state["skipped"])
+        self.result.resumed_from = name
+
+    def save(self, at: int, rng: Optional[dict] = None) -> None:
+        """Checkpoint the state after ``at`` steps; ``rng``: the RNG states of then (default: now)."""
+        if self.folder is None:
+            return
+        rng = rng if rng is not None else rng_state()
+        extra = self.strategy.rng_record(rng, at)
+        self.strategy.write(lambda: replace_checkpoint(self.folder, at, self._state(at, rng, extra)),
+                            f"the checkpoint of step {at}")
+
+    def _state(self, at: int, rng: dict, extra: dict) -> dict:
+        return {
+            "step": at,
+            "model": self.model.state_dict() if isinstance(self.model, torch.nn.Module) else {},
+            "guide": self.guide.state_dict(),
+            "optim": self.optim.get_state(),
+            "rng": rng,
+            "losses": list(self.result.losses),
+            "skipped": list(self.result.skipped_steps),
+            "settings": self.settings,
+            **extra,
+        }
+
+    def _on_model_error(self) -> None:
+        self.model_failed = True
+        self.strategy.save_after_local_error(functools.partial(self.save, self.step, self.before))
+
+    def guarded_step(self, xb: torch.Tensor, yb: torch.Tensor, weight: float, n_global: int) -> tuple[float, bool]:
+        """One guarded step on this rank's shard; returns the global batch's loss and whether it was applied."""
+        reduce = functools.partial(self.strategy.average, weight=weight, step=self.step)
+        if self.folder is not None:
+            self.before = rng_state()
+        try:
+            loss, ok = _svi_step(self.model, self.guide, self.optim, self.elbo, (xb, yb), {}, self.on_nonfinite,
+                                 self.step, reduce, self._on_model_error)
+        except NonFiniteError:
+            if not self.model_failed:  # the guard's decision (the same on every rank)
+                self.save(self.step, self.before)
+            raise
+        if not ok:
+            self.result.skipped_steps.append(self.step)
+        else:
+            if self.step_hook is not None:
+                self.step_hook()
+            self.result.losses.append(loss / n_global)
+        self.step += 1
+        return loss, ok
+
+    def train(self, total: int, checkpoint_every: int, progress: bool) -> FitResult:
+        """Step until ``total`` steps are done, checkpointing every ``checkpoint_every`` and at the end."""
+        per_epoch = _batches_per_epoch(self.data, self.batch_size)
+        bar = self.strategy.main_only(tqdm, total=total, initial=self.step, desc="SVI", dynamic_ncols=True,
+                                      leave=False) if progress else None
+        running = None
+        try:
+            while self.step < total:
+                epoch, offset = divmod(self.step, per_epoch)
+                order = self.data.epoch_order(epoch, self.seed)[offset * self.batch_size :]
+                for xb, yb, weight, n_global in self.strategy.batches(self.data, order, self.batch_size):
+                    loss, ok = self.guarded_step(xb, yb, weight, n_global)
+                    if ok:
+                        running = loss if running is None else 0.95 * running + 0.05 * loss
+                    if bar is not None:
+                        bar.update(1)
+                        if running is not None:
+                            bar.set_postfix(elbo=f"{-running:.4g}")
+                    if self.callback is not None:
+                        self.callback(self.step, loss)
+                    if self.step % checkpoint_every == 0 or self.step == total:
+                        self.save(self.step)
+                    if self.step >= total:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        self.result.steps = self.step
+        return self.result
+
+
 def fit_svi(
-    model,
-    guide,
-    data: InMemoryDataset,
-    *,
-    num_epochs: Optional[int] = 1,
-    num_steps: Optional[int] = None,
-    batch_size: int = 128,
-    optim: Optional[pyro.optim.PyroOptim] = None,
-    lr: float = 1e-3,
-    elbo: Optional[ELBO] = None,
-    seed: int = 0,
-    checkpoint_dir: Optional[os.PathLike] = None,
-    checkpoint_every: int = 100,
-    resume: bool = True,
-    on_nonfinite: str = "raise",
-    progress: bool = True,
-    callback: Optional[Callable[[int, float], None]] = None,
-    step_hook: Optional[Callable[[], None]] = None,
-    distributed: Optional[bool] = None,
+    model, guide, data, *, num_epochs: Optional[int] = 1, num_steps: Optional[int] = None, batch_size: int = 128,
+    optim: Optional[pyro.optim.PyroOptim] = None, lr: float = 1e-3, elbo: Optional[ELBO] = None, seed: int = 0,
+    checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: int = 100, resume: bool = True,
+    on_nonfinite: str = "raise", progress: bool = True, callback: Optional[Callable[[int, float], None]] = None,
+    step_hook: Optional[Callable[[], None]] = None, distributed: Optional[bool] = None,
 ) -> FitResult:
     """Train ``guide`` for ``model`` with SVI on ``data``.
 
+    :param data: a dataset: tensors ``.x`` and ``.y`` with one row per example and a
+        method ``epoch_order(epoch, seed)`` (e.g. :class:`~pyro_bq.data.InMemoryDataset`).
     :param num_epochs: passes over ``data`` (ignored when ``num_steps`` is set).
     :param num_steps: total optimizer steps, across epochs.
     :param batch_size: examples per optimizer step; in a data-parallel run the
@@ -443,215 +575,25 @@ def fit_svi(
     :param step_hook: called after every optimizer step (e.g. to re-apply masks).
     :param distributed: ``None`` (default): data-parallel over ``torch.distributed``
         when a process group of more than one rank exists or ``torchrun``'s
-        environment describes one; ``False``: always one process; ``True``:
-        require a group. See :mod:`pyro_bq.inference.distributed`: every rank
-        passes the same full ``data`` and arguments; each gets a disjoint shard
-        of every global batch; gradients are averaged (weighted by shard size)
-        before each optimizer step, which makes the step that of one process on
-        the global batch; only rank 0 writes checkpoints and shows progress; a
-        checkpoint resumes with any number of ranks.
+        environment describes one; ``False``: one process; ``True``: require a
+        group. Every rank passes the same full ``data`` and arguments; a step
+        equals one process's step on the global batch; a checkpoint resumes with
+        any number of ranks (see :mod:`pyro_bq.inference.distributed`).
 
     Usage::
 
         result = fit_svi(model, guide, load_mnist(train=True), num_epochs=5, lr=1e-3)
         # the same line, launched with: torchrun --standalone --nproc_per_node 4 train.py
     """
-    if not isinstance(data, InMemoryDataset):
-        raise TypeError(f"data must be a pyro_bq InMemoryDataset, got {type(data).__name__}")
+    _check_dataset(data)
     batch_size = check_int("batch_size", batch_size, low=1)
-    if num_steps is None:
-        if num_epochs is None:
-            raise ValueError("give num_epochs or num_steps")
-        num_epochs = check_int("num_epochs", num_epochs, low=1)
-        total = num_epochs * data.num_batches(batch_size)
-    else:
-        total = check_int("num_steps", num_steps, low=1)
-    check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
+    total = _total_steps(data, batch_size, num_epochs, num_steps)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, low=1)
-    seed = check_int("seed", seed, low=0, high=MAX_SEED)
     folder = check_path("checkpoint_dir", checkpoint_dir) if checkpoint_dir is not None else None
-    resume = check_bool("resume", resume)
-    progress = check_bool("progress", progress)
-    if callback is not None:
-        check_callable("callback", callback, "a callable callback(step, loss) or None")
-    if step_hook is not None:
-        check_callable("step_hook", step_hook, "a callable step_hook() or None")
+    resume, progress = check_bool("resume", resume), check_bool("progress", progress)
     optim = optim if optim is not None else default_optim(lr)
     elbo = elbo if elbo is not None else MeanFieldELBO()
-    _check_optim_elbo(optim, elbo)
-    dp = _dist.resolve(distributed)
-    rank = 0 if dp is None else dp.info.rank
-    world = 1 if dp is None else dp.info.world_size
-    # what a checkpoint records, and a resume must match (the data's fingerprint only when needed)
-    settings = None
-    if folder is not None or dp is not None:
-        settings = {"seed": seed, "batch_size": batch_size, "data": _data_fingerprint(data)}
-    folder_error = None
-    if folder is not None and rank == 0:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            folder_error = f"checkpoint_dir {str(folder)!r} cannot be created ({err}); choose a writable folder"
-            if dp is None:
-                raise ValueError(folder_error) from err
-        if folder_error is None and not os.access(folder, os.W_OK):
-            folder_error = f"checkpoint_dir {str(folder)!r} is not writable; choose another folder"
-            if dp is None:
-                raise ValueError(folder_error)
-    if dp is not None:
-        dp.agree(
-            {
-                "seed": seed,
-                "batch_size": batch_size,
-                "num_steps": total,
-                "checkpoint_every": checkpoint_every,
-                "resume": resume,
-                "on_nonfinite": on_nonfinite,
-                "data": settings["data"],
-            },
-            folder_error,
-        )
-
-    result = FitResult()
-    per_epoch = data.num_batches(batch_size)
-    seed_everything(_dist.rank_seed(seed, rank))
-    first_x, first_y = next(data.batches(batch_size))
-    if hasattr(guide, "setup"):
-        guide.setup(first_x, first_y)
-    else:
-        guide(first_x, first_y)
-    _unshadow_params(model, guide)
-    step = 0
-    if folder is not None and resume:
-        ckpt = latest_checkpoint(folder) if rank == 0 else None
-        local = ckpt
-        if dp is not None:
-            local = dp.broadcast_file(ckpt)
-        if local is not None:
-            try:
-                state = load_checkpoint(local)
-            finally:
-                if local != ckpt:
-                    Path(local).unlink(missing_ok=True)
-            where = str(ckpt) if ckpt is not None else f"rank 0's {folder}/ckpt-{state.get('step')}.bq"
-            _check_settings(state.get("settings"), settings, where)
-            _restore(model, guide, optim, state, where)
-            step = int(state["step"])
-            saved_ranks = state.get("rng_ranks")
-            if rank == 0:
-                set_rng_state(state["rng"])
-            elif saved_ranks is not None and len(saved_ranks) == world:
-                set_rng_state(saved_ranks[rank])
-            else:
-                seed_everything(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint32)[0]))
-            result.losses = list(state["losses"])
-            result.skipped_steps = list(state["skipped"])
-            result.resumed_from = str(ckpt) if ckpt is not None else str(folder / f"ckpt-{step}.bq")  # rank 0's file
-    if dp is not None:
-        # rank 0's parameters everywhere, whatever each rank's initialisation was
-        dp.broadcast_modules(model, guide)
-        buffers = _dist.floating_buffers(model, guide)
-
-    def checkpoint(at: int, rng: Optional[dict] = None):
-        """Save the state after ``at`` steps; ``rng``: the RNG states of then (default: now)."""
-        if folder is None:
-            return
-        state = None
-        mine = rng if rng is not None else rng_state()
-        if dp is not None:
-            ranks = dp.all_gather(mine, f"gathering the RNG states at step {at}")
-        if rank == 0:
-            state = _state(model, guide, optim, at, result.losses, result.skipped_steps, mine, settings)
-            if dp is not None:
-                state["world_size"] = world
-                state["rng_ranks"] = ranks
-        if dp is None:
-            _write(folder, at, state)
-            return
-        error = None
-        if rank == 0:
-            try:
-                _write(folder, at, state)
-            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
-                error = err
-        if not dp.all_ok(error is None, f"the checkpoint of step {at}"):
-            if error is not None:
-                raise error
-            raise _dist.DistributedError(f"rank {rank}: rank 0 failed to write the checkpoint of step {at}")
-
-    def batches(order):
-        if dp is None:
-            yield from data.batches(batch_size, indices=order)
-            return
-        for start in range(0, len(order), batch_size):
-            mine, weight = _dist.shard_batch(order[start : start + batch_size], rank, world)
-            yield data.x[mine], data.y[mine], weight, min(batch_size, len(order) - start)
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="SVI", dynamic_ncols=True, leave=False)
-    running = None
-    before = None  # the RNG states before the current step: those of the last good state
-    model_failed = []
-
-    def on_model_error():
-        model_failed.append(step)
-        if dp is None:  # the other ranks of a data-parallel run are inside a collective: no checkpoint then
-            checkpoint(step, before)
-
-    try:
-        while step < total:
-            epoch, offset = divmod(step, per_epoch)
-            order = data.epoch_order(epoch, seed)[offset * batch_size :]
-            for batch in batches(order):
-                reduce = None
-                if dp is None:
-                    xb, yb = batch
-                    n_global = len(xb)
-                else:
-                    xb, yb, weight, n_global = batch
-                    reduce = functools.partial(_reduce, dp, weight=weight, buffers=buffers, step=step)
-                if folder is not None:
-                    before = rng_state()
-                try:
-                    loss, ok = _svi_step(model, guide, optim, elbo, (xb, yb), {}, on_nonfinite, step, reduce, on_model_error)
-                except NonFiniteError:
-                    if not model_failed:  # the guard's decision (the same on every rank)
-                        checkpoint(step, before)
-                    raise
-                if not ok:
-                    result.skipped_steps.append(step)
-                else:
-                    if step_hook is not None:
-                        step_hook()
-                    result.losses.append(loss / n_global)
-                    running = loss if running is None else 0.95 * running + 0.05 * loss
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    if running is not None:
-                        bar.set_postfix(elbo=f"{-running:.4g}")
-                if callback is not None:
-                    callback(step, loss)
-                if step % checkpoint_every == 0 or step == total:
-                    checkpoint(step)
-                if step >= total:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    result.steps = step
-    return result
-
-
-def _reduce(dp, params, loss, *, weight, buffers, step):
-    return dp.average(params, loss, weight, buffers, step)
-
-
-def _write(folder: Path, at: int, state: dict) -> None:
-    save_checkpoint(folder / f"ckpt-{at}.bq", state)
-    for old in folder.glob("ckpt-*.bq"):
-        if old.name != f"ckpt-{at}.bq":
-            old.unlink(missing_ok=True)
+    run = _Run(model, guide, optim, elbo, data, batch_size, seed, on_nonfinite, folder, distributed,
+               callback=callback, step_hook=step_hook)
+    run.start(total, checkpoint_every, resume)
+    return run.train(total, checkpoint_every, progress)

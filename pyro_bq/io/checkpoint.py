@@ -7,19 +7,19 @@ strings and ``None`` is stored: tensors and arrays as raw bytes, the rest as
 JSON. Loading gives back the same structure (tuples stay tuples, int keys stay
 ints, arrays stay arrays) and never runs code from the file.
 
-A run that checkpoints every N steps writes ``{prefix}-{step}.bq`` files with
-:func:`checkpoint_path` and :func:`save_checkpoint`, removes older ones with
-:func:`prune_checkpoints`, and resumes from :func:`latest_checkpoint`, the
-newest file that passes every integrity check.
+A run that checkpoints every N steps (``fit_svi``, the PWFN rounds) keeps one
+``{prefix}-{step}.bq`` file in a folder (:func:`~pyro_bq.io.container.writable_folder`):
+:func:`replace_checkpoint` writes the newest state at :func:`checkpoint_path`
+and deletes the others, and the run resumes from :func:`latest_checkpoint`,
+the newest file that passes every integrity check.
 
 Usage::
 
+    folder = writable_folder("checkpoint_dir", "runs/a")
     ckpt = latest_checkpoint(folder)
     state = load_checkpoint(ckpt) if ckpt else None
     ...
-    save_checkpoint(checkpoint_path(folder, step), {"step": step, "guide": guide.state_dict(),
-                                                    "rng": rng_state()})
-    prune_checkpoints(folder, keep=1)
+    replace_checkpoint(folder, step, {"step": step, "guide": guide.state_dict(), "rng": rng_state()})
 """
 
 from __future__ import annotations
@@ -36,16 +36,8 @@ import torch
 from .container import SUPPORTED_DTYPES, CorruptFileError, _check_path, read_container, write_container
 
 __all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "latest_checkpoint",
-    "checkpoint_path",
-    "list_checkpoints",
-    "prune_checkpoints",
-    "rng_state",
-    "set_rng_state",
-    "flatten_state",
-    "unflatten_state",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "replace_checkpoint", "checkpoint_path",
+    "list_checkpoints", "prune_checkpoints", "rng_state", "set_rng_state", "flatten_state", "unflatten_state"
 ]
 
 _KIND = "checkpoint"
@@ -299,3 +291,20 @@ def prune_checkpoints(folder: os.PathLike, prefix: str = "ckpt", keep: int = 1) 
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
+
+
+def replace_checkpoint(folder: os.PathLike, step: int, state: dict, prefix: str = "ckpt") -> Path:
+    """Save ``state`` as the checkpoint after ``step`` in ``folder`` (:func:`checkpoint_path`, returned),
+    then delete the folder's other ``{prefix}-{step}.bq`` files, older or stale newer ones.
+
+    Usage::
+
+        replace_checkpoint(folder, step, {"step": step, "guide": guide.state_dict(), "rng": rng_state()})
+    """
+    path = checkpoint_path(folder, step, prefix)
+    save_checkpoint(path, state)
+    for _, old in list_checkpoints(folder, prefix):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+

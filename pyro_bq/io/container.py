@@ -35,12 +35,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 __all__ = [
-    "FORMAT_VERSION",
-    "CorruptFileError",
-    "write_container",
-    "read_container",
-    "atomic_write_bytes",
-    "SUPPORTED_DTYPES",
+    "FORMAT_VERSION", "CorruptFileError", "write_container", "read_container", "atomic_write_bytes",
+    "writable_folder", "SUPPORTED_DTYPES"
 ]
 
 MAGIC = b"PYROBQ\x00\x1a"
@@ -133,6 +129,25 @@ def atomic_write_bytes(path: os.PathLike, chunks: Iterable[bytes]) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def writable_folder(name: str, path: os.PathLike) -> Path:
+    """``path`` as a folder that exists (created with its parents if need be) and is writable.
+
+    :raises ValueError: naming the argument ``name`` when it cannot be created or written to.
+
+    Usage::
+
+        folder = writable_folder("checkpoint_dir", "runs/a")
+    """
+    path = _check_path(name, path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name} {str(path)!r} cannot be created ({err}); choose a writable folder") from err
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{name} {str(path)!r} is not writable; choose a writable folder")
+    return path
 
 
 def _tensor_bytes(name: str, tensor: Any) -> tuple[str, list[int], bytes]:

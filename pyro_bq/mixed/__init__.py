@@ -32,7 +32,7 @@ from .informativeness import (
 )
 from .quantile_inform import quantile_inform, quantize_means
 from .random_bits import random_bits
-from .report import bits_table, evaluate_allocation, evaluate_float, mean_accuracy, plot_bits, results_table
+from .report import bits_table, evaluate_allocation, evaluate_float, plot_bits, results_table
 from .smol import bits_from_s, noise_amplitude, s_from_bits, smol, smol_penalty, with_locs
 
 __all__ = [
@@ -55,6 +55,5 @@ __all__ = [
     "plot_bits",
     "evaluate_allocation",
     "evaluate_float",
-    "mean_accuracy",
     "results_table",
 ]

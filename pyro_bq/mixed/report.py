@@ -18,11 +18,11 @@ import torch
 from pyro_bq._validation import check_choice, check_int
 from pyro_bq.guides.quantized import quantize
 from pyro_bq.quant.policies import make_policy
-from pyro_bq.uncertainty import evaluate
+from pyro_bq.uncertainty import accuracy, evaluate, predictive_probs
 
 from .informativeness import BitAllocation
 
-__all__ = ["bits_table", "plot_bits", "evaluate_allocation", "evaluate_float", "results_table", "mean_accuracy"]
+__all__ = ["bits_table", "plot_bits", "evaluate_allocation", "evaluate_float", "results_table"]
 
 
 def _check_allocs(allocs) -> dict[str, BitAllocation]:
@@ -94,20 +94,11 @@ def plot_bits(allocs, path=None, *, title: str = "bits per layer"):
     return fig
 
 
-@torch.no_grad()
-def mean_accuracy(model, guide, data, *, batch_size: int = 2000) -> float:
-    """Accuracy of the deterministic network at the guide's means (``M_det``)."""
-    med = guide.median()
-    weights = {k: v[None] for k, v in med.items()}
-    correct = 0
-    for xb, yb in data.batches(batch_size):
-        correct += int((model.batched_forward(weights, xb)[0].argmax(-1) == yb).sum())
-    return correct / len(data)
-
-
 def _record(model, guide, in_data, ood_data, num_samples, seed):
+    """The evaluation record plus ``accuracy_mean``, of the deterministic network at the guide's means (``M_det``)."""
     rec = evaluate(model, guide, in_data, ood_data, num_samples=num_samples, seed=seed)
-    rec["accuracy_mean"] = mean_accuracy(model, guide, in_data)
+    point = {k: v[None] for k, v in guide.median().items()}
+    rec["accuracy_mean"] = accuracy(predictive_probs(model, x=in_data, samples=point, batch_size=2000), in_data.y)
     return rec
 
 

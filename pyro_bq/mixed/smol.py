@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from pyro_bq._validation import check_choice, check_float, check_int, check_positive
 from pyro_bq.data.dataset import InMemoryDataset
 from pyro_bq.guides.quantized import copy_guide
+from pyro_bq.inference.prediction import batched_forward
 from pyro_bq.quant.grids import check_bits, signed_grid, ste, uniform_quantize
 from pyro_bq.quant.quantizers import SignedGridQuantizer
 
@@ -129,8 +130,8 @@ def smol(
 ):
     """Learn per-parameter (or per-site) precisions, then fine-tune the means under them.
 
-    :param model: the :class:`~pyro_bq.models.BayesianClassifier` (its
-        ``batched_forward`` runs the deterministic network).
+    :param model: the :class:`~pyro_bq.models.BayesianClassifier` (its deterministic
+        network runs through :func:`~pyro_bq.inference.batched_forward`).
     :param guide: the trained guide; it is not modified.
     :param data: an :class:`~pyro_bq.data.InMemoryDataset` of training examples.
     :param lam: ``lambda`` of Eq. 12 (larger: fewer bits). The data term is the
@@ -168,7 +169,7 @@ def smol(
 
     def cross_entropy(weights, xb, yb):
         full = {**fixed, **{n: scales[n] * w[None] for n, w in weights.items()}}
-        return F.cross_entropy(model.batched_forward(full, xb)[0], yb)
+        return F.cross_entropy(batched_forward(model, full, xb)[0], yb)
 
     precision_loss = _learn_precisions(theta, s, cross_entropy, lam, _batches(data, batch_size, seed, precision_steps, 0),
                                        lr, s_lr, torch.Generator().manual_seed(seed))

@@ -17,18 +17,10 @@ from pyro_bq.guides.pwfn import AutoPWFN, pwfn_sigma_init, quantile, relative_po
 from .clustering import ClusterConfig, ClusterLevel, ClusterResult, cluster_guide_, prefix_within_tau, pwfn_cluster
 from .driver import DEFAULT_SCHEDULE, PWFN, PWFNResult, check_schedule
 from .export import codebook_policy
-from .metrics import (
-    accuracy,
-    compression_stats,
-    ensemble_accuracy,
-    fl_bias_excluded_sites,
-    unique_values,
-    weight_entropy,
-)
+from .metrics import compression_stats, ensemble_accuracy, fl_bias_excluded_sites, unique_values, weight_entropy
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective, sigma_regularizer
 
 __all__ = [
-    "accuracy",
     "AutoPWFN",
     "check_schedule",
     "cluster_guide_",

@@ -44,22 +44,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from pyro_bq._validation import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_int,
-    check_path,
-    check_positive,
-    check_type,
-)
+from pyro_bq._validation import check_bool, check_callable, check_choice, check_int, check_path, check_positive, check_type
 from pyro_bq._validation import check_schedule as _check_schedule
 from pyro_bq.data.dataset import InMemoryDataset
-from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pyro_bq.guides.pwfn import AutoPWFN
+from pyro_bq.inference import fit_svi
+from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, replace_checkpoint, rng_state, set_rng_state
+from pyro_bq.io.container import writable_folder
+from pyro_bq.uncertainty import accuracy, predictive_probs
+from pyro_bq.recipes import scale_aware_adam
 
 from .clustering import ClusterConfig, ClusterLevel, cluster_guide_
-from .metrics import accuracy, compression_stats, ensemble_accuracy
+from .metrics import compression_stats, ensemble_accuracy
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective
 
 __all__ = ["PWFN", "PWFNResult", "DEFAULT_SCHEDULE", "check_schedule"]
@@ -167,8 +165,6 @@ class PWFN:
         progress: bool = True,
         log: Optional[Callable[[str], None]] = print,
     ):
-        from pyro_bq.guides.pwfn import AutoPWFN
-
         check_type("guide", guide, AutoPWFN, "an AutoPWFN guide")
         check_type("train_data", train_data, InMemoryDataset, "an InMemoryDataset")
         if test_data is not None:
@@ -203,117 +199,87 @@ class PWFN:
             self.log(line)
 
     def _optimizer(self):
-        import pyro.optim
-
-        lr, scale_lr = self.lr, self.scale_lr
-        return pyro.optim.Adam(lambda name: {"lr": scale_lr if name.endswith("scale_raw") else lr})
+        return scale_aware_adam(self.lr, self.scale_lr)
 
     def _accuracy(self) -> Optional[float]:
         if self.test_data is None:
             return None
-        return accuracy(self.model, self.guide.median(), self.test_data, batch_size=self.eval_batch_size)
+        point = {k: v[None] for k, v in self.guide.median().items()}
+        probs = predictive_probs(self.model, x=self.test_data, samples=point, batch_size=self.eval_batch_size)
+        return accuracy(probs, self.test_data.y)
 
     def _save(self, t: int, level: ClusterLevel, rounds: list, extra: dict) -> None:
+        """Checkpoint the state after round ``t`` (in place of the one before) and drop round ``t``'s SVI checkpoints."""
         if self.checkpoint_dir is None:
             return
-        state = {
-            "round": t,
-            "guide": self.guide.state_dict(),
-            "level": level.as_dict(),
-            "rounds": rounds,
-            "extra": extra,
-            "rng": rng_state(),
-        }
-        save_checkpoint(self.checkpoint_dir / f"pwfn-{t}.bq", state)
-        for old in self.checkpoint_dir.glob("pwfn-*.bq"):
-            if old.name != f"pwfn-{t}.bq":
-                old.unlink(missing_ok=True)
+        state = {"round": t, "guide": self.guide.state_dict(), "level": level.as_dict(), "rounds": rounds,
+                 "extra": extra, "rng": rng_state()}
+        replace_checkpoint(self.checkpoint_dir, t, state, prefix="pwfn")
         shutil.rmtree(self.checkpoint_dir / f"round-{t}", ignore_errors=True)
+
+    def _resume(self, result: PWFNResult) -> tuple[int, ClusterLevel, list, dict]:
+        """``(rounds done, clustering level, round log, extra)`` from the latest round checkpoint, or of a fresh start."""
+        folder = self.checkpoint_dir
+        ckpt = None if folder is None else latest_checkpoint(writable_folder("checkpoint_dir", folder), "pwfn")
+        if ckpt is None:
+            return 0, self.cluster.start_level(), [], {}
+        state = load_checkpoint(ckpt)
+        self.guide.load_state_dict(state["guide"])
+        set_rng_state(state["rng"])
+        result.resumed_from = str(ckpt)
+        start = int(state["round"])
+        self._emit(f"resumed from {ckpt.name}: {start} of {len(self.schedule)} rounds done")
+        return start, ClusterLevel(**state["level"]), list(state["rounds"]), dict(state["extra"])
+
+    def _round(self, t: int, level: ClusterLevel) -> tuple[dict, ClusterLevel]:
+        """Train round ``t + 1``'s free weights, then fix a fraction ``p_t`` of all; returns its log entry."""
+        p = self.schedule[t]
+        t0 = time.perf_counter()
+        steps = 0
+        if self.guide.num_fixed < self.guide.num_params:
+            steps = fit_svi(
+                self.model, self.guide, self.train_data, num_epochs=self.num_epochs, num_steps=self.num_steps,
+                batch_size=self.batch_size, optim=self._optimizer(), elbo=self.objective, seed=self.seed + t,
+                checkpoint_dir=(self.checkpoint_dir / f"round-{t + 1}") if self.checkpoint_dir else None,
+                progress=self.progress, step_hook=self.guide.enforce_fixed_,
+            ).steps
+        t_train = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        res = cluster_guide_(self.guide, p, self.cluster, level)
+        t_cluster = time.perf_counter() - t1
+        level = res.level
+        acc = self._accuracy()
+        entry = {
+            "round": t + 1, "p": p, "fraction_fixed": self.guide.fraction_fixed,
+            "codebook_size": int(self.guide.codebook().numel()), "new_groups": len(res.groups),
+            "b": level.b, "order": level.order, "tau": level.tau, "accuracy": acc,
+            "train_steps": steps, "train_s": t_train, "cluster_s": t_cluster,
+        }
+        acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        self._emit(
+            f"round {t + 1}/{len(self.schedule)}: p={p:g} fixed={100 * entry['fraction_fixed']:.1f}% "
+            f"codebook={entry['codebook_size']} (b={level.b}, order={level.order}, tau={level.tau:g}) "
+            f"acc={acc_txt} train={t_train:.1f}s cluster={t_cluster:.2f}s"
+        )
+        return entry, level
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> PWFNResult:
         """Run (or resume) all rounds and evaluate the final network."""
-        from pyro_bq.inference.train import fit_svi
-
         x0, y0 = next(self.train_data.batches(self.batch_size))
         self.guide.setup(x0, y0)
-        level = self.cluster.start_level()
-        rounds: list = []
-        extra: dict = {}
-        start = 0
         result = PWFNResult(self.guide)
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            ckpt = latest_checkpoint(self.checkpoint_dir, prefix="pwfn")
-            if ckpt is not None:
-                state = load_checkpoint(ckpt)
-                self.guide.load_state_dict(state["guide"])
-                level = ClusterLevel(**state["level"])
-                rounds = list(state["rounds"])
-                extra = dict(state["extra"])
-                start = int(state["round"])
-                set_rng_state(state["rng"])
-                result.resumed_from = str(ckpt)
-                self._emit(f"resumed from {ckpt.name}: {start} of {len(self.schedule)} rounds done")
+        start, level, rounds, extra = self._resume(result)
         if "pretrained_accuracy" not in extra:
             acc0 = self._accuracy()
             extra["pretrained_accuracy"] = acc0
             if acc0 is not None:
                 self._emit(f"start: point accuracy {100 * acc0:.2f}%")
-
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(self.schedule), initial=start, desc="PWFN rounds", dynamic_ncols=True)
+        bar = tqdm(total=len(self.schedule), initial=start, desc="PWFN rounds", dynamic_ncols=True) if self.progress else None
         try:
             for t in range(start, len(self.schedule)):
-                p = self.schedule[t]
-                t0 = time.perf_counter()
-                steps = 0
-                if self.guide.num_fixed < self.guide.num_params:
-                    fit = fit_svi(
-                        self.model,
-                        self.guide,
-                        self.train_data,
-                        num_epochs=self.num_epochs,
-                        num_steps=self.num_steps,
-                        batch_size=self.batch_size,
-                        optim=self._optimizer(),
-                        elbo=self.objective,
-                        seed=self.seed + t,
-                        checkpoint_dir=(self.checkpoint_dir / f"round-{t + 1}") if self.checkpoint_dir else None,
-                        progress=self.progress,
-                        step_hook=self.guide.enforce_fixed_,
-                    )
-                    steps = fit.steps
-                t_train = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                res = cluster_guide_(self.guide, p, self.cluster, level)
-                t_cluster = time.perf_counter() - t1
-                level = res.level
-                acc = self._accuracy()
-                entry = {
-                    "round": t + 1,
-                    "p": p,
-                    "fraction_fixed": self.guide.fraction_fixed,
-                    "codebook_size": int(self.guide.codebook().numel()),
-                    "new_groups": len(res.groups),
-                    "b": level.b,
-                    "order": level.order,
-                    "tau": level.tau,
-                    "accuracy": acc,
-                    "train_steps": steps,
-                    "train_s": t_train,
-                    "cluster_s": t_cluster,
-                }
+                entry, level = self._round(t, level)
                 rounds.append(entry)
-                acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
-                self._emit(
-                    f"round {t + 1}/{len(self.schedule)}: p={p:g} fixed={100 * entry['fraction_fixed']:.1f}% "
-                    f"codebook={entry['codebook_size']} (b={level.b}, order={level.order}, tau={level.tau:g}) "
-                    f"acc={acc_txt} train={t_train:.1f}s cluster={t_cluster:.2f}s"
-                )
                 self._save(t + 1, level, rounds, extra)
                 if bar is not None:
                     bar.update(1)

@@ -5,10 +5,10 @@
   fraction of weights equal to ``v`` -- over all weights, and "w/o FL-bias":
   without the first and last layers and without biases (the paper's Table 1);
 * the number of unique values and the codebook (the sorted unique values);
-* point-estimate accuracy (the means, i.e. ``guide.median()``) and the
-  accuracy of an ensemble of sampled networks (softmax probabilities
+* the accuracy of an ensemble of sampled networks (softmax probabilities
   averaged over ``num_samples`` draws, 20 in the paper; the mean accuracy of
-  the individual draws is reported too).
+  the individual draws is reported too), with
+  :func:`pyro_bq.uncertainty.accuracy`.
 
 "First" and "last" layer are the modules of the first and last weight sites
 in model order (``net.conv1`` and ``net.fc3`` for LeNet-5); a bias is a site
@@ -22,13 +22,13 @@ from typing import Mapping, Optional
 import torch
 
 from pyro_bq._validation import check_int
+from pyro_bq.uncertainty import accuracy, predictive_probs
 
 __all__ = [
     "weight_entropy",
     "unique_values",
     "fl_bias_excluded_sites",
     "compression_stats",
-    "accuracy",
     "ensemble_accuracy",
 ]
 
@@ -130,46 +130,19 @@ def compression_stats(weights: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
-@torch.no_grad()
-def _predict(model, samples: Mapping[str, torch.Tensor], data, batch_size: int) -> torch.Tensor:
-    """Mean softmax probabilities over the sample dimension and per-sample correctness."""
-    probs_sum, correct_each, n = None, None, 0
-    for xb, yb in data.batches(batch_size):
-        logits = model.batched_forward(samples, xb)  # [S, B, C]
-        probs = torch.softmax(logits, -1)
-        mean = probs.mean(0)
-        c_ens = (mean.argmax(-1) == yb).sum()
-        c_each = (logits.argmax(-1) == yb[None]).sum(1)
-        probs_sum = c_ens if probs_sum is None else probs_sum + c_ens
-        correct_each = c_each if correct_each is None else correct_each + c_each
-        n += len(yb)
-    return probs_sum.double() / n, correct_each.double() / n
-
-
-def accuracy(model, weights: Mapping[str, torch.Tensor], data, *, batch_size: int = 1000) -> float:
-    """Accuracy of the network with the given weights (e.g. ``guide.median()``) on ``data``."""
-    batch_size = check_int("batch_size", batch_size, low=1)
-    samples = {k: v.unsqueeze(0) for k, v in weights.items()}
-    acc, _ = _predict(model, samples, data, batch_size)
-    return float(acc)
-
-
 def ensemble_accuracy(
     model, guide, data, *, num_samples: int = 20, batch_size: int = 500, seed: Optional[int] = 0
 ) -> dict:
     """Accuracy of the averaged prediction of ``num_samples`` weight draws from ``guide``.
 
-    Returns ``{"ensemble": acc, "mean_member": mean accuracy of the draws}``.
+    :param data: a dataset with ``.x`` and ``.y``.
+    :returns: ``{"ensemble": acc, "mean_member": mean accuracy of the draws}``.
+
+    Usage::
+
+        ensemble_accuracy(model, guide, test, num_samples=20)["ensemble"]
     """
     num_samples = check_int("num_samples", num_samples, low=1)
-    batch_size = check_int("batch_size", batch_size, low=1)
-    if seed is not None:
-        gen_state = torch.get_rng_state()
-        torch.manual_seed(seed)
-    try:
-        samples = guide.sample_latents(num_samples)
-    finally:
-        if seed is not None:
-            torch.set_rng_state(gen_state)
-    acc, each = _predict(model, samples, data, batch_size)
-    return {"ensemble": float(acc), "mean_member": float(each.mean())}
+    probs = predictive_probs(model, guide, data, num_samples=num_samples, batch_size=batch_size, seed=seed)
+    members = [accuracy(p, data.y) for p in probs]
+    return {"ensemble": accuracy(probs, data.y), "mean_member": sum(members) / len(members)}

@@ -67,6 +67,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
 from pyro_bq._validation import check_choice, check_float, check_tensor, check_type
+from pyro_bq.guides.pwfn import AutoPWFN
 
 __all__ = ["sigma_regularizer", "PWFNObjective", "DEFAULT_S", "DEFAULT_ALPHA"]
 
@@ -153,8 +154,6 @@ class PWFNObjective(ELBO):
         reg_scale: Optional[float] = None,
         base: Optional[ELBO] = None,
     ):
-        from pyro_bq.guides.pwfn import AutoPWFN
-
         check_type("guide", guide, AutoPWFN, "an AutoPWFN guide")
         self.mode = check_choice("mode", mode, ("paper", "elbo"))
         if self.mode == "paper" and not guide.started_from_pretrained:

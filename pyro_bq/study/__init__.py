@@ -1,4 +1,4 @@
-"""The Dirty-MNIST study (issue 7): train, quantize and evaluate a Bayesian LeNet-5.
+"""The Dirty-MNIST study: train, quantize and evaluate a Bayesian LeNet-5.
 
 Usage::
 
@@ -7,17 +7,11 @@ Usage::
     result = run_study(StudyConfig(data_dir="data", out_dir="runs/study", bits=(8, 4, 3)))
     print(result["files"]["markdown"])
 
-or from the shell: ``pyro-bq study --data-dir data --out-dir runs/study``.
+or from the shell: ``pyro-bq study --data-dir data --out-dir runs/study``. A new
+kind of row is added in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 """
 
 from .config import ALL_POLICIES, DEFAULT_BITS, RowSpec, StudyConfig
+from .runner import ROW_BUILDERS, run_study
 
-
-def run_study(cfg):
-    """Run (or resume) the study; see :func:`pyro_bq.study.runner.run_study`."""
-    from .runner import run_study as _run
-
-    return _run(cfg)
-
-
-__all__ = ["StudyConfig", "RowSpec", "run_study", "ALL_POLICIES", "DEFAULT_BITS"]
+__all__ = ["StudyConfig", "RowSpec", "run_study", "ROW_BUILDERS", "ALL_POLICIES", "DEFAULT_BITS"]

@@ -7,7 +7,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .config import ALL_POLICIES, BITS_RANGE, DEFAULT_BITS, StudyConfig
+import torch
+
+from .config import ALL_POLICIES, BITS_RANGE, DEFAULT_BITS, StudyConfig, check_out_dir
+from .runner import run_study
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -82,6 +85,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="load this trained guide (OUT_DIR/train/*/guide.bq) instead of training")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a row that raises is recorded with its error in the results and the other rows still run "
+                   "(default: the first error stops the study)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -97,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         amnist_fit_size=args.amnist_fit_size, amnist_vae_epochs=args.amnist_vae_epochs,
         logquant_bits=args.logquant_bits, logquant_steps=args.logquant_steps, extra_steps=args.extra_steps, mixed_bits=args.mixed_bits,
         arviz_samples=args.arviz_samples, arviz_limit=args.arviz_limit, checkpoint=args.checkpoint,
-        progress=not args.no_progress,
+        progress=not args.no_progress, keep_going=args.keep_going,
     )
 
 
@@ -107,8 +113,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pyro_bq.st
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        from .config import check_out_dir
-
         check_out_dir("--out-dir", cfg.out_dir)
     except (ValueError, TypeError) as err:
         parser.error(str(err).replace("out_dir", "--out-dir"))
@@ -119,11 +123,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pyro_bq.st
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(max(1, args.threads))
-    from .runner import run_study
-
     result = run_study(cfg)
     print(open(result["files"]["markdown"]).read())
     print("files:", *(f"  {k}: {v}" for k, v in result["files"].items()), sep="\n")

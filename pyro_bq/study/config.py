@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pyro_bq._validation import check_float, check_int
+from pyro_bq._validation import check_bool, check_float, check_int
+from pyro_bq.data.ambiguous import AmbiguousConfig
 from pyro_bq.quant.grids import MAX_BITS, check_bits
 
 __all__ = [
@@ -28,9 +29,9 @@ __all__ = [
 
 #: Post-hoc quantization policies evaluated at every bit width.
 QUANT_POLICIES = ("vpq", "spq", "jq")
-#: Rows that depend on other parts of pyro_bq (added when those are available).
+#: Rows evaluated once rather than per bit width: the log-quantized guide, PWFN and the allocators.
 EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
-#: Every name ``--policies`` accepts.
+#: Every name ``--policies`` accepts; each has a builder in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
 DEFAULT_BITS = (8, 6, 4, 3, 2)
 #: Allowed weight and activation bit widths (those of :func:`pyro_bq.quant.check_bits`).
@@ -102,6 +103,8 @@ class StudyConfig:
     :param mnist_limit: MNIST training rows (``None``: all 60,000).
     :param amnist_train_images, amnist_test_images: unique generated Ambiguous-MNIST images.
     :param checkpoint: optional trained guide (``guide.bq`` of an earlier run) to load instead of training.
+    :param keep_going: a row that raises is recorded with its error text in the
+        results and the other rows still run (default: the error stops the study).
 
     Usage::
 
@@ -142,6 +145,7 @@ class StudyConfig:
     mixed_bits: float = 4.0
     checkpoint: Optional[str] = None
     progress: bool = True
+    keep_going: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -206,8 +210,8 @@ class StudyConfig:
         check_int("calib_rows", self.calib_rows, low=1)
         check_int("extra_steps", self.extra_steps, low=1)
         check_float("mixed_bits", self.mixed_bits, low=2.0, high=8.0)
-        if not isinstance(self.progress, bool):
-            raise TypeError(f"progress must be a bool, got {type(self.progress).__name__}")
+        set_("progress", check_bool("progress", self.progress))
+        set_("keep_going", check_bool("keep_going", self.keep_going))
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -218,9 +222,7 @@ class StudyConfig:
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else self.out_path / "cache"
 
-    def amnist_config(self):
-        from pyro_bq.data.ambiguous import AmbiguousConfig
-
+    def amnist_config(self) -> AmbiguousConfig:
         return AmbiguousConfig(
             seed=self.seed, num_train_images=self.amnist_train_images, num_test_images=self.amnist_test_images,
             vae_train_size=self.amnist_fit_size, ensemble_train_size=self.amnist_fit_size,

@@ -7,6 +7,11 @@ import logging
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pyro_bq.io import atomic_write_bytes, read_container
+from pyro_bq.uncertainty import plot_reliability
 
 __all__ = ["make_plots", "plot_densities", "plot_metrics_vs_bits"]
 
@@ -16,17 +21,12 @@ _SETS = (("mnist", "MNIST"), ("ambiguous", "Ambiguous-MNIST"), ("fashion", "Fash
 
 
 def _figure(w, h, nrows, ncols):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _save(fig, path: Path) -> str:
-    from pyro_bq.io.container import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, [buf.getvalue()])
@@ -34,8 +34,6 @@ def _save(fig, path: Path) -> str:
 
 
 def _scores(row_dir: Path, name: str):
-    from pyro_bq.io.container import read_container
-
     _, tensors = read_container(row_dir / f"{name}.scores.bq", "study-scores")
     return tensors
 
@@ -106,8 +104,6 @@ def make_plots(rows: list[dict], row_dir: Path, out: Path) -> dict:
     if pair:
         files["densities"] = plot_densities({n: _scores(row_dir, n) for n in pair}, out / "uncertainty_densities.png")
     if "float" in names:
-        from pyro_bq.uncertainty import plot_reliability
-
         s = _scores(row_dir, "float")
         fig = plot_reliability(s["mnist_mean_probs"], s["mnist_y"], title=None)
         files["reliability"] = _save(fig, out / "reliability_float.png")

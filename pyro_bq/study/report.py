@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from pyro_bq.io import atomic_write_bytes
+
 __all__ = ["write_tables", "markdown_table", "COLUMNS", "HEADERS"]
 
 COLUMNS = (
@@ -64,20 +66,22 @@ def _finite(obj):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table with the study's columns."""
+    """The rows as a Markdown table with the study's columns (a failed row shows "-" for its numbers)."""
     lines = ["| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(c, row.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def write_tables(rows: list[dict], out: Path, *, skipped: Optional[dict] = None, data_info: Optional[dict] = None,
-                 config=None) -> dict:
-    """Write ``results.md``, ``results.csv`` and ``results.json`` into ``out``; return their paths."""
-    from pyro_bq.io.container import atomic_write_bytes
+def write_tables(rows: list[dict], out: Path, *, data_info: Optional[dict] = None, config=None) -> dict:
+    """Write ``results.md``, ``results.csv`` and ``results.json`` into ``out``; return their paths.
 
+    A row with an ``"error"`` entry (a row that raised under ``--keep-going``)
+    has no numbers; its error text is listed under the Markdown table and
+    fills the ``error`` column of the CSV and the JSON.
+    """
     out = Path(out)
-    skipped = dict(skipped or {})
+    errors = {r["config"]: r["error"] for r in rows if r.get("error")}
     md = ["# Dirty-MNIST study", ""]
     md.append(markdown_table(rows))
     md.append("")
@@ -87,24 +91,25 @@ def write_tables(rows: list[dict], out: Path, *, skipped: Optional[dict] = None,
     if config is not None and getattr(config, "ends_bits", None):
         md += ["", f"VPQ/SPQ/JQ rows keep the first and the last layer at {config.ends_bits} bits "
                    "(`--ends-bits`); bits/param counts them."]
-    if skipped:
-        md += ["", "Skipped configurations:", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()]
+    if errors:
+        md += ["", "Failed configurations (`--keep-going`):", ""] + [f"- `{k}`: {v}" for k, v in errors.items()]
     if data_info:
         md += ["", "Ambiguous-MNIST: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in data_info.items())]
     atomic_write_bytes(out / "results.md", ["\n".join(md).encode() + b"\n"])
 
+    fields = list(COLUMNS) + ["error"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS})
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in fields})
     atomic_write_bytes(out / "results.csv", [buf.getvalue().encode()])
 
     payload = {
         "columns": list(COLUMNS),
-        "rows": [{c: row.get(c) for c in COLUMNS} | {"details": row.get("details", {})} for row in rows],
-        "skipped": skipped,
+        "rows": [{c: row.get(c) for c in fields} | {"details": row.get("details", {})} for row in rows],
+        "errors": errors,
         "ambiguous_mnist": data_info or {},
         "config": config.to_dict() if config is not None else None,
     }

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Union
 
+import arviz as az
 import pyro.distributions as dist
 import torch
 
 from pyro_bq._validation import check_int
 
-from .predict import _as_inputs, _check_num_samples, _seeded, predictive_logits, sample_weights
+from .predict import _check_num_samples, _seeded, as_inputs, predictive_logits, sample_weights
 
 __all__ = ["to_arviz", "DEFAULT_MAX_SITE_SIZE"]
 
@@ -79,11 +80,9 @@ def to_arviz(
         idata = to_arviz(model, guide, test.x[:500], test.y[:500], num_samples=200)
         az.summary(idata, var_names=["net.fc3.bias"]); az.loo(idata)
     """
-    import arviz as az
-
     if y is None and isinstance(getattr(x, "y", None), torch.Tensor):
         y = x.y
-    x = _as_inputs("x", x)
+    x = as_inputs("x", x)
     num_samples = _check_num_samples(num_samples)
     max_site_size = check_int("max_site_size", max_site_size, low=1)
     max_values = check_int("max_values", max_values, low=1)
@@ -101,23 +100,14 @@ def to_arviz(
             f"the posterior of sites {chosen} would hold {size} values, more than max_values={max_values}; "
             "choose fewer sites, fewer num_samples, or raise max_values"
         )
-    out = predictive_logits(
-        model,
-        guide,
-        x,
-        samples=draws,
-        batch_size=batch_size,
-        sample_chunk=sample_chunk,
-        method=method,
-        site="loc" if regression else "logits",
-    )
+    out = predictive_logits(model, guide, x, samples=draws, batch_size=batch_size, sample_chunk=sample_chunk,
+                            method=method, site="loc" if regression else "logits")
     with _seeded(seed + 1), torch.no_grad():
         if regression:
             if not y.is_floating_point():
                 raise TypeError(f"y must hold real targets for a regression model, got dtype {y.dtype}")
-            loc = out.squeeze(-1) if out.dim() == 3 else out
-            lik = dist.Normal(loc, model.noise_scale().to(loc))
-            log_lik = lik.log_prob(y.to(loc))
+            lik = dist.Normal(out, model.noise_scale().to(out))
+            log_lik = lik.log_prob(y.to(out))
         else:
             if y.is_floating_point():
                 raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")

@@ -10,9 +10,9 @@ from pyro_bq._validation import check_int
 
 from .decompose import decompose
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll
-from .predict import DEFAULT_NUM_SAMPLES, _as_inputs, predictive_probs
+from .predict import DEFAULT_NUM_SAMPLES, as_inputs, predictive_probs
 
-__all__ = ["evaluate", "uncertainty_scores"]
+__all__ = ["evaluate", "evaluate_details", "uncertainty_scores"]
 
 
 def _split(name: str, data, need_labels: bool):
@@ -29,7 +29,7 @@ def _split(name: str, data, need_labels: bool):
             raise TypeError(
                 f"{name} must be an InMemoryDataset, an (x, y) pair or a tensor x; got {type(data).__name__}"
             )
-    x = _as_inputs(f"{name}.x", x)
+    x = as_inputs(f"{name}.x", x)
     if need_labels and not isinstance(y, torch.Tensor):
         raise ValueError(f"{name} needs labels: pass an InMemoryDataset or an (x, y) pair")
     return x, y
@@ -48,9 +48,11 @@ def uncertainty_scores(
 ) -> dict:
     """:func:`~pyro_bq.uncertainty.decompose` of several datasets with the same weight draws.
 
-    :param datasets: ``{name: data}`` where data is an ``InMemoryDataset``, an
+    :param datasets: ``{name: data}`` where data is a dataset with ``.x``, an
         ``(x, y)`` pair or a tensor of inputs.
     :returns: ``{name: {"mean_probs", "total", "aleatoric", "epistemic"}}`` (nats).
+    :raises TypeError, ValueError: for bad arguments; an error of a dataset after
+        the first, which the network could take, names that dataset and both shapes.
 
     Usage::
 
@@ -59,17 +61,24 @@ def uncertainty_scores(
     """
     if not isinstance(datasets, dict) or not datasets:
         raise TypeError("datasets must be a non-empty dict {name: dataset}")
-    out = {}
+    out, first = {}, None
     for name, data in datasets.items():
         x, _ = _split(f"datasets[{name!r}]", data, need_labels=False)
-        probs = predictive_probs(
-            model, guide, x, num_samples=num_samples, batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method
-        )
+        try:
+            probs = predictive_probs(model, guide, x, num_samples=num_samples, batch_size=batch_size,
+                                     sample_chunk=sample_chunk, seed=seed, method=method)
+        except (TypeError, ValueError) as err:
+            if first is None:
+                raise
+            # the arguments were fine for the first dataset, so the inputs of this one are what the network cannot take
+            raise type(err)(f"{name} (inputs of shape {tuple(x.shape)}, dtype {x.dtype}; {first[0]} has "
+                            f"{tuple(first[1].shape)}, {first[1].dtype}): {err}") from err
+        first = first or (name, x)
         out[name] = decompose(probs)
     return out
 
 
-def evaluate(
+def evaluate_details(
     model,
     guide,
     in_data,
@@ -82,79 +91,64 @@ def evaluate(
     num_bins: int = DEFAULT_ECE_BINS,
     seed: int = 0,
     method: str = "auto",
-    return_details: bool = False,
-):
-    """Accuracy, NLL, Brier, ECE and uncertainty figures of a guide, as one flat record.
+) -> tuple[dict, dict]:
+    """The record of :func:`evaluate` and the per-input decompositions behind it, for plots.
 
     Every dataset is scored with the same ``num_samples`` weight draws (seeded
     by ``seed``). Entropies and mutual information are in nats.
 
-    :param in_data: labelled in-distribution data (``InMemoryDataset`` or ``(x, y)``).
+    :param in_data: labelled in-distribution data (a dataset with ``.x`` and ``.y``, or ``(x, y)``).
     :param ood_data: optional out-of-distribution inputs (labels unused).
     :param ambiguous_data: optional set of ambiguous in-distribution inputs
         (e.g. Ambiguous-MNIST): adds its uncertainty figures and the AUROC of
         the expected entropy (aleatoric) for telling it from ``in_data``.
-    :param return_details: also return the per-input decompositions
-        ``{"in": ..., "ood": ..., "ambiguous": ...}`` for plots.
-    :returns: dict with ``accuracy``, ``nll``, ``brier``, ``ece``, ``num_samples``,
-        ``total_in``, ``aleatoric_in``, ``epistemic_in`` (means over inputs),
-        and with ``ood_data`` also ``total_out``, ``aleatoric_out``,
-        ``epistemic_out``, ``auroc_mi`` (mutual information as the score),
-        ``auroc_total`` (predictive entropy) and ``auroc_aleatoric``; with
-        ``ambiguous_data`` also ``*_ambiguous`` means, ``auroc_aleatoric_ambiguous``
-        and ``auroc_mi_ambiguous``. With ``return_details`` a pair ``(record, details)``.
+    :returns: ``(record, details)``: the record is a dict with ``accuracy``, ``nll``,
+        ``brier``, ``ece``, ``num_samples``, ``total_in``, ``aleatoric_in``,
+        ``epistemic_in`` (means over inputs), and with ``ood_data`` also
+        ``total_out``, ``aleatoric_out``, ``epistemic_out``, ``auroc_mi`` (mutual
+        information as the score), ``auroc_total`` (predictive entropy) and
+        ``auroc_aleatoric``; with ``ambiguous_data`` also ``*_ambiguous`` means,
+        ``auroc_aleatoric_ambiguous`` and ``auroc_mi_ambiguous``. ``details`` holds
+        the decompositions ``{"in": ..., "ood": ..., "ambiguous": ...}`` of the given sets.
+
+    Usage::
+
+        record, details = evaluate_details(model, guide, mnist_test, fashion_test, num_samples=100)
+        plot_uncertainty(details, "uncertainty.png")
+    """
+    check_int("num_samples", num_samples, low=1)
+    num_bins = check_int("num_bins", num_bins, low=1)
+    x_in, y_in = _split("in_data", in_data, need_labels=True)
+    sets = {"in_data": x_in, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
+    scores = uncertainty_scores(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
+                                batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
+    suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
+    details = {key: scores[f"{key}_data"] for key in suffix if f"{key}_data" in scores}
+    mean = details["in"]["mean_probs"]
+    record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in), "nll": nll(mean, y_in),
+                    "brier": brier(mean, y_in), "ece": ece(mean, y_in, num_bins)}
+    for key, parts in details.items():
+        for part in ("total", "aleatoric", "epistemic"):
+            record[f"{part}_{suffix[key]}"] = parts[part].double().mean().item()
+    d_in = details["in"]
+    if "ood" in details:
+        for part, name in (("epistemic", "mi"), ("total", "total"), ("aleatoric", "aleatoric")):
+            record[f"auroc_{name}"] = auroc(d_in[part], details["ood"][part])
+    if "ambiguous" in details:
+        for part, name in (("aleatoric", "aleatoric"), ("epistemic", "mi")):
+            record[f"auroc_{name}_ambiguous"] = auroc(d_in[part], details["ambiguous"][part])
+    return record, details
+
+
+def evaluate(model, guide, in_data, ood_data=None, **options) -> dict:
+    """Accuracy, NLL, Brier, ECE and uncertainty figures of a guide, as one flat record.
+
+    The record of :func:`evaluate_details` (arguments and keys as there); that
+    function also returns the per-input decompositions.
 
     Usage::
 
         record = evaluate(model, guide, mnist_test, fashion_test, num_samples=100)
         print(record["accuracy"], record["auroc_mi"])
     """
-    check_int("num_samples", num_samples, low=1)
-    num_bins = check_int("num_bins", num_bins, low=1)
-    if not isinstance(return_details, bool):
-        raise TypeError(f"return_details must be a bool, got {type(return_details).__name__}")
-    x_in, y_in = _split("in_data", in_data, need_labels=True)
-    sets = {"in": x_in}
-    if ood_data is not None:
-        sets["ood"] = _split("ood_data", ood_data, need_labels=False)[0]
-    if ambiguous_data is not None:
-        sets["ambiguous"] = _split("ambiguous_data", ambiguous_data, need_labels=False)[0]
-    names = {"in": "in_data", "ood": "ood_data", "ambiguous": "ambiguous_data"}
-
-    details = {}
-    record: dict = {"num_samples": num_samples}
-    for key, x in sets.items():
-        try:
-            probs = predictive_probs(
-                model, guide, x, num_samples=num_samples, batch_size=batch_size, sample_chunk=sample_chunk, seed=seed,
-                method=method
-            )
-        except (TypeError, ValueError) as err:
-            if key == "in":
-                raise
-            # the arguments were fine for in_data, so the inputs of this dataset are what the network cannot take
-            kind = TypeError if isinstance(err, TypeError) else ValueError
-            raise kind(f"{names[key]} (inputs of shape {tuple(x.shape)}, dtype {x.dtype}; in_data has "
-                       f"{tuple(x_in.shape)}, {x_in.dtype}): {err}") from err
-        parts = decompose(probs)
-        details[key] = parts
-        if key == "in":
-            mean = parts["mean_probs"]
-            record.update(
-                accuracy=accuracy(mean, y_in), nll=nll(mean, y_in), brier=brier(mean, y_in), ece=ece(mean, y_in, num_bins)
-            )
-        del probs
-    suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
-    for key, parts in details.items():
-        for part in ("total", "aleatoric", "epistemic"):
-            record[f"{part}_{suffix[key]}"] = parts[part].double().mean().item()
-    if "ood" in details:
-        d_in, d_out = details["in"], details["ood"]
-        record["auroc_mi"] = auroc(d_in["epistemic"], d_out["epistemic"])
-        record["auroc_total"] = auroc(d_in["total"], d_out["total"])
-        record["auroc_aleatoric"] = auroc(d_in["aleatoric"], d_out["aleatoric"])
-    if "ambiguous" in details:
-        d_in, d_amb = details["in"], details["ambiguous"]
-        record["auroc_aleatoric_ambiguous"] = auroc(d_in["aleatoric"], d_amb["aleatoric"])
-        record["auroc_mi_ambiguous"] = auroc(d_in["epistemic"], d_amb["epistemic"])
-    return (record, details) if return_details else record
+    return evaluate_details(model, guide, in_data, ood_data, **options)[0]

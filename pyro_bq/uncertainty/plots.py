@@ -11,6 +11,8 @@ import os
 from typing import Mapping, Optional
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from pyro_bq._validation import check_bool, check_int, check_path, check_str
 
@@ -20,9 +22,6 @@ __all__ = ["plot_uncertainty", "plot_reliability"]
 
 
 def _figure(width: float, height: float, ncols: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
@@ -35,8 +34,6 @@ def _check_save_path(path):
     path = check_path("path", path)
     suffix = path.suffix[1:].lower()
     if suffix:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
         formats = FigureCanvasAgg.get_supported_filetypes()
         if suffix not in formats:
             raise ValueError(f"path {str(path)!r} has the suffix {path.suffix!r}, which matplotlib cannot write; "
