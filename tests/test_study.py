@@ -140,9 +140,9 @@ def test_every_policy_has_a_row_builder():
     "args,message",
     [
         (["--policies", "jq,nosuch"], "unknown policy 'nosuch'"),
-        (["--bits", "4,1"], "bits must lie in [2, 16]"),
-        (["--bits", "17"], "bits must lie in [2, 16]"),
-        (["--act-bits", "32"], "act_bits must lie in [2, 16]"),
+        (["--bits", "4,0"], "bits must be an int from 1 to 16, got 0"),
+        (["--bits", "17"], "bits must be an int from 1 to 16, got 17"),
+        (["--act-bits", "32"], "act_bits must be an int from 1 to 16, got 32"),
         (["--bits", "four"], "comma-separated integers"),
     ],
 )

@@ -176,9 +176,9 @@ class StudyConfig:
         if not bits:
             raise ValueError(f"bits must list at least one bit width in {BITS_RANGE[0]}..{BITS_RANGE[1]}")
         set_("bits", tuple(sorted({check_bits("bits", b) for b in bits}, reverse=True)))
-        check_int("act_bits", self.act_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
+        check_bits("act_bits", self.act_bits)
         if self.ends_bits is not None:
-            check_int("ends_bits", self.ends_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
+            check_bits("ends_bits", self.ends_bits)
         ap = tuple(p.strip().lower() for p in _names("act_policies", self.act_policies))
         for p in ap:
             if p not in ALL_POLICIES:
@@ -203,7 +203,7 @@ class StudyConfig:
             raise ValueError(f"amnist_source must be one of 'auto', 'original', 'generated'; got {self.amnist_source!r}")
         check_int("amnist_fit_size", self.amnist_fit_size, low=10, high=60000)
         check_int("amnist_vae_epochs", self.amnist_vae_epochs, low=1)
-        check_int("logquant_bits", self.logquant_bits, low=BITS_RANGE[0], high=BITS_RANGE[1])
+        check_bits("logquant_bits", self.logquant_bits)
         check_int("logquant_steps", self.logquant_steps, low=1)
         check_int("arviz_samples", self.arviz_samples, low=1)
         check_int("arviz_limit", self.arviz_limit, low=1)
