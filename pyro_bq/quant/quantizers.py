@@ -72,19 +72,19 @@ from .grids import (
 from .lloyd_max import gaussian_levels
 
 __all__ = [
-    "Quantizer",
-    "UniformQuantizer",
-    "IntervalQuantizer",
-    "Log2Quantizer",
+    "channel_range_shape",
     "CodebookQuantizer",
     "GaussianLloydQuantizer",
-    "SignedGridQuantizer",
+    "IntervalQuantizer",
+    "Log2Quantizer",
+    "packed_types",
+    "Quantizer",
+    "quantizer_class",
     "quantizer_from_state",
     "register_quantizer",
-    "quantizer_class",
-    "packed_types",
-    "channel_range_shape",
+    "SignedGridQuantizer",
     "STATE_STREAMS",
+    "UniformQuantizer",
 ]
 
 _RANGES = ("minmax", "percentile", "mse", "auto")
