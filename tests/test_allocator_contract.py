@@ -94,16 +94,31 @@ def test_the_mean_bits_keeps_the_budget_where_promised(name):
 
 
 def _same(a, b):
-    assert list(a) == list(b)
-    for site in a:
-        x, y = a[site], b[site]
-        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    """``a`` and ``b`` hold the same values (dicts, lists, tensors, numbers, strings, quantizers)."""
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, (int, float, str, type(None))):
+        assert a == b
+    else:  # a quantizer template
+        assert a.config() == b.config() and repr(a) == repr(b)
 
 
 def test_a_seed_makes_the_allocation_deterministic(name):
     first = _allocate(name)[2]
     _RUNS.pop((name, 0))
-    _same(first, _allocate(name)[2])
+    torch.manual_seed(12345)  # the global generator must not matter
+    again = _allocate(name)[2]
+    _same(dict(first), dict(again))
+    _same(first.info, again.info)
 
 
 @pytest.mark.parametrize("mode", [VPQ, SPQ, JQ])
@@ -121,4 +136,9 @@ def test_the_allocation_becomes_a_policy_by_a_constructor_call(name, mode):
             assert sq.loc is None
             continue
         assert type(sq.loc) is grid
-        assert torch.equal(qguide.get_loc_scale(site)[0], means[site])
+        loc = qguide.get_loc_scale(site)[0]
+        assert torch.equal(loc, means[site])
+        if isinstance(bits, int):
+            assert torch.unique(loc).numel() <= 2**bits
+        if "locs" in alloc.info:  # SMOL's own quantized means
+            assert torch.allclose(loc, alloc.info["locs"][site], rtol=0, atol=1e-6)

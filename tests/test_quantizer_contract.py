@@ -28,6 +28,10 @@ from pyro_bq.quant import (
 from pyro_bq.quant.quantizers import STATE_STREAMS, quantizer_from_state
 
 
+#: the dtype a state tensor of each packed stream has (a packed file stores it exactly)
+STREAM_DTYPES = {"f32": torch.float32, "i16": torch.int16, "f64": torch.float64}
+
+
 def _normal(shape=(6, 10), seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
@@ -135,7 +139,7 @@ def test_the_state_rebuilds_a_quantizer_that_decodes_the_same(case):
     state, layout = q.state(), type(q).packed_layout(q.config(), list(x.shape), q.packed_size())
     assert sorted(state) == sorted(name for name, _, _ in layout)
     for name, stream, shape in layout:  # the layout the packed file and metadata_bits rely on
-        assert list(state[name].shape) == shape, name
+        assert list(state[name].shape) == shape and state[name].dtype == STREAM_DTYPES[stream], name
     assert q.metadata_bits() == sum(STATE_STREAMS[s] * math.prod(shape) for _, s, shape in layout)
     back = quantizer_from_state(q.config(), q.bits, state, x.shape)
     assert type(back) is type(q) and back.config() == q.config()
