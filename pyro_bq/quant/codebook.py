@@ -127,7 +127,12 @@ def pow2_codebook(
 
 def pow2_family(bits: int, family: str) -> torch.Tensor:
     """The largest signed power-of-two (``family="pot"``) or additive power-of-two (``"apot"``, sums
-    of two) codebook with zero and at most ``2**bits`` codes, scaled so its largest magnitude is 1."""
+    of two) codebook with zero and at most ``2**bits`` codes, scaled so its largest magnitude is 1.
+
+    Usage::
+
+        cb = pow2_family(4, "pot")   # 0, +-2**-6 .. +-1: 15 codes
+    """
     if bits == 1:
         return torch.tensor([-1.0, 1.0])
     r = 1 if family == "pot" else 2

@@ -109,7 +109,12 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def bits_like(bits, like: torch.Tensor) -> torch.Tensor:
-    """``bits`` (an int or an integer tensor) as a tensor of ``like``'s dtype and device."""
+    """``bits`` (an int or an integer tensor) as a tensor of ``like``'s dtype and device.
+
+    Usage::
+
+        levels = torch.exp2(bits_like(bits, x))
+    """
     return torch.as_tensor(bits, dtype=like.dtype, device=like.device)
 
 
@@ -122,6 +127,10 @@ def interval_grid(lo: torch.Tensor, hi: torch.Tensor, bits) -> tuple[torch.Tenso
     """``(step, zp, qmax)`` of ``2**bits`` evenly spaced levels from ``lo`` to ``hi`` (no zero point).
 
     ``bits`` is an int or a tensor; everything broadcasts.
+
+    Usage::
+
+        step, zp, qmax = interval_grid(torch.tensor(-0.1), torch.tensor(0.1), 3)   # 8 levels
     """
     qmax = torch.exp2(bits_like(bits, lo)) - 1
     step = _positive((hi - lo) / qmax)
@@ -135,6 +144,10 @@ def zero_point_grid(lo: torch.Tensor, hi: torch.Tensor, bits, *, symmetric: bool
     ``step = hi / (2**(bits-1) - 1)`` (one code unused; one bit gives the two
     levels ``-hi`` and ``hi``). ``symmetric=False``: ``2**bits`` levels and an
     integer zero point.
+
+    Usage::
+
+        step, zp, qmax = zero_point_grid(w.min().clamp(max=0), w.max().clamp(min=0), 4, symmetric=False)
     """
     b = bits_like(bits, hi)
     if symmetric:
@@ -149,7 +162,12 @@ def zero_point_grid(lo: torch.Tensor, hi: torch.Tensor, bits, *, symmetric: bool
 
 def signed_grid(bits, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(step, zp, qmax)`` of ``bits`` signed bits: the ``2**bits`` odd multiples of
-    ``scale * 2**(1 - bits)`` of magnitude below ``2 * scale`` (SMOL's value map)."""
+    ``scale * 2**(1 - bits)`` of magnitude below ``2 * scale`` (SMOL's value map).
+
+    Usage::
+
+        theta_q = uniform_quantize(theta, *signed_grid(3, torch.tensor(1.0)))   # +-1/8, +-3/8, ... +-7/4
+    """
     b = bits_like(bits, scale)
     levels = torch.exp2(b)
     return scale * torch.exp2(2 - b), (levels - 1) / 2, levels - 1
@@ -166,17 +184,32 @@ def uniform_codes(x: torch.Tensor, step, zp, qmax) -> torch.Tensor:
 
 
 def uniform_decode(codes: torch.Tensor, step, zp) -> torch.Tensor:
-    """The values ``(codes - zp) * step`` of floating ``codes``."""
+    """The values ``(codes - zp) * step`` of floating ``codes``.
+
+    Usage::
+
+        values = uniform_decode(codes.float(), step, zp)
+    """
     return (codes - zp) * step
 
 
 def uniform_quantize(x: torch.Tensor, step, zp, qmax) -> torch.Tensor:
-    """``x`` on the grid: :func:`uniform_decode` of :func:`uniform_codes` (no gradient trick)."""
+    """``x`` on the grid: :func:`uniform_decode` of :func:`uniform_codes` (no gradient trick).
+
+    Usage::
+
+        x_q = uniform_quantize(x, *interval_grid(lo, hi, 4))
+    """
     return uniform_decode(uniform_codes(x, step, zp, qmax), step, zp)
 
 
 def minmax_range(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest and largest value of each row of ``flat`` (``[C, M]``)."""
+    """The smallest and largest value of each row of ``flat`` (``[C, M]``).
+
+    Usage::
+
+        lo, hi = minmax_range(w.reshape(w.shape[0], -1))   # per output channel
+    """
     return flat.amin(dim=-1), flat.amax(dim=-1)
 
 
@@ -185,6 +218,10 @@ def quantile_rows(flat: torch.Tensor, q: float) -> torch.Tensor:
 
     The definition of :func:`torch.quantile`, built on :func:`torch.kthvalue`,
     so any number of elements works.
+
+    Usage::
+
+        median = quantile_rows(x.reshape(1, -1), 0.5)[0]
     """
     m = flat.shape[-1]
     pos = q * (m - 1)
@@ -196,24 +233,44 @@ def quantile_rows(flat: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def percentile_range(flat: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``low`` and ``high`` percentiles (in ``[0, 100]``) of each row of ``flat``."""
+    """The ``low`` and ``high`` percentiles (in ``[0, 100]``) of each row of ``flat``.
+
+    Usage::
+
+        lo, hi = percentile_range(loc.reshape(1, -1), 5.0, 95.0)
+    """
     return quantile_rows(flat, low / 100), quantile_rows(flat, high / 100)
 
 
 def widen_empty(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lo, hi)``, where ``hi <= lo`` widened by ``1e-3 * max(|lo|, 1e-8)`` on each side."""
+    """``(lo, hi)``, where ``hi <= lo`` widened by ``1e-3 * max(|lo|, 1e-8)`` on each side.
+
+    Usage::
+
+        lo, hi = widen_empty(*minmax_range(flat))
+    """
     pad = torch.where(hi <= lo, lo.abs().clamp(min=1e-8) * 1e-3, torch.zeros_like(lo))
     return lo - pad, hi + pad
 
 
 def log2_top(e_max: torch.Tensor) -> torch.Tensor:
     """The top exponent of a log2 window whose largest value is ``2**e_max``: ``round(e_max)`` in
-    ``[-140, 127]``; NaN or ``-inf`` (the log2 of a non-positive value) give ``-126``."""
+    ``[-140, 127]``; NaN or ``-inf`` (the log2 of a non-positive value) give ``-126``.
+
+    Usage::
+
+        top = log2_top(torch.log2(scale.max()))
+    """
     return torch.round(torch.nan_to_num(e_max, nan=-126.0, neginf=-126.0)).clamp(-140, 127)
 
 
 def log2_window(top: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lowest and highest exponent of the ``2**bits`` integer exponents ending at ``top``."""
+    """The lowest and highest exponent of the ``2**bits`` integer exponents ending at ``top``.
+
+    Usage::
+
+        low, top = log2_window(torch.tensor(-3.0), 2)   # -6, -3
+    """
     return top - (torch.exp2(bits_like(bits, top)) - 1), top
 
 
