@@ -102,7 +102,28 @@ def to_arviz(
         )
     out = predictive_logits(model, guide, x, samples=draws, batch_size=batch_size, sample_chunk=sample_chunk,
                             method=method, site="loc" if regression else "logits")
-    with _seeded(seed + 1), torch.no_grad():
+    log_lik, predicted = _likelihood(model, out, y, regression, seed + 1)
+
+    posterior, coords, dims = _posterior_layout(draws, chosen, num_samples, x.shape[0])
+    return az.from_dict(
+        posterior=posterior,
+        posterior_predictive={"obs": _chain(predicted)},
+        log_likelihood={"obs": _chain(log_lik)},
+        observed_data={"obs": y.detach().cpu().numpy()},
+        coords=coords,
+        dims=dims,
+        attrs={"inference_library": "pyro", "creation_library": "pyro_bq", "num_weight_draws": num_samples},
+    )
+
+
+def _chain(t: torch.Tensor):
+    """``t`` as a numpy array with a leading chain dimension of 1."""
+    return t.detach().cpu().numpy()[None]
+
+
+def _likelihood(model, out: torch.Tensor, y: torch.Tensor, regression: bool, seed: int):
+    """``(log p(y | w_s) per draw and input, outcomes drawn from the likelihood)`` under ``seed``."""
+    with _seeded(seed), torch.no_grad():
         if regression:
             if not y.is_floating_point():
                 raise TypeError(f"y must hold real targets for a regression model, got dtype {y.dtype}")
@@ -116,24 +137,16 @@ def to_arviz(
                 raise ValueError(f"y must hold class labels in [0, {num_classes - 1}]")
             lik = dist.Categorical(logits=out)
             log_lik = lik.log_prob(y.long())
-        predicted = lik.sample()
+        return log_lik, lik.sample()
 
-    def chain(t: torch.Tensor):
-        return t.detach().cpu().numpy()[None]
 
-    posterior = {s: chain(draws[s].reshape(num_samples, *draws[s].shape[1:])) for s in chosen}
+def _posterior_layout(draws: dict, chosen: list, num_samples: int, num_obs: int):
+    """``(posterior arrays, coords, dims)`` of the chosen sites for :func:`arviz.from_dict`."""
+    posterior = {s: _chain(draws[s].reshape(num_samples, *draws[s].shape[1:])) for s in chosen}
     dims = {s: [f"{s}_dim_{i}" for i in range(draws[s].dim() - 1)] for s in chosen}
     dims["obs"] = ["obs_id"]
-    coords = {"obs_id": list(range(x.shape[0]))}
+    coords = {"obs_id": list(range(num_obs))}
     for s in chosen:
         for i, n in enumerate(draws[s].shape[1:]):
             coords[f"{s}_dim_{i}"] = list(range(n))
-    return az.from_dict(
-        posterior=posterior,
-        posterior_predictive={"obs": chain(predicted)},
-        log_likelihood={"obs": chain(log_lik)},
-        observed_data={"obs": y.detach().cpu().numpy()},
-        coords=coords,
-        dims=dims,
-        attrs={"inference_library": "pyro", "creation_library": "pyro_bq", "num_weight_draws": num_samples},
-    )
+    return posterior, coords, dims
