@@ -24,7 +24,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .container import FORMAT_VERSION, SUPPORTED_DTYPES, CorruptFileError, atomic_write_bytes, read_container, write_container
+from .container import FORMAT_VERSION, SUPPORTED_DTYPES, CorruptFileError, atomic_write, atomic_write_bytes, read_container, write_container
 from .memory import MemoryReport, SiteMemory, memory_report
 from .packed import load_packed, pack_bits, save_packed, unpack_bits
 
@@ -34,6 +34,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "read_container",
     "write_container",
+    "atomic_write",
     "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",

@@ -116,7 +116,12 @@ def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
             if tag in ("__tensor__", "__ndarray__"):
                 if not isinstance(value, str) or value not in tensors:
                     raise CorruptFileError(f"checkpoint: the state refers to a missing tensor {value!r}")
-                return tensors[value] if tag == "__tensor__" else tensors[value].numpy()
+                if tag == "__tensor__":
+                    return tensors[value]
+                try:
+                    return tensors[value].numpy()
+                except (TypeError, RuntimeError) as err:
+                    raise CorruptFileError(f"checkpoint: tensor {value!r} cannot be a numpy array ({err})") from None
             if tag == "__tuple__" and isinstance(value, list):
                 return tuple(walk(v, depth + 1) for v in value)
             if tag == "__dict__" and isinstance(value, list):

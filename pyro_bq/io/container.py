@@ -16,26 +16,33 @@ a tensor is built, and each failure raises :class:`CorruptFileError` with the
 file's path and the problem; a pickle or a ``torch.save`` file is recognised
 and refused by name.
 
-Writing is atomic: a temporary file in the target's folder, fsync, rename,
-then fsync of the folder. A crash mid-write leaves the previous file intact.
+Writing is atomic (:func:`atomic_write`, which every file pyro_bq writes goes
+through): a temporary file with an unpredictable name in a private folder next to
+the target, fsync, rename, then fsync of the folder. A crash mid-write leaves the
+previous file intact; a failed write leaves no temporary file and names the target.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
+import stat
 import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 __all__ = [
-    "FORMAT_VERSION", "CorruptFileError", "write_container", "read_container", "atomic_write_bytes",
+    "FORMAT_VERSION", "CorruptFileError", "write_container", "read_container", "atomic_write", "atomic_write_bytes",
     "writable_folder", "SUPPORTED_DTYPES"
 ]
 
@@ -43,6 +50,13 @@ MAGIC = b"PYROBQ\x00\x1a"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIQ")
 _DIGEST = 32
+#: bytes of Python objects a JSON header may cost to parse beyond four times its length
+#: (a bound, from its brackets and separators, checked before parsing)
+_HEADER_ALLOWANCE = 2**26
+#: upper bounds of the parsed size of what each JSON token opens (a dict, a list, a value)
+_TOKEN_BYTES = ((b"{", 232), (b"[", 72), (b",", 56), (b":", 56))
+#: the largest product of a tensor's dimensions (zeros counted as one) a header may give
+_MAX_EXTENT = 2**48
 
 _DTYPES = {
     "float64": torch.float64,
@@ -89,39 +103,133 @@ def _check_kind(kind: Any) -> str:
     return kind
 
 
-def atomic_write_bytes(path: os.PathLike, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` (bytes-like objects) to ``path`` atomically.
+def atomic_write(path: os.PathLike, fill: Callable[[Path], Any]) -> None:
+    """Create ``path`` atomically: ``fill(tmp)`` writes the new content to the file ``tmp``.
 
-    The bytes go to a temporary file in the same folder, which is flushed,
-    fsynced and renamed over ``path``; the folder is then fsynced so the
-    rename survives a power cut. On any error the temporary file is removed
-    and an existing ``path`` is left as it was. The new file gets the usual
-    permissions (``0o666`` minus the umask).
+    ``tmp`` is an empty regular file with an unpredictable name (``tempfile.mkstemp``,
+    ``O_EXCL``) inside a private folder (mode ``0o700``, ``tempfile.mkdtemp``) in the
+    folder of ``path``, so no link planted by anyone else can be followed. After
+    ``fill`` returns, ``tmp`` is checked to be a regular file, fsynced, given the usual
+    permissions (``0o666`` minus the umask) and renamed over ``path`` with
+    ``os.replace``; the folder is then fsynced so the rename survives a power cut.
+    A ``path`` that is a symbolic link is replaced by the file, never written through.
+    On any error the temporary file and folder are removed and an existing ``path``
+    is left as it was; leftovers of writers that were killed (on this host) are
+    removed by the next write of the same file.
 
-    :raises ValueError: if the folder does not exist or ``path`` is a folder.
+    :param fill: a callable taking the temporary path (e.g. ``lambda tmp: ds.to_netcdf(tmp)``).
+    :raises ValueError: if the folder of ``path`` does not exist or ``path`` is a folder.
+    :raises OSError: naming ``path`` when it cannot be written (disk full, permissions, ...).
+
+    Usage::
+
+        atomic_write("run/float.nc", lambda tmp: idata.to_netcdf(str(tmp), engine="h5netcdf"))
     """
     path = _check_path("path", path)
+    if not callable(fill):
+        raise TypeError(f"fill must be a callable that writes the file it is given, got {type(fill).__name__}")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"path {str(path)!r}: the folder {str(folder)!r} does not exist; create it first")
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         raise ValueError(f"path {str(path)!r} is a folder; give a file name")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    prefix = _temp_prefix(path.name)
+    _remove_stale_temps(folder, prefix)
+    private = None
     try:
+        private = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder))
+        fd, tmp = tempfile.mkstemp(prefix="new.", dir=private)
+        os.close(fd)
+        fill(Path(tmp))
+        _seal(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+    _fsync_folder(folder)
+
+
+def atomic_write_bytes(path: os.PathLike, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` (bytes-like objects) to ``path`` atomically (see :func:`atomic_write`).
+
+    :raises ValueError: if the folder does not exist or ``path`` is a folder.
+    :raises OSError: naming ``path`` when it cannot be written; nothing is left behind.
+
+    Usage::
+
+        atomic_write_bytes("run/results.json", [json.dumps(record).encode()])
+    """
+
+    def fill(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
+
+    atomic_write(path, fill)
+
+
+def _temp_prefix(name: str) -> str:
+    """``.{name}.{host}-{pid}.``: whose temporary folder it is (a short name keeps under NAME_MAX)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    return f".{name[:100]}.{host}-{os.getpid()}."
+
+
+def _remove_stale_temps(folder: Path, prefix: str) -> None:
+    """Remove this file's temporary folders left in ``folder`` by writers on this host that have died."""
+    mine = prefix.rsplit("-", 1)[0] + "-"
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(mine) and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(mine):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _seal(tmp: Path) -> None:
+    """Check that ``tmp`` is still a regular file, fsync it and give it the umask's permissions."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"the temporary file {tmp} is no longer a regular file")
+        os.fsync(fd)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
+        os.fchmod(fd, 0o666 & ~umask)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    """An OSError (same errno, so the same subclass) naming ``path`` and saying what to do."""
+    reason = err.strerror or str(err) or type(err).__name__
+    hint = "free some disk space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
+    text = f"could not write {path}: {reason}; it was left as it was and no temporary file remains; {hint} and run again"
+    return OSError(err.errno, text) if err.errno else OSError(text)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows it)."""
+    try:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -264,6 +372,8 @@ def _check_entry(path: Path, i: int, entry: Any, expected_offset: int, payload_l
             f"tensor {name!r} has a bad index entry (offset {lo}, {n} bytes for shape {shape} of {dtype_name}, "
             f"payload of {payload_len} bytes)",
         )
+    if math.prod(max(d, 1) for d in shape) > _MAX_EXTENT:
+        raise _bad(path, f"tensor {name!r} has an impossible shape {shape} (a size-0 tensor whose strides would overflow)")
     return name, dtype, shape, lo, n
 
 
@@ -305,8 +415,13 @@ def read_container(path: os.PathLike, kind: str) -> tuple[dict, dict[str, torch.
     start = _PREFIX.size
     if start + header_len > len(buf) - _DIGEST:
         raise _bad(path, "header length is past the end of the file")
+    raw_header = buf[start : start + header_len]
+    cost = sum(raw_header.count(token) * size for token, size in _TOKEN_BYTES)
+    if cost > _HEADER_ALLOWANCE + 4 * header_len:
+        raise _bad(path, f"header of {header_len} bytes would take up to {cost} bytes to parse: "
+                         "far more JSON values than a pyro_bq file holds")
     try:
-        header = json.loads(buf[start : start + header_len].decode("utf-8"))
+        header = json.loads(raw_header.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise _bad(path, f"header is not valid JSON ({type(err).__name__})") from err
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list) or not isinstance(header.get("meta"), dict):
@@ -326,10 +441,13 @@ def read_container(path: os.PathLike, kind: str) -> tuple[dict, dict[str, torch.
         raise _bad(path, f"payload has {len(data)} bytes but the index accounts for {offset}")
     tensors = {}
     for name, dtype, shape, lo, n in entries:
-        if n == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        t = torch.frombuffer(bytearray(data[lo : lo + n]), dtype=dtype).reshape(shape)
+        try:
+            if n == 0:
+                t = torch.empty(shape, dtype=dtype)
+            else:
+                t = torch.frombuffer(bytearray(data[lo : lo + n]), dtype=dtype).reshape(shape)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # a guard: the entry was checked
+            raise _bad(path, f"tensor {name!r} of shape {shape} cannot be built ({err})") from None
         if dtype is torch.bool and bool((t.view(torch.uint8) > 1).any()):
             raise _bad(path, f"tensor {name!r} holds bytes that are not booleans")
         tensors[name] = t

@@ -355,6 +355,8 @@ _INPUT_DTYPES = {name: getattr(torch, name) for name in
                  ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
 #: largest example input (elements) a header may ask :func:`load_packed` to build
 _MAX_INPUT_NUMEL = 2**27
+#: bytes of example input :func:`load_packed` builds from a header beyond the size of the file's data
+_INPUT_ALLOWANCE = 2**24
 #: the data streams and their dtypes
 _STREAMS = {"codes": torch.uint8, "f32": torch.float32, "i16": torch.int16, "bitmap": torch.uint8}
 
@@ -428,6 +430,18 @@ def _check_input(spec, bad) -> tuple[list, str]:
     if not isinstance(in_dtype, str) or in_dtype not in _INPUT_DTYPES:
         raise bad(f"'input' dtype must be one of {', '.join(_INPUT_DTYPES)}; got {in_dtype!r}")
     return in_shape, in_dtype
+
+
+def _check_input_size(path, in_shape: list, in_dtype: str, tensors: dict) -> None:
+    """Refuse a header whose example input is out of proportion to the file's data, before building it."""
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    nbytes = math.prod(in_shape) * torch.empty((), dtype=_INPUT_DTYPES[in_dtype]).element_size()
+    if nbytes > _INPUT_ALLOWANCE + payload:
+        raise CorruptFileError(
+            f"{path}: the header's example input (shape {in_shape}, {in_dtype}: {nbytes} bytes) is out of proportion "
+            f"to the file's {payload} bytes of data: the file is corrupt or crafted; if it is not, pass "
+            "example_input= (one input of the model's shape)"
+        )
 
 
 def _check_cfgs(cfgs, bad) -> list[type]:
@@ -605,6 +619,8 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
             raise ValueError(f"example_input must have shape (N, ...) with N >= 1, got {tuple(example_input.shape)}")
     meta, tensors = read_container(path, KIND)
     fused, in_shape, in_dtype, cfgs, sites = _check_header(path, meta, tensors)
+    if example_input is None:
+        _check_input_size(path, in_shape, in_dtype, tensors)
     try:
         values, quantizers = _decode_sites(path, cfgs, sites, tensors)
     except (KeyError, IndexError, TypeError, RuntimeError) as err:  # a guard: the header was checked above

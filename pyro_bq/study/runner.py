@@ -21,6 +21,7 @@ row goes into the results in place of its numbers, and the other rows run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -313,9 +314,13 @@ def _write_scores(path: Path, name: str, details: dict, mnist_y: torch.Tensor) -
 def _write_arviz(cfg, model, guide, tests, path: Path) -> None:
     n = min(cfg.arviz_limit, len(tests["mnist"]))
     idata = to_arviz(model, guide, tests["mnist"].x[:n], tests["mnist"].y[:n], num_samples=cfg.arviz_samples, seed=cfg.seed)
-    tmp = path.with_name(f".{path.name}.tmp")
-    idata.to_netcdf(str(tmp), engine="h5netcdf")
-    os.replace(tmp, path)
+    # HDF5 is written to memory, then to disk with the package's atomic writer: a disk error
+    # during HDF5's own writes leaves its objects broken, and their clean-up crashes the process
+    buf = io.BytesIO()
+    encoding = {f"/{group}": {name: {"zlib": True} for name, var in getattr(idata, group).variables.items()
+                              if var.dtype.kind in "biufcS"} for group in idata.groups()}
+    idata.to_datatree().to_netcdf(buf, engine="h5netcdf", encoding=encoding)
+    atomic_write_bytes(path, [buf.getbuffer()])
 
 
 def _failed_row(spec: RowSpec, error: str) -> dict:
