@@ -241,6 +241,9 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_intact(tmp_path):
     assert leftovers, "the killed writer should have left its temporary file"
     assert torch.equal(load_checkpoint(target)["v"], torch.ones(3))
     assert latest_checkpoint(tmp_path) == target
+    # the next write of that file removes what the dead writer left
+    save_checkpoint(target, {"v": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-5.bq", "ready"]
 
 
 def test_latest_checkpoint_skips_damaged_newer_files(tmp_path):

@@ -35,6 +35,7 @@ from pyro_bq.io.checkpoint import checkpoint_path, prune_checkpoints
 from pyro_bq.io.container import FORMAT_VERSION, MAGIC
 from pyro_bq.quant import JQ
 from pyro_bq.study import runner
+from pyro_bq.uncertainty import plot_reliability
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -88,10 +89,12 @@ def _writers():
         "bytes": ("r.json", lambda p: atomic_write_bytes(p, [b"{}"]), holds(b"{}")),
         "callback": ("x.bin", lambda p: atomic_write(p, fill), holds(b"by callback")),
         "arviz": ("float.nc", *_arviz_writer()),
+        "figure": ("rel.png", lambda p: plot_reliability(torch.softmax(torch.randn(20, 10), -1), torch.arange(20) % 10, p),
+                   lambda p: p.read_bytes().startswith(b"\x89PNG") or pytest.fail(f"{p} is not a PNG")),
     }
 
 
-WRITERS = ["checkpoint", "container", "packed", "bytes", "callback", "arviz"]
+WRITERS = ["checkpoint", "container", "packed", "bytes", "callback", "arviz", "figure"]
 
 
 @pytest.mark.parametrize("which", WRITERS)

@@ -55,6 +55,8 @@ _DIGEST = 32
 _HEADER_ALLOWANCE = 2**26
 #: upper bounds of the parsed size of what each JSON token opens (a dict, a list, a value)
 _TOKEN_BYTES = ((b"{", 232), (b"[", 72), (b",", 56), (b":", 56))
+#: open temporary files without following a link, where the platform can
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 #: the largest product of a tensor's dimensions (zeros counted as one) a header may give
 _MAX_EXTENT = 2**48
 
@@ -106,8 +108,8 @@ def _check_kind(kind: Any) -> str:
 def atomic_write(path: os.PathLike, fill: Callable[[Path], Any]) -> None:
     """Create ``path`` atomically: ``fill(tmp)`` writes the new content to the file ``tmp``.
 
-    ``tmp`` is an empty regular file with an unpredictable name (``tempfile.mkstemp``,
-    ``O_EXCL``) inside a private folder (mode ``0o700``, ``tempfile.mkdtemp``) in the
+    ``tmp`` is an empty regular file with an unpredictable name and the suffix of ``path``
+    (``tempfile.mkstemp``, ``O_EXCL``) inside a private folder (mode ``0o700``, ``tempfile.mkdtemp``) in the
     folder of ``path``, so no link planted by anyone else can be followed. After
     ``fill`` returns, ``tmp`` is checked to be a regular file, fsynced, given the usual
     permissions (``0o666`` minus the umask) and renamed over ``path`` with
@@ -138,7 +140,7 @@ def atomic_write(path: os.PathLike, fill: Callable[[Path], Any]) -> None:
     private = None
     try:
         private = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder))
-        fd, tmp = tempfile.mkstemp(prefix="new.", dir=private)
+        fd, tmp = tempfile.mkstemp(prefix="new.", suffix=path.suffix[:20], dir=private)
         os.close(fd)
         fill(Path(tmp))
         _seal(Path(tmp))
@@ -163,7 +165,7 @@ def atomic_write_bytes(path: os.PathLike, chunks: Iterable[bytes]) -> None:
     """
 
     def fill(tmp: Path) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
+        fd = os.open(tmp, os.O_WRONLY | _NOFOLLOW)
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
@@ -189,7 +191,8 @@ def _remove_stale_temps(folder: Path, prefix: str) -> None:
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         try:
-            if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
+            owner = entry.stat(follow_symlinks=False).st_uid
+            if entry.is_dir(follow_symlinks=False) and owner == getattr(os, "getuid", lambda: owner)():
                 shutil.rmtree(entry.path, ignore_errors=True)
         except OSError:
             continue
@@ -207,14 +210,17 @@ def _alive(pid: int) -> bool:
 
 def _seal(tmp: Path) -> None:
     """Check that ``tmp`` is still a regular file, fsync it and give it the umask's permissions."""
-    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"the temporary file {tmp} is no longer a regular file")
         os.fsync(fd)
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~umask)
+        else:  # pragma: no cover - Windows
+            os.chmod(tmp, 0o666 & ~umask)
     finally:
         os.close(fd)
 

@@ -17,6 +17,7 @@ import torch
 
 from pyro_bq._validation import check_choice, check_int
 from pyro_bq.guides.quantized import quantize
+from pyro_bq.io import atomic_write
 from pyro_bq.quant.policies import make_policy
 from pyro_bq.uncertainty import accuracy, evaluate, predictive_probs
 
@@ -89,7 +90,7 @@ def plot_bits(allocs, path=None, *, title: str = "bits per layer"):
     ax.legend(title="method (mean bits)", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
     return fig
 

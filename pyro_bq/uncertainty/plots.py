@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pyro_bq._validation import check_bool, check_int, check_path, check_str
+from pyro_bq.io import atomic_write
 
 from .metrics import DEFAULT_ECE_BINS, reliability_data
 
@@ -47,7 +48,7 @@ def _save(fig, path) -> None:
     folder = os.path.dirname(os.fspath(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
 
 
 def plot_uncertainty(
