@@ -32,11 +32,26 @@ class _BatchNormMLP(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
+class _DeterministicLSTM(nn.Module):
+    """An LSTM and a ConvTranspose (no priors by default) before a Bayesian Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.up = nn.ConvTranspose1d(1, 2, 3)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.lstm(x)[0][:, -1:]
+        return self.fc(self.up(h).flatten(1))
+
+
 # name: (network, input shape, expose)
 NETS = {
     "resnet20": (lambda: ResNet20(num_classes=10, in_channels=1, blocks_per_stage=1), (4, 1, 8, 8), None),
     "batchnorm": (_BatchNormMLP, (6, 12), None),
     "expose-subset": (LeNet5, (4, 1, 28, 28), {"fc3.weight", "fc3.bias"}),
+    "lstm-convtranspose": (_DeterministicLSTM, (5, 7, 4), None),
 }
 POLICIES = {"vpq": lambda: VPQ(4), "spq": lambda: SPQ(4), "jq": lambda: JQ(4)}
 

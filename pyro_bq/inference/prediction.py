@@ -2,9 +2,11 @@
 
 :func:`batched_forward` evaluates a model's network (its
 :meth:`~pyro_bq.models.BayesianModel.functional_net`) for ``S`` weight samples
-at once, in the fastest of three ways for the input shape: the samples folded
-into one pass (:class:`~pyro_bq.inference.folded.FoldedNet`), one
-:func:`torch.func.vmap` call, or one ordinary pass per sample.
+at once, in one of three ways: the samples folded into one pass
+(:class:`~pyro_bq.inference.folded.FoldedNet`), one :func:`torch.func.vmap`
+call, or one ordinary pass per sample. The default picks one by a rule on the
+network (:func:`auto_strategy`), never by timing, so a seeded run gives the
+same numbers every time.
 
 :func:`predict_batched` draws ``num_samples`` joint weight samples from the
 guide in one call (``guide.sample_latents``: parallel random streams, see
@@ -190,7 +192,8 @@ def batched_forward(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor,
     :param model: a :class:`~pyro_bq.models.BayesianModel` (anything with
         ``functional_net``, ``shape_errors`` and ``net_output``).
     :raises TypeError: for a model without ``functional_net``.
-    :raises ValueError: for an unknown ``strategy``, or ``"folded"`` on a network that cannot be folded.
+    :raises ValueError: for an unknown ``strategy``, ``"folded"`` on a network that cannot be folded, or
+        ``"vmap"`` (or ``"folded"``, which falls back to it) on one that ``vmap`` cannot batch.
 
     Usage::
 
@@ -203,8 +206,14 @@ def batched_forward(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor,
     if strategy == "folded" and _folded_net(model, net) is None:
         raise ValueError(f"strategy='folded': {type(net).__name__} uses operations the folded pass does not "
                          "handle; use strategy='vmap' or 'auto'")
-    with model.shape_errors(x):
-        out = (_auto if strategy == "auto" else _WAYS[strategy])(model, net, sampled, shared, x)
+    try:
+        with model.shape_errors(x):
+            out = (_auto if strategy == "auto" else _WAYS[strategy])(model, net, sampled, shared, x)
+    except RuntimeError as err:
+        if _NO_BATCHING_RULE not in str(err):
+            raise
+        raise ValueError(f"strategy={strategy!r}: torch.func.vmap cannot batch an operation of "
+                         f"{type(net).__name__} ({err}); use strategy='loop' or 'auto'") from err
     return model.net_output(out, sample_dims=1)
 
 
