@@ -63,7 +63,55 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (more threads only help on an idle machine)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (rows are still printed)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except (TypeError, ValueError) as err:
+        p.error(str(err))  # exits with status 2 and the usage line
+    return args
+
+
+def check_args(args) -> None:
+    """Check every option before any work (data, training), so a bad one fails at once.
+
+    :raises ValueError: naming the option (e.g. ``--bits``) and its allowed values.
+
+    Usage::
+
+        check_args(parse_args(["--bits", "4"]))
+    """
+    def positive_int(option, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{option} must be an int >= 1, got {value!r}")
+
+    def positive(option, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{option} must be a positive finite number, got {value!r}")
+
+    for option in ("train_limit", "test_limit"):
+        positive_int(f"--{option.replace('_', '-')}", getattr(args, option), allow_none=True)
+    for option in ("epochs", "batch_size", "num_samples", "threads"):
+        positive_int(f"--{option.replace('_', '-')}", getattr(args, option))
+    for option in ("lr", "init_scale", "qat_epochs", "qat_lr"):
+        positive(f"--{option.replace('_', '-')}", getattr(args, option))
+    if isinstance(args.seed, bool) or not isinstance(args.seed, int) or args.seed < 0:
+        raise ValueError(f"--seed must be an int >= 0, got {args.seed!r}")
+    if not args.bits or not args.policies:
+        raise ValueError("--bits and --policies each need at least one value")
+    for option, widths in (("--bits", args.bits), ("--qat-bits", args.qat_bits)):
+        for bits in widths:
+            for mode in args.policies:  # each policy checks its bit widths as it will when quantizing
+                try:
+                    make_policy(mode, bits)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{option} {bits}: {err}") from err
+    for option in ("table", "json"):
+        path = getattr(args, option)
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"--{option} {path!r}: its folder {str(Path(path).resolve().parent)!r} does not exist; "
+                             "create it first")
 
 
 def train_or_load(args, train, ckpt: Path):
@@ -152,6 +200,7 @@ def check_thresholds(rows) -> list[str]:
 def main(args=None):
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
+    check_args(args)
     torch.set_num_threads(max(1, args.threads))
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="quantize_mnist-"))

@@ -40,14 +40,24 @@ __all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide"
 
 
 def copy_guide(guide: AutoGaussianSites) -> AutoGaussianSites:
-    """A deep copy of a Pyro AutoGuide that leaves the original usable.
+    """A copy of a Pyro AutoGuide whose parameters are its own, leaving the original usable.
 
-    (``AutoGuide.__getstate__`` drops the model reference of the object being
-    copied; this restores it on both.)
+    The parameters and buffers are deep-copied. The record of the model's
+    first run (``prototype_trace`` and its plate frames) is read-only state
+    and is shared, not copied: it holds the model's intermediate values, which
+    are not graph leaves (they cannot be deep-copied) wherever the network has
+    parameters that carry no prior, such as BatchNorm's. (``AutoGuide.__getstate__``
+    drops the model reference of the object being copied; this restores it on both.)
+
+    Usage::
+
+        twin = copy_guide(guide)   # train twin; guide is unchanged
     """
     model, master = guide._model, guide.master
+    shared = (guide.prototype_trace, guide._prototype_frames)
+    memo = {id(obj): obj for obj in shared if obj is not None}
     try:
-        new = copy.deepcopy(guide)
+        new = copy.deepcopy(guide, memo)
     finally:
         guide._model, guide.master = model, master
     new._model = model

@@ -78,8 +78,20 @@ class BayesianModel(PyroModule):
         return {k: v for k, v in self._initial_params.items() if k in set(self.weight_sites)}
 
     # -- input checks ------------------------------------------------------------
-    def _check_inputs(self, x, y=None) -> None:
+    def _weight_dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the network's weights: its deterministic tensors' now, else its weights' at construction."""
+        for t in (*self.net.parameters(), *self.net.buffers(), *self._initial_params.values()):
+            if t.is_floating_point():
+                return t.dtype
+        return None
+
+    def _check_inputs(self, x, y=None, dtype: Optional[torch.dtype] = None) -> None:
+        """Check ``x`` (and ``y``); ``x`` must have ``dtype`` (default: the network's weight dtype)."""
         check_inputs("x", x)
+        dtype = dtype or self._weight_dtype()
+        if dtype is not None and x.dtype != dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the network's weights are {dtype}: pass x.to({dtype}), "
+                            f"or build the model from a network converted with net.to({x.dtype})")
         if y is not None:
             if not isinstance(y, torch.Tensor):
                 raise TypeError(f"y must be a torch.Tensor or None, got {type(y).__name__}")
@@ -160,9 +172,9 @@ class BayesianModel(PyroModule):
             net, sampled, shared = model.functional_net(draws, x)
             out = functional_call(net, {**shared, **{k: v[0] for k, v in sampled.items()}}, (x,))
         """
-        self._check_inputs(x)
         sites = self.weight_sites
         self._check_samples(samples, sites)
+        self._check_inputs(x, dtype=samples[sites[0]].dtype)
         shared = {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
         return self._template, {name[len("net."):]: samples[name] for name in sites}, shared
 

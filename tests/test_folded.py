@@ -1,5 +1,9 @@
 """The folded multi-sample pass (grouped convolutions, stacked Linear weights) against vmap."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
@@ -106,38 +110,75 @@ def test_unsupported_networks_fall_back_to_vmap_with_the_same_result():
         batched_forward(model, draws, x, strategy="fast")
 
 
-@pytest.mark.parametrize("slow", ["loop", "folded"])
-def test_auto_strategy_keeps_the_faster_way_per_input_shape(slow, monkeypatch):
-    import time as _time
+#: name: (input shape, network) of the runs of "auto" compared across processes
+AUTO_CASES = {"mlp": ((5, 1, 28, 28), lambda: MLP((784, 8, 10))), "lenet": ((4, 1, 28, 28), LeNet5)}
 
+
+def _auto_run(x_shape, net):
+    """A fresh model, its draws and inputs (the same every call), and the "auto" output on them."""
     pyro.clear_param_store()
-    model = BayesianClassifier(MLP((784, 8, 10)), IIDNormal(1.0), dataset_size=10)
+    torch.manual_seed(0)
+    model = BayesianClassifier(net(), IIDNormal(1.0), dataset_size=10)
     guide = AutoMeanFieldNormal(model, init_scale=0.1)
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.randn(x_shape)
     guide(x)
     draws = guide.sample_latents(3)
-    calls = []
-    for name in ("loop", "folded"):
-        original = prediction._WAYS[name]
-
-        def run(*args, _name=name, _original=original):
-            calls.append(_name)
-            if _name == slow:
-                _time.sleep(0.05)
-            return _original(*args)
-
-        monkeypatch.setitem(prediction._WAYS, name, run)
     with torch.no_grad():
-        first = batched_forward(model, draws, x)
-        calls.clear()
-        again = batched_forward(model, draws, x)
-    fast = "folded" if slow == "loop" else "loop"
-    assert calls == [fast]  # timed once, then remembered for this shape
-    torch.testing.assert_close(first, again)
-    torch.testing.assert_close(first, batched_forward(model, draws, x, strategy="vmap"), rtol=1e-5, atol=1e-5)
-    calls.clear()
-    batched_forward(model, draws, x[:2])  # a new shape is timed afresh
-    assert sorted(set(calls)) == ["folded", "loop"]
+        return model, draws, x, batched_forward(model, draws, x)
+
+
+@pytest.mark.parametrize("durations", [(1.0, 0.1, 0.1, 1.0), (0.1, 1.0, 1.0, 0.1)], ids=["loop-slow", "folded-slow"])
+def test_auto_strategy_is_a_rule_not_a_timing(durations, monkeypatch):
+    """However long each strategy seems to take, "auto" picks the same one and gives the same bits."""
+    clock = [0.0]
+    ticks = iter([d for d in durations for d in (0.0, d)])
+
+    def fake_perf_counter():
+        clock[0] += next(ticks, 1.0)
+        return clock[0]
+
+    _, _, _, reference = _auto_run(*AUTO_CASES["mlp"])
+    monkeypatch.setattr("time.perf_counter", fake_perf_counter)
+    model, draws, x, out = _auto_run(*AUTO_CASES["mlp"])
+    monkeypatch.undo()
+    assert torch.equal(out, reference)
+    assert prediction.auto_strategy(model, draws, x) == "folded"
+    with torch.no_grad():
+        assert torch.equal(out, batched_forward(model, draws, x, strategy="folded"))
+        assert torch.equal(out, batched_forward(model, draws, x))  # and on every later call
+
+
+def test_auto_strategy_follows_the_network():
+    model, draws, x, _ = _auto_run(*AUTO_CASES["mlp"])
+    assert prediction.auto_strategy(model, draws, x) == "folded"
+    assert prediction.auto_strategy(model, {k: v[:1] for k, v in draws.items()}, x) == "loop"
+    pyro.clear_param_store()
+    model = BayesianClassifier(_Odd(), IIDNormal(1.0), dataset_size=10)
+    guide = AutoMeanFieldNormal(model, init_scale=0.1)
+    x = torch.randn(6, 12)
+    guide(x)
+    assert prediction.auto_strategy(model, guide.sample_latents(3), x) == "vmap"
+
+
+_CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads({threads})
+from test_folded import AUTO_CASES, _auto_run
+from pyro_bq.inference import prediction
+model, draws, x, out = _auto_run(*AUTO_CASES[{case!r}])
+print(prediction.auto_strategy(model, draws, x), out.numpy().tobytes().hex())
+"""
+
+
+@pytest.mark.parametrize("case", sorted(AUTO_CASES))
+def test_auto_strategy_and_its_results_are_the_same_in_another_process(case):
+    model, draws, x, out = _auto_run(*AUTO_CASES[case])
+    code = _CHILD.format(tests=str(Path(__file__).resolve().parent), threads=torch.get_num_threads(), case=case)
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    strategy, bits = child.stdout.split()
+    assert strategy == prediction.auto_strategy(model, draws, x) == "folded"
+    assert bits == out.numpy().tobytes().hex()
 
 
 def test_regressor_outputs_through_the_folded_pass():

@@ -2,9 +2,11 @@
 
 :func:`batched_forward` evaluates a model's network (its
 :meth:`~pyro_bq.models.BayesianModel.functional_net`) for ``S`` weight samples
-at once, in the fastest of three ways for the input shape: the samples folded
-into one pass (:class:`~pyro_bq.inference.folded.FoldedNet`), one
-:func:`torch.func.vmap` call, or one ordinary pass per sample.
+at once, in one of three ways: the samples folded into one pass
+(:class:`~pyro_bq.inference.folded.FoldedNet`), one :func:`torch.func.vmap`
+call, or one ordinary pass per sample. The default picks one by a rule on the
+network (:func:`auto_strategy`), never by timing, so a seeded run gives the
+same numbers every time.
 
 :func:`predict_batched` draws ``num_samples`` joint weight samples from the
 guide in one call (``guide.sample_latents``: parallel random streams, see
@@ -20,8 +22,6 @@ rounding), and the path for Pyro models without ``functional_net``.
 
 from __future__ import annotations
 
-import math
-import time
 import weakref
 from typing import Mapping, Optional
 
@@ -38,6 +38,7 @@ __all__ = [
     "batched_forward",
     "predict_batched",
     "predict_looped",
+    "auto_strategy",
     "activation_bytes_per_sample",
     "as_inputs",
     "check_draws",
@@ -51,7 +52,7 @@ STRATEGIES = ("auto", "folded", "vmap", "loop")
 #: default memory budget for the activations of one pass (bytes)
 DEFAULT_MAX_BYTES = 1 << 30
 
-# per model: its folded network, the strategies "auto" chose, activation sizes
+# per model: its folded network, whether vmap cannot batch it, activation sizes
 _MEMOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -92,36 +93,77 @@ def _folded_net(model, net) -> Optional[FoldedNet]:
 
 
 def _folded(model, net, sampled, shared, x):
+    out = _folded_or_none(model, net, sampled, shared, x)
+    return _vmap(model, net, sampled, shared, x) if out is None else out
+
+
+def _folded_or_none(model, net, sampled, shared, x):
+    """The folded pass, or ``None`` where the network cannot be folded (an operation only seen at run
+    time marks it unfoldable from then on)."""
     folded = _folded_net(model, net)
-    if folded is not None:
-        try:
-            return folded(sampled, {k: v for k, v in shared.items() if k not in sampled}, x)
-        except NotFoldable:  # an operation only seen at run time: use vmap from now on
-            _memo(model, "folded")["net"] = None
-    return _vmap(model, net, sampled, shared, x)
+    if folded is None:
+        return None
+    try:
+        return folded(sampled, {k: v for k, v in shared.items() if k not in sampled}, x)
+    except NotFoldable:
+        _memo(model, "folded")["net"] = None
+        return None
 
 
 _WAYS = {"folded": _folded, "vmap": _vmap, "loop": _loop}
 
+#: the message of torch.func.vmap for an operation it cannot batch (e.g. ``aten::lstm``)
+_NO_BATCHING_RULE = "Batching rule not implemented"
+
+
+def _choose(model, net, num_samples: int) -> str:
+    """The rule of :func:`auto_strategy` for the parameter-free network ``net`` of ``model``."""
+    if num_samples == 1:
+        return "loop"
+    if _folded_net(model, net) is not None:
+        return "folded"
+    return "loop" if _memo(model, "auto").get("vmap_fails") else "vmap"
+
+
+def auto_strategy(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -> str:
+    """The strategy ``batched_forward(model, samples, x, strategy="auto")`` uses.
+
+    A rule on the network and the number of samples, never a timing, so a
+    seeded run gives the same numbers on every run and in every process:
+    ``"loop"`` for one sample; else ``"folded"`` where the network folds, else
+    ``"vmap"``, else ``"loop"`` (a network that ``vmap`` was found unable to
+    batch, e.g. one with a Bayesian LSTM). Whether a network folds and
+    batches is learnt on its first call and kept per model.
+
+    Usage::
+
+        logits = batched_forward(model, draws, x)
+        auto_strategy(model, draws, x)      # e.g. "folded": record it next to the results
+    """
+    if not callable(getattr(model, "functional_net", None)):
+        raise TypeError(f"model must be a pyro_bq BayesianModel (with functional_net), got {type(model).__name__}")
+    net, sampled, _ = model.functional_net(samples, x)
+    return _choose(model, net, next(iter(sampled.values())).shape[0])
+
 
 def _auto(model, net, sampled, shared, x):
+    """The strategy :func:`auto_strategy` names; falls to the next where the network turns out, at run
+    time, not to fold or not to batch, and records that for the model."""
     num = next(iter(sampled.values())).shape[0]
-    if num == 1:
-        return _WAYS["loop"](model, net, sampled, shared, x)
-    key = (tuple(x.shape), x.dtype, x.device, num, torch.is_grad_enabled(), torch.get_num_threads())
-    cache = _memo(model, "auto")
-    one_pass = "folded" if _folded_net(model, net) is not None else "vmap"
-    if key in cache:
-        return _WAYS[cache[key]](model, net, sampled, shared, x)
-    # each twice (a first call pays one-off set-up costs), in the order a b b a; the
-    # one-pass way holds all samples' activations at once, so it must win by 5%
-    times, outs = {}, {}
-    for name in ("loop", one_pass, one_pass, "loop"):
-        start = time.perf_counter()
-        outs[name] = _WAYS[name](model, net, sampled, shared, x)
-        times[name] = min(times.get(name, math.inf), time.perf_counter() - start)
-    chosen = cache[key] = one_pass if times[one_pass] < 0.95 * times["loop"] else "loop"
-    return outs[chosen]
+    chosen = _choose(model, net, num)
+    if chosen == "folded":
+        out = _folded_or_none(model, net, sampled, shared, x)
+        if out is not None:
+            return out
+        chosen = _choose(model, net, num)
+    if chosen == "vmap":
+        try:
+            return _vmap(model, net, sampled, shared, x)
+        except RuntimeError as err:
+            if _NO_BATCHING_RULE not in str(err):
+                raise
+            _memo(model, "auto")["vmap_fails"] = True
+    return _loop(model, net, sampled, shared, x)
 
 
 def batched_forward(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor, *,
@@ -139,19 +181,19 @@ def batched_forward(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor,
       convolutions, stacked Linear weights), where the network's operations allow it;
     * ``"vmap"``: one :func:`torch.func.vmap` call over the samples;
     * ``"loop"``: one ordinary network pass per sample, with its weights swapped in;
-    * ``"auto"`` (default): the faster of ``folded`` (or ``vmap`` where the
-      network cannot be folded) and ``loop`` for this input shape and ``S``,
-      timed on the first call with them (each twice) and remembered per model;
-      ``loop``, which holds one sample's activations at a time, unless the other
-      is more than 5% faster. Which one wins depends on the CPU and its
-      BLAS/oneDNN kernels: on one 2-core machine the folded LeNet-5 pass of 32
-      samples was 1.09x the time of 32 deterministic passes, on another 1.3x to
-      1.5x while the loop was 0.98x.
+    * ``"auto"`` (default): the strategy :func:`auto_strategy` names, a rule
+      on the network (never a timing, so two runs with one seed give the same
+      numbers to the last bit): ``folded`` where the network folds, else
+      ``vmap``, else ``loop`` (networks that ``vmap`` cannot batch, e.g. with
+      a Bayesian LSTM, fall back to ``loop``); ``loop`` for one sample.
+      The strategies agree up to float rounding only, so record
+      :func:`auto_strategy` with results that must be reproduced elsewhere.
 
     :param model: a :class:`~pyro_bq.models.BayesianModel` (anything with
         ``functional_net``, ``shape_errors`` and ``net_output``).
     :raises TypeError: for a model without ``functional_net``.
-    :raises ValueError: for an unknown ``strategy``, or ``"folded"`` on a network that cannot be folded.
+    :raises ValueError: for an unknown ``strategy``, ``"folded"`` on a network that cannot be folded, or
+        ``"vmap"`` (or ``"folded"``, which falls back to it) on one that ``vmap`` cannot batch.
 
     Usage::
 
@@ -164,8 +206,14 @@ def batched_forward(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor,
     if strategy == "folded" and _folded_net(model, net) is None:
         raise ValueError(f"strategy='folded': {type(net).__name__} uses operations the folded pass does not "
                          "handle; use strategy='vmap' or 'auto'")
-    with model.shape_errors(x):
-        out = (_auto if strategy == "auto" else _WAYS[strategy])(model, net, sampled, shared, x)
+    try:
+        with model.shape_errors(x):
+            out = (_auto if strategy == "auto" else _WAYS[strategy])(model, net, sampled, shared, x)
+    except RuntimeError as err:
+        if _NO_BATCHING_RULE not in str(err):
+            raise
+        raise ValueError(f"strategy={strategy!r}: torch.func.vmap cannot batch an operation of "
+                         f"{type(net).__name__} ({err}); use strategy='loop' or 'auto'") from err
     return model.net_output(out, sample_dims=1)
 
 

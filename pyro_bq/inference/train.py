@@ -443,16 +443,23 @@ class _Run:
             self.guide(self.data.x[first], self.data.y[first])
         _unshadow_params(self.model, self.guide)
         if self.folder is not None and resume:
-            self.resume()
+            self.resume(total)
         self.strategy.share_modules(self.model, self.guide)
 
-    def resume(self) -> None:
-        """Load the latest valid checkpoint (rank 0's, on every rank) into the model, guide, optimizer and counters."""
+    def resume(self, total: int) -> None:
+        """Load the latest valid checkpoint (rank 0's, on every rank) into the model, guide, optimizer and counters;
+        refuse one past ``total`` steps."""
         shared = self.strategy.share_checkpoint(self.strategy.main_only(latest_checkpoint, self.folder), self.folder)
         if shared is None:
             return
         state, where, name = shared
         _check_settings(state.get("settings"), self.settings, where)
+        if int(state["step"]) > total:
+            raise ValueError(
+                f"checkpoint {where} is at step {int(state['step'])}, past this run's total of {total} steps "
+                f"(num_steps, or num_epochs times the batches per epoch): resuming would return a guide trained "
+                f"longer than asked. Pass num_steps >= {int(state['step'])} to continue it, another checkpoint_dir, "
+                "or resume=False to start over and overwrite it")
         _restore(self.model, self.guide, self.optim, state, where)
         self.step = int(state["step"])
         self.strategy.restore_rng(state, self.seed, self.step)

@@ -34,6 +34,7 @@ configurations, stream lengths and padding): any problem is a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -582,11 +583,28 @@ def _decode_sites(path, cfgs: list, sites: list, tensors) -> tuple[dict, dict]:
     return values, quantizers
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Run the block with ``model`` (an ``nn.Module``) in eval mode, then restore each submodule's mode:
+    tracing the model must not update its BatchNorm statistics, and works on one example."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _model_sites(model, x: torch.Tensor, what: str) -> dict[str, tuple[list, int]]:
     """``{site: (shape, event_dim)}`` of ``model``'s latent sites, traced on ``x`` (``what`` says where it came from)."""
     probe = AutoGaussianSites(model)  # its set-up only records the sites
     try:
-        probe.setup(x)
+        with _eval_mode(model):
+            probe.setup(x)
     except (TypeError, ValueError, RuntimeError) as err:
         kind = TypeError if isinstance(err, TypeError) else ValueError
         raise kind(f"load_packed: tracing the model on {what} failed: {err}") from err
@@ -636,7 +654,8 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
         raise ValueError(f"{path}: the model's sites {{name: (shape, event_dim)}} {found} differ from the file's "
                          f"sites {stored}; pass the model the guide was trained for")
     base = PackedNormalBase(model, values)
-    base.setup(x)
+    with _eval_mode(model):
+        base.setup(x)
     qguide = QuantizedGuide(base, quantizers, policy=None, copy=False)
     # draw the way the saved guide drew (one fused draw for all sites, or one per site)
     qguide.fused = fused

@@ -30,6 +30,12 @@ def _split(name: str, data, need_labels: bool):
                 f"{name} must be an InMemoryDataset, an (x, y) pair or a tensor x; got {type(data).__name__}"
             )
     x = as_inputs(f"{name}.x", x)
+    finite = torch.isfinite(x).reshape(len(x), -1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().reshape(-1)
+        raise ValueError(f"{name}.x holds NaN or infinite values in {len(bad)} of its {len(x)} inputs (the first at "
+                         f"row {int(bad[0])}), which would make every prediction on them NaN; drop or repair those "
+                         "inputs first (e.g. x[torch.isfinite(x).flatten(1).all(1)])")
     if need_labels and not isinstance(y, torch.Tensor):
         raise ValueError(f"{name} needs labels: pass an InMemoryDataset or an (x, y) pair")
     return x, y
@@ -120,6 +126,7 @@ def evaluate_details(
     num_bins = check_int("num_bins", num_bins, low=1)
     x_in, y_in = _split("in_data", in_data, need_labels=True)
     sets = {"in_data": x_in, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
+    sets = {k: v if v is None else _split(k, v, need_labels=False)[0] for k, v in sets.items()}  # errors name the set
     scores = uncertainty_scores(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
                                 batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
     suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
