@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from guide_contract import tiny_classifier
 from test_study import TINY
 
 from pyro_bq.data.ambiguous import AmbiguousConfig, _cache_paths
+from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.io import load_checkpoint, save_checkpoint
+from pyro_bq.quant import FakeQuantActivation, quantize_activations
 from pyro_bq.study import StudyConfig
 from pyro_bq.study import runner as study_runner
 from pyro_bq.study.cli import main as study_main
@@ -188,6 +191,21 @@ def test_the_checkpoint_is_fingerprinted_by_its_contents(tmp_path):
     assert StudyConfig(checkpoint=a).train_fingerprint() == StudyConfig(checkpoint=b).train_fingerprint()
     b.write_bytes(b"another guide")
     assert StudyConfig(checkpoint=a).train_fingerprint() != StudyConfig(checkpoint=b).train_fingerprint()
+
+
+def test_activation_calibration_draws_from_its_seed_not_the_global_generator():
+    model, x, y = tiny_classifier("lenet")
+    guide = AutoMeanFieldNormal(model, init_scale=0.5)
+    guide(x, y)
+
+    def ranges(global_seed, seed):
+        torch.manual_seed(global_seed)
+        qm = quantize_activations(model, 8, guide=guide, data=x, num_samples=3, seed=seed)
+        act = next(m for m in qm.net.modules() if isinstance(m, FakeQuantActivation))
+        return torch.cat([act.lo, act.hi])
+
+    a, b, c = ranges(1, 7), ranges(2, 7), ranges(1, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 # -- killed and resumed ---------------------------------------------------------------------------------

@@ -265,7 +265,8 @@ class StudyConfig:
 
     def _digest(self, keys) -> str:
         d = self.to_dict()
-        d["checkpoint"] = None if self.checkpoint is None else file_sha256("checkpoint", self.checkpoint)
+        if "checkpoint" in keys and self.checkpoint is not None:
+            d["checkpoint"] = file_sha256("checkpoint", self.checkpoint) or f"missing file {self.checkpoint}"
         d["threads"] = self.num_threads
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
