@@ -260,6 +260,15 @@ def _row_logquant(ctx: RowContext, spec: RowSpec):
     """The log-quantized guide: started from the float guide, fine-tuned ``logquant_steps`` SVI steps."""
     cfg = ctx.cfg
     if "logquant" not in ctx.memo:
+        ctx.memo["logquant"] = _fit_logquant(ctx)
+    return ctx.memo["logquant"], {"scale_bits": cfg.logquant_bits}
+
+
+def _fit_logquant(ctx: RowContext):
+    """The log-quantized guide the ``logquant`` rows share, drawn from its own seed whichever row builds it."""
+    cfg = ctx.cfg
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(row_seed(cfg.seed, "logquant"))
         locs = {name: ctx.guide.get_loc_scale(name)[0].detach().clone() for name in ctx.guide.sites}
         lq = AutoLogQuantNormal(ctx.model, bits=cfg.logquant_bits, init_loc_fn=lambda site: locs[site["name"]],
                                 init_scale=cfg.init_scale)
@@ -270,8 +279,7 @@ def _row_logquant(ctx: RowContext, spec: RowSpec):
         fit_svi(ctx.model, lq, ctx.train, num_steps=cfg.logquant_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                 seed=cfg.seed + 1, checkpoint_dir=ctx.folder / f"logquant{cfg.logquant_bits}", checkpoint_every=100,
                 progress=cfg.progress)
-        ctx.memo["logquant"] = lq
-    return ctx.memo["logquant"], {"scale_bits": cfg.logquant_bits}
+    return lq
 
 
 def _row_pwfn(ctx: RowContext, spec: RowSpec):
