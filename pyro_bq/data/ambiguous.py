@@ -426,14 +426,21 @@ def default_cache_dir() -> Path:
     return Path(cache) / "pyro_bq" / "ambiguous_mnist"
 
 
+def _cache_key(cfg: AmbiguousConfig) -> dict:
+    """What a cached generated set must match: the generator version, ``cfg`` and the torch thread count.
+
+    The thread count changes floating-point sums in the VAE and ensemble
+    training, and so the generated images: a set made with another count is
+    made again rather than reused.
+    """
+    return {"kind": _KIND, "generator_version": _GENERATOR_VERSION, "config": cfg.to_dict(),
+            "threads": torch.get_num_threads()}
+
+
 def _cache_paths(cache_dir: Path, cfg: AmbiguousConfig) -> tuple[Path, Path]:
-    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(_cache_key(cfg), sort_keys=True).encode()).hexdigest()[:12]
     stem = f"amnist-gen-s{cfg.seed}-{key}"
     return cache_dir / f"{stem}.bq", cache_dir / f"{stem}.manifest.json"
-
-
-def _requested_manifest(cfg: AmbiguousConfig) -> dict:
-    return {"kind": _KIND, "generator_version": _GENERATOR_VERSION, "config": cfg.to_dict()}
 
 
 def _try_cache(data_path: Path, manifest_path: Path, cfg: AmbiguousConfig) -> Optional[GeneratedAmbiguousMNIST]:
@@ -444,7 +451,7 @@ def _try_cache(data_path: Path, manifest_path: Path, cfg: AmbiguousConfig) -> Op
         meta, tensors = read_container(data_path, _KIND)
     except (OSError, ValueError, CorruptFileError):
         return None
-    wanted = _requested_manifest(cfg)
+    wanted = _cache_key(cfg)
     if any(manifest.get(k) != v for k, v in wanted.items()) or meta.get("manifest") != manifest:
         return None
     names = ("train_images", "train_labels", "test_images", "test_labels")
@@ -475,6 +482,10 @@ def generate_ambiguous_mnist(
     :param force: regenerate even when a valid cache exists.
     :raises ValueError: ``cache_dir`` cannot be created or written.
 
+    The cache is keyed by ``config``, the generator version and the torch
+    thread count (:func:`torch.get_num_threads`): other threads give other
+    floating-point sums, so a set generated with another count is not reused.
+
     Usage::
 
         gen = generate_ambiguous_mnist("data", "cache", AmbiguousConfig(num_train_images=600))
@@ -498,7 +509,7 @@ def generate_ambiguous_mnist(
         result = _generate(root, cfg, progress)
     names = ("train_images", "train_labels", "test_images", "test_labels")
     tensors = dict(zip(names, result[:4]))
-    manifest = {**_requested_manifest(cfg), "checksums": {n: _sha256(t) for n, t in tensors.items()}, "stats": result[4]}
+    manifest = {**_cache_key(cfg), "checksums": {n: _sha256(t) for n, t in tensors.items()}, "stats": result[4]}
     write_container(data_path, _KIND, {"manifest": manifest}, tensors)
     atomic_write_bytes(manifest_path, [json.dumps(manifest, indent=2, sort_keys=True).encode()])
     return GeneratedAmbiguousMNIST(*result[:4], manifest=manifest, path=data_path, from_cache=False)

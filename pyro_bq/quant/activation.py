@@ -164,6 +164,7 @@ def quantize_activations(
     data: Optional[torch.Tensor] = None,
     num_samples: int = 8,
     max_calls: int = 16,
+    seed: int = 0,
 ):
     """A new model whose activations are quantized to ``bits`` bits (``model`` is untouched).
 
@@ -173,9 +174,9 @@ def quantize_activations(
         ``"hardtanh"``, ``"relu"`` or an ``nn.Module`` class; ``None`` keeps
         the network's own activation functions.
     :param range: ``"calibrated"`` or ``"natural"`` (bounded activations only).
-    :param guide, data, num_samples: when given, calibrate the ranges at once
+    :param guide, data, num_samples, seed: when given, calibrate the ranges at once
         with :func:`calibrate_activations_` on ``data`` and ``num_samples``
-        posterior samples of ``guide`` (plus its median).
+        posterior samples of ``guide`` (plus its median), drawn with ``seed``.
 
     Only activation *modules* are replaced (functional calls such as
     ``F.relu`` inside ``forward`` are not seen); a ValueError says so when the
@@ -220,7 +221,7 @@ def quantize_activations(
     if hasattr(model, "learned_noise") and model.learned_noise:
         new.load_state_dict({k: v for k, v in model.state_dict().items() if k == "noise_unconstrained"}, strict=False)
     if guide is not None and data is not None:
-        calibrate_activations_(new, guide, data, num_samples=num_samples)
+        calibrate_activations_(new, guide, data, num_samples=num_samples, seed=seed)
     elif range == "calibrated" and (guide is not None or data is not None):
         raise ValueError("pass both guide and data to calibrate, or neither (then call calibrate_activations_ later)")
     return new
@@ -231,23 +232,28 @@ def _fake_quant_modules(model):
 
 
 @torch.no_grad()
-def calibrate_activations_(model, guide, data: torch.Tensor, *, num_samples: int = 8) -> None:
+def calibrate_activations_(model, guide, data: torch.Tensor, *, num_samples: int = 8, seed: int = 0) -> None:
     """Set the ranges of ``model``'s fake-quant activations in place (``calibrated`` ones only).
 
     The range of each activation call covers its values on ``data`` under the
-    guide's median and ``num_samples`` posterior samples.
+    guide's median and ``num_samples`` posterior samples. The samples come from
+    a generator seeded with ``seed`` (the global RNG is left as it was), so the
+    ranges are the same on every call.
 
     Usage::
 
-        calibrate_activations_(qmodel, guide, x_train[:512], num_samples=8)
+        calibrate_activations_(qmodel, guide, x_train[:512], num_samples=8, seed=0)
     """
     num_samples = check_int("num_samples", num_samples, low=0)
+    seed = check_int("seed", seed, low=0)
     mods = _fake_quant_modules(model)
     if not mods:
         raise ValueError("model has no FakeQuantActivation modules; make it with quantize_activations first")
     draws = [guide.median()]
     if num_samples:
-        samples = guide.sample_latents(num_samples)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            samples = guide.sample_latents(num_samples)
         draws += [{k: v[i] for k, v in samples.items()} for i in range(num_samples)]
     for m in mods:
         m._stats = {}

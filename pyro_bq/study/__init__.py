@@ -12,6 +12,6 @@ kind of row is added in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 """
 
 from .config import ALL_POLICIES, DEFAULT_BITS, RowSpec, StudyConfig
-from .runner import ROW_BUILDERS, run_study
+from .runner import ROW_BUILDERS, StudyBusyError, run_study
 
-__all__ = ["StudyConfig", "RowSpec", "run_study", "ROW_BUILDERS", "ALL_POLICIES", "DEFAULT_BITS"]
+__all__ = ["StudyConfig", "RowSpec", "run_study", "StudyBusyError", "ROW_BUILDERS", "ALL_POLICIES", "DEFAULT_BITS"]

@@ -7,10 +7,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-import torch
-
 from .config import ALL_POLICIES, BITS_RANGE, DEFAULT_BITS, StudyConfig, check_out_dir
-from .runner import run_study
+from .runner import StudyBusyError, run_study
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -83,7 +81,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
     p.add_argument("--arviz-samples", type=int, default=d.arviz_samples)
     p.add_argument("--arviz-limit", type=int, default=d.arviz_limit, help="MNIST test rows in each InferenceData")
     p.add_argument("--checkpoint", default=None, help="load this trained guide (OUT_DIR/train/*/guide.bq) instead of training")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); part of the fingerprints, since the count changes "
+                   "the results in the last digits")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--keep-going", action="store_true",
                    help="a row that raises is recorded with its error in the results and the other rows still run "
@@ -103,12 +103,15 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         amnist_fit_size=args.amnist_fit_size, amnist_vae_epochs=args.amnist_vae_epochs,
         logquant_bits=args.logquant_bits, logquant_steps=args.logquant_steps, extra_steps=args.extra_steps, mixed_bits=args.mixed_bits,
         arviz_samples=args.arviz_samples, arviz_limit=args.arviz_limit, checkpoint=args.checkpoint,
-        progress=not args.no_progress, keep_going=args.keep_going,
+        threads=args.threads, progress=not args.no_progress, keep_going=args.keep_going,
     )
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pyro_bq.study") -> int:
-    """Parse ``argv``, run the study, print where the results are; returns the exit status."""
+    """Parse ``argv``, run the study, print where the results are; returns the exit status.
+
+    Bad arguments exit with status 2, a folder another study is using with status 1.
+    """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
@@ -122,9 +125,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pyro_bq.st
         handler.setFormatter(logging.Formatter("[study %(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    result = run_study(cfg)
+    try:
+        result = run_study(cfg)
+    except StudyBusyError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     print(open(result["files"]["markdown"]).read())
     print("files:", *(f"  {k}: {v}" for k, v in result["files"].items()), sep="\n")
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from pyro_bq._validation import check_bool, check_float, check_int
 from pyro_bq.data.ambiguous import AmbiguousConfig
 from pyro_bq.quant.grids import MAX_BITS, check_bits
@@ -25,6 +27,7 @@ __all__ = [
     "DEFAULT_BITS",
     "BITS_RANGE",
     "check_out_dir",
+    "file_sha256",
 ]
 
 #: Post-hoc quantization policies evaluated at every bit width.
@@ -52,6 +55,22 @@ def check_out_dir(name: str, path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {str(path)!r} is not writable; choose a writable folder")
     return path
+
+
+def file_sha256(name: str, path) -> Optional[str]:
+    """The SHA-256 of the file at ``path`` (hex), or None when there is no such file.
+
+    Usage::
+
+        file_sha256("checkpoint", "runs/study/train/abc/guide.bq")
+    """
+    try:
+        with open(Path(path).expanduser(), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ValueError(f"{name} {os.fspath(path)!r} cannot be read ({err.strerror or err}); pass a readable file") from err
 
 
 def _names(name: str, value) -> tuple:
@@ -102,7 +121,11 @@ class StudyConfig:
     :param num_samples: weight draws per evaluation; ``eval_limit`` rows per test set.
     :param mnist_limit: MNIST training rows (``None``: all 60,000).
     :param amnist_train_images, amnist_test_images: unique generated Ambiguous-MNIST images.
-    :param checkpoint: optional trained guide (``guide.bq`` of an earlier run) to load instead of training.
+    :param checkpoint: optional trained guide (``guide.bq`` of an earlier run) to load instead of training;
+        the fingerprints hold a SHA-256 of its contents, so a replaced file makes every row run again.
+    :param threads: torch threads (``None``: the count torch has when the study starts). The count
+        changes floating-point sums and so the results: it is part of the fingerprints (a study run
+        with another count computes its rows again) and of the Ambiguous-MNIST cache key.
     :param keep_going: a row that raises is recorded with its error text in the
         results and the other rows still run (default: the error stops the study).
 
@@ -144,6 +167,7 @@ class StudyConfig:
     extra_steps: int = 200
     mixed_bits: float = 4.0
     checkpoint: Optional[str] = None
+    threads: Optional[int] = None
     progress: bool = True
     keep_going: bool = False
 
@@ -210,6 +234,8 @@ class StudyConfig:
         check_int("calib_rows", self.calib_rows, low=1)
         check_int("extra_steps", self.extra_steps, low=1)
         check_float("mixed_bits", self.mixed_bits, low=2.0, high=8.0)
+        if self.threads is not None:
+            check_int("threads", self.threads, low=1)
         set_("progress", check_bool("progress", self.progress))
         set_("keep_going", check_bool("keep_going", self.keep_going))
 
@@ -232,16 +258,27 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def num_threads(self) -> int:
+        """The torch thread count of the run: ``threads``, or torch's current count."""
+        return self.threads if self.threads is not None else torch.get_num_threads()
+
     def _digest(self, keys) -> str:
         d = self.to_dict()
+        if "checkpoint" in keys and self.checkpoint is not None:
+            d["checkpoint"] = file_sha256("checkpoint", self.checkpoint) or f"missing file {self.checkpoint}"
+        d["threads"] = self.num_threads
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def train_fingerprint(self) -> str:
-        """Changes exactly when the trained float guide would change."""
+        """Changes exactly when the trained float guide would change.
+
+        It holds the contents of ``checkpoint`` (not its path) and the torch thread count.
+        """
         return self._digest(
             ("seed", "num_epochs", "pretrain_epochs", "batch_size", "lr", "scale_lr", "init_scale", "prior_gain", "mnist_limit",
              "amnist_train_images", "amnist_test_images", "amnist_source", "amnist_fit_size", "amnist_vae_epochs",
-             "checkpoint")
+             "checkpoint", "threads")
         )
 
     def eval_fingerprint(self) -> str:

@@ -21,6 +21,10 @@ row goes into the results in place of its numbers, and the other rows run.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -46,17 +50,70 @@ from pyro_bq.quant import JQ, make_policy, quantize_activations
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide
 from pyro_bq.uncertainty import evaluate_details, to_arviz
 
-from .config import RowSpec, StudyConfig, check_out_dir
+from .config import RowSpec, StudyConfig, check_out_dir, file_sha256
 from .plots import make_plots
 from .report import COLUMNS, write_tables
 
-__all__ = ["run_study", "StudyResult", "RowContext", "ROW_BUILDERS", "COLUMNS"]
+__all__ = ["run_study", "StudyResult", "StudyBusyError", "RowContext", "ROW_BUILDERS", "COLUMNS", "row_seed"]
 
 log = logging.getLogger("pyro_bq.study")
 
 
 class StudyResult(dict):
     """What :func:`run_study` returns: ``rows`` (list of records), ``errors`` ({row: error text}), ``files``, ``data``."""
+
+
+class StudyBusyError(RuntimeError):
+    """Another study holds the lock of the output folder."""
+
+
+#: The lock file every study holds in its output folder while it runs.
+LOCK_NAME = ".study.lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(out: Path):
+    """Hold an exclusive ``flock`` on ``out/.study.lock`` (with this PID in it) for the ``with`` block.
+
+    :raises StudyBusyError: another process holds it; the message names its PID.
+    """
+    path = out / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ValueError(f"out_dir: lock file {str(path)!r} cannot be opened ({err.strerror or err}); "
+                         "remove it if it is not a regular file") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise StudyBusyError(
+                f"out_dir {str(out)!r} is in use by PID {holder} (another study runs there); "
+                "wait for it to finish or choose another --out-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def row_seed(seed: int, name: str) -> int:
+    """The seed of study row ``name``: every random draw of the row comes from it.
+
+    Derived from the study's ``seed`` and the row's name only, so a row gets the
+    same draws whichever rows ran before it (a resumed study equals an
+    uninterrupted one).
+
+    Usage::
+
+        torch.Generator().manual_seed(row_seed(0, "jq4+act8"))
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +261,15 @@ def _row_logquant(ctx: RowContext, spec: RowSpec):
     """The log-quantized guide: started from the float guide, fine-tuned ``logquant_steps`` SVI steps."""
     cfg = ctx.cfg
     if "logquant" not in ctx.memo:
+        ctx.memo["logquant"] = _fit_logquant(ctx)
+    return ctx.memo["logquant"], {"scale_bits": cfg.logquant_bits}
+
+
+def _fit_logquant(ctx: RowContext):
+    """The log-quantized guide the ``logquant`` rows share, drawn from its own seed whichever row builds it."""
+    cfg = ctx.cfg
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(row_seed(cfg.seed, "logquant"))
         locs = {name: ctx.guide.get_loc_scale(name)[0].detach().clone() for name in ctx.guide.sites}
         lq = AutoLogQuantNormal(ctx.model, bits=cfg.logquant_bits, init_loc_fn=lambda site: locs[site["name"]],
                                 init_scale=cfg.init_scale)
@@ -214,8 +280,7 @@ def _row_logquant(ctx: RowContext, spec: RowSpec):
         fit_svi(ctx.model, lq, ctx.train, num_steps=cfg.logquant_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                 seed=cfg.seed + 1, checkpoint_dir=ctx.folder / f"logquant{cfg.logquant_bits}", checkpoint_every=100,
                 progress=cfg.progress)
-        ctx.memo["logquant"] = lq
-    return ctx.memo["logquant"], {"scale_bits": cfg.logquant_bits}
+    return lq
 
 
 def _row_pwfn(ctx: RowContext, spec: RowSpec):
@@ -271,8 +336,9 @@ ROW_BUILDERS: dict[str, Callable] = {
 def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, row_dir: Path, extra: dict):
     eval_model = model
     if spec.act_bits is not None:
-        calib = train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.calib_rows]]
-        eval_model = quantize_activations(model, spec.act_bits, guide=guide, data=calib)
+        seed = row_seed(cfg.seed, spec.name)
+        calib = train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: cfg.calib_rows]]
+        eval_model = quantize_activations(model, spec.act_bits, guide=guide, data=calib, seed=seed)
     t0 = time.time()
     record, details = evaluate_details(
         eval_model, guide, tests["mnist"], tests["fashion"], ambiguous_data=tests["ambiguous"],
@@ -339,8 +405,10 @@ def _run_rows(cfg: StudyConfig, todo: list, ctx: RowContext, tests, row_dir: Pat
     for spec in todo:
         bar.set_postfix(config=spec.name)
         try:
-            qguide, extra = ROW_BUILDERS[spec.family](ctx, spec)
-            row = _evaluate_row(cfg, spec, ctx.model, qguide, tests, ctx.train, row_dir, extra)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(row_seed(cfg.seed, spec.name))  # any draw not seeded explicitly
+                qguide, extra = ROW_BUILDERS[spec.family](ctx, spec)
+                row = _evaluate_row(cfg, spec, ctx.model, qguide, tests, ctx.train, row_dir, extra)
         except Exception as err:
             if not cfg.keep_going:
                 err.add_note(f"in study row {spec.name!r} (run with --keep-going to record the error and go on)")
@@ -348,7 +416,8 @@ def _run_rows(cfg: StudyConfig, todo: list, ctx: RowContext, tests, row_dir: Pat
             rows[spec.name] = _failed_row(spec, f"{type(err).__name__}: {err}")
             log.error("row %s failed: %s", spec.name, rows[spec.name]["error"])
         else:
-            _atomic_json(row_dir / f"{spec.name}.json", {"fingerprint": fp, "row": row})
+            record = {"fingerprint": fp, "row": row, "files": _row_file_digests(row_dir, spec.name)}
+            _atomic_json(row_dir / f"{spec.name}.json", record)
             rows[spec.name] = row
             log.info("%s: acc %.4f  AUROC(MI, Fashion) %.4f  AUROC(EE, Ambiguous) %.4f  %.2f bits/param",
                      spec.name, row["accuracy"], row["auroc_mi_fashion"], row["auroc_ee_ambiguous"],
@@ -358,13 +427,30 @@ def _run_rows(cfg: StudyConfig, todo: list, ctx: RowContext, tests, row_dir: Pat
     return rows
 
 
+#: The files of a study row besides its record ``<row>.json``.
+ROW_FILES = (".scores.bq", ".nc")
+
+
+def _row_file_digests(row_dir: Path, name: str) -> dict:
+    """``{file name: SHA-256 or None}`` of the files of row ``name``."""
+    return {f"{name}{suffix}": file_sha256("row file", row_dir / f"{name}{suffix}") for suffix in ROW_FILES}
+
+
 def _finished_rows(specs: list, row_dir: Path, fp: str) -> dict:
-    """``{name: record}`` of the rows an earlier run with the same settings finished."""
+    """``{name: record}`` of the rows an earlier run with the same settings finished.
+
+    The record ``<row>.json`` is written last and holds the settings' fingerprint
+    and the SHA-256 of each row file: a row counts as finished only when its
+    files are still those it recorded (a run with other settings that stopped
+    between two of the row's files leaves it unfinished).
+    """
     rows = {}
     for spec in specs:
         done = _read_json(row_dir / f"{spec.name}.json")
-        files_ok = (row_dir / f"{spec.name}.nc").is_file() and (row_dir / f"{spec.name}.scores.bq").is_file()
-        if done is not None and done.get("fingerprint") == fp and files_ok:
+        if not isinstance(done, dict) or done.get("fingerprint") != fp or "row" not in done:
+            continue
+        digests = _row_file_digests(row_dir, spec.name)
+        if None not in digests.values() and done.get("files") == digests:
             rows[spec.name] = done["row"]
     return rows
 
@@ -375,6 +461,12 @@ def _finished_rows(specs: list, row_dir: Path, fp: str) -> dict:
 def run_study(cfg: StudyConfig) -> StudyResult:
     """Run (or resume) the study described by ``cfg``; returns the rows and the files written.
 
+    The study holds an exclusive lock on ``out_dir`` (``out_dir/.study.lock``,
+    with its PID) while it runs; torch runs with ``cfg.threads`` threads
+    (restored afterwards).
+
+    :raises StudyBusyError: another study is running in ``out_dir``; nothing was written.
+
     Usage::
 
         result = run_study(StudyConfig(data_dir="data", out_dir="runs/study"))
@@ -383,11 +475,22 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     if not isinstance(cfg, StudyConfig):
         raise TypeError(f"cfg must be a StudyConfig, got {type(cfg).__name__}")
     out = check_out_dir("out_dir", cfg.out_dir)
+    threads = torch.get_num_threads()
+    with _folder_lock(out):
+        try:
+            torch.set_num_threads(cfg.num_threads)
+            return _run_locked(cfg, out)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _run_locked(cfg: StudyConfig, out: Path) -> StudyResult:
+    """The study in ``out``, whose lock this process holds."""
     check_out_dir("cache_dir", cfg.cache_path)
     fp = cfg.eval_fingerprint()
     train_dir = check_out_dir("out_dir", out / "train" / cfg.train_fingerprint())
     row_dir = check_out_dir("out_dir", out / "configs")
-    _atomic_json(out / "study_config.json", {"config": cfg.to_dict(), "fingerprint": fp})
+    _atomic_json(out / "study_config.json", {"config": cfg.to_dict(), "threads": cfg.num_threads, "fingerprint": fp})
 
     t_start = time.time()
     torch.manual_seed(cfg.seed)
