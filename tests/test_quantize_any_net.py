@@ -116,3 +116,19 @@ def test_quantize_save_load_and_predict(net, policy, tmp_path):
     pyro.set_rng_seed(5)
     theirs = Predictive(model, guide=loaded, num_samples=3, return_sites=["logits"])(x)["logits"]
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("net", ["resnet20", "batchnorm", "expose-subset"])
+def test_loading_into_a_model_with_other_deterministic_state_is_refused(net, tmp_path):
+    """The packed file holds the guide, not BatchNorm statistics or layers without a prior: a model whose
+    deterministic state differs would predict something else, so load_packed says so instead."""
+    model, guide, x = _trained(net)
+    path = tmp_path / "g.bq"
+    save_packed(quantize(guide, JQ(4)), path)
+    load_packed(path, model)  # the model it was saved with
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        tensor = next(t for t in other.state_dict().values() if t.is_floating_point())
+        tensor.add_(0.5)
+    with pytest.raises(ValueError, match="deterministic state"):
+        load_packed(path, other)

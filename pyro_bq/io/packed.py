@@ -35,6 +35,7 @@ configurations, stream lengths and padding): any problem is a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from pyro_bq.quant.quantizers import STATE_STREAMS, Quantizer, packed_types, qua
 
 from .container import CorruptFileError, read_container, write_container
 
-__all__ = ["save_packed", "load_packed", "pack_bits", "unpack_bits", "encode_guide", "KIND"]
+__all__ = ["save_packed", "load_packed", "model_state_digest", "pack_bits", "unpack_bits", "encode_guide", "KIND"]
 
 KIND = "packed-guide"
 _VERSION = 1
@@ -245,6 +246,30 @@ def _input_spec(guide) -> list:
     return [list(x.shape[1:]), str(x.dtype).replace("torch.", "")]
 
 
+def model_state_digest(model) -> Optional[str]:
+    """SHA-256 (hex) of ``model``'s deterministic state, or ``None`` if it has none.
+
+    The state is what the guide does not hold: the parameters without a prior
+    and the buffers (e.g. BatchNorm's affine parameters and running statistics),
+    by name, dtype, shape and bytes. A packed file records it, and
+    :func:`load_packed` refuses a model whose state differs, since the guide
+    alone would then predict something else.
+
+    Usage::
+
+        model_state_digest(model)  # None for a net whose every parameter has a prior
+    """
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
+    if not state:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_meta(guide) -> dict:
     """The JSON header of ``guide``'s packed file (cheap: no data is encoded)."""
     guide_base, quantizers = _guide_parts(guide)
@@ -270,8 +295,12 @@ def build_meta(guide) -> dict:
         sites.append([name, list(info.shape), int(info.event_dim), *items])
     with torch.no_grad():
         fused = guide.fused_loc_scale() is not None
-    return {"v": _VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
+    meta = {"v": _VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
             "sites": sites}
+    state = model_state_digest(guide.model)
+    if state is not None:
+        meta["state"] = state
+    return meta
 
 
 def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -401,6 +430,10 @@ def _check_header(path, meta, tensors) -> tuple[bool, list, str, list, list]:
     if not isinstance(fused, bool):
         raise bad(f"'fused' must be true or false, got {fused!r}")
     in_shape, in_dtype = _check_input(meta["input"], bad)
+    state = meta.get("state")
+    if state is not None and not (isinstance(state, str) and len(state) == 64
+                                  and all(c in "0123456789abcdef" for c in state)):
+        raise bad(f"'state' must be a SHA-256 hex digest, got {state!r}")
     for key, dtype in _STREAMS.items():
         t = tensors.get(key)
         if t is None:
@@ -611,6 +644,16 @@ def _model_sites(model, x: torch.Tensor, what: str) -> dict[str, tuple[list, int
     return {n: (list(i.shape), int(i.event_dim)) for n, i in probe.sites.items()}
 
 
+def _check_model_state(path, stored: Optional[str], model) -> None:
+    """Raise if ``model``'s deterministic state is not the one the file was saved with."""
+    if model_state_digest(model) != stored:
+        what = "has none" if stored is None else f"has SHA-256 {stored[:12]}..."
+        raise ValueError(
+            f"{path}: the model's deterministic state (parameters without a prior, buffers such as BatchNorm "
+            f"statistics) differs from the one the guide was saved with (the file {what}); load the trained "
+            "model's state_dict into the model first, or pass the model the guide was trained with")
+
+
 def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tensor] = None):
     """Read a file written by :func:`save_packed` into a guide for ``model``.
 
@@ -624,7 +667,8 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     :raises CorruptFileError: for a truncated, corrupted or foreign file, or
         a header that is not a valid packed-guide header (checked entry by entry).
     :raises TypeError: if ``model`` is not callable or ``example_input`` is not a tensor.
-    :raises ValueError: if the model cannot be traced on the input, or its sites differ from the file's.
+    :raises ValueError: if the model cannot be traced on the input, its sites differ from the file's,
+        or its deterministic state (e.g. BatchNorm statistics) differs from the saved model's.
 
     Usage::
 
@@ -653,6 +697,7 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     if stored != found:
         raise ValueError(f"{path}: the model's sites {{name: (shape, event_dim)}} {found} differ from the file's "
                          f"sites {stored}; pass the model the guide was trained for")
+    _check_model_state(path, meta.get("state"), model)
     base = PackedNormalBase(model, values)
     with _eval_mode(model):
         base.setup(x)
