@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 
@@ -131,7 +134,7 @@ def check_bool(name: str, value: Any) -> bool:
 
     :raises TypeError: naming ``name``.
     """
-    if not isinstance(value, (bool, _np_bool_types())):
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({_short(value)})")
     return bool(value)
 
@@ -160,9 +163,6 @@ def check_path(name: str, value: Any, *, must_exist: bool = False, kind: str | N
     :raises TypeError: for a value that is not ``str`` or ``os.PathLike``.
     :raises ValueError: for an empty path, a NUL character, or a missing/wrong kind of path.
     """
-    import os
-    from pathlib import Path
-
     if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__} ({_short(value)})")
     text = os.fspath(value)
@@ -295,15 +295,6 @@ def check_site_names(name: str, value: Any, known: Iterable[str], *, nonempty: b
     if len(set(items)) != len(items):
         raise ValueError(f"{name} names a site more than once: {items}")
     return items
-
-
-def _np_bool_types() -> tuple:
-    try:
-        import numpy as np
-
-        return (np.bool_,)
-    except ImportError:  # pragma: no cover
-        return ()
 
 
 def _short(value: Any) -> str:

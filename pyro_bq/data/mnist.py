@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 
 from pyro_bq._validation import check_bool, check_int
 
@@ -91,8 +92,6 @@ def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: 
     img_stem, lbl_stem, count = _FILES[train]
     img_path, lbl_path = _find(raw, img_stem), _find(raw, lbl_stem)
     if (img_path is None or lbl_path is None) and download:
-        import torchvision.datasets as tvd
-
         getattr(tvd, _TORCHVISION[name])(str(base), train=train, download=True)
         img_path, lbl_path = _find(raw, img_stem), _find(raw, lbl_stem)
     if img_path is None or lbl_path is None:

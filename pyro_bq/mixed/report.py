@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from pyro_bq._validation import check_choice, check_int
 from pyro_bq.guides.quantized import quantize
@@ -70,14 +72,11 @@ def plot_bits(allocs, path=None, *, title: str = "bits per layer"):
 
     Returns the matplotlib figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     allocs = _check_allocs(allocs)
     sites = list(dict.fromkeys(s for a in allocs.values() for s in a))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sites) + 2), 4))
+    fig = Figure(figsize=(max(6, 0.7 * len(sites) + 2), 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     width = 0.8 / len(allocs)
     for i, (label, a) in enumerate(allocs.items()):
         per = a.layer_bits()
@@ -91,7 +90,6 @@ def plot_bits(allocs, path=None, *, title: str = "bits per layer"):
     fig.tight_layout()
     if path is not None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-        plt.close(fig)
     return fig
 
 
