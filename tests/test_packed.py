@@ -13,7 +13,9 @@ from pyro.infer import Predictive
 
 from pyro_bq.guides import AutoLogQuantNormal, quantize
 from pyro_bq.io import CorruptFileError, load_packed, memory_report, pack_bits, save_packed, unpack_bits
-from pyro_bq.quant import JQ, SPQ, VPQ, CodebookQuantizer, FloatPolicy, Log2Quantizer, UniformQuantizer
+from pyro_bq.io.container import read_container, write_container
+from pyro_bq.io.packed import KIND
+from pyro_bq.quant import JQ, SPQ, VPQ, CodebookQuantizer, FloatPolicy, IntervalQuantizer, Log2Quantizer, UniformQuantizer
 
 
 @settings(max_examples=60, deadline=None)
@@ -266,3 +268,21 @@ def test_pack_bits_takes_the_widths_a_packed_file_stores(bits):
         pack_bits(np.array([0, 1]), bits)
     with pytest.raises(ValueError, match="bits"):
         unpack_bits(np.zeros(8, dtype=np.uint8), 2, bits)
+
+
+@pytest.mark.parametrize("old", ["percentile-interval", "interval"])
+def test_files_of_the_earlier_interval_types_still_load(old, tmp_path):
+    """Files written when the percentile and the fixed interval were two packed types load unchanged."""
+    model, guide, x = _setup()
+    template = IntervalQuantizer(3) if old == "percentile-interval" else IntervalQuantizer(3, interval=(-0.2, 0.2))
+    q = quantize(guide, VPQ(4, site_quantizers={"net.1.weight": {"loc": template}}))
+    path = tmp_path / "g.bq"
+    save_packed(q, path)
+    meta, tensors = read_container(path, KIND)
+    for i, cfg in enumerate(meta["cfgs"]):
+        if cfg["type"] == "interval":
+            meta["cfgs"][i] = ({"type": "percentile-interval", "low": 5.0, "high": 95.0}
+                               if old == "percentile-interval" else {"type": "interval"})
+    write_container(path, KIND, meta, tensors)
+    loaded = load_packed(path, model)
+    assert torch.equal(_predict(model, q, x), _predict(model, loaded, x))

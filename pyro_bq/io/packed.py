@@ -478,10 +478,24 @@ def _check_input_size(path, in_shape: list, in_dtype: str, tensors: dict) -> Non
         )
 
 
+def _upgrade_cfg(cfg):
+    """A configuration of an earlier writer in today's form: the fixed-interval and the
+    percentile-interval quantizers were two packed types with the same state (the interval)."""
+    if not isinstance(cfg, dict):
+        return cfg
+    if cfg.get("type") == "interval" and "percentiles" not in cfg:
+        return {**cfg, "percentiles": None}
+    if cfg.get("type") == "percentile-interval" and set(cfg) == {"type", "low", "high"}:
+        return {"type": "interval", "percentiles": [cfg["low"], cfg["high"]]}
+    return cfg
+
+
 def _check_cfgs(cfgs, bad) -> list[type]:
-    """The quantizer class of each configuration of the header, each checked by its constructor."""
+    """The quantizer class of each configuration of the header (upgraded in place from an
+    earlier writer's form), each checked by its constructor."""
     if not isinstance(cfgs, list):
         raise bad(f"'cfgs' must be a list of quantizer configurations, got {type(cfgs).__name__}")
+    cfgs[:] = [_upgrade_cfg(cfg) for cfg in cfgs]
     classes = []
     for i, cfg in enumerate(cfgs):
         cls = _registered(cfg.get("type")) if isinstance(cfg, dict) else None
