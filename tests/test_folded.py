@@ -160,6 +160,13 @@ def test_auto_strategy_follows_the_network():
     assert prediction.auto_strategy(model, guide.sample_latents(3), x) == "vmap"
 
 
+def test_auto_strategy_runs_convolutions_on_cpu_as_a_loop():
+    model, draws, x, out = _auto_run(*AUTO_CASES["lenet"])
+    assert prediction.auto_strategy(model, draws, x) == "loop"
+    with torch.no_grad():
+        assert torch.equal(out, batched_forward(model, draws, x, strategy="loop"))
+
+
 _CHILD = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -177,7 +184,7 @@ def test_auto_strategy_and_its_results_are_the_same_in_another_process(case):
     code = _CHILD.format(tests=str(Path(__file__).resolve().parent), threads=torch.get_num_threads(), case=case)
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     strategy, bits = child.stdout.split()
-    assert strategy == prediction.auto_strategy(model, draws, x) == "folded"
+    assert strategy == prediction.auto_strategy(model, draws, x) == {"mlp": "folded", "lenet": "loop"}[case]
     assert bits == out.numpy().tobytes().hex()
 
 

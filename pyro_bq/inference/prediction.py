@@ -116,10 +116,12 @@ _WAYS = {"folded": _folded, "vmap": _vmap, "loop": _loop}
 _NO_BATCHING_RULE = "Batching rule not implemented"
 
 
-def _choose(model, net, num_samples: int) -> str:
+def _choose(model, net, num_samples: int, device: torch.device) -> str:
     """The rule of :func:`auto_strategy` for the parameter-free network ``net`` of ``model``."""
     if num_samples == 1:
         return "loop"
+    if device.type == "cpu" and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in net.modules()):
+        return "loop"  # grouped convolutions run slower on CPU than one ordinary pass per draw
     if _folded_net(model, net) is not None:
         return "folded"
     return "loop" if _memo(model, "auto").get("vmap_fails") else "vmap"
@@ -130,7 +132,9 @@ def auto_strategy(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -
 
     A rule on the network and the number of samples, never a timing, so a
     seeded run gives the same numbers on every run and in every process:
-    ``"loop"`` for one sample; else ``"folded"`` where the network folds, else
+    ``"loop"`` for one sample, and on CPU for a network with convolutions
+    (folded into grouped convolutions, a LeNet-5 with 20 draws of 500 inputs
+    took 1.3 s against 0.7 s for the loop on 2 cores); else ``"folded"`` where the network folds, else
     ``"vmap"``, else ``"loop"`` (a network that ``vmap`` was found unable to
     batch, e.g. one with a Bayesian LSTM). Whether a network folds and
     batches is learnt on its first call and kept per model.
@@ -143,19 +147,21 @@ def auto_strategy(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -
     if not callable(getattr(model, "functional_net", None)):
         raise TypeError(f"model must be a pyro_bq BayesianModel (with functional_net), got {type(model).__name__}")
     net, sampled, _ = model.functional_net(samples, x)
-    return _choose(model, net, next(iter(sampled.values())).shape[0])
+    first = next(iter(sampled.values()))
+    return _choose(model, net, first.shape[0], first.device)
 
 
 def _auto(model, net, sampled, shared, x):
     """The strategy :func:`auto_strategy` names; falls to the next where the network turns out, at run
     time, not to fold or not to batch, and records that for the model."""
-    num = next(iter(sampled.values())).shape[0]
-    chosen = _choose(model, net, num)
+    first = next(iter(sampled.values()))
+    num, device = first.shape[0], first.device
+    chosen = _choose(model, net, num, device)
     if chosen == "folded":
         out = _folded_or_none(model, net, sampled, shared, x)
         if out is not None:
             return out
-        chosen = _choose(model, net, num)
+        chosen = _choose(model, net, num, device)
     if chosen == "vmap":
         try:
             return _vmap(model, net, sampled, shared, x)
