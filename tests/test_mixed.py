@@ -597,7 +597,7 @@ def _item(fn):
     ("gaussian-lloyd", _set("max_iter", "9"), "max_iter"),
     ("gaussian-lloyd", _drop("max_iter"), "keys"),
     ("interval", _set("lo", 0.0), "keys"),
-    ("interval", _drop("percentiles"), "keys"),
+    ("interval", _set("high", 95.0), "keys"),  # {"type": "interval"} alone is the earlier fixed-interval form
     ("interval", _set("percentiles", [200.0, 95.0]), "percentiles"),
     ("interval", _set("percentiles", [99.0, 5.0]), "low < high"),
     ("interval", _set("percentiles", "5-95"), "percentiles"),
