@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
