@@ -128,7 +128,7 @@ class PretrainedNormal(Prior):
         self._state = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def distribution(self, module, module_name, param_name, param):
-        key = f"{module_name}.{param_name}" if module_name else param_name
+        key = _qualified(module_name, param_name)
         if key not in self._state:
             raise ValueError(
                 f"PretrainedNormal: the pretrained net has no parameter {key!r}; "
@@ -151,6 +151,11 @@ def default_expose(module_name: str, param_name: str, module: Optional[nn.Module
     return isinstance(module, WEIGHT_LAYERS) and param_name in ("weight", "bias")
 
 
+def _qualified(module_name: str, param_name: str) -> str:
+    """The dotted name of a parameter (``param_name`` alone in the root module)."""
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
 def _candidate_params(net: nn.Module):
     for module_name, module in net.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -169,11 +174,11 @@ def _expose_predicate(net: nn.Module, expose) -> Callable:
             f"of parameter names, got {type(expose).__name__}"
         )
     wanted = set(expose)
-    known = {f"{m}.{p}" if m else p for m, _, p, _ in _candidate_params(net)}
+    known = {_qualified(m, p) for m, _, p, _ in _candidate_params(net)}
     unknown = sorted(wanted - known)
     if unknown:
         raise ValueError(f"expose names unknown parameters {unknown}; known parameters are {sorted(known)}")
-    return lambda m, p, module: (f"{m}.{p}" if m else p) in wanted
+    return lambda m, p, module: _qualified(m, p) in wanted
 
 
 def _prior_of(prior: Prior, module: nn.Module, module_name: str, param_name: str, param: torch.Tensor):
@@ -238,7 +243,7 @@ def bq_priors(
     if not selected:
         raise ValueError(
             "expose selected no parameter of net; names look like "
-            f"{[f'{m}.{p}' if m else p for m, _, p, _ in list(_candidate_params(new))[:4]]}"
+            f"{[_qualified(m, p) for m, _, p, _ in list(_candidate_params(new))[:4]]}"
         )
     to_pyro_module_(new)
     modules = dict(new.named_modules())
@@ -249,5 +254,5 @@ def bq_priors(
 
 def prior_sites(net: PyroModule) -> list[str]:
     """Names (relative to ``net``) of the parameters that carry a prior."""
-    return [f"{module_name}.{param_name}" if module_name else param_name
+    return [_qualified(module_name, param_name)
             for module_name, module in net.named_modules() for param_name in getattr(module, "_pyro_samples", {})]
