@@ -425,7 +425,13 @@ class DataParallel(SingleProcess):
                 fn()
             except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
                 error = err
-        if not self.all_ok(error is None, what):
+        try:
+            ok = self.all_ok(error is None, what)
+        except DistributedError:
+            if error is not None:  # rank 0's own failure first; the collective's is its __context__
+                raise error
+            raise
+        if not ok:
             if error is not None:
                 raise error
             raise DistributedError(f"rank {self.rank}: rank 0 failed to write {what}")

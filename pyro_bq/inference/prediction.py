@@ -60,6 +60,11 @@ def _memo(model, name: str) -> dict:
     return _MEMOS.setdefault(model, {}).setdefault(name, {})
 
 
+def _check_model(model) -> None:
+    if not callable(getattr(model, "functional_net", None)):
+        raise TypeError(f"model must be a pyro_bq BayesianModel (with functional_net), got {type(model).__name__}")
+
+
 def as_inputs(name: str, x) -> torch.Tensor:
     """``x`` checked as inputs ``(N, ...)``: a floating-point tensor, or a dataset's ``.x`` tensor.
 
@@ -144,8 +149,7 @@ def auto_strategy(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -
         logits = batched_forward(model, draws, x)
         auto_strategy(model, draws, x)      # e.g. "folded": record it next to the results
     """
-    if not callable(getattr(model, "functional_net", None)):
-        raise TypeError(f"model must be a pyro_bq BayesianModel (with functional_net), got {type(model).__name__}")
+    _check_model(model)
     net, sampled, _ = model.functional_net(samples, x)
     first = next(iter(sampled.values()))
     return _choose(model, net, first.shape[0], first.device)
@@ -205,8 +209,7 @@ def batched_forward(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor,
 
         logits = batched_forward(model, guide.sample_latents(16), x)   # (16, N, C)
     """
-    if not callable(getattr(model, "functional_net", None)):
-        raise TypeError(f"model must be a pyro_bq BayesianModel (with functional_net), got {type(model).__name__}")
+    _check_model(model)
     check_choice("strategy", strategy, STRATEGIES)
     net, sampled, shared = model.functional_net(samples, x)
     if strategy == "folded" and _folded_net(model, net) is None:
@@ -335,8 +338,7 @@ def predict_batched(
         logits = predict_batched(model, guide, x_test, num_samples=32)   # (32, N, C)
         probs = logits.softmax(-1).mean(0)
     """
-    if not callable(getattr(model, "functional_net", None)):
-        raise TypeError(f"model must be a pyro_bq BayesianModel (with functional_net), got {type(model).__name__}")
+    _check_model(model)
     x = as_inputs("x", x)
     max_bytes = check_int("max_bytes", max_bytes, low=1)
     batch_size = None if batch_size is None else check_int("batch_size", batch_size, low=1)
