@@ -16,6 +16,7 @@ import torch
 
 from pyro_bq._validation import check_bool, check_float, check_int
 from pyro_bq.data.ambiguous import AmbiguousConfig
+from pyro_bq.io.container import writable_folder
 from pyro_bq.quant.grids import MAX_BITS, check_bits
 
 __all__ = [
@@ -48,13 +49,7 @@ def check_out_dir(name: str, path) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} exists and is not a folder; choose a writable folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{name} {str(path)!r} cannot be created ({err.strerror or err}); choose a writable folder") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {str(path)!r} is not writable; choose a writable folder")
-    return path
+    return writable_folder(name, path)
 
 
 def file_sha256(name: str, path) -> Optional[str]:
