@@ -85,17 +85,38 @@ def test_a_study_on_a_locked_folder_stops_at_once_and_writes_nothing(reference, 
     assert study_main(["--data-dir", str(data_root), "--out-dir", str(reference), *TINY]) == 0
 
 
+_HELD_STUDY = """
+import pathlib, sys, time
+from pyro_bq.study import cli, runner
+release, build = pathlib.Path(sys.argv[1]), runner.ROW_BUILDERS["jq"]
+
+def held(ctx, spec):  # the first quantized row waits until the test lets it go
+    while not release.exists():
+        time.sleep(0.02)
+    return build(ctx, spec)
+
+runner.ROW_BUILDERS["jq"] = held
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_two_studies_started_together_one_runs_the_other_is_refused(reference, data_root, tmp_path):
     out = tmp_path / "shared"
     guide = next((reference / "train").glob("*/guide.bq"))
-    cmd = [sys.executable, "-m", "pyro_bq.study", "--data-dir", str(data_root), "--out-dir", str(out), *TINY,
-           "--policies", "jq", "--cache-dir", str(reference / "cache"), "--checkpoint", str(guide), "-q"]
+    args = ["--data-dir", str(data_root), "--out-dir", str(out), *TINY,
+            "--policies", "jq", "--cache-dir", str(reference / "cache"), "--checkpoint", str(guide), "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    release = tmp_path / "release"
+    first = subprocess.Popen([sys.executable, "-c", _HELD_STUDY, str(release), *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = out / ".study.lock"
     while first.poll() is None and not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
         time.sleep(0.01)
-    second = subprocess.run(cmd[:-1] + ["--num-samples", "5", "-q"], env=env, capture_output=True, text=True)
+    try:
+        second = subprocess.run([sys.executable, "-m", "pyro_bq.study", *args[:-1], "--num-samples", "5", "-q"],
+                                env=env, capture_output=True, text=True)
+    finally:
+        release.touch()
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert second.returncode == 1
     assert f"is in use by PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
