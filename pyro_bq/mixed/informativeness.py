@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Iterable, Optional, Union
 
 import torch
@@ -48,22 +47,14 @@ __all__ = [
     "BitAllocation",
     "check_candidate_bits",
     "check_target",
+    "decode_metadata_bits",
+    "layer_groups",
+    "grouped_params",
+    "TRAINING_LABELS",
 ]
 
-
-@contextmanager
-def single_thread():
-    """Run a block with one intra-op thread, then restore the setting.
-
-    The allocators are many small tensor operations; on a shared, loaded
-    machine two intra-op threads made them 30-100x slower than one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+#: what an allocator learns from: ``"data-free"`` (only the posterior) or ``"trained"`` (it trains on data)
+TRAINING_LABELS = ("data-free", "trained")
 
 
 def posterior_params(posterior, sites: Optional[Iterable[str]] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -313,7 +304,16 @@ class BitAllocation(dict):
     takes per-site bits. Extra attributes:
 
     * ``method``: e.g. ``"QIU"``, ``"QINU"``, ``"RB"``, ``"SMOL"``;
-    * ``mean_bits``: mean bits per weight weighted by site size (Eq. 8);
+    * ``code_bits``: mean bits per weight of the weights' own codes, weighted
+      by site size (Eq. 8); ``mean_bits`` is the same number;
+    * ``storage_bits``: bits per weight of everything a packed file needs to
+      decode the quantized means: the codes, a 4-bit width per weight where a
+      site has per-weight widths (the file's bit map), and each site's grid
+      data (interval, scale or codebook), as
+      :func:`~pyro_bq.io.memory_report` counts them; ``None`` when the grid
+      data was not given (``metadata_bits``);
+    * ``training``: ``"data-free"`` (the allocator reads only the posterior:
+      Quantile Inform, Random Bits) or ``"trained"`` (it trains on data: SMOL);
     * ``sizes``: weights per site;
     * ``grid``: the name of the grid the allocator quantizes each site's means
       on (``"uniform-percentile"``, ``"gaussian-lloyd"``, ``"uniform-interval"``, ``"signed"``);
@@ -333,6 +333,9 @@ class BitAllocation(dict):
     :param grid: the name of the grid the allocator expects.
     :param info: method-specific details (a dict or None).
     :param site_quantizers: ``{site: {"loc": Quantizer}}`` for sites of ``bits``, or None.
+    :param training: ``"data-free"`` or ``"trained"``.
+    :param metadata_bits: ``{site: bits}``, the grid data each site's means need
+        in a packed file (:func:`decode_metadata_bits`), or None.
     :raises TypeError: for a ``bits``/``sizes``/``info``/``site_quantizers`` of
         the wrong type or a width that is not an int.
     :raises ValueError: for widths outside ``[1, 16]``, sizes below 1, or
@@ -341,12 +344,13 @@ class BitAllocation(dict):
     Usage::
 
         alloc = quantile_inform(guide, 3.2)
-        alloc["net.fc1.weight"], alloc.mean_bits
+        alloc["net.fc1.weight"], alloc.code_bits, alloc.storage_bits, alloc.training
         qguide = quantize(guide, VPQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
     """
 
     def __init__(self, bits, *, method: str, sizes: Mapping[str, int], grid: str, info: Optional[dict] = None,
-                 site_quantizers: Optional[Mapping[str, Mapping[str, Quantizer]]] = None):
+                 site_quantizers: Optional[Mapping[str, Mapping[str, Quantizer]]] = None,
+                 training: str = "data-free", metadata_bits: Optional[Mapping[str, int]] = None):
         if not isinstance(bits, Mapping):
             raise TypeError(f"bits must be a mapping {{site_name: bits}}, got {type(bits).__name__}")
         sizes = _check_sizes(sizes)
@@ -361,8 +365,16 @@ class BitAllocation(dict):
         self.sizes = sizes
         self.grid = check_str("grid", grid)
         self.info = dict(info or {})
-        self.mean_bits = total / sum(sizes.values())
+        count = sum(sizes.values())
+        self.code_bits = total / count
+        self.mean_bits = self.code_bits
         self.site_quantizers = _check_site_quantizers(site_quantizers or {}, bits)
+        self.training = check_choice("training", training, TRAINING_LABELS)
+        self.metadata_bits = None if metadata_bits is None else _check_metadata_bits(metadata_bits, bits)
+        self.storage_bits = None
+        if self.metadata_bits is not None:
+            bitmap = sum(4 * sizes[n] for n, b in bits.items() if isinstance(b, torch.Tensor))
+            self.storage_bits = (total + bitmap + sum(self.metadata_bits.values())) / count
 
     @property
     def site_bits(self) -> dict[str, dict]:
@@ -374,7 +386,40 @@ class BitAllocation(dict):
         return {k: (float(v.double().mean()) if isinstance(v, torch.Tensor) else float(v)) for k, v in self.items()}
 
     def __repr__(self) -> str:
-        return f"BitAllocation({self.method}, mean_bits={self.mean_bits:.3f}, sites={len(self)})"
+        storage = "None" if self.storage_bits is None else f"{self.storage_bits:.3f}"
+        return (f"BitAllocation({self.method}, code_bits={self.code_bits:.3f}, storage_bits={storage}, "
+                f"{self.training}, sites={len(self)})")
+
+
+def _check_metadata_bits(value, bits: Mapping) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"metadata_bits must be a mapping {{site: bits}}, got {type(value).__name__}")
+    _check_same_sites(value, bits)
+    out = {}
+    for name, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"metadata_bits[{name!r}] must be an int >= 0, got {v!r}")
+        out[name] = int(v)
+    return out
+
+
+def decode_metadata_bits(site_quantizers: Mapping, bits: Mapping, locs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Bits of grid data (interval, scale, codebook) a packed file holds to decode each site's means.
+
+    Each template of ``site_quantizers[site]["loc"]`` is set to the site's
+    width, calibrated on ``locs[site]`` and asked for its
+    :meth:`~pyro_bq.quant.Quantizer.metadata_bits`, the count
+    :func:`~pyro_bq.io.memory_report` uses.
+
+    Usage::
+
+        meta = decode_metadata_bits(alloc.site_quantizers, alloc, {n: loc for n, (loc, _) in params.items()})
+    """
+    out = {}
+    for name, b in bits.items():
+        template = site_quantizers[name]["loc"]
+        out[name] = int(template.with_bits(b).calibrate(locs[name]).metadata_bits())
+    return out
 
 
 def _check_site_quantizers(value, bits: Mapping) -> dict:
@@ -410,3 +455,38 @@ def check_target(target_mean_bits, candidates: list[int]) -> float:
             f"target_mean_bits must lie within the candidate range [{candidates[0]}, {candidates[-1]}], got {g}"
         )
     return g
+
+
+def layer_groups(names: Iterable[str], layers: str = "site") -> dict[str, list[str]]:
+    """What one "layer" of the allocators is: ``{layer name: [site names]}``.
+
+    ``layers="site"``: every Pyro site is a layer of its own (a network
+    layer's weight and bias get separate widths and grids).
+    ``layers="module"``: the sites of one module (the site name without its
+    last dotted part, e.g. ``net.fc1`` for ``net.fc1.weight`` and
+    ``net.fc1.bias``) form one layer, as the paper's layer ``l_j`` is the set
+    of a network layer's weights: one width and one grid for them all.
+
+    Usage::
+
+        layer_groups(["net.fc1.weight", "net.fc1.bias"], "module")   # {"net.fc1": [both]}
+    """
+    check_choice("layers", layers, ("site", "module"))
+    names = list(names)
+    if layers == "site":
+        return {n: [n] for n in names}
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
+    return groups
+
+
+def grouped_params(params: Mapping[str, tuple[torch.Tensor, torch.Tensor]], groups: Mapping[str, list[str]]) -> "_Params":
+    """``{layer: (loc, scale)}``: each layer's sites' means and scales, flattened and joined (internal)."""
+    out = _Params()
+    for g, members in groups.items():
+        if len(members) == 1 and members[0] == g:
+            out[g] = params[g]
+        else:
+            out[g] = tuple(torch.cat([params[m][i].flatten() for m in members]) for i in (0, 1))
+    return out

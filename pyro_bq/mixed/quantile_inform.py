@@ -54,19 +54,23 @@ from typing import Iterable
 
 import torch
 
-from pyro_bq._validation import check_choice
+from pyro_bq._validation import check_bool, check_choice
+from pyro_bq.quant.grids import percentile_range, widen_empty
 from pyro_bq.quant.quantizers import GaussianLloydQuantizer, IntervalQuantizer
 
 from .informativeness import (
     BitAllocation,
     check_candidate_bits,
     check_target,
+    decode_metadata_bits,
+    grouped_params,
+    layer_groups,
     layer_informativeness,
     normalized_informativeness,
-    single_thread,
     site_sizes,
     validated,
 )
+from .report import accuracy_at_means
 
 __all__ = ["quantile_inform", "bits_for_scale", "quantize_means"]
 
@@ -93,42 +97,104 @@ def quantile_inform(
     aggregate: str = "mean",
     grid: str = "uniform",
     mode: str = "nearest",
+    clip: bool = True,
+    layers: str = "site",
+    validation=None,
     sites=None,
 ) -> BitAllocation:
-    """Allocate per-site widths whose size-weighted mean is as close as possible to the target.
+    """Allocate per-layer widths from the layers' informativeness at a target mean bit-width.
 
     :param posterior: a trained pyro_bq guide or ``{site: (loc, scale)}``.
     :param target_mean_bits: target mean bits per weight (``gamma``), within the candidate range.
-    :param candidate_bits: allowed widths.
+    :param candidate_bits: allowed widths (ints from 1 to 16).
     :param aggregate: ``"mean"`` (Eq. 2) or ``"entropy"`` (Eq. 15).
     :param grid: ``"uniform"`` (QIU) or ``"gaussian"`` (QINU); recorded in the result.
-    :param mode: ``"nearest"`` (mean bits closest to the target) or ``"at_most"``
-        (the largest mean bits not above it).
+    :param mode: without ``validation``: ``"nearest"`` (mean bits closest to the
+        target) or ``"at_most"`` (the largest mean bits not above it).
+    :param clip: QIU only: ``True`` spans the uniform grid from the 5th to the
+        95th percentile of the layer's means (the paper's grid; the means
+        outside are clamped), ``False`` from their minimum to their maximum.
+    :param layers: ``"site"`` (every Pyro site is a layer) or ``"module"`` (a
+        module's weight and bias form one layer: one width, and for QIU one
+        interval, for both; see :func:`~pyro_bq.mixed.informativeness.layer_groups`).
+        The result is keyed by site name either way.
+    :param validation: ``None``, or a ``(model, dataset)`` pair: the paper's
+        Step 4. Every distinct threshold trial whose mean bits do not exceed
+        the target is tried, and the one whose deterministic network at the
+        quantized means is most accurate on ``dataset`` is kept (ties: the
+        mean bits nearest the target). ``dataset`` must be held-out *training*
+        examples, never the test set.
     :returns: a :class:`BitAllocation` (``info`` holds the scale factor, the
-        normalised informativeness and the achievable mean bits; ``site_quantizers``
-        the grid of the means).
+        normalised informativeness, the achievable mean bits and, with
+        ``validation``, ``validation_trials``: ``(mean bits, accuracy)`` of
+        every trial; ``site_quantizers`` the grid of the means).
     :raises ValueError: for an empty candidate set, a target outside the
         candidate range, a non-positive sigma, or an unknown option.
+    :raises TypeError: for a ``validation`` that is not a ``(model, dataset)`` pair.
+
+    Usage::
+
+        alloc = quantile_inform(guide, 3.2, layers="module", validation=(model, held_out_train))
     """
-    with single_thread():
-        return _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, grid, mode, sites)
-
-
-def _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, grid, mode, sites) -> BitAllocation:
     candidates = check_candidate_bits(candidate_bits)
     gamma = check_target(target_mean_bits, candidates)
     check_choice("grid", grid, tuple(_GRIDS))
     check_choice("mode", mode, ("nearest", "at_most"))
+    check_bool("clip", clip)
+    if validation is not None and not (isinstance(validation, (tuple, list)) and len(validation) == 2
+                                       and hasattr(validation[1], "x") and hasattr(validation[1], "y")):
+        raise TypeError("validation must be None or a (model, dataset) pair, the dataset held-out training "
+                        f"examples with .x and .y; got {type(validation).__name__}")
     params = validated(posterior, sites)
-    sizes = site_sizes(params)
-    raw = layer_informativeness(params, aggregate=aggregate)
+    groups = layer_groups(params, layers)
+    layer_params = grouped_params(params, groups)
+    sizes = site_sizes(layer_params)
+    raw = layer_informativeness(layer_params, aggregate=aggregate)
     norm = normalized_informativeness(raw)
-    names = list(params)
+    names = list(layer_params)
     info = torch.tensor([norm[n] for n in names], dtype=torch.float64)
     size = torch.tensor([sizes[n] for n in names], dtype=torch.float64)
     cand = torch.tensor(candidates, dtype=torch.float64)
-    k = len(candidates)
+    scales, bits, means = _trials(info, size, cand)
+    method, grid_name, _ = _GRIDS[grid]
+    if grid == "uniform" and not clip:
+        method, grid_name = "QIU-minmax", "uniform-minmax"
+    make = _grid_maker(grid, clip, params, groups)
+    trials = None
+    if validation is None:
+        best = _by_target(means, gamma, mode)
+    else:
+        all_locs = {n: loc for n, (loc, _) in validated(posterior).items()}
+        best, trials = _by_validation(means, bits, gamma, validation, params, all_locs, groups, names, make)
+    chosen = {s: int(b) for g, b in zip(names, bits[best].tolist()) for s in groups[g]}
+    site_quantizers = {s: {"loc": make(s, b)} for s, b in chosen.items()}
+    locs = {s: params[s][0] for s in chosen}
+    extra = {} if trials is None else {"validation_trials": trials}
+    return BitAllocation(
+        chosen,
+        method=method,
+        sizes=site_sizes(params),
+        grid=grid_name,
+        site_quantizers=site_quantizers,
+        training="data-free",
+        metadata_bits=decode_metadata_bits(site_quantizers, chosen, locs),
+        info={
+            "scale": float(scales[best]),
+            "target": gamma,
+            "aggregate": aggregate,
+            "layers": layers,
+            "clip": clip,
+            "layer_informativeness": raw,
+            "normalized_informativeness": norm,
+            "achievable_mean_bits": sorted(set(round(float(m), 6) for m in means)),
+            **extra,
+        },
+    )
 
+
+def _trials(info, size, cand):
+    """Every distinct step of the widths as a function of the scale factor: ``(scales, bits (M, N), means (M,))``."""
+    k = cand.numel()
     # breakpoints of the step function, and just above each one, plus "all minimum"
     ks = torch.arange(1, k, dtype=torch.float64)
     bp = (info.reshape(-1, 1) * k / ks.reshape(1, -1)).flatten()
@@ -136,33 +202,57 @@ def _quantile_inform(posterior, target_mean_bits, candidate_bits, aggregate, gri
     scales = torch.cat([bp, bp * (1 + 1e-9), torch.tensor([float(k) + 1.0])]) if bp.numel() else torch.tensor([1.0])
     bits = bits_for_scale(info, cand, scales)  # (M, N)
     means = (bits * size).sum(-1) / size.sum()
+    return scales, bits, means
+
+
+def _by_target(means, gamma, mode) -> int:
     if mode == "nearest":
         gap = (means - gamma).abs()
         # ties: prefer the allocation not above the target, then the smaller scale
-        best = int(torch.argmin(gap + 1e-12 * (means > gamma + 1e-12)))
-    else:
-        ok = means <= gamma + 1e-12
-        if not bool(ok.any()):
-            best = int(torch.argmin(means))
-        else:
-            best = int(torch.argmax(torch.where(ok, means, torch.full_like(means, -1.0))))
-    chosen = {n: int(b) for n, b in zip(names, bits[best].tolist())}
-    method, grid_name, quantizer = _GRIDS[grid]
-    return BitAllocation(
-        chosen,
-        method=method,
-        sizes=sizes,
-        grid=grid_name,
-        site_quantizers={n: {"loc": quantizer(b)} for n, b in chosen.items()},
-        info={
-            "scale": float(scales[best]),
-            "target": gamma,
-            "aggregate": aggregate,
-            "layer_informativeness": raw,
-            "normalized_informativeness": norm,
-            "achievable_mean_bits": sorted(set(round(float(m), 6) for m in means)),
-        },
-    )
+        return int(torch.argmin(gap + 1e-12 * (means > gamma + 1e-12)))
+    ok = means <= gamma + 1e-12
+    if not bool(ok.any()):
+        return int(torch.argmin(means))
+    return int(torch.argmax(torch.where(ok, means, torch.full_like(means, -1.0))))
+
+
+def _grid_maker(grid, clip, params, groups):
+    """``make(site, bits)``: the quantizer template of a site's means."""
+    _, _, quantizer = _GRIDS[grid]
+    pct = (5.0, 95.0) if clip else (0.0, 100.0)
+    if grid != "uniform":
+        return lambda site, b: quantizer(b)
+    interval = {}
+    for g, members in groups.items():
+        if len(members) > 1:  # one interval for the whole layer, from all its means
+            flat = torch.cat([params[m][0].flatten() for m in members]).reshape(1, -1).double()
+            lo, hi = widen_empty(*percentile_range(flat, *pct))
+            interval.update({m: (float(lo[0]), float(hi[0])) for m in members})
+    return lambda site, b: (IntervalQuantizer(b, interval=interval[site]) if site in interval
+                            else IntervalQuantizer(b, percentiles=pct))
+
+
+def _by_validation(means, bits, gamma, validation, params, all_locs, groups, names, make):
+    """The paper's Step 4: the trial not above ``gamma`` whose network at the quantized means is most accurate
+    on the validation data; returns ``(index, [(mean bits, accuracy), ...])``."""
+    model, data = validation
+    ok = torch.nonzero(means <= gamma + 1e-12).flatten().tolist() or [int(torch.argmin(means))]
+    seen, trials, best, best_key = set(), [], None, None
+    for i in ok:
+        key = tuple(bits[i].tolist())
+        if key in seen:
+            continue
+        seen.add(key)
+        widths = {s: int(b) for g, b in zip(names, key) for s in groups[g]}
+        locs = dict(all_locs)
+        for s, b in widths.items():
+            locs[s] = make(s, b).calibrate(params[s][0]).quantize(params[s][0])
+        acc = accuracy_at_means(model, locs, data)
+        trials.append((float(means[i]), acc))
+        rank = (acc, -abs(float(means[i]) - gamma))
+        if best_key is None or rank > best_key:
+            best, best_key = i, rank
+    return best, trials
 
 
 def quantize_means(posterior, allocation: BitAllocation) -> dict:

@@ -65,7 +65,16 @@ from pyro_bq._validation import check_choice, check_float, check_int, check_posi
 from pyro_bq.quant.grids import interval_grid, minmax_range, percentile_range, uniform_quantize, widen_empty
 from pyro_bq.quant.quantizers import IntervalQuantizer
 
-from .informativeness import BitAllocation, check_candidate_bits, check_target, single_thread, site_sizes, validated
+from .informativeness import (
+    BitAllocation,
+    check_candidate_bits,
+    check_target,
+    decode_metadata_bits,
+    grouped_params,
+    layer_groups,
+    site_sizes,
+    validated,
+)
 
 __all__ = ["random_bits", "RandomBitsProblem"]
 
@@ -80,7 +89,9 @@ class RandomBitsProblem:
     def __init__(self, params, candidates: list[int], interval: str = "minmax"):
         self.names = list(params)
         sizes = site_sizes(params)
-        self.size = torch.tensor([sizes[n] for n in self.names], dtype=torch.float32)
+        #: exact weights per site (ints; float64 holds every count below 2**53 exactly)
+        self.sizes = [sizes[n] for n in self.names]
+        self.size = torch.tensor(self.sizes, dtype=torch.float64)
         self.mu = torch.cat([params[n][0].flatten() for n in self.names]).float()
         sigma = torch.cat([params[n][1].flatten() for n in self.names]).float()
         self.site = torch.repeat_interleave(
@@ -88,10 +99,10 @@ class RandomBitsProblem:
         )
         self.starts = np.concatenate([[0], np.cumsum([sizes[n] for n in self.names])[:-1]]).astype(np.int64)
         info = self.mu.abs() / sigma
-        denom = torch.zeros(len(self.names)).index_add_(0, self.site, info)
+        denom = torch.zeros(len(self.names), dtype=torch.float64).index_add_(0, self.site, info.double()).float()
         # a site whose means are all zero: weight its weights equally
         counts = self.size
-        c = torch.where(denom[self.site] > 0, info / denom[self.site].clamp_min(1e-30), 1.0 / counts[self.site])
+        c = torch.where(denom[self.site] > 0, info / denom[self.site].clamp_min(1e-30), (1.0 / counts[self.site]).float())
         self.weight = c / sigma.pow(2)  # c_j(w) / sigma_w^2
         self.cand = torch.tensor(candidates, dtype=torch.float32)
 
@@ -142,6 +153,7 @@ def random_bits(
     penalty_warmup: float = 0.8,
     rounding: str = "nearest",
     init_interval: str = "minmax",
+    layers: str = "site",
     seed: int = 0,
     sites=None,
 ) -> BitAllocation:
@@ -159,23 +171,23 @@ def random_bits(
         times ``boundary_lr * (beta - alpha)^2 / 2`` so steps are scale free).
     :param boundary_every: check the boundaries every this many steps (they
         change ``tau``, whose recomputation costs one pass over all weights).
+    :param init_interval: where each interval starts: ``"minmax"`` (the means'
+        range, no clipping) or ``"percentile"`` (their 5th to 95th percentile).
+    :param layers: ``"site"`` (every Pyro site is a layer) or ``"module"`` (a
+        module's weight and bias form one layer: one width and one interval);
+        the result is keyed by site name either way.
     :returns: a :class:`BitAllocation` whose ``info`` holds ``loss`` (Eq. 9 with
         the final ``eta``, before each step, then at the end), ``optimized_loss``
         (with the growing ``eta`` actually optimized),
-        ``expected_mean_bits``, ``expected_bits``, ``probs``, ``alpha``, ``beta``.
+        ``expected_mean_bits``, and per site ``expected_bits``, ``probs``, ``alpha``, ``beta``.
+    :raises ValueError: for candidate widths that are not ints from 1 to 16
+        (e.g. 3.7 or 20), a target outside their range, or a bad option.
+
+    Usage::
+
+        alloc = random_bits(guide, 3.2, layers="module")
+        alloc.code_bits, alloc.storage_bits
     """
-    # thousands of tiny tensor ops: intra-op threads only add synchronisation
-    with single_thread():
-        return _random_bits(
-            posterior, target_mean_bits, candidate_bits, num_steps, lr, penalty, boundary_steps, boundary_lr,
-            boundary_every, penalty_warmup, rounding, init_interval, seed, sites,
-        )
-
-
-def _random_bits(
-    posterior, target_mean_bits, candidate_bits, num_steps, lr, penalty, boundary_steps, boundary_lr,
-    boundary_every, penalty_warmup, rounding, init_interval, seed, sites,
-) -> BitAllocation:
     candidates = check_candidate_bits(candidate_bits)
     gamma = check_target(target_mean_bits, candidates)
     num_steps = check_int("num_steps", num_steps, low=1)
@@ -188,8 +200,10 @@ def _random_bits(
     seed = check_int("seed", seed, low=0)
     check_choice("rounding", rounding, ("nearest", "budget"))
     check_choice("init_interval", init_interval, ("minmax", "percentile"))
+    check_choice("layers", layers, ("site", "module"))
     params = validated(posterior, sites)
-    prob = RandomBitsProblem(params, candidates, init_interval)
+    groups = layer_groups(params, layers)
+    prob = RandomBitsProblem(grouped_params(params, groups), candidates, init_interval)
     n, k = len(prob.names), len(candidates)
     frac = prob.size / prob.size.sum()
     alpha, beta = prob.alpha.clone(), prob.beta.clone()
@@ -232,15 +246,22 @@ def _random_bits(
         if rounding == "budget":
             idx = _budget_rounding(expected, idx, cand, frac, gamma)
         final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
-    names = prob.names
-    bits = {name: int(cand[i]) for name, i in zip(names, idx.tolist())}
+    per_layer = {
+        "expected_bits": dict(zip(prob.names, expected.tolist())), "probs": dict(zip(prob.names, p.tolist())),
+        "alpha": dict(zip(prob.names, alpha.tolist())), "beta": dict(zip(prob.names, beta.tolist())),
+    }
+    layer_bits = {name: int(cand[i]) for name, i in zip(prob.names, idx.tolist())}
+    # every result keyed by site name: a layer's sites share its width, interval and probabilities
+    bits = {s: layer_bits[g] for g in prob.names for s in groups[g]}
     info = {"loss": losses + [final_loss], "optimized_loss": warm_losses,
-            "expected_mean_bits": float((frac * expected).sum()), "expected_bits": dict(zip(names, expected.tolist())),
-            "probs": dict(zip(names, p.tolist())), "alpha": dict(zip(names, alpha.tolist())),
-            "beta": dict(zip(names, beta.tolist())), "tau_scale": norm, "target": gamma, "candidates": candidates}
+            "expected_mean_bits": float((frac * expected).sum()),
+            **{key: {s: v[g] for g in prob.names for s in groups[g]} for key, v in per_layer.items()},
+            "tau_scale": norm, "target": gamma, "candidates": candidates, "layers": layers}
     loc_grids = {n: {"loc": IntervalQuantizer(b, interval=(info["alpha"][n], info["beta"][n]))} for n, b in bits.items()}
-    sizes = dict(zip(names, (int(s) for s in prob.size.tolist())))
-    return BitAllocation(bits, method="RB", sizes=sizes, grid="uniform-interval", site_quantizers=loc_grids, info=info)
+    locs = {n: params[n][0] for n in bits}
+    return BitAllocation(bits, method="RB", sizes=site_sizes(params), grid="uniform-interval",
+                         site_quantizers=loc_grids, info=info, training="data-free",
+                         metadata_bits=decode_metadata_bits(loc_grids, bits, locs))
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ from pyro_bq.inference.prediction import batched_forward
 from pyro_bq.quant.grids import check_bits, signed_grid, ste, uniform_quantize
 from pyro_bq.quant.quantizers import SignedGridQuantizer
 
-from .informativeness import BitAllocation, site_sizes, validated
+from .informativeness import BitAllocation, decode_metadata_bits, site_sizes, validated
 
 __all__ = ["noise_amplitude", "s_from_bits", "bits_from_s", "smol_penalty", "smol", "site_scales", "with_locs"]
 
@@ -188,7 +188,8 @@ def smol(
             "precision_loss": precision_loss, "finetune_loss": finetune_loss}
     loc_grids = {n: {"loc": SignedGridQuantizer(b, scale=scales[n])} for n, b in out_bits.items()}
     alloc = BitAllocation(out_bits, method="SMOL" if granularity == "parameter" else "SMOL-L", sizes=sizes,
-                          grid="signed", site_quantizers=loc_grids, info=info)
+                          grid="signed", site_quantizers=loc_grids, info=info, training="trained",
+                          metadata_bits=decode_metadata_bits(loc_grids, out_bits, float_locs))
     return alloc, with_locs(guide, float_locs)
 
 
