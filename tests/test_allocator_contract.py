@@ -142,3 +142,27 @@ def test_the_allocation_becomes_a_policy_by_a_constructor_call(name, mode):
             assert torch.unique(loc).numel() <= 2**bits
         if "locs" in alloc.info:  # SMOL's own quantized means
             assert torch.allclose(loc, alloc.info["locs"][site], rtol=0, atol=1e-6)
+
+
+def test_storage_bits_are_what_the_packed_file_holds_for_the_means(name):
+    """``storage_bits`` counts the codes, the bit map of per-weight widths and each site's grid data, as
+    :func:`memory_report` of the quantized guide does (the file's scale codes and grids taken out)."""
+    from pyro_bq.io import memory_report
+
+    _, _, alloc, base = _allocate(name)
+    qguide = quantize(base, VPQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
+    report = memory_report(qguide)
+    means = 0
+    for site in report.sites:
+        scale_q = qguide.quantizers[site.name].scale
+        assert not isinstance(scale_q.bits, torch.Tensor) and qguide.quantizers[site.name].sample is None
+        means += site.code_bits + site.bitmap_bits + site.metadata_bits - scale_q.bits * site.numel
+        means -= scale_q.metadata_bits()
+    assert alloc.storage_bits == pytest.approx(means / report.num_params, rel=1e-12)
+    assert alloc.code_bits == alloc.mean_bits
+    assert alloc.storage_bits > alloc.code_bits
+
+
+def test_the_allocation_says_whether_it_trained_on_data(name):
+    _, _, alloc, _ = _allocate(name)
+    assert alloc.training == ("trained" if name.startswith("SMOL") else "data-free")
