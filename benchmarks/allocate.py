@@ -4,10 +4,10 @@ The baseline, measured in the same run, is one pass that reads every site's
 (loc, scale) from the guide and computes ``|mu| / sigma`` for all weights.
 LeNet-5 uses the cached MNIST-trained BNN of the mixed-precision example when
 it exists; otherwise, and for ResNet-20, a synthetic posterior of the right
-size (means ~ N(0, 0.1), scales ~ U(0.005, 0.05)). The allocators run with
-one intra-op thread whatever ``--threads`` says (many small tensor ops; on a
-loaded 2-core machine two threads made them 30-100x slower), and so does
-the baseline. Timings on a shared machine are noisy: read the ratios.
+size (means ~ N(0, 0.1), scales ~ U(0.005, 0.05)). The script sets torch's
+intra-op threads from ``--threads`` (default 1: the allocators are many
+small tensor ops, and on a loaded 2-core machine two threads made them
+30-100x slower); the library itself never changes the thread count. Timings on a shared machine are noisy: read the ratios.
 
 Run::
 
@@ -29,7 +29,6 @@ import torch
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal, softplus_inverse
 from pyro_bq.mixed import informativeness, posterior_params, quantile_inform, quantize_means, random_bits
-from pyro_bq.mixed.informativeness import single_thread
 from pyro_bq.models import BayesianClassifier, LeNet5, ResNet20
 from pyro_bq.recipes import load_meanfield_guide
 
@@ -44,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", default="2-8")
     p.add_argument("--rb-steps", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for the whole run")
     p.add_argument("--checkpoint", default=None, help="trained LeNet-5 cache (default: the example's)")
     p.add_argument("--synthetic", action="store_true", help="ignore the cached LeNet-5 posterior")
     return p
@@ -93,15 +92,13 @@ def main(args) -> list[dict]:
         random_bits(guide, args.target, candidate_bits=cand, num_steps=5)
 
         def baseline():
-            with single_thread():  # the same conditions as the allocators
-                return {n: informativeness(l, s) for n, (l, s) in posterior_params(guide).items()}
+            return {n: informativeness(l, s) for n, (l, s) in posterior_params(guide).items()}
 
         base, _ = _time(baseline, max(args.repeats, 3))
         t_qiu, qiu = _time(lambda: quantile_inform(guide, args.target, candidate_bits=cand), args.repeats)
         t_qinu, qinu = _time(lambda: quantile_inform(guide, args.target, candidate_bits=cand, grid="gaussian"), args.repeats)
         def grid():
-            with single_thread():
-                return quantize_means(guide, qinu)
+            return quantize_means(guide, qinu)
 
         t_grid, _ = _time(grid, args.repeats)
         t_rb, rb = _time(

@@ -11,9 +11,16 @@ one row per method:
 * ``code bits``: mean code bits per weight (``BitAllocation.code_bits``);
 * ``storage bits``: bits per weight of everything needed to decode the
   quantized means (``BitAllocation.storage_bits``);
-* ``acc. at means``: accuracy of the deterministic network at the quantized
-  means (the paper's metric), and ``sampled acc.``: the posterior predictive
-  accuracy with ``--num-samples`` draws (VPQ: quantized means, float sampling).
+* ``accuracy_at_means``: accuracy of the deterministic network at the
+  quantized means (the paper's metric), and ``accuracy_sampled``: the
+  posterior predictive accuracy with ``--num-samples`` draws (VPQ: quantized
+  means, float sampling); with ``--ood`` also ``auroc_mi``, MNIST against
+  Fashion-MNIST.
+
+QIU spans its grid from the 5th to the 95th percentile of a layer's means
+(the paper's grid); ``QIU-minmax`` is the unclipped variant. Random Bits
+rounds with ``--rb-rounding at_most`` by default, so its mean code bits
+never exceed the target.
 
 QI picks among its threshold trials by accuracy on the validation split
 (the paper's Step 4, ``select="validation"``) unless ``--qi-select nearest``.
@@ -36,7 +43,7 @@ import pyro
 import torch
 
 from pyro_bq import IIDNormal
-from pyro_bq.data import InMemoryDataset, load_mnist
+from pyro_bq.data import InMemoryDataset, load_fashion_mnist, load_mnist
 from pyro_bq.mixed import evaluate_allocation, evaluate_float, quantile_inform, random_bits, results_table, smol
 from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide
@@ -55,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svi-epochs", type=int, default=1)
     p.add_argument("--target", type=float, default=3.2)
     p.add_argument("--rb-steps", type=int, default=1000)
+    p.add_argument("--rb-rounding", default="at_most", choices=("nearest", "budget", "at_most"),
+                   help="at_most: the mean code bits never exceed the target")
     p.add_argument("--smol-lam", type=float, default=1e-5)
     p.add_argument("--smol-steps", type=int, default=400)
     p.add_argument("--finetune-steps", type=int, default=200)
@@ -62,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qi-select", default="validation", choices=("validation", "nearest"))
     p.add_argument("--layer", default="site", choices=("site", "module"), help="a layer: one site, or weight + bias")
     p.add_argument("--methods", default="QIU,QIU-minmax,QINU,RB,SMOL")
+    p.add_argument("--ood", action="store_true", help="also the AUROC of the mutual information, MNIST vs Fashion-MNIST")
     p.add_argument("--train-only", action="store_true", help="train and cache the BNN, then stop")
     p.add_argument("--threads", type=int, default=1)
     return p
@@ -120,7 +130,7 @@ def allocate(args, method, model, guide, train, val):
                                 validation=validation)
         return alloc, guide
     if method == "RB":
-        return random_bits(guide, args.target, num_steps=args.rb_steps, layers=args.layer), guide
+        return random_bits(guide, args.target, num_steps=args.rb_steps, layers=args.layer, rounding=args.rb_rounding), guide
     if method == "SMOL":
         return smol(model, guide, train, lam=args.smol_lam, precision_steps=args.smol_steps,
                     finetune_steps=args.finetune_steps, init_bits=6.0)
@@ -128,11 +138,12 @@ def allocate(args, method, model, guide, train, val):
 
 
 def run_methods(args, model, guide, train, val, test):
-    records = [evaluate_float(model, guide, test, num_samples=args.num_samples)]
+    ood = load_fashion_mnist(args.data_root, train=False, limit=len(test)) if args.ood else None
+    records = [evaluate_float(model, guide, test, ood, num_samples=args.num_samples)]
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         t = time.perf_counter()
         alloc, qbase = allocate(args, method, model, guide, train, val)
-        rec = evaluate_allocation(model, qbase, alloc, test, num_samples=args.num_samples)
+        rec = evaluate_allocation(model, qbase, alloc, test, ood, num_samples=args.num_samples)
         rec["method"] = method if method != "QIU" or alloc.method == "QIU" else alloc.method
         rec["seconds"] = time.perf_counter() - t
         records.append(rec)
@@ -140,8 +151,8 @@ def run_methods(args, model, guide, train, val, test):
               f"accuracy at means {100 * rec['accuracy_at_means']:.2f}% ({rec['seconds']:.0f} s)", flush=True)
     print(f"\nLeNet-5 MNIST, {len(train)} training images ({len(val)} more for validation), {len(test)} test images, "
           f"target {args.target} bits, QI trial selection: {args.qi_select}, layer: {args.layer}\n")
-    print(results_table(records, columns=("method", "training", "code_bits", "storage_bits", "accuracy_at_means",
-                                          "accuracy_sampled")))
+    columns = ("method", "training", "code_bits", "storage_bits", "accuracy_at_means", "accuracy_sampled")
+    print(results_table(records, columns=columns + (("auroc_mi",) if args.ood else ())))
     floor = records[0]["accuracy_at_means"]
     for r in records[1:]:
         print(f"{r['method']}: gap to float at the means {100 * (floor - r['accuracy_at_means']):+.2f} points")

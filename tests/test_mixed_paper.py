@@ -147,3 +147,10 @@ def test_the_library_never_sets_torch_threads(classifier, monkeypatch):
     quantile_inform(guide, 3.0, candidate_bits=range(2, 6), validation=(model, val))
     random_bits(guide, 3.0, candidate_bits=range(2, 6), num_steps=30)
     assert calls == []
+
+
+def test_random_bits_at_most_rounding_keeps_the_papers_bound(classifier):
+    _, guide, _, _ = classifier
+    for target in (2.6, 3.2, 4.4):
+        alloc = random_bits(guide, target, candidate_bits=range(2, 7), num_steps=60, rounding="at_most")
+        assert alloc.code_bits <= target + 1e-12

@@ -171,6 +171,10 @@ def random_bits(
         times ``boundary_lr * (beta - alpha)^2 / 2`` so steps are scale free).
     :param boundary_every: check the boundaries every this many steps (they
         change ``tau``, whose recomputation costs one pass over all weights).
+    :param rounding: ``"nearest"`` (``round(E[b_j])``, the paper's rule),
+        ``"budget"`` (then sites move to a neighbouring candidate of ``E[b_j]``
+        while that brings the mean nearer ``gamma``) or ``"at_most"`` (as
+        ``"budget"``, but the mean never ends above ``gamma``, the paper's bound).
     :param init_interval: where each interval starts: ``"minmax"`` (the means'
         range, no clipping) or ``"percentile"`` (their 5th to 95th percentile).
     :param layers: ``"site"`` (every Pyro site is a layer) or ``"module"`` (a
@@ -198,7 +202,7 @@ def random_bits(
     boundary_every = check_int("boundary_every", boundary_every, low=1)
     penalty_warmup = check_float("penalty_warmup", penalty_warmup, low=0.0, high=1.0)
     seed = check_int("seed", seed, low=0)
-    check_choice("rounding", rounding, ("nearest", "budget"))
+    check_choice("rounding", rounding, ("nearest", "budget", "at_most"))
     check_choice("init_interval", init_interval, ("minmax", "percentile"))
     check_choice("layers", layers, ("site", "module"))
     params = validated(posterior, sites)
@@ -243,8 +247,8 @@ def random_bits(
         p = torch.softmax(phi, -1)
         expected = p @ cand
         idx = _round_to_candidates(expected, cand)
-        if rounding == "budget":
-            idx = _budget_rounding(expected, idx, cand, frac, gamma)
+        if rounding in ("budget", "at_most"):
+            idx = _budget_rounding(expected, idx, cand, frac, gamma, at_most=rounding == "at_most")
         final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
     per_layer = {
         "expected_bits": dict(zip(prob.names, expected.tolist())), "probs": dict(zip(prob.names, p.tolist())),
@@ -292,8 +296,9 @@ def _boundary_updates(prob: RandomBitsProblem, alpha, beta, bits, steps, step_si
     return alpha, beta, step_size
 
 
-def _budget_rounding(expected, idx, cand, frac, gamma):
-    """Move sites between the neighbouring candidates of ``E[b_j]`` towards ``gamma``."""
+def _budget_rounding(expected, idx, cand, frac, gamma, at_most: bool = False):
+    """Move sites between the neighbouring candidates of ``E[b_j]`` towards ``gamma``; with ``at_most``
+    the result never exceeds ``gamma`` (when the lower neighbours allow it)."""
     idx = idx.clone()
     lower = (torch.searchsorted(cand, expected, right=True) - 1).clamp(0, cand.numel() - 1)
     upper = torch.searchsorted(cand, expected).clamp(0, cand.numel() - 1)
@@ -306,7 +311,7 @@ def _budget_rounding(expected, idx, cand, frac, gamma):
             if idx[j] == upper[j]:
                 continue
             new = mean + float(frac[j] * (cand[upper[j]] - cand[idx[j]]))
-            if abs(new - gamma) < abs(mean - gamma):
+            if abs(new - gamma) < abs(mean - gamma) and not (at_most and new > gamma + 1e-12):
                 idx[j], mean = upper[j], new
     elif mean > gamma:
         order = torch.argsort(fraction).tolist()
@@ -314,6 +319,6 @@ def _budget_rounding(expected, idx, cand, frac, gamma):
             if idx[j] == lower[j]:
                 continue
             new = mean - float(frac[j] * (cand[idx[j]] - cand[lower[j]]))
-            if abs(new - gamma) < abs(mean - gamma):
+            if abs(new - gamma) < abs(mean - gamma) or (at_most and mean > gamma + 1e-12):
                 idx[j], mean = lower[j], new
     return idx

@@ -41,7 +41,14 @@ def _check_allocs(allocs) -> dict[str, BitAllocation]:
 
 def bits_table(allocs) -> str:
     """A Markdown table: one row per site (weights, bits per allocation), then the
-    size-weighted mean bits. Per-parameter maps show their mean width."""
+    size-weighted mean code bits, the storage bits per weight (codes, bit map and
+    grid data) and whether the allocator trained on data. Per-parameter maps show
+    their mean width.
+
+    Usage::
+
+        print(bits_table({"QIU": quantile_inform(guide, 3.2), "RB": random_bits(guide, 3.2)}))
+    """
     allocs = _check_allocs(allocs)
     sites: list[str] = []
     sizes: dict[str, int] = {}
@@ -62,8 +69,11 @@ def bits_table(allocs) -> str:
             v = a[s]
             cells.append(f"{float(v.double().mean()):.2f}" if isinstance(v, torch.Tensor) else str(int(v)))
         lines.append(f"| {s} | {sizes[s]} | " + " | ".join(cells) + " |")
-    lines.append("| **mean bits** | " + str(sum(sizes.values())) + " | "
-                 + " | ".join(f"**{allocs[l].mean_bits:.3f}**" for l in labels) + " |")
+    lines.append("| **code bits** | " + str(sum(sizes.values())) + " | "
+                 + " | ".join(f"**{allocs[l].code_bits:.3f}**" for l in labels) + " |")
+    storage = [allocs[l].storage_bits for l in labels]
+    lines.append("| **storage bits** | | " + " | ".join("" if v is None else f"**{v:.3f}**" for v in storage) + " |")
+    lines.append("| training | | " + " | ".join(allocs[l].training for l in labels) + " |")
     return "\n".join(lines)
 
 

@@ -309,7 +309,8 @@ def _row_allocation(ctx: RowContext, spec: RowSpec):
         alloc, base = smol(ctx.model, base, ctx.train, precision_steps=cfg.extra_steps,
                            finetune_steps=cfg.extra_steps, batch_size=cfg.batch_size, seed=cfg.seed)
     qguide = quantize(base, JQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers))
-    return qguide, {"method": alloc.method, "mean_bits": float(alloc.mean_bits), "layer_bits": {
+    return qguide, {"method": alloc.method, "mean_bits": float(alloc.mean_bits), "code_bits": float(alloc.code_bits),
+                    "storage_bits": float(alloc.storage_bits), "training": alloc.training, "layer_bits": {
         k: float(v) for k, v in alloc.layer_bits().items()}}
 
 
