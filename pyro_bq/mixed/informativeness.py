@@ -7,8 +7,14 @@ keyed by Pyro site name, in the guide's site order.
 
 Readings of the paper (Quantile Inform / Random Bits):
 
-* A "layer" ``l_j`` is one Pyro sample site: a network layer's weight and
-  its bias are two layers here, each with its own aggregate and width.
+* A "layer" ``l_j`` is, by default, one Pyro sample site: a network layer's
+  weight and its bias are two layers, each with its own aggregate, width and
+  grid. The paper's layer is the set of a network layer's weights; the
+  allocators offer it as ``layers="module"`` (:func:`layer_groups`: a
+  module's weight and bias share one aggregate, one width and, on the
+  uniform grids, one interval). Results are keyed by site name either way.
+  The default stays per site because a bias is small and its own grid costs
+  almost nothing (see the measurements in the README).
 * Informativeness is ``|mu| / sigma`` with the standard deviation, as Eq. 1
   is written; the sentences around Eq. 1 and in the appendix call it a ratio
   to the variance (``|mu| / sigma**2``), which we do not use.
@@ -17,6 +23,11 @@ Readings of the paper (Quantile Inform / Random Bits):
   distribution ``p_w``; we give it 0.
 * Min-max normalisation is undefined when every site has the same value;
   all then get 1.
+* Bit counts: the paper's mean bit-width (Eq. 8) is
+  :attr:`BitAllocation.code_bits`, the weights' own codes. A deployed
+  network also stores each layer's grid (an interval, a scale) and, for a
+  per-weight map, each weight's width; :attr:`BitAllocation.storage_bits`
+  counts those too, as a packed file holds them.
 
 Usage::
 

@@ -25,7 +25,17 @@ Readings of the paper:
 
 * Support: the paper lets every ``b_j`` range over 1..32; the default
   candidates here are 2..8 (``candidate_bits``; any subset of 1..16, the
-  widths a packed file stores). A layer is a Pyro site.
+  widths a packed file stores: a wider or non-integer width is refused
+  when the allocation starts, by :func:`~pyro_bq.quant.grids.check_bits`).
+* A layer is a Pyro site by default; ``layers="module"`` makes a module's
+  weight and bias one layer (one width and one interval), the paper's
+  ``l_j``. Site sizes are exact integers (a float32 count would turn
+  ``2**24 + 1`` weights into ``2**24``).
+* Rounding: the paper takes ``round(E[b_j])``, which can leave the mean
+  above ``gamma``; ``rounding="at_most"`` then moves sites to their lower
+  neighbouring candidate until the mean is within the bound
+  (``"budget"``: nearest to ``gamma`` either way).
+* RB reads only the posterior (``training="data-free"``).
 * Appendix B: "1000 epochs" are 1000 steps (the loss involves no data, so an
   epoch is one step) and the regularisation parameter 3e3 is ``eta``.
   ``tau`` is divided by its largest entry so that ``eta`` means the same

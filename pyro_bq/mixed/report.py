@@ -1,4 +1,16 @@
-"""Reporting: bits per layer (table and plot), mean bits, and the evaluation record.
+"""Reporting: bits per layer (table and plot), bit counts, and the evaluation record.
+
+Every record names what it counts: ``code_bits`` (the weights' own codes,
+the papers' mean bit-width) and ``storage_bits`` (everything a packed file
+needs to decode the quantized means); ``accuracy_at_means`` (the
+deterministic network at the quantized means, the Quantile Inform paper's
+metric) and ``accuracy_sampled`` (the posterior predictive over weight
+draws; also ``accuracy``, the name :func:`pyro_bq.uncertainty.evaluate`
+gives it); ``training``: ``"data-free"`` or ``"trained"``.
+
+Readings of the paper: the Quantile Inform paper reports only the accuracy
+at the means; the sampled accuracy and the uncertainty figures (NLL, ECE,
+AUROC) are ours, to show what quantization does to the posterior.
 
 Usage::
 

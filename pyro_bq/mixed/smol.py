@@ -35,6 +35,15 @@ Readings of the paper (the SMOL appendix; its main text is not in our copy):
   ``2**(1-ceil(p))``, never exceeds the noise the weight was trained under),
   clamped to ``[1, max_bits]``. As ``p > 1``, this gives at least 2 bits
   unless ``p`` is within ``1e-6`` of 1.
+* Bits per parameter: the appendix counts each weight's signed bits. The
+  allocation's ``code_bits`` is that count; ``storage_bits`` adds what a
+  deployed per-parameter network must also store to decode the means: a
+  4-bit width per weight (the packed file's bit map; our copy of the appendix
+  reports bits per parameter and says nothing of what storing the precision
+  map costs) and each site's scale, so a per-weight map costs about 4 bits
+  per weight more than its code bits.
+* SMOL trains on data (``training="trained"``), unlike the data-free
+  Quantile Inform and Random Bits; tables say so.
 * One noise draw per step (``K = 1`` in Eq. 11-12); the data term is the
   minibatch's mean cross-entropy of the deterministic network whose weights
   start at the BNN's posterior means (the paper trains a plain network).
