@@ -154,3 +154,18 @@ def test_random_bits_at_most_rounding_keeps_the_papers_bound(classifier):
     for target in (2.6, 3.2, 4.4):
         alloc = random_bits(guide, target, candidate_bits=range(2, 7), num_steps=60, rounding="at_most")
         assert alloc.code_bits <= target + 1e-12
+
+
+def test_the_study_records_both_bit_counts_of_an_allocation_row(classifier, tmp_path):
+    from pyro_bq.study.config import RowSpec, StudyConfig
+    from pyro_bq.study.runner import RowContext, _row_allocation
+
+    model, guide, val, _ = classifier
+    ctx = RowContext(cfg=StudyConfig(mixed_bits=3.2, out_dir=str(tmp_path)), model=model, guide=guide, train=val, folder=tmp_path)
+    for family in ("qi", "rb"):
+        _, extra = _row_allocation(ctx, RowSpec(family))
+        alloc = quantile_inform(guide, 3.2) if family == "qi" else None
+        assert extra["training"] == "data-free"
+        assert 1.0 <= extra["code_bits"] == extra["mean_bits"] < extra["storage_bits"]
+        if alloc is not None:
+            assert (extra["code_bits"], extra["storage_bits"]) == (alloc.code_bits, alloc.storage_bits)
