@@ -9,7 +9,12 @@ constructor call.
 * :func:`quantile_inform` -- Quantile Inform (QIU / QINU grids);
 * :func:`random_bits` -- Random Bits;
 * :func:`smol` -- SMOL-style precision learning (per parameter, or per layer: SMOL-L);
-* reporting: :func:`bits_table`, :func:`plot_bits`, :func:`evaluate_allocation`.
+* reporting: :func:`bits_table`, :func:`plot_bits`, :func:`evaluate_allocation`,
+  :func:`accuracy_at_means`.
+
+Every allocation reports ``code_bits`` (the weights' own codes) and
+``storage_bits`` (everything a packed file needs to decode the quantized
+means), and whether it was ``"trained"`` on data or is ``"data-free"``.
 
 Usage::
 
@@ -24,7 +29,9 @@ Usage::
 
 from .informativeness import (
     BitAllocation,
+    decode_metadata_bits,
     informativeness,
+    layer_groups,
     layer_informativeness,
     mean_bits,
     normalized_informativeness,
@@ -32,11 +39,13 @@ from .informativeness import (
 )
 from .quantile_inform import quantile_inform, quantize_means
 from .random_bits import random_bits
-from .report import bits_table, evaluate_allocation, evaluate_float, plot_bits, results_table
+from .report import accuracy_at_means, bits_table, evaluate_allocation, evaluate_float, plot_bits, results_table
 from .smol import bits_from_s, noise_amplitude, s_from_bits, smol, smol_penalty, with_locs
 
 __all__ = [
     "BitAllocation",
+    "decode_metadata_bits",
+    "layer_groups",
     "informativeness",
     "layer_informativeness",
     "normalized_informativeness",
@@ -56,4 +65,5 @@ __all__ = [
     "evaluate_allocation",
     "evaluate_float",
     "results_table",
+    "accuracy_at_means",
 ]
