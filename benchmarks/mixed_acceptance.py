@@ -20,7 +20,7 @@ one row per method:
 QIU spans its grid from the 5th to the 95th percentile of a layer's means
 (the paper's grid); ``QIU-minmax`` is the unclipped variant. Random Bits
 rounds with ``--rb-rounding at_most`` by default, so its mean code bits
-never exceed the target.
+never exceed the target (``RB-budget``, ``RB-nearest``: the other roundings).
 
 QI picks among its threshold trials by accuracy on the validation split
 (the paper's Step 4, ``select="validation"``) unless ``--qi-select nearest``.
@@ -129,8 +129,9 @@ def allocate(args, method, model, guide, train, val):
         alloc = quantile_inform(guide, args.target, grid=grid, clip=method != "QIU-minmax", layers=args.layer,
                                 validation=validation)
         return alloc, guide
-    if method == "RB":
-        return random_bits(guide, args.target, num_steps=args.rb_steps, layers=args.layer, rounding=args.rb_rounding), guide
+    if method in ("RB", "RB-budget", "RB-nearest"):
+        rounding = args.rb_rounding if method == "RB" else method.split("-")[1]
+        return random_bits(guide, args.target, num_steps=args.rb_steps, layers=args.layer, rounding=rounding), guide
     if method == "SMOL":
         return smol(model, guide, train, lam=args.smol_lam, precision_steps=args.smol_steps,
                     finetune_steps=args.finetune_steps, init_bits=6.0)

@@ -184,7 +184,9 @@ def random_bits(
     :param rounding: ``"nearest"`` (``round(E[b_j])``, the paper's rule),
         ``"budget"`` (then sites move to a neighbouring candidate of ``E[b_j]``
         while that brings the mean nearer ``gamma``) or ``"at_most"`` (as
-        ``"budget"``, but the mean never ends above ``gamma``, the paper's bound).
+        ``"budget"``, but the mean never ends above ``gamma``, the paper's
+        bound: sites are lowered one width at a time, the smallest step that
+        meets the bound first, then raised while the mean stays within it).
     :param init_interval: where each interval starts: ``"minmax"`` (the means'
         range, no clipping) or ``"percentile"`` (their 5th to 95th percentile).
     :param layers: ``"site"`` (every Pyro site is a layer) or ``"module"`` (a
@@ -257,8 +259,10 @@ def random_bits(
         p = torch.softmax(phi, -1)
         expected = p @ cand
         idx = _round_to_candidates(expected, cand)
-        if rounding in ("budget", "at_most"):
-            idx = _budget_rounding(expected, idx, cand, frac, gamma, at_most=rounding == "at_most")
+        if rounding == "budget":
+            idx = _budget_rounding(expected, idx, cand, frac, gamma)
+        elif rounding == "at_most":
+            idx = _at_most_rounding(expected, idx, cand, frac, gamma)
         final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
     per_layer = {
         "expected_bits": dict(zip(prob.names, expected.tolist())), "probs": dict(zip(prob.names, p.tolist())),
@@ -306,9 +310,8 @@ def _boundary_updates(prob: RandomBitsProblem, alpha, beta, bits, steps, step_si
     return alpha, beta, step_size
 
 
-def _budget_rounding(expected, idx, cand, frac, gamma, at_most: bool = False):
-    """Move sites between the neighbouring candidates of ``E[b_j]`` towards ``gamma``; with ``at_most``
-    the result never exceeds ``gamma`` (when the lower neighbours allow it)."""
+def _budget_rounding(expected, idx, cand, frac, gamma):
+    """Move sites between the neighbouring candidates of ``E[b_j]`` towards ``gamma``."""
     idx = idx.clone()
     lower = (torch.searchsorted(cand, expected, right=True) - 1).clamp(0, cand.numel() - 1)
     upper = torch.searchsorted(cand, expected).clamp(0, cand.numel() - 1)
@@ -321,7 +324,7 @@ def _budget_rounding(expected, idx, cand, frac, gamma, at_most: bool = False):
             if idx[j] == upper[j]:
                 continue
             new = mean + float(frac[j] * (cand[upper[j]] - cand[idx[j]]))
-            if abs(new - gamma) < abs(mean - gamma) and not (at_most and new > gamma + 1e-12):
+            if abs(new - gamma) < abs(mean - gamma):
                 idx[j], mean = upper[j], new
     elif mean > gamma:
         order = torch.argsort(fraction).tolist()
@@ -329,6 +332,34 @@ def _budget_rounding(expected, idx, cand, frac, gamma, at_most: bool = False):
             if idx[j] == lower[j]:
                 continue
             new = mean - float(frac[j] * (cand[idx[j]] - cand[lower[j]]))
-            if abs(new - gamma) < abs(mean - gamma) or (at_most and mean > gamma + 1e-12):
+            if abs(new - gamma) < abs(mean - gamma):
                 idx[j], mean = lower[j], new
+    return idx
+
+
+def _at_most_rounding(expected, idx, cand, frac, gamma):
+    """Lower sites one candidate at a time until the mean is at most ``gamma``, then raise sites while it stays so.
+
+    Lowering: the smallest step that meets the bound if one does, otherwise the
+    site whose ``E[b_j]`` is nearest the width below. Raising: sites in order of
+    how far ``E[b_j]`` lies above their width.
+    """
+    idx = idx.clone()
+    k = cand.numel()
+    mean = float((frac * cand[idx]).sum())
+    while mean > gamma + 1e-12:
+        movable = [j for j in range(idx.numel()) if idx[j] > 0]
+        drops = {j: float(frac[j] * (cand[idx[j]] - cand[idx[j] - 1])) for j in movable}
+        fits = [j for j in movable if mean - drops[j] <= gamma + 1e-12]
+        if fits:
+            j = min(fits, key=lambda i: drops[i])
+        else:
+            j = min(movable, key=lambda i: float(expected[i] - cand[idx[i] - 1]))
+        idx[j] -= 1
+        mean -= drops[j]
+    for j in torch.argsort(expected - cand[idx], descending=True).tolist():
+        if idx[j] < k - 1:
+            new = mean + float(frac[j] * (cand[idx[j] + 1] - cand[idx[j]]))
+            if new <= gamma + 1e-12:
+                idx[j], mean = idx[j] + 1, new
     return idx
