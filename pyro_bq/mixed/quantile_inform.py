@@ -7,8 +7,9 @@ the thresholds ``f * k / K`` (``k = 1..K-1``) split [0, 1]; a site gets the
 width of the cell its ``I_j`` falls in, ``b_{1 + #(thresholds <= I_j)}``.
 A larger ``f`` gives fewer bits. The mean bits (weighted by site size) is a
 step function of ``f`` that only changes where some ``I_j * K / k`` equals
-``f``, so the search evaluates all those breakpoints in one vectorized pass
-and takes the one whose mean bits is nearest to the target.
+``f``, so the search evaluates all those breakpoints (every distinct trial)
+in one vectorized pass and takes the one whose mean bits is nearest to the
+target or, given held-out training data, the most accurate one not above it.
 
 QIU and QINU share this allocation and differ in the grid they quantize a
 site's means onto: ``2**b`` uniform levels on the 5th-95th percentile range
@@ -167,7 +168,8 @@ def quantile_inform(
     gamma = check_target(target_mean_bits, candidates)
     check_choice("grid", grid, tuple(_GRIDS))
     check_choice("mode", mode, ("nearest", "at_most"))
-    check_bool("clip", clip)
+    if not check_bool("clip", clip) and grid != "uniform":
+        raise ValueError("clip=False applies to the uniform grid (QIU) only; the gaussian grid (QINU) never clips")
     if validation is not None and not (isinstance(validation, (tuple, list)) and len(validation) == 2
                                        and hasattr(validation[1], "x") and hasattr(validation[1], "y")):
         raise TypeError("validation must be None or a (model, dataset) pair, the dataset held-out training "
