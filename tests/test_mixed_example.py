@@ -65,3 +65,23 @@ def test_lenet5_mixed_precision_floor(data_root, tmp_path):
     for m in ("QIU", "QINU", "RB", "SMOL"):
         assert recs[m]["accuracy_at_means"] >= base - 0.01, (m, recs[m]["accuracy_at_means"], base)
         assert recs[m]["code_bits"] <= 4.0
+
+
+def test_acceptance_benchmark_tiny_run(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bench = _load(BENCH.with_name("mixed_acceptance.py"), "mixed_acceptance")
+    args = bench.build_parser().parse_args([
+        "--data-root", str(data_root), "--train-limit", "400", "--val-size", "100", "--test-limit", "100",
+        "--pretrain-epochs", "1", "--svi-epochs", "1", "--rb-steps", "20", "--smol-steps", "2",
+        "--finetune-steps", "2", "--num-samples", "2", "--methods", "QIU,RB,SMOL", "--threads", str(__import__("torch").get_num_threads()),
+    ])
+    records = bench.main(args)
+    assert [r["method"] for r in records] == ["float", "QIU", "RB", "SMOL"]
+    for r in records[1:]:
+        assert r["training"] == ("trained" if r["method"] == "SMOL" else "data-free")
+        assert r["code_bits"] < r["storage_bits"]
+    assert all(r["code_bits"] <= 3.2 for r in records[1:3])
+    clip = _load(BENCH.with_name("mixed_clip.py"), "mixed_clip")
+    out = clip.main(["--data-root", str(data_root), "--train-limit", "400", "--val-size", "100",
+                     "--pretrain-epochs", "1", "--svi-epochs", "1"])
+    assert set(out) == {"clip/site", "clip/module", "minmax/site", "minmax/module"}
