@@ -306,8 +306,8 @@ class SingleProcess:
     Usage::
 
         strategy = resolve(None)    # SingleProcess() outside torchrun
-        for xb, yb, weight, n in strategy.batches(data, order, 128):
-            ...
+        for xb, yb in global_batches:
+            x_local, y_local, weight, n = strategy.shard(xb, yb)
     """
 
     rank = 0
@@ -324,12 +324,14 @@ class SingleProcess:
         if check is not None:
             check()
 
-    def batches(self, data, order: torch.Tensor, batch_size: int):
-        """For each global batch of ``order``: ``(x, y, weight, global batch size)`` of this
-        rank's shard (:func:`shard_batch`), ``data`` being any object with tensors ``.x`` and ``.y``."""
-        for start in range(0, len(order), batch_size):
-            mine, weight = shard_batch(order[start : start + batch_size], self.rank, self.world_size)
-            yield data.x[mine], data.y[mine], weight, min(batch_size, len(order) - start)
+    def shard(self, xb: torch.Tensor, yb: torch.Tensor):
+        """``(x, y, weight, global batch size)`` of this rank's shard (:func:`shard_batch`) of the
+        global batch ``(xb, yb)``; in one process the whole batch with weight 1."""
+        if self.world_size == 1:
+            return xb, yb, 1.0, len(xb)
+        mine, weight = shard_batch(torch.arange(len(xb)), self.rank, self.world_size)
+        mine = mine.to(xb.device)
+        return xb[mine], yb[mine.to(yb.device)], weight, len(xb)
 
     def average(self, params: dict, loss: float, *, weight: float, step: int) -> float:
         """Replace every gradient by ``sum_r w_r grad_r`` and return ``sum_r w_r loss_r``
