@@ -166,10 +166,11 @@ class Batches:
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first batch of epoch 0 (unshuffled for an in-memory dataset) on the device, e.g. to set up a
-        guide; its shape is checked, its values when training reaches it."""
-        for xb, yb in self._raw(0, 0, 0, False):
-            _check_structure(f"{self.name}: batch 0", xb, yb)
-            return self.to_device(xb), self.to_device(yb)
+        guide; its shape is checked, its values when training reaches it. Torch's CPU RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            for xb, yb in self._raw(0, 0, 0, not self.in_memory):
+                _check_structure(f"{self.name}: batch 0", xb, yb)
+                return self.to_device(xb), self.to_device(yb)
         raise ValueError(f"{self.name} yields no batches; it must hold at least one (x, y) batch")
 
     def epoch(self, epoch: int, seed: int, *, skip: int = 0, shuffle: bool = True
