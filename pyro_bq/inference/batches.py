@@ -63,7 +63,7 @@ from pyro_bq._rng import epoch_generator, epoch_seed
 from pyro_bq._validation import check_int, resolve_device
 
 __all__ = ["as_batches", "Batches", "BatchError", "NonFiniteBatchError", "NonFiniteError", "is_in_memory",
-           "module_device", "same_device"]
+           "module_device", "same_device", "module_mode"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -99,6 +99,32 @@ def module_device(*modules, default: str = "cpu") -> torch.device:
             for t in module.buffers():
                 return t.device
     return torch.device(default)
+
+
+@contextlib.contextmanager
+def module_mode(module, training: bool):
+    """Put every submodule of ``module`` in training (``True``) or eval mode, and each back in its own mode after.
+
+    :func:`~pyro_bq.inference.fit_svi` trains in training mode (BatchNorm normalizes with the batch's
+    statistics and updates its running statistics) and sets a guide up in eval mode; prediction
+    runs in eval mode (the running statistics are used, never updated). A module that is not an
+    ``nn.Module`` (a plain model function) is left alone.
+
+    Usage::
+
+        with module_mode(model, False):
+            logits = model(x)        # BatchNorm reads its running statistics, does not update them
+    """
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

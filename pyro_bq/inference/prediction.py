@@ -32,6 +32,7 @@ from torch.func import functional_call, vmap
 from pyro_bq._validation import check_choice, check_int, resolve_device
 from pyro_bq.models.bayesian import check_inputs
 
+from .batches import module_mode
 from .folded import FoldedNet, NotFoldable
 
 __all__ = [
@@ -392,7 +393,9 @@ def predict_looped(
     Draws the weights exactly as :func:`predict_batched` does (so both give the
     same result under the same seed), then runs the ordinary model for each
     sample through :class:`~pyro.infer.Predictive` on ``batch_size`` inputs at a
-    time (default all) and returns its deterministic output site ``site``
+    time (default all), in eval mode (BatchNorm uses its running statistics and
+    does not update them; each module's mode is restored afterwards, as in
+    :func:`predict_batched`, which runs an eval-mode copy), and returns its deterministic output site ``site``
     (default ``model.output_site``: ``"logits"`` for a classifier, ``"loc"``
     for a regressor). Any Pyro model works, given ``samples`` and ``site``.
 
@@ -413,9 +416,10 @@ def predict_looped(
         raise ValueError(f"site: the model ({type(model).__name__}) names no output_site; pass site= the name "
                          "of its deterministic output site")
     predictive, outs = Predictive(model, posterior_samples=samples, return_sites=[site], parallel=False), []
-    for r in range(0, len(x), batch_size):
-        pred = predictive(_rows(x, r, r + batch_size, device))
-        if site not in pred:
-            raise ValueError(f"the model has no site {site!r}; pass site= the name of its output site")
-        outs.append(pred[site])
+    with module_mode(model, False):  # BatchNorm reads its running statistics and leaves them alone
+        for r in range(0, len(x), batch_size):
+            pred = predictive(_rows(x, r, r + batch_size, device))
+            if site not in pred:
+                raise ValueError(f"the model has no site {site!r}; pass site= the name of its output site")
+            outs.append(pred[site])
     return torch.cat(outs, 1)

@@ -44,7 +44,7 @@ from pyro_bq.io.container import writable_folder
 
 from pyro_bq.models import BayesianClassifier
 
-from .batches import BatchError, Batches, NonFiniteError, as_batches, module_device, same_device
+from .batches import BatchError, Batches, NonFiniteError, as_batches, module_device, module_mode, same_device
 from .distributed import SingleProcess, rank_seed, resolve
 from .elbo import MeanFieldELBO
 
@@ -455,10 +455,11 @@ class _Run:
         )
         seed_everything(rank_seed(self.seed, self.strategy.rank))
         x0, y0 = self.data.first()
-        if hasattr(self.guide, "setup"):
-            self.guide.setup(x0, y0)
-        else:
-            self.guide(x0, y0)
+        with module_mode(self.model, False):  # a shape trace: BatchNorm statistics stay as they are
+            if hasattr(self.guide, "setup"):
+                self.guide.setup(x0, y0)
+            else:
+                self.guide(x0, y0)
         _unshadow_params(self.model, self.guide)
         if self.folder is not None and resume:
             self.resume(total)
@@ -541,28 +542,33 @@ class _Run:
         """Step until ``total`` steps are done, checkpointing every ``checkpoint_every`` and at the end."""
         bar = self.strategy.main_only(tqdm, total=total, initial=self.step, desc="SVI", dynamic_ncols=True,
                                       leave=False) if progress else None
-        running = None
         try:
-            while self.step < total:
-                for xb, yb, weight, n_global in self._epoch():
-                    loss, ok = self.guarded_step(xb, yb, weight, n_global)
-                    if ok:
-                        running = loss if running is None else 0.95 * running + 0.05 * loss
-                    if bar is not None:
-                        bar.update(1)
-                        if running is not None:
-                            bar.set_postfix(elbo=f"{-running:.4g}")
-                    if self.callback is not None:
-                        self.callback(self.step, loss)
-                    if self.step % checkpoint_every == 0 or self.step == total:
-                        self.save(self.step)
-                    if self.step >= total:
-                        break
+            with module_mode(self.model, True):  # BatchNorm: batch statistics, running statistics updated
+                self._loop(total, checkpoint_every, bar)
         finally:
             if bar is not None:
                 bar.close()
         self.result.steps = self.step
         return self.result
+
+    def _loop(self, total: int, checkpoint_every: int, bar) -> None:
+        """Step, report and checkpoint until ``total`` steps are done."""
+        running = None
+        while self.step < total:
+            for xb, yb, weight, n_global in self._epoch():
+                loss, ok = self.guarded_step(xb, yb, weight, n_global)
+                if ok:
+                    running = loss if running is None else 0.95 * running + 0.05 * loss
+                if bar is not None:
+                    bar.update(1)
+                    if running is not None:
+                        bar.set_postfix(elbo=f"{-running:.4g}")
+                if self.callback is not None:
+                    self.callback(self.step, loss)
+                if self.step % checkpoint_every == 0 or self.step == total:
+                    self.save(self.step)
+                if self.step >= total:
+                    break
 
     def _epoch(self):
         """This rank's shards of the rest of the current epoch's batches; the position moves on with each,
