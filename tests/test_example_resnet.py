@@ -1,16 +1,11 @@
 """examples/resnet_fashion.py with small settings on real Fashion-MNIST and MNIST: every row of the table,
-finite figures, BatchNorm statistics untouched by the evaluations; --device cuda without a GPU is a clean exit."""
+finite figures, bits per weight in the right order."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +31,3 @@ def test_the_small_run_fills_every_row(data_root):
     bits = {r["method"]: r["bits_per_param"] for r in out["rows"]}
     assert bits["JQ3"] < bits["JQ4"] < bits["float (mean-field)"]
     assert "| JQ4 |" in out["table"]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-def test_device_cuda_without_a_gpu_exits_with_one_clear_line():
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "resnet_fashion.py"), "--device", "cuda"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "no GPU is available" in proc.stderr and "Traceback" not in proc.stderr
