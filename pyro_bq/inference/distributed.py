@@ -16,10 +16,12 @@ What happens under ``torchrun`` (``WORLD_SIZE > 1``):
   or stuck rank makes the others fail with :class:`DistributedError` instead of
   hanging. ``fit_svi`` calls it itself when torchrun's variables are set.
 * **Data.** ``batch_size`` is the *global* batch. Every rank holds the full
-  dataset; the epoch order is ``data.epoch_order(epoch, seed)`` on every rank
-  (shared, deterministic seed), and each global batch is cut into
-  ``world_size`` contiguous, disjoint shards (:func:`shard_batch`), so each rank
-  sees a disjoint shard of each epoch, reshuffled per epoch.
+  dataset (or the same full DataLoader, without a ``DistributedSampler``); the
+  epoch order is a function of ``(seed, epoch)``, the same on every rank
+  (:mod:`pyro_bq.inference.batches`), and each global batch is cut into
+  ``world_size`` contiguous, disjoint shards (:meth:`SingleProcess.shard`,
+  :func:`shard_batch`), so each rank sees a disjoint shard of each epoch,
+  reshuffled per epoch.
 * **Gradients.** After ``elbo.loss_and_grads`` and before the Pyro optimizer
   step, the gradients of all parameters in the step's param trace are
   all-reduced: rank ``r`` contributes ``w_r * grad_r`` with

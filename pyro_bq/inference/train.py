@@ -442,6 +442,10 @@ class _Run:
             check_callable("step_hook", self.step_hook, "a callable step_hook() or None")
         _check_optim_elbo(self.optim, self.elbo)
         self.strategy = resolve(self.distributed)
+        sampler = getattr(self.data.data, "sampler", None)
+        if self.strategy.distributed and isinstance(sampler, torch.utils.data.DistributedSampler):
+            raise ValueError("in a data-parallel run every rank passes the same full DataLoader (no "
+                             "DistributedSampler): fit_svi cuts each global batch into the ranks' shards itself")
 
     def start(self, total: int, checkpoint_every: int, resume: bool) -> None:
         """Fix the settings a checkpoint records, make the folder (rank 0), check that every rank has the same;
@@ -645,7 +649,8 @@ def fit_svi(
     :param distributed: ``None`` (default): data-parallel over ``torch.distributed``
         when a process group of more than one rank exists or ``torchrun``'s
         environment describes one; ``False``: one process; ``True``: require a
-        group. Every rank passes the same full ``data`` and arguments; a step
+        group. Every rank passes the same full ``data`` (a DataLoader without a
+        ``DistributedSampler``) and arguments; a step
         equals one process's step on the global batch; a checkpoint resumes with
         any number of ranks (see :mod:`pyro_bq.inference.distributed`).
 
