@@ -8,7 +8,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from pyro_bq import IIDNormal
-from pyro_bq.data import InMemoryDataset
 from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.inference import BatchError, NonFiniteError, as_batches, fit_svi
 from pyro_bq.io import latest_checkpoint, load_checkpoint
