@@ -34,7 +34,7 @@ _FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
-_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST"}
+_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST", "KMNIST": "KMNIST"}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -54,7 +54,7 @@ def resolve_root(root: Optional[Union[str, os.PathLike]] = None) -> Path:
     return Path(cache) / "pyro_bq" / "data"
 
 
-def _read_idx(path: Path, magic: int, expected_count: int) -> np.ndarray:
+def _read_idx(path: Path, magic: int, expected_count: Optional[int]) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
@@ -66,7 +66,7 @@ def _read_idx(path: Path, magic: int, expected_count: int) -> np.ndarray:
         raise ValueError(f"{path} is not an IDX file (bad magic number); provide the original MNIST-format file")
     ndim = magic & 0xFF
     dims = np.frombuffer(buf[4 : 4 + 4 * ndim], dtype=">u4").astype(int)
-    if dims[0] != expected_count:
+    if expected_count is not None and dims[0] != expected_count:
         raise ValueError(f"{path} holds {dims[0]} items, expected {expected_count}")
     data = np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -81,12 +81,15 @@ def _find(raw: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: Optional[int]) -> InMemoryDataset:
+def read_idx_pair(name: str, root, train: bool, download: bool, *, any_count: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images ``(N, H, W)`` and labels ``(N,)`` of an MNIST-family dataset in torchvision's layout,
+    ``ROOT/name/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
+
+    :param any_count: accept files of any length (otherwise the official 60,000 / 10,000).
+    """
     train = check_bool("train", train)
     download = check_bool("download", download)
-    normalize = check_bool("normalize", normalize)
-    if limit is not None:
-        limit = check_int("limit", limit, low=1)
     base = resolve_root(root)
     raw = base / name / "raw"
     img_stem, lbl_stem, count = _FILES[train]
@@ -100,8 +103,19 @@ def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: 
             f"{raw / lbl_stem}[.gz]. Pass root=<folder with {name}/raw/>, set PYRO_BQ_DATA, "
             "or use download=True when online."
         )
-    images = _read_idx(img_path, 0x00000803, count)
-    labels = _read_idx(lbl_path, 0x00000801, count)
+    images = _read_idx(img_path, 0x00000803, None if any_count else count)
+    labels = _read_idx(lbl_path, 0x00000801, None if any_count else count)
+    if len(images) != len(labels):
+        raise ValueError(f"{img_path} holds {len(images)} images but {lbl_path} {len(labels)} labels; provide a "
+                         "matching pair of files")
+    return images, labels
+
+
+def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: Optional[int]) -> InMemoryDataset:
+    normalize = check_bool("normalize", normalize)
+    if limit is not None:
+        limit = check_int("limit", limit, low=1)
+    images, labels = read_idx_pair(name, root, train, download)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
