@@ -102,13 +102,15 @@ def _activation(g: GraphWriter, module: nn.Module, x: str, where: str) -> str:
                      "ReLU, ReLU6, Hardtanh, LeakyReLU, Tanh, Sigmoid")
 
 
-def _fake_quant(g: GraphWriter, module: FakeQuantActivation, call: int, x: str, where: str) -> str:
-    """The activation, then its ``bits``-bit grid over the range of this call (as the module computes it)."""
-    if call >= module.lo.numel() or not bool(module.ready[call]):
+def _fake_quant(g: GraphWriter, module: FakeQuantActivation, state: dict, call: int, x: str, where: str) -> str:
+    """The activation, then its ``bits``-bit grid over the range of this call (as the module computes it);
+    ``state`` holds the module's buffers ``lo``, ``hi`` and ``ready``."""
+    y = _activation(g, module.activation, x, f"{where} (inside activation quantization)")
+    lo, hi, ready = state["lo"], state["hi"], state["ready"]
+    if call >= lo.numel() or not bool(ready[call]):
         raise ValueError(f"{where}: activation quantization call {call} has no calibrated range; "
                          "run calibrate_activations_ first")
-    y = _activation(g, module.activation, x, f"{where} (inside activation quantization)")
-    step, zp, qmax = interval_grid(module.lo[call].float(), module.hi[call].float(), module.bits)
+    step, zp, qmax = interval_grid(lo[call].float(), hi[call].float(), module.bits)
     return round_to_grid(g, y, g.const("act_step", step.reshape(())), g.const("act_zp", zp.reshape(())),
                           g.const("act_qmax", qmax.reshape(())))
 
@@ -276,7 +278,8 @@ def _module_node(low: _Lowering, node, env):
     if isinstance(m, FakeQuantActivation):
         call = low.calls.get(prefix, 0)
         low.calls[prefix] = call + 1
-        return _fake_quant(low.g, m, call, x, where), layout
+        state = {k: low.shared[f"{prefix}.{k}"] for k in ("lo", "hi", "ready")}
+        return _fake_quant(low.g, m, state, call, x, where), layout
     return _activation(low.g, m, x, where), layout
 
 

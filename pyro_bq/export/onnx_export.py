@@ -126,6 +126,9 @@ def to_onnx(model, guide, path: os.PathLike, *, num_samples: int = 32, example_i
     :raises ValueError: naming the site or layer that cannot be exported (an unsupported layer or
         quantizer, activation quantization around an unknown activation).
 
+    With ``noise="graph"`` every run of an onnxruntime session draws fresh noise; onnxruntime starts
+    every new session from the same default seed (set ``seed`` to give a deployment its own stream).
+
     The graph's inputs are ``x`` (and ``eps``); its outputs :data:`OUTPUTS`: ``logits`` ``(S, N, C)``,
     ``probs`` ``(N, C)``, and ``total``, ``aleatoric``, ``epistemic`` ``(N,)``.
 
