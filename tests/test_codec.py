@@ -118,3 +118,10 @@ def test_corrupt_coded_stream_is_refused(tmp_path):
     write_container(tmp_path / "bad.bq", KIND, meta, tensors)
     with pytest.raises(CorruptFileError, match=r"streams\[.codes.\]\[0\]"):
         load_packed(tmp_path / "bad.bq", model)
+
+
+def test_short_streams_cost_no_more_than_fixed_width():
+    codes = torch.tensor([0, 5, 9, 3, 15, 2, 7, 7, 1, 12])
+    data, header = codec.encode(codes, 16, "ans")
+    assert 8 * len(data) + codec.model_bits(header) <= 4 * codes.numel() + 8 * 40
+    assert torch.equal(codec.decode(data, header), codes)

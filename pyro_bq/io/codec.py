@@ -12,6 +12,9 @@ network). :func:`encode` turns it into bytes plus a small JSON-able header, and
   alphabet of ``2**16`` symbols of which a few occur costs a few numbers. The
   coder spends about the stream's empirical entropy (plus 32 bits of coder
   state and a fraction of a bit per symbol for the quantized probabilities).
+  A stream too short to pay for its model (a bias of ten values) is stored at
+  its fixed width instead (header codec ``"fixed"``), so ``"ans"`` never costs
+  more than the fixed width plus a few bytes.
 * ``"lzma"``, ``"zlib"``: the fixed-width little-endian integers (1 or 2 bytes
   each) through the standard library's compressors; a fallback where
   ``constriction`` is not installed. They are generic byte compressors, so
@@ -145,15 +148,36 @@ def encode(codes, num_symbols: int, codec: str = "ans") -> tuple[bytes, dict]:
     model = constriction.stream.model.Categorical(_probabilities(counts), perfect=False)
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(index.astype(np.int32), model)
-    return coder.get_compressed().astype("<u4").tobytes(), header
+    data = coder.get_compressed().astype("<u4").tobytes()
+    width = max(1, (num_symbols - 1).bit_length())
+    if 8 * len(data) + model_bits(header) >= width * flat.size + 64:  # a short stream: its model costs more
+        return _pack(flat, width), {"codec": "fixed", "n": int(flat.size), "k": num_symbols}
+    return data, header
+
+
+def _pack(flat: np.ndarray, width: int) -> bytes:
+    """The codes at ``width`` bits each, LSB first (the fixed-width form a short stream falls back to)."""
+    bits = (flat[:, None] >> np.arange(width, dtype=np.int64)) & 1
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack(buf: bytes, n: int, k: int) -> np.ndarray:
+    width = max(1, (k - 1).bit_length())
+    if len(buf) != -(-n * width // 8):
+        raise CorruptFileError(f"code stream (fixed): {len(buf)} bytes for {n} codes of {width} bits")
+    bits = np.unpackbits(np.frombuffer(buf, np.uint8), bitorder="little")[: n * width].reshape(n, width)
+    out = (bits.astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
+    if out.size and int(out.max()) >= k:
+        raise CorruptFileError(f"code stream (fixed): a code is past the alphabet of {k}")
+    return out
 
 
 def _check_header(header) -> tuple[str, int, int]:
     if not isinstance(header, dict):
         raise CorruptFileError(f"a code stream header must be a dict, got {type(header).__name__}")
     codec, n, k = header.get("codec"), header.get("n"), header.get("k")
-    if codec not in CODECS:
-        raise CorruptFileError(f"code stream header: unknown codec {codec!r}; known: {', '.join(CODECS)}")
+    if codec not in CODECS and codec != "fixed":
+        raise CorruptFileError(f"code stream header: unknown codec {codec!r}; known: {', '.join(CODECS)}, fixed")
     for key, value in (("n", n), ("k", k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CorruptFileError(f"code stream header: {key!r} must be an int >= 0, got {value!r}")
@@ -189,6 +213,8 @@ def decode(data: Union[bytes, bytearray, memoryview, np.ndarray], header: dict) 
     """
     codec, n, k = _check_header(header)
     buf = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if codec == "fixed":
+        return torch.from_numpy(_unpack(buf, n, k))
     if codec != "ans":
         try:
             raw = lzma.decompress(buf) if codec == "lzma" else zlib.decompress(buf) if codec == "zlib" else buf
