@@ -117,7 +117,12 @@ def _fake_quant(g: GraphWriter, module: FakeQuantActivation, state: dict, call: 
 
 def round_to_grid(g: GraphWriter, x: str, step: str, zp: str, qmax: str) -> str:
     """``(clamp(round(x / step + zp), 0, qmax) - zp) * step``: the uniform grid's rounding rule
-    (:func:`pyro_bq.quant.grids.uniform_quantize`) as graph ops; ``Round`` rounds half to even, as torch does."""
+    (:func:`pyro_bq.quant.grids.uniform_quantize`) as graph ops; ``Round`` rounds half to even, as torch does.
+
+    Usage::
+
+        y = round_to_grid(g, "w", g.floats("step", 0.1), g.floats("zp", 7.0), g.floats("qmax", 14.0))
+    """
     codes = g.op("Round", g.op("Add", g.op("Div", x, step), zp))
     codes = g.op("Min", g.op("Max", codes, g.floats("zero", 0.0)), qmax)
     return g.op("Mul", g.op("Sub", codes, zp), step)
@@ -313,6 +318,11 @@ def _function_node(low: _Lowering, node, env):
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` with full shape inference."""
+    """``onnx.checker`` with full shape inference.
+
+    Usage::
+
+        check_model(onnx.load("lenet-jq4.onnx"))
+    """
     onnx.checker.check_model(model, full_check=True)
 

@@ -40,7 +40,12 @@ __all__ = ["guide_parts", "site_value", "site_draws", "weights_from_eps"]
 
 
 def guide_parts(guide) -> tuple[object, dict]:
-    """``(float base guide, {site: SiteQuantizers})`` of a quantized or float guide."""
+    """``(float base guide, {site: SiteQuantizers})`` of a quantized or float guide.
+
+    Usage::
+
+        base, quantizers = guide_parts(quantize(guide, JQ(4)))
+    """
     if isinstance(guide, QuantizedGuide):
         return guide.base, guide.quantizers
     return guide, {}
@@ -62,6 +67,10 @@ def site_value(g: GraphWriter, site: str, quantity: str, q: Optional[Quantizer],
     """The graph tensor of ``value`` (a site's loc or scale): float, or codes decoded as ``q`` decodes them.
 
     :raises ValueError: naming the site for a quantizer that has no graph form.
+
+    Usage::
+
+        loc = site_value(g, "net.fc1.weight", "loc", sq.loc, base_loc)
     """
     name = f"{site}.{quantity}"
     if q is None:
@@ -88,7 +97,12 @@ def site_value(g: GraphWriter, site: str, quantity: str, q: Optional[Quantizer],
 
 def site_draws(g: GraphWriter, site: str, info, sq: SiteQuantizers, loc: torch.Tensor, scale: torch.Tensor,
                eps: str, num_samples: int) -> str:
-    """The graph tensor ``(S, *shape)`` of a site's weight draws from the noise ``eps`` ``(S, P)``."""
+    """The graph tensor ``(S, *shape)`` of a site's weight draws from the noise ``eps`` ``(S, P)``.
+
+    Usage::
+
+        w = site_draws(g, name, guide.sites[name], sq, loc, scale, "eps", 32)
+    """
     loc_t = site_value(g, site, "loc", sq.loc, loc)
     scale_t = site_value(g, site, "scale", sq.scale, scale)
     part = g.op("Slice", eps, g.ints("start", [info.offset]), g.ints("end", [info.offset + info.numel]),
