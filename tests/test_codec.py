@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pyro_bq.guides import quantize
 from pyro_bq.io import CorruptFileError, load_packed, memory_report, save_packed
 from pyro_bq.io import codec
-from pyro_bq.quant import JQ, VPQ, CodebookQuantizer, UniformQuantizer
+from pyro_bq.quant import JQ, VPQ, CodebookQuantizer
 
 
 @settings(max_examples=40, deadline=None)
