@@ -11,6 +11,7 @@ from torch import nn
 from pyro_bq import IIDNormal
 from pyro_bq.export import OUTPUTS, to_onnx, to_onnx_point, weights_from_eps
 from pyro_bq.guides import AutoMeanFieldNormal, quantize
+from pyro_bq.io import save_packed
 from pyro_bq.models import BayesianClassifier, ResNet20
 from pyro_bq.quant import JQ, SPQ, VPQ, CodebookQuantizer, GaussianLloydQuantizer
 from pyro_bq.quant.activation import quantize_activations
@@ -65,6 +66,8 @@ def test_quantized_weights_are_stored_as_codes(tmp_path):
     codes = [t for t in graph.initializer if t.name.endswith("_codes")]
     assert codes and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
     assert (tmp_path / "jq4.onnx").stat().st_size * 3 < (tmp_path / "float.onnx").stat().st_size
+    # 4-bit codes take half a byte each: the graph (nodes included) is near the size of the bit-packed .bq file
+    assert (tmp_path / "jq4.onnx").stat().st_size < 1.5 * save_packed(quantize(guide, JQ(4)), tmp_path / "q.bq")
 
 
 def test_in_graph_noise_agrees_with_pyro_bq_within_monte_carlo_error(tmp_path):

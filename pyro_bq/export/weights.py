@@ -1,7 +1,7 @@
 """Weights in an ONNX graph as the quantized codes plus their calibration, and their draws.
 
-A quantized ``loc`` or ``scale`` is stored as its integer codes (``uint8`` up
-to 8 bits, ``uint16`` above) and decoded by graph ops that repeat the
+A quantized ``loc`` or ``scale`` is stored as its integer codes (two per byte
+up to 4 bits, ``uint8`` up to 8 bits, ``uint16`` above) and decoded by graph ops that repeat the
 quantizer's own decode rule, so the graph's values equal pyro_bq's bit for bit:
 
 * uniform-grid quantizers (uniform, interval, signed): ``(codes - zp) * step``
@@ -58,9 +58,24 @@ def _uniform_grid(q: Quantizer):
 
 
 def _codes_const(g: GraphWriter, name: str, q: Quantizer, value: torch.Tensor) -> str:
+    """The codes of ``value`` as a float graph tensor of its shape, stored two per byte when they fit
+    in 4 bits (unpacked by ``BitShift``/``Sub``), else as ``uint8`` or ``uint16``."""
     codes = q.encode(value.detach().float().cpu()).numpy()
-    dtype = np.uint8 if int(codes.max(initial=0)) < 256 else np.uint16
-    return g.op("Cast", g.const(f"{name}.codes", codes.astype(dtype)), to=TensorProto.FLOAT)
+    if int(codes.max(initial=0)) >= 16:
+        dtype = np.uint8 if int(codes.max(initial=0)) < 256 else np.uint16
+        return g.op("Cast", g.const(f"{name}.codes", codes.astype(dtype)), to=TensorProto.FLOAT)
+    flat = codes.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    packed = g.const(f"{name}.codes", flat[0::2] | (flat[1::2] << 4))
+    four = g.const("four", np.asarray(4, np.uint8))
+    high = g.op("BitShift", packed, four, direction="RIGHT")
+    low = g.op("Sub", packed, g.op("BitShift", high, four, direction="LEFT"))
+    axis = g.ints("axis", [1])
+    pairs = g.op("Concat", g.op("Unsqueeze", low, axis), g.op("Unsqueeze", high, axis), axis=1)
+    flat_t = g.op("Slice", g.op("Reshape", pairs, g.ints("shape", [-1])), g.ints("start", [0]),
+                  g.ints("end", [codes.size]), g.ints("axis", [0]))
+    return g.op("Cast", g.op("Reshape", flat_t, g.ints("shape", list(codes.shape))), to=TensorProto.FLOAT)
 
 
 def site_value(g: GraphWriter, site: str, quantity: str, q: Optional[Quantizer], value: torch.Tensor) -> str:
