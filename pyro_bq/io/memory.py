@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 from pyro_bq.guides.quantized import QuantizedGuide
 
@@ -31,6 +32,12 @@ class SiteMemory:
     float_bits: int
     metadata_bits: int
     bitmap_bits: int
+    #: the code streams (codes and bit maps) at their fixed bit widths
+    fixed_width_bits: int = 0
+    #: the empirical entropy of the code streams (what an ideal coder with their own frequencies spends)
+    entropy_bits: float = 0.0
+    #: the bits the file spends on the code streams (with a codec: coded bytes plus their models)
+    actual_bits: int = 0
 
     @property
     def total_bits(self) -> int:
@@ -89,6 +96,14 @@ class MemoryReport:
                     f"{self.file_bytes} bytes on disk vs {self.float_file_bytes} float ({self.compression:.2f}x)")
         return "\n".join(rows)
 
+    def codec_table(self) -> str:
+        """Per site: the code streams' bits per parameter at fixed width, at their entropy, and in the file."""
+        rows = [f"{'site':32s} {'params':>9s} {'fixed':>7s} {'entropy':>8s} {'actual':>7s}  (bits/param)"]
+        for s in self.sites:
+            rows.append(f"{s.name:32s} {s.numel:9d} {s.fixed_width_bits / s.numel:7.3f} "
+                        f"{s.entropy_bits / s.numel:8.3f} {s.actual_bits / s.numel:7.3f}")
+        return "\n".join(rows)
+
     def __str__(self) -> str:
         return self.table()
 
@@ -103,20 +118,25 @@ def _file_bytes(meta: dict, stream_bytes: dict) -> int:
     return _FRAMING + len(header.encode()) + offset
 
 
-def memory_report(guide) -> MemoryReport:
+def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
     """Bits per parameter and bytes of ``guide`` (quantized or float), against its float version.
 
-    The byte counts are those of :func:`~pyro_bq.io.save_packed`'s file.
+    The byte counts are those of :func:`~pyro_bq.io.save_packed`'s file written with ``codec``.
+    Each site also reports its code streams three ways: ``fixed_width_bits``,
+    ``entropy_bits`` (their empirical entropy) and ``actual_bits`` (what the file spends on them).
 
     Usage::
 
-        report = memory_report(quantize(guide, JQ(4)))
+        report = memory_report(quantize(guide, JQ(4)), codec="ans")
         print(report.bits_per_param, report.file_bytes, report.compression)
+        print(report.codec_table())
     """
-    meta, tensors, accounting = encode_guide(guide)
+    meta, tensors, accounting = encode_guide(guide, codec)
     report = MemoryReport()
     for name, acc in accounting.items():
-        report.sites.append(SiteMemory(name, acc["numel"], acc["code"], acc["float"], acc["metadata"], acc["bitmap"]))
+        report.sites.append(SiteMemory(name, acc["numel"], acc["code"], acc["float"], acc["metadata"], acc["bitmap"],
+                                       fixed_width_bits=acc["code"] + acc["bitmap"], entropy_bits=acc["entropy"],
+                                       actual_bits=acc["actual"]))
     report.num_params = sum(s.numel for s in report.sites)
     report.total_bits = sum(s.total_bits for s in report.sites)
     sizes = {k: (str(t.dtype).replace("torch.", ""), t.numel(), t.numel() * t.element_size()) for k, t in tensors.items()}
