@@ -10,7 +10,7 @@ from pyro_bq._validation import check_int
 
 from .decompose import decompose
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll
-from .predict import DEFAULT_NUM_SAMPLES, as_inputs, predictive_probs
+from .predict import DEFAULT_NUM_SAMPLES, as_inputs, predictive_logits
 
 __all__ = ["evaluate", "evaluate_details", "uncertainty_scores"]
 
@@ -65,22 +65,30 @@ def uncertainty_scores(
         parts = uncertainty_scores(model, guide, {"MNIST": test, "Fashion": fashion})
         plot_uncertainty(parts, "uncertainty.png")
     """
+    logits = _predict_sets(model, guide, datasets, num_samples=num_samples, batch_size=batch_size,
+                           sample_chunk=sample_chunk, seed=seed, method=method)
+    return {name: decompose(value.softmax(-1)) for name, value in logits.items()}
+
+
+def _predict_sets(model, guide, datasets: dict, **options) -> dict:
+    """``{name: logits (S, N, C)}`` of several datasets with the same weight draws (``options`` of predictive_logits)."""
     if not isinstance(datasets, dict) or not datasets:
         raise TypeError("datasets must be a non-empty dict {name: dataset}")
     out, first = {}, None
     for name, data in datasets.items():
         x, _ = _split(f"datasets[{name!r}]", data, need_labels=False)
         try:
-            probs = predictive_probs(model, guide, x, num_samples=num_samples, batch_size=batch_size,
-                                     sample_chunk=sample_chunk, seed=seed, method=method)
+            logits = predictive_logits(model, guide, x, site="logits", **options)
         except (TypeError, ValueError) as err:
             if first is None:
                 raise
             # the arguments were fine for the first dataset, so the inputs of this one are what the network cannot take
             raise type(err)(f"{name} (inputs of shape {tuple(x.shape)}, dtype {x.dtype}; {first[0]} has "
                             f"{tuple(first[1].shape)}, {first[1].dtype}): {err}") from err
+        if logits.dim() != 3:
+            raise ValueError(f"the model's outputs must be logits of shape (S, N, C), got {tuple(logits.shape)}")
         first = first or (name, x)
-        out[name] = decompose(probs)
+        out[name] = logits
     return out
 
 
@@ -127,12 +135,13 @@ def evaluate_details(
     x_in, y_in = _split("in_data", in_data, need_labels=True)
     sets = {"in_data": x_in, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
     sets = {k: v if v is None else _split(k, v, need_labels=False)[0] for k, v in sets.items()}  # errors name the set
-    scores = uncertainty_scores(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
-                                batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
+    logits = _predict_sets(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
+                           batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
     suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
-    details = {key: scores[f"{key}_data"] for key in suffix if f"{key}_data" in scores}
+    details = {key: decompose(logits[f"{key}_data"].softmax(-1)) for key in suffix if f"{key}_data" in logits}
     mean = details["in"]["mean_probs"]
-    record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in), "nll": nll(mean, y_in),
+    record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in),
+                    "nll": nll(None, y_in, logits=logits["in_data"]),
                     "brier": brier(mean, y_in), "ece": ece(mean, y_in, num_bins)}
     for key, parts in details.items():
         for part in ("total", "aleatoric", "epistemic"):
