@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 
 from pyro_bq._validation import check_int
+from pyro_bq.guides.base import AutoGaussianSites
+from pyro_bq.guides.quantized import deterministic_sites, varying_fraction
 
 from .decompose import decompose
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll
@@ -111,6 +113,24 @@ def evaluate_details(
     Every dataset is scored with the same ``num_samples`` weight draws (seeded
     by ``seed``). Entropies and mutual information are in nats.
 
+    What the record's numbers count (means over the inputs of a set):
+
+    * ``accuracy``: the fraction of ``in_data`` whose label is the model average's top class;
+    * ``nll``: ``-log`` of the model average's probability of the label (a log-mean-exp of the
+      per-draw log-softmax of the logits; nothing clipped); ``brier``, ``ece``: see
+      :mod:`pyro_bq.uncertainty.metrics`;
+    * ``total_*``: the entropy of the model average (all uncertainty about the label);
+      ``aleatoric_*``: the mean entropy of single draws (the label noise each draw sees);
+      ``epistemic_*``: the mutual information between label and weights (how much the draws
+      disagree; 0 when they all agree), see :func:`~pyro_bq.uncertainty.decompose`;
+    * ``auroc_*``: the probability that a random input of the other set scores above a random
+      input of ``in_data`` (0.5: no separation);
+    * ``varying_fraction``: the fraction of the guide's weights whose draws are not all equal
+      (:func:`~pyro_bq.guides.varying_fraction`, seeded by ``seed``; an
+      :class:`~pyro_bq.guides.AutoGaussianSites` guide only), ``varying_fraction_sites`` the same
+      per site ``{site: fraction}``, and ``deterministic_sites`` the sites below :data:`~pyro_bq.guides.DETERMINISTIC_THRESHOLD`: where draws do not vary,
+      ``epistemic_*`` is about 0 whatever the input.
+
     :param in_data: labelled in-distribution data (a dataset with ``.x`` and ``.y``, or ``(x, y)``).
     :param ood_data: optional out-of-distribution inputs (labels unused).
     :param ambiguous_data: optional set of ambiguous in-distribution inputs
@@ -153,6 +173,11 @@ def evaluate_details(
     if "ambiguous" in details:
         for part, name in (("aleatoric", "aleatoric"), ("epistemic", "mi")):
             record[f"auroc_{name}_ambiguous"] = auroc(d_in[part], details["ambiguous"][part])
+    if isinstance(guide, AutoGaussianSites):
+        fractions = varying_fraction(guide, seed=seed)
+        record["varying_fraction"], record["deterministic_sites"] = deterministic_sites(
+            fractions, {name: info.numel for name, info in guide.sites.items()})
+        record["varying_fraction_sites"] = fractions
     return record, details
 
 
