@@ -34,6 +34,8 @@ def test_an_uncalibrated_activation_raises_and_names_the_calibration_call(lenet)
     check_calibrated(qm)
     logits = batched_forward(qm, draws, x)[0]
     assert not torch.allclose(logits, logits[:1].expand_as(logits))  # inputs get their own predictions
+    probs = predictive_probs(qm, guide, x, num_samples=2, seed=0)
+    assert not torch.allclose(probs[0], probs[0, :1].expand_as(probs[0]))
     pyro.set_rng_seed(0)
     assert Predictive(qm, guide=guide, num_samples=1, return_sites=["logits"])(x)["logits"].shape == (1, len(x), 10)
 

@@ -138,7 +138,7 @@ class FakeQuantActivation(nn.Module):
             old = self._stats.get(k)
             self._stats[k] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
             return y
-        if not bool(self.ready[k]):
+        if self.ready.device.type != "meta" and not bool(self.ready[k]):  # meta: a memory estimate, no values
             raise UncalibratedActivationError(
                 f"FakeQuantActivation({type(self.activation).__name__}, bits={self.bits}) use {k + 1} has no "
                 f"calibrated range (it is 0..0, so every value would become 0 and every input would get the "
