@@ -224,3 +224,13 @@ def test_pyro_bq_cli_rejects_unknown_commands(capsys):
         cli_main(["stduy"])
     assert "invalid choice" in capsys.readouterr().err
     assert cli_main([]) == 2
+
+
+def test_the_row_format_is_part_of_the_eval_fingerprint(monkeypatch):
+    from pyro_bq.study import config
+
+    cfg = StudyConfig()
+    before = cfg.eval_fingerprint(), cfg.train_fingerprint()
+    monkeypatch.setattr(config, "ROW_FORMAT", config.ROW_FORMAT + 1)
+    assert cfg.eval_fingerprint() != before[0]  # rows of another record format run again
+    assert cfg.train_fingerprint() == before[1]  # the trained guide is still reused
