@@ -174,7 +174,7 @@ def evaluate_details(
         for part, name in (("aleatoric", "aleatoric"), ("epistemic", "mi")):
             record[f"auroc_{name}_ambiguous"] = auroc(d_in[part], details["ambiguous"][part])
     if isinstance(guide, AutoGaussianSites):
-        fractions = varying_fraction(guide, seed=seed)
+        fractions = varying_fraction(guide, seed=0 if seed is None else seed)
         record["varying_fraction"], record["deterministic_sites"] = deterministic_sites(
             fractions, {name: info.numel for name, info in guide.sites.items()})
         record["varying_fraction_sites"] = fractions
