@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pyro_bq.guides.quantized import QuantizedGuide
+from pyro_bq.guides.quantized import (DETERMINISTIC_THRESHOLD, VARYING_DRAWS, QuantizedGuide, deterministic_sites,
+                                      varying_fraction)
 
 from .packed import KIND, build_meta, encode_guide
 
@@ -38,6 +39,8 @@ class SiteMemory:
     entropy_bits: float = 0.0
     #: the bits the file spends on the code streams (with a codec: coded bytes plus their models)
     actual_bits: int = 0
+    #: fraction of the site's weights whose draws are not all equal (:func:`~pyro_bq.guides.varying_fraction`)
+    varying_fraction: float = 1.0
 
     @property
     def total_bits(self) -> int:
@@ -58,6 +61,11 @@ class MemoryReport:
     and scale). ``payload_bytes`` is the data section of the packed file,
     ``file_bytes`` the whole file (header and checksum included); the
     ``float_*`` fields are the same figures for the float guide.
+    ``varying_fraction`` is the fraction of all weights whose draws are not all
+    equal (per site in ``sites``; :func:`~pyro_bq.guides.varying_fraction`), and
+    ``deterministic_sites`` lists the sites below
+    :data:`~pyro_bq.guides.DETERMINISTIC_THRESHOLD` (effectively deterministic:
+    their draws agree, so they add no epistemic uncertainty).
 
     Usage::
 
@@ -73,6 +81,8 @@ class MemoryReport:
     file_bytes: int = 0
     float_payload_bytes: int = 0
     float_file_bytes: int = 0
+    varying_fraction: float = 1.0
+    deterministic_sites: list = field(default_factory=list)
 
     @property
     def bits_per_param(self) -> float:
@@ -88,12 +98,16 @@ class MemoryReport:
         return self.float_file_bytes / max(1, self.file_bytes)
 
     def table(self) -> str:
-        rows = [f"{'site':32s} {'params':>9s} {'bits/param':>10s} {'codes':>9s} {'float':>9s} {'meta':>7s} {'bitmap':>8s}"]
+        rows = [f"{'site':32s} {'params':>9s} {'bits/param':>10s} {'codes':>9s} {'float':>9s} {'meta':>7s} {'bitmap':>8s}"
+                f" {'varying':>8s}"]
         for s in self.sites:
             rows.append(f"{s.name:32s} {s.numel:9d} {s.bits_per_param:10.3f} {s.code_bits:9d} {s.float_bits:9d} "
-                        f"{s.metadata_bits:7d} {s.bitmap_bits:8d}")
+                        f"{s.metadata_bits:7d} {s.bitmap_bits:8d} {s.varying_fraction:8.2%}")
         rows.append(f"total: {self.num_params} params, {self.bits_per_param:.3f} bits/param (float: 64), "
                     f"{self.file_bytes} bytes on disk vs {self.float_file_bytes} float ({self.compression:.2f}x)")
+        rows.append(f"varying weights: {self.varying_fraction:.2%} over {VARYING_DRAWS} draws"
+                    + (f"; effectively deterministic (< {DETERMINISTIC_THRESHOLD:.0%}): {', '.join(self.deterministic_sites)}"
+                       if self.deterministic_sites else ""))
         return "\n".join(rows)
 
     def codec_table(self) -> str:
@@ -124,6 +138,8 @@ def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
     The byte counts are those of :func:`~pyro_bq.io.save_packed`'s file written with ``codec``.
     Each site also reports its code streams three ways: ``fixed_width_bits``,
     ``entropy_bits`` (their empirical entropy) and ``actual_bits`` (what the file spends on them).
+    The varying fractions come from :func:`~pyro_bq.guides.varying_fraction` with
+    its default draws and seed (the global RNG is untouched).
 
     Usage::
 
@@ -148,4 +164,9 @@ def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
     float_sizes = {"codes": ("uint8", 0, 0), "f32": ("float32", n, 4 * n), "i16": ("int16", 0, 0), "bitmap": ("uint8", 0, 0)}
     report.float_payload_bytes = 4 * n
     report.float_file_bytes = _file_bytes(float_meta, float_sizes)
+    fractions = varying_fraction(guide)
+    for site in report.sites:
+        site.varying_fraction = fractions.get(site.name, 1.0)
+    report.varying_fraction, report.deterministic_sites = deterministic_sites(
+        fractions, {s.name: s.numel for s in report.sites if s.name in fractions})
     return report
