@@ -194,7 +194,8 @@ class Batches:
         """The first batch of epoch 0 (unshuffled for an in-memory dataset) on the device, e.g. to set up a
         guide; its shape is checked, its values when training reaches it. Torch's CPU RNG is left as it was."""
         with torch.random.fork_rng(devices=[]):
-            for xb, yb in self._raw(0, 0, 0, not self.in_memory):
+            for item in self._raw(0, 0, 0, not self.in_memory):
+                xb, yb = _pair(f"{self.name}: batch 0", item)
                 _check_structure(f"{self.name}: batch 0", xb, yb)
                 return self.to_device(xb), self.to_device(yb)
         raise ValueError(f"{self.name} yields no batches; it must hold at least one (x, y) batch")
@@ -203,8 +204,8 @@ class Batches:
               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(index, x, y)`` for the batches of ``epoch`` from batch ``skip`` on, checked and on the device."""
         epoch, skip = check_int("epoch", epoch, low=0), check_int("skip", skip, low=0)
-        for index, (xb, yb) in enumerate(self._raw(epoch, seed, skip, shuffle), start=skip):
-            xb, yb = self.check(epoch, index, xb, yb)
+        for index, item in enumerate(self._raw(epoch, seed, skip, shuffle), start=skip):
+            xb, yb = self.check(epoch, index, *_pair(f"{self.name}: batch {index} of epoch {epoch}", item))
             yield index, self.to_device(xb), self.to_device(yb)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -273,6 +274,14 @@ def _seeded(data, seed: int, epoch: int, shuffle: bool):
     finally:
         for s, generator in saved:
             s.generator = generator
+
+
+def _pair(where: str, item) -> tuple:
+    """``item`` as ``(x, y)``, or a :class:`BatchError` when it is not a pair."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    what = f"a sequence of {len(item)} items" if isinstance(item, (tuple, list)) else type(item).__name__
+    raise BatchError(f"{where} is {what}, not an (x, y) pair; the data must yield (inputs, targets) pairs")
 
 
 def _check_structure(where: str, xb, yb) -> None:
