@@ -15,14 +15,24 @@ Usage::
 from pyro_bq.guides.pwfn import AutoPWFN, pwfn_sigma_init, quantile, relative_pow2_distances
 
 from .clustering import ClusterConfig, ClusterLevel, ClusterResult, cluster_guide_, prefix_within_tau, pwfn_cluster
-from .driver import DEFAULT_SCHEDULE, PWFN, PWFNResult, check_schedule
-from .export import codebook_policy
-from .metrics import compression_stats, ensemble_accuracy, fl_bias_excluded_sites, unique_values, weight_entropy
+from .driver import DEFAULT_SCHEDULE, PAPER_SCHEDULE, PRESETS, PWFN, PWFNResult, check_schedule
+from .export import codebook_policy, load_point_network, point_network_bits_per_param, save_point_network
+from .metrics import (
+    cluster_movement, compression_stats, ensemble_accuracy, fl_bias_excluded_sites, per_site_stats, unique_values,
+    weight_entropy,
+)
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective, sigma_regularizer
 
 __all__ = [
     "AutoPWFN",
     "check_schedule",
+    "cluster_movement",
+    "load_point_network",
+    "PAPER_SCHEDULE",
+    "per_site_stats",
+    "point_network_bits_per_param",
+    "PRESETS",
+    "save_point_network",
     "cluster_guide_",
     "ClusterConfig",
     "ClusterLevel",

@@ -74,7 +74,7 @@ from typing import Optional
 
 import torch
 
-from pyro_bq._validation import check_float, check_int, check_tensor, check_type
+from pyro_bq._validation import check_choice, check_float, check_int, check_tensor, check_type
 from pyro_bq.guides.pwfn import AutoPWFN
 from pyro_bq.quant.codebook import pow2_codebook
 from pyro_bq.quant.grids import nearest_code_index
@@ -84,6 +84,9 @@ __all__ = ["ClusterConfig", "ClusterLevel", "ClusterResult", "pwfn_cluster", "cl
 SIGMA_FLOOR = 2.0**-30
 
 
+LEVEL_RULES = ("text", "reference")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Settings of the PWFN clustering.
@@ -91,31 +94,45 @@ class ClusterConfig:
     :param b: starting precision: the smallest power of two is ``2**-b`` (0..max_b).
     :param order: starting order ``r`` (number of powers added), >= 1.
     :param tau: starting threshold on the mean distance in sigmas (> 0).
-    :param tau_step: increase of ``tau`` when no centre can take a weight (> 0; 1 in the paper).
-    :param b_step: increase of ``b`` at the same time (>= 0; 2 in the paper).
-    :param max_b: largest ``b`` (<= 40). The paper's ``b += 2`` has no stated
-        end, and every raise adds codes that few weights use: on LeNet-5/MNIST
-        (``b=7, max_b=9, max_order=2``) the last round alone took the codebook
-        from 7 to 55 values. With ``max_order=1`` the codebook holds at most
-        ``2 * (max_b + max_exp + 1) + 1`` values.
-    :param max_order: largest order (default 2).
-    :param max_exp: exponent of the largest power of two; None: the smallest
-        ``e`` with ``2**e >= max|mu|`` (at least ``-b``).
+    :param level_rule: how the level rises when no centre can take a weight
+        (see the module docstring): ``"reference"`` (default; the authors'
+        code: order up to ``max_order``, alternating with ``tau *= tau_factor``,
+        ``b`` fixed) or ``"text"`` (Section 3: ``tau += tau_step``,
+        ``b += b_step`` up to ``max_b``, order fixed). Either way every call
+        (every round) starts again at ``(b, order, tau)``.
+    :param tau_step: increase of ``tau`` under ``"text"`` (> 0; 1 in the paper).
+    :param b_step: increase of ``b`` under ``"text"`` (>= 0; 2 in the paper).
+    :param tau_factor: factor of ``tau`` under ``"reference"`` (> 1; 2 in the authors' runs).
+    :param max_b: largest ``b`` (<= 40) the ``"text"`` rule may reach. The
+        paper's ``b += 2`` has no stated end, and every raise adds codes that
+        few weights use.
+    :param max_order: largest order the ``"reference"`` rule may reach (4 in the authors' code).
+    :param max_exp: exponent of the largest power of two; None: ``max(0,
+        ceil(log2(max|mu|)))`` over all weights (so ``+-1`` is always a
+        candidate, and larger powers when some ``|mu|`` exceeds 1).
     :param include_zero: zero is a candidate centre (it is in the paper's set).
-    :param zero_fix: fix free weights with ``|mu| <= zero_fix`` to 0 first (0 = off).
+    :param zero_fix: fix free weights with ``|mu| <= zero_fix`` to 0 first,
+        counted against the round's target (0 = off).
     :param sigma_min: floor of the scale given to fixed weights (> 0).
     :param max_jumps: after this many ``tau`` jumps in one call (codebook at
-        its cap, see below), the weights still needed are fixed to their nearest
-        centre in one vectorized sweep.
+        its cap, see the module docstring), the weights still needed are fixed
+        to their nearest centre in one vectorized sweep.
+
+    Usage::
+
+        ClusterConfig(b=7, level_rule="reference")      # the authors' code
+        ClusterConfig(b=3, max_b=5, level_rule="text")  # Section 3 as printed
     """
 
     b: int = 7
     order: int = 1
     tau: float = 1.0
+    level_rule: str = "reference"
     tau_step: float = 1.0
     b_step: int = 2
-    max_b: int = 9
-    max_order: int = 2
+    tau_factor: float = 2.0
+    max_b: int = 40
+    max_order: int = 4
     max_exp: Optional[int] = None
     include_zero: bool = True
     zero_fix: float = 0.0
@@ -123,6 +140,7 @@ class ClusterConfig:
     max_jumps: int = 16
 
     def __post_init__(self):
+        check_choice("level_rule", self.level_rule, LEVEL_RULES)
         check_int("max_b", self.max_b, low=0, high=40)
         check_int("b", self.b, low=0, high=self.max_b)
         check_int("max_order", self.max_order, low=1, high=8)
@@ -130,6 +148,7 @@ class ClusterConfig:
         check_float("tau", self.tau, low=0.0, low_open=True)
         check_float("tau_step", self.tau_step, low=0.0, low_open=True)
         check_int("b_step", self.b_step, low=0, high=40)
+        check_float("tau_factor", self.tau_factor, low=1.0, low_open=True)
         if self.max_exp is not None:
             check_int("max_exp", self.max_exp, low=-40, high=40)
         check_type("include_zero", self.include_zero, bool)
@@ -138,24 +157,45 @@ class ClusterConfig:
         check_int("max_jumps", self.max_jumps, low=0)
 
     def start_level(self) -> "ClusterLevel":
+        """The level every call of :func:`pwfn_cluster` starts at."""
         return ClusterLevel(self.b, self.order, float(self.tau))
 
 
 @dataclass(frozen=True)
 class ClusterLevel:
-    """The current precision ``b``, order and threshold ``tau`` (they only grow)."""
+    """The current precision ``b``, order and threshold ``tau``; ``raises`` counts the raises so far."""
 
     b: int
     order: int
     tau: float
+    raises: int = 0
 
     def raised(self, cfg: ClusterConfig) -> "ClusterLevel":
-        return ClusterLevel(
-            min(self.b + cfg.b_step, cfg.max_b), min(self.order + 1, cfg.max_order), self.tau + cfg.tau_step
-        )
+        """The next level under ``cfg.level_rule`` (see the module docstring)."""
+        if cfg.level_rule == "text":
+            return ClusterLevel(min(self.b + cfg.b_step, cfg.max_b), self.order, self.tau + cfg.tau_step,
+                                self.raises + 1)
+        if self.order < cfg.max_order and self.raises % 2 == 0:
+            return ClusterLevel(self.b, self.order + 1, self.tau, self.raises + 1)
+        return ClusterLevel(self.b, self.order, self.tau * cfg.tau_factor, self.raises + 1)
+
+    def codebook_grows(self, cfg: ClusterConfig) -> bool:
+        """Whether some later raise still adds centres (else raises only change ``tau``)."""
+        if cfg.level_rule == "text":
+            return self.b < cfg.max_b
+        return self.order < cfg.max_order
+
+    def tau_after(self, cfg: ClusterConfig, d_min: float) -> float:
+        """The first ``tau`` the rule reaches (codebook at its cap) that is ``>= d_min``."""
+        if cfg.level_rule == "text":
+            return self.tau + math.ceil((d_min - self.tau) / cfg.tau_step) * cfg.tau_step
+        tau = self.tau
+        while tau < d_min:
+            tau *= cfg.tau_factor
+        return tau
 
     def as_dict(self) -> dict:
-        return {"b": self.b, "order": self.order, "tau": self.tau}
+        return {"b": self.b, "order": self.order, "tau": self.tau, "raises": self.raises}
 
 
 @dataclass
@@ -268,11 +308,17 @@ def _prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None)
     return chosen
 
 
-def _auto_max_exp(mu: torch.Tensor, b: int) -> int:
+def _auto_max_exp(mu: torch.Tensor) -> int:
+    """``max(0, ceil(log2(max|mu|)))`` (0 for an empty or all-zero ``mu``).
+
+    The exponent of the largest candidate power of two: at least ``2**0 = 1``
+    (so ``+-1`` is always a centre), and above it only when some ``|mu|``
+    exceeds 1, just far enough to cover the largest weight.
+    """
     m = float(mu.abs().max()) if mu.numel() else 0.0
     if m <= 0:
         return 0
-    return max(int(math.ceil(math.log2(m))), -b)
+    return max(int(math.ceil(math.log2(m))), 0)
 
 
 @torch.no_grad()
@@ -320,11 +366,13 @@ def pwfn_cluster(
         raise ValueError("sigma must be positive for every weight")
 
     state = _Clustering(mu, sigma, fixed, fixed_loc, fixed_scale, target, config, level)
-    if config.zero_fix > 0 and state.free_idx.numel():
-        sel = state.mu_f.abs() <= config.zero_fix
+    if config.zero_fix > 0 and state.free_idx.numel() and state.need > 0:
+        # the nearest to zero in sigmas first, and no more than the round still needs
+        d0 = state.mu_f.abs() / state.sig_f
+        sel = _k_smallest(d0, state.mu_f.abs() <= config.zero_fix, state.need)
         if bool(sel.any()):
             state.fix(sel, 0.0)
-    max_exp = config.max_exp if config.max_exp is not None else _auto_max_exp(mu, 0)
+    max_exp = config.max_exp if config.max_exp is not None else _auto_max_exp(mu)
     while state.need > 0:
         state.compact_()
         b = state.level.b
@@ -373,8 +421,10 @@ class _Clustering:
         """Fix the free weights ``sel`` to ``centre``, with the (floored) std of their means as scale."""
         vals = self.mu_f[sel]
         std = max(float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0, self.config.sigma_min)
+        d = ((vals - centre).abs() / self.sig_f[sel]).double()
+        move = {"d_max": float(d.max()), "d_sum": float(d.sum()), "d_sumsq": float((d * d).sum())}
         k = self._freeze(sel, centre, std)
-        self.groups.append({"centre": float(centre), "count": k, "std": std, "tau": self.level.tau})
+        self.groups.append({"centre": float(centre), "count": k, "std": std, "tau": self.level.tau, **move})
 
     def fix_many(self, sel: torch.Tensor, code_idx: torch.Tensor, codebook: torch.Tensor) -> None:
         """Fix the weights ``sel`` to ``codebook[code_idx]``, one group per code (vectorized)."""
@@ -384,10 +434,15 @@ class _Clustering:
         mean = torch.bincount(code_idx, weights=vals, minlength=k_codes) / cnt.clamp_min(1)
         sq = torch.bincount(code_idx, weights=vals * vals, minlength=k_codes) / cnt.clamp_min(1)
         std = (sq - mean * mean).clamp_min(0).sqrt().clamp_min(self.config.sigma_min)
+        d = ((self.mu_f[sel] - codebook[code_idx]).abs() / self.sig_f[sel]).double()
+        d_sum = torch.bincount(code_idx, weights=d, minlength=k_codes)
+        d_sumsq = torch.bincount(code_idx, weights=d * d, minlength=k_codes)
+        d_max = torch.zeros(k_codes, dtype=torch.float64).scatter_reduce(0, code_idx, d, "amax")
         self._freeze(sel, codebook[code_idx], std[code_idx].to(self.fixed_scale.dtype))
         for j in cnt.nonzero().squeeze(1).tolist():
             self.groups.append({"centre": float(codebook[j]), "count": int(cnt[j]), "std": float(std[j]),
-                                "tau": self.level.tau, "sweep": True})
+                                "tau": self.level.tau, "sweep": True, "d_max": float(d_max[j]),
+                                "d_sum": float(d_sum[j]), "d_sumsq": float(d_sumsq[j])})
 
     def try_level(self, codebook: torch.Tensor) -> bool:
         """Fix weights to the centres of ``codebook`` at the current level (most popular first), then
@@ -396,15 +451,13 @@ class _Clustering:
         k_codes = codebook.numel()
         nearest = nearest_code_index(self.mu_f, codebook)
         counts = torch.bincount(nearest[self.alive], minlength=k_codes)
-        nxt = level.raised(config)
-        if nxt.b == level.b and nxt.order == level.order:
-            # The codebook can no longer grow, so failed levels only add
-            # tau_step to tau: jump over the ones that cannot fix anything.
+        if not level.codebook_grows(config):
+            # The codebook can no longer grow, so failed levels only raise
+            # tau: jump over the ones that cannot fix anything.
             d_near = torch.where(self.alive, (self.mu_f - codebook[nearest]).abs() / self.sig_f, self.inf)
             d_min = float(d_near.min())
             if d_min > level.tau:
-                steps = math.ceil((d_min - level.tau) / config.tau_step)
-                self.level = ClusterLevel(level.b, level.order, level.tau + steps * config.tau_step)
+                self.level = replace(level, tau=level.tau_after(config, d_min))
                 self.jumps += 1
                 if self.jumps > config.max_jumps:
                     sel = _k_smallest(d_near, torch.isfinite(d_near), self.need)
