@@ -10,6 +10,14 @@ Usage::
     guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net))
     result = PWFN(model, guide, train, test_data=test, num_epochs=1).run()
     quantized = guide.median()          # every weight on a codebook value
+    PWFN(model, guide, train, test_data=test, preset="paper").run()   # the paper's training setup
+
+Readings of the paper: each module states where it departs from the paper's
+text or the authors' code (github.com/wanderingweights/PWFN):
+:mod:`~pyro_bq.guides.pwfn` (initial scales), :mod:`.regularizer` (Eq. 3 and
+its weight), :mod:`.clustering` (Algorithm 1, the two level rules),
+:mod:`.driver` (schedule, optimizer, presets), :mod:`.metrics` and
+:mod:`.export` (the point-network file).
 """
 
 from pyro_bq.guides.pwfn import AutoPWFN, pwfn_sigma_init, quantile, relative_pow2_distances

@@ -3,8 +3,8 @@
 One call fixes free weights until a target count is reached:
 
 1. Candidate centres: :func:`~pyro_bq.quant.codebook.pow2_codebook` -- the
-   powers of two down to ``2**-b``, their sums of up to ``order`` terms, both
-   signs, and zero (``include_zero``).
+   powers of two down to ``2**-b``, their sums of up to ``order`` distinct
+   terms, both signs, and zero (``include_zero``).
 2. Every free weight's nearest centre under ``D(w_i, c) = |mu_i - c| / sigma_i``
    (Eq. 6; the nearest centre in sigma units is the nearest in value, so it is
    one :func:`~pyro_bq.quant.grids.nearest_code_index`). ``n_k`` counts the weights per centre.
@@ -14,54 +14,79 @@ One call fixes free weights until a target count is reached:
    becomes the (population) standard deviation of their ``mu`` (floored at
    ``sigma_min`` so a lone weight keeps a positive scale).
 4. Then the next most popular centre, and so on. Once every centre has been
-   tried at the current ``tau`` (none can take a weight), the level is
-   raised: ``tau += tau_step`` (1 in the paper), ``order += 1`` and
-   ``b += b_step`` (2 in the paper), up to ``max_order`` / ``max_b``; the
-   raised level carries over to later rounds. (Once ``b`` and ``order`` are
-   at their caps, a run of failed levels is skipped in one jump of ``tau`` to
-   the first multiple of ``tau_step`` that lets a weight in: the same result
-   as raising it one step at a time, without millions of empty passes when
-   some ``sigma`` is tiny.)
+   tried at the current level (none can take a weight), the level is raised
+   by ``ClusterConfig.level_rule``:
+
+   * ``"text"`` (Section 3 as printed): ``tau += tau_step`` (1) and
+     ``b += b_step`` (2), ``b`` up to ``max_b``; the order stays.
+   * ``"reference"`` (the authors' public code, ``clustering/Cluster.py``):
+     on the 1st, 3rd, 5th ... raise the order goes up by one (up to
+     ``max_order = 4``), on the others ``tau *= tau_factor`` (2 in their
+     runs); ``b`` stays. Once the order is at 4 every raise doubles ``tau``.
+
+   Under both rules every call (every round of the driver) starts again at
+   the configured ``(b, order, tau)``, as the authors' code does (it rebuilds
+   the order-1 codebook and resets ``tau`` each round). Once the codebook can
+   no longer grow (``b`` at ``max_b`` / order at ``max_order``), a run of
+   failed levels is skipped in one jump of ``tau`` to the first value the
+   rule would reach that lets a weight in: the same result as raising it one
+   step at a time, without millions of empty passes when some ``sigma`` is tiny.
 5. The last group of a round is cut so that exactly ``target`` weights are
    fixed (the nearest ones), so the fixed fraction follows the schedule ``p_t``.
 
-Readings of the paper (its garbled, silent or inconsistent parts), chosen so
-that the procedure terminates and produces the few-centre codebooks the paper
-reports:
+Readings of the paper (its garbled, silent or inconsistent parts) and of the
+authors' code, and where this module departs from them:
 
 * Raising the level: the text raises ``tau`` by 1 and ``b`` by 2 when no
   weight fits; Algorithm 1 raises the order (its second update is illegible
-  in our copy). We raise all three
-  together (``order += 1``, ``tau += tau_step``, ``b += b_step``), each up to its cap.
+  in our copy); the authors' code does what ``"reference"`` does. Both the
+  text and the code are offered. Default ``"reference"``: on LeNet-5 / MNIST
+  with the paper preset it gave fewer unique values at equal accuracy (figures
+  in ``benchmarks/pwfn_acceptance.py``'s output, quoted in CHANGELOG.md).
+  ``max_b`` (default 40) bounds the text's ``b += 2``, which has no stated end.
+* The authors' code takes, for the most popular centre, every free weight
+  within ``tau`` sigmas (not the running-mean prefix) and counts popularity by
+  weights within ``tau``; we follow the text's Eq. 7-8 (running mean of the
+  sorted distances ``<= tau``, popularity by nearest centre).
+* The authors' code builds order-``r`` centres as sums of ``r`` powers drawn
+  with replacement, between ``2**-b`` and the largest free ``|mu|``; we use
+  sums of at most ``r`` distinct powers up to ``2**max_exp`` (every sum with
+  repeats equals a sum of fewer distinct powers, so the sets agree up to the
+  top end).
 * Fixed weights take the value of the most popular centre ``c_k`` they were
   grouped under (the text). Algorithm 1's last step writes ``c(i)``, each
   weight's own nearest centre, which would split the group.
 * A group's new sigma is the population standard deviation of its means
-  (the text's ``std``; Algorithm 1 says variance), floored at
-  ``sigma_min = 2**-30`` so a group of one, or of equal means, keeps a
-  positive scale.
+  (the text's ``std``, and the authors' ``std_mu`` option; Algorithm 1 says
+  variance), floored at ``sigma_min = 2**-30`` so a group of one, or of equal
+  means, keeps a positive scale.
 * The last group of a round is cut (its nearest weights kept) so that
   exactly ``ceil(p_t * N)`` weights are fixed, the text's ``N p_t`` rounded
-  up; Algorithm 1 stops once at least that many are fixed, so it can overshoot.
+  up (the authors' code also rounds up and cuts the last group).
 * "the next most popular cluster": each centre is tried at most once per
   level; a centre whose prefix is empty is skipped rather than ending the round.
 * Eq. 6 divides by the weight's own ``sigma_i`` ("how many sigmas away is the
-  centre from the weight").
+  centre from the weight"), as the authors' code does (it floors sigma at
+  ``2**-20``; we do not floor it).
 * Sorting all free weights for every centre is replaced by an exact
   equivalent: every weight with ``D <= tau`` belongs to the prefix, and only
   weights with ``tau < D <= tau + slack`` (``slack = sum over the former of
   tau - D``) can extend it, so only those are sorted.
-* Tail sweep: a weight whose ``sigma`` is tiny (Eq. 13 allows ``2**-30``)
-  but whose ``mu`` has drifted off every centre can sit 10^5 sigmas from the
-  nearest one; the exact rule then needs one full pass per handful of such
-  weights. After ``max_jumps`` jumps in one call, the weights still needed
-  (the nearest ones in sigmas) go to their nearest centre in one pass, one
-  group (and one std) per centre. This is where the exact rule would put
-  almost all of them, as ``tau`` then exceeds their distance to their
-  nearest centre only.
-* ``zero_fix``: an option (off by default, not in the paper; in the spirit of
-  WFN's zero distance) that first fixes every free weight with
-  ``|mu| <= zero_fix`` to 0.
+* Tail sweep (not in the paper or the code): a weight whose ``sigma`` is tiny
+  (Eq. 13 allows ``2**-30``) but whose ``mu`` has drifted off every centre
+  can sit 10^5 sigmas from the nearest one; the exact rule then needs one
+  full pass per handful of such weights. After ``max_jumps`` jumps in one
+  call, the weights still needed (the nearest ones in sigmas) go to their
+  nearest centre in one pass, one group (and one std) per centre. This is
+  where the exact rule would put almost all of them, as ``tau`` then exceeds
+  their distance to their nearest centre only.
+* ``zero_fix``: an option (off by default, not in the paper; the authors'
+  code has a ``zero_fix`` flag that puts weights with ``|mu| < 2**-b`` at
+  distance 0 from the zero centre). Here the free weights with
+  ``|mu| <= zero_fix`` are fixed to 0 first, nearest to zero in sigmas first,
+  and they count against the round's target like any other group.
+* Every group logs ``d_max``, ``d_sum`` and ``d_sumsq`` of its distances in
+  sigmas, for :func:`~pyro_bq.pwfn.metrics.cluster_movement`.
 
 No step loops over weights; the Python loops run over centres and levels.
 """
