@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("paper", "fast"), default="paper")
     p.add_argument("--num-epochs", type=int, default=None, help="epochs per round (default: the preset's)")
     p.add_argument("--num-steps", type=int, default=None, help="steps per round (overrides epochs)")
-    p.add_argument("--rules", nargs="+", choices=("text", "reference"), default=["reference", "text"])
+    p.add_argument("--rules", nargs="+", choices=("text", "reference"), default=["text", "reference"])
     p.add_argument("--b", type=int, default=7, help="starting precision 2^-b")
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--zero-fix", type=float, default=0.0)

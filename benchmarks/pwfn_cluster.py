@@ -71,7 +71,7 @@ def build_parser():
     p.add_argument("--fraction", type=float, default=0.2, help="fraction fixed by the timed round")
     p.add_argument("--b", type=int, default=7)
     p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--level-rule", choices=("reference", "text"), default="reference")
+    p.add_argument("--level-rule", choices=("text", "reference"), default="text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prior", action="store_true", help="the paper's 'no prior' variant (uniform initial sigma)")
     p.add_argument("--S", type=float, default=0.05, help="regulariser target sigma")
     p.add_argument("--alpha", type=float, default=2.0**-11, help="regulariser weight")
-    p.add_argument("--level-rule", choices=("reference", "text"), default="reference",
+    p.add_argument("--level-rule", choices=("text", "reference"), default="text",
                    help="how the clustering level rises (pyro_bq.pwfn.clustering)")
     p.add_argument("--b", type=int, default=None, help="starting precision 2^-b of the centres (fast 3, paper 7)")
     p.add_argument("--tau", type=float, default=None, help="starting threshold in sigmas (fast 2, paper 1)")

@@ -191,13 +191,16 @@ def test_point_network_round_trip_float64(tmp_path):
         load_point_network(tmp_path / "bad.bq")
 
 
-def test_point_network_size_on_lenet5(tmp_path):
+@pytest.mark.parametrize("cfg", [ClusterConfig(b=4, order=1, max_order=1, level_rule="reference"),
+                                 ClusterConfig(b=7, level_rule="reference")])
+def test_point_network_size_on_lenet5(tmp_path, cfg):
     torch.manual_seed(1)
     net = LeNet5()
     model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=100)
     guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net))
     guide(torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,)))
-    cluster_guide_(guide, 1.0, ClusterConfig(b=4, order=1, max_order=1, level_rule="reference"))
+    for p in (0.5, 0.9, 1.0):  # order 4: a codebook of dozens of sums of powers of two
+        cluster_guide_(guide, p, cfg)
     k = guide.codebook().numel()
     path = tmp_path / "lenet.bq"
     save_point_network(guide, path)

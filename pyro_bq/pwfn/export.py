@@ -13,7 +13,8 @@ values.
 * :func:`save_point_network` writes what the paper deploys: the median
   network (every weight at its centre), as one ``ceil(log2 K)``-bit codebook
   index per weight (:func:`~pyro_bq.io.pack_bits`), the ``K``-entry codebook
-  in the guide's dtype and a small header (site names and shapes), through
+  (in the narrowest float type that holds it exactly; read back in the
+  guide's dtype) and a small header (site names and shapes), through
   :func:`~pyro_bq.io.write_container` (atomic, checksummed, pickle-free).
   :func:`load_point_network` reads it back as ``{site: tensor}``.
   :func:`point_network_bits_per_param` gives the whole file's size in bits
@@ -45,6 +46,7 @@ from pyro_bq.quant.quantizers import CodebookQuantizer
 __all__ = ["codebook_policy", "save_point_network", "load_point_network", "point_network_bits_per_param"]
 
 POINT_KIND = "pwfn-point-network"
+_FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 _MAX_VALUES = 2**16
 
@@ -121,8 +123,18 @@ def save_point_network(guide, path: os.PathLike) -> int:
     bits = max(1, math.ceil(math.log2(codebook.numel())))
     packed = pack_bits(idx.cpu().numpy().astype(np.int64), bits)
     sites = [[name, list(guide._check_site(name).shape)] for name in guide.sites]
-    meta = {"bits": bits, "n": int(loc.numel()), "sites": sites}
-    return write_container(path, POINT_KIND, meta, {"codebook": codebook.cpu(), "idx": torch.from_numpy(packed)})
+    meta = {"bits": bits, "dtype": str(codebook.dtype).replace("torch.", ""), "sites": sites}
+    return write_container(path, POINT_KIND, meta, {"codebook": _narrowest(codebook.cpu()), "idx": torch.from_numpy(packed)})
+
+
+def _narrowest(codebook: torch.Tensor) -> torch.Tensor:
+    """The codebook in the narrowest float dtype that holds every entry exactly (float16, float32, or as is)."""
+    for dtype in (torch.float16, torch.float32):
+        if dtype.itemsize < codebook.element_size():
+            narrow = codebook.to(dtype)
+            if torch.equal(narrow.to(codebook.dtype), codebook):
+                return narrow
+    return codebook
 
 
 def _bad(path, what: str) -> CorruptFileError:
@@ -141,20 +153,23 @@ def load_point_network(path: os.PathLike) -> dict:
     """
     meta, tensors = read_container(path, POINT_KIND)
     codebook, packed = tensors.get("codebook"), tensors.get("idx")
-    bits, n, sites = meta.get("bits"), meta.get("n"), meta.get("sites")
+    bits, dtype, sites = meta.get("bits"), _FLOATS.get(meta.get("dtype")), meta.get("sites")
     if codebook is None or packed is None or packed.dtype != torch.uint8 or codebook.dim() != 1:
         raise _bad(path, "it needs a 1-D 'codebook' and a uint8 'idx' tensor")
-    if not (isinstance(bits, int) and 1 <= bits <= 16 and isinstance(n, int) and n >= 0
-            and isinstance(sites, list)):
-        raise _bad(path, "header fields bits/n/sites are missing or out of range")
+    if not (isinstance(bits, int) and 1 <= bits <= 16 and dtype is not None and isinstance(sites, list)
+            and codebook.is_floating_point()):
+        raise _bad(path, "header fields bits/dtype/sites are missing or out of range")
+    codebook = codebook.to(dtype)
     shapes = []
     for entry in sites:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], list) and all(isinstance(d, int) and d >= 0 for d in entry[1])):
             raise _bad(path, f"site entry {entry!r} is not [name, shape]")
         shapes.append((entry[0], entry[1], math.prod(entry[1])))
-    if sum(c for _, _, c in shapes) != n:
-        raise _bad(path, f"the site shapes hold {sum(c for _, _, c in shapes)} weights, the header says {n}")
+    n = sum(c for _, _, c in shapes)
+    if packed.numel() != -(-n * bits // 8):
+        raise _bad(path, f"the site shapes hold {n} weights, which need {-(-n * bits // 8)} bytes of "
+                         f"{bits}-bit indices, the file holds {packed.numel()}")
     idx = torch.from_numpy(unpack_bits(packed.numpy(), n, bits))
     if n and int(idx.max()) >= codebook.numel():
         raise _bad(path, f"an index points past the {codebook.numel()}-entry codebook")
