@@ -123,8 +123,8 @@ def main(argv=None) -> list[dict]:
         print(f"\n{r['rule']}: codebook " + ", ".join(f"{c:g}" for c in r["codebook"]))
         for site, st in r["per_site"].items():
             print(f"  {site:<20} n={st['count']:<6} unique={st['unique']:<3} entropy={st['entropy']:.3f}")
-        for c, m in r["movement"].items():
-            print(f"  centre {c:<10g} fixed={m['count']:<6} |mu-c|/sigma max={m['max']:.3g} mean={m['mean']:.3g} "
+        for m in r["movement"]:
+            print(f"  centre {m['centre']:<10g} fixed={m['count']:<6} |mu-c|/sigma max={m['max']:.3g} mean={m['mean']:.3g} "
                   f"std={m['std']:.3g}")
     return rows
 

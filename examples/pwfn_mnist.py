@@ -172,8 +172,8 @@ def main(args) -> dict:
     for site, st in f["per_site"].items():
         print(f"  {site:<20} weights {st['count']:<6} unique {st['unique']:<4} entropy {st['entropy']:.3f} bits")
     print("\nmovement per codebook value: |mu - c| / sigma of the weights fixed to it")
-    for c, m in f["movement"].items():
-        print(f"  {c:>11g}  fixed {m['count']:<6} max {m['max']:<9.3g} mean {m['mean']:<9.3g} std {m['std']:.3g}")
+    for m in f["movement"]:
+        print(f"  {m['centre']:>11g}  fixed {m['count']:<6} max {m['max']:<9.3g} mean {m['mean']:<9.3g} std {m['std']:.3g}")
     return {"pretrained_accuracy": base_acc, "rounds": result.rounds, **f, "guide": guide, "model": model}
 
 

@@ -246,8 +246,8 @@ def test_cluster_movement_hand_computed():
     res = pwfn_cluster(mu, sigma, *_free(4), 4, ClusterConfig(b=2, tau=1.0, max_order=1, order=1))
     move = cluster_movement(res.groups)
     # all four go to 1/4 at distances 0.5, 1, 0, 0.5 sigmas
-    assert list(move) == [0.25]
-    m = move[0.25]
+    assert [m["centre"] for m in move] == [0.25]
+    m = move[0]
     assert m["count"] == 4 and m["max"] == pytest.approx(1.0) and m["mean"] == pytest.approx(0.5)
     assert m["std"] == pytest.approx(math.sqrt(0.125))
     with pytest.raises(ValueError, match="groups"):

@@ -196,19 +196,20 @@ def per_site_stats(weights: Mapping[str, torch.Tensor]) -> dict:
 _MOVE_KEYS = ("centre", "count", "d_max", "d_sum", "d_sumsq")
 
 
-def cluster_movement(groups) -> dict:
+def cluster_movement(groups) -> list:
     """Per codebook value: how many weights were fixed to it and ``max/mean/std`` of ``|mu - c| / sigma``.
 
     :param groups: the group dicts of :attr:`ClusterResult.groups` (of one or
         several rounds), each with ``centre``, ``count``, ``d_max``, ``d_sum``, ``d_sumsq``.
-    :returns: ``{centre: {"count", "max", "mean", "std"}}`` sorted by centre
-        (std: population standard deviation over all weights fixed to the value).
+    :returns: one dict ``{"centre", "count", "max", "mean", "std"}`` per codebook
+        value, sorted by centre (std: population standard deviation over all
+        weights fixed to the value); JSON-ready, so it can go into a checkpoint.
     :raises ValueError: for a group without those fields.
 
     Usage::
 
         res = cluster_guide_(guide, 1.0)
-        cluster_movement(res.groups)[0.25]["max"]
+        [(m["centre"], m["max"]) for m in cluster_movement(res.groups)]
     """
     acc: dict = {}
     for i, g in enumerate(groups):
@@ -219,10 +220,10 @@ def cluster_movement(groups) -> dict:
         a[1] = max(a[1], float(g["d_max"]))
         a[2] += float(g["d_sum"])
         a[3] += float(g["d_sumsq"])
-    out = {}
+    out = []
     for c in sorted(acc):
         n, mx, s1, s2 = acc[c]
         mean = s1 / n if n else float("nan")
         var = max(s2 / n - mean * mean, 0.0) if n else float("nan")
-        out[c] = {"count": n, "max": mx, "mean": mean, "std": var**0.5}
+        out.append({"centre": c, "count": n, "max": mx, "mean": mean, "std": var**0.5})
     return out
