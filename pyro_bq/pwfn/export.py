@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import numpy as np
 import torch
 
 from pyro_bq._validation import check_type
 from pyro_bq.guides.pwfn import AutoPWFN
+from pyro_bq.io.codec import CODECS
+from pyro_bq.io.codec import decode as decode_codes
+from pyro_bq.io.codec import encode as encode_codes
 from pyro_bq.io.container import CorruptFileError, read_container, write_container
 from pyro_bq.io.packed import pack_bits, unpack_bits
 from pyro_bq.quant.policies import VPQ
@@ -100,19 +104,29 @@ def _fixed_guide(guide) -> None:
                          "of them on the codebook (run the PWFN schedule to p_T = 1)")
 
 
-def save_point_network(guide, path: os.PathLike) -> int:
+def save_point_network(guide, path: os.PathLike, *, codec: Optional[str] = None) -> int:
     """Write the median network of a fully fixed guide as codebook indices; returns the file size in bytes.
+
+    With ``codec=None`` each index takes ``ceil(log2 K)`` bits for a codebook of ``K``
+    values. With a codec of :mod:`pyro_bq.io.codec` (``"ans"``: about the indices'
+    empirical entropy, the weight-space entropy of the paper) the index stream is
+    entropy-coded and its model (the codebook values' counts) goes into the header.
 
     :param guide: an :class:`~pyro_bq.guides.AutoPWFN` with every weight fixed.
     :param path: the file to write (atomically; its folder must exist).
+    :param codec: ``None`` (fixed width) or one of :data:`pyro_bq.io.codec.CODECS`.
     :raises TypeError: if ``guide`` is not an ``AutoPWFN``.
-    :raises ValueError: if some weights are still free, or the codebook holds more than ``2**16`` values.
+    :raises ValueError: if some weights are still free, the codebook holds more than ``2**16``
+        values, or ``codec`` is unknown.
 
     Usage::
 
         nbytes = save_point_network(guide, "lenet-pwfn-point.bq")
+        nbytes = save_point_network(guide, "lenet-pwfn-point-ans.bq", codec="ans")
         weights = load_point_network("lenet-pwfn-point.bq")   # {site: tensor}, == guide.median()
     """
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"codec must be None or one of {', '.join(map(repr, CODECS))}; got {codec!r}")
     _fixed_guide(guide)
     with torch.no_grad():
         loc, _ = guide.flat_loc_scale()
@@ -121,10 +135,14 @@ def save_point_network(guide, path: os.PathLike) -> int:
         raise ValueError(f"the guide's means take {codebook.numel()} distinct values, more than a 16-bit index can "
                          "address")
     bits = max(1, math.ceil(math.log2(codebook.numel())))
-    packed = pack_bits(idx.cpu().numpy().astype(np.int64), bits)
     sites = [[name, list(guide._check_site(name).shape)] for name in guide.sites]
     meta = {"bits": bits, "dtype": str(codebook.dtype).replace("torch.", ""), "sites": sites}
-    return write_container(path, POINT_KIND, meta, {"codebook": _narrowest(codebook.cpu()), "idx": torch.from_numpy(packed)})
+    if codec is None:
+        packed = torch.from_numpy(pack_bits(idx.cpu().numpy().astype(np.int64), bits))
+    else:
+        data, meta["codec"] = encode_codes(idx.cpu(), codebook.numel(), codec)
+        packed = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    return write_container(path, POINT_KIND, meta, {"codebook": _narrowest(codebook.cpu()), "idx": packed})
 
 
 def _narrowest(codebook: torch.Tensor) -> torch.Tensor:
@@ -167,10 +185,7 @@ def load_point_network(path: os.PathLike) -> dict:
             raise _bad(path, f"site entry {entry!r} is not [name, shape]")
         shapes.append((entry[0], entry[1], math.prod(entry[1])))
     n = sum(c for _, _, c in shapes)
-    if packed.numel() != -(-n * bits // 8):
-        raise _bad(path, f"the site shapes hold {n} weights, which need {-(-n * bits // 8)} bytes of "
-                         f"{bits}-bit indices, the file holds {packed.numel()}")
-    idx = torch.from_numpy(unpack_bits(packed.numpy(), n, bits))
+    idx = _point_indices(path, meta, packed, n, bits)
     if n and int(idx.max()) >= codebook.numel():
         raise _bad(path, f"an index points past the {codebook.numel()}-entry codebook")
     flat = codebook[idx]
@@ -179,6 +194,19 @@ def load_point_network(path: os.PathLike) -> dict:
         out[name] = flat[offset:offset + count].reshape(shape)
         offset += count
     return out
+
+
+def _point_indices(path, meta: dict, packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The ``n`` codebook indices of a point-network file, fixed-width or entropy-coded."""
+    if "codec" in meta:
+        idx = decode_codes(packed.numpy(), meta["codec"])
+        if idx.numel() != n:
+            raise _bad(path, f"the site shapes hold {n} weights, the coded index stream {idx.numel()}")
+        return idx
+    if packed.numel() != -(-n * bits // 8):
+        raise _bad(path, f"the site shapes hold {n} weights, which need {-(-n * bits // 8)} bytes of "
+                         f"{bits}-bit indices, the file holds {packed.numel()}")
+    return torch.from_numpy(unpack_bits(packed.numpy(), n, bits))
 
 
 def point_network_bits_per_param(path: os.PathLike, num_params: int) -> float:
