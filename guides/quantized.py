@@ -334,6 +334,9 @@ def _calibrate_sites(guide: AutoGaussianSites, policy: Policy) -> dict:
 def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
     """Return a new :class:`QuantizedGuide`; ``guide`` is left untouched.
 
+    The quantizers are calibrated on the device of the guide's parameters, and the new guide
+    stays there (move a guide with ``guide.to(device)`` first to quantize it elsewhere).
+
     :param guide: a trained (set-up) :class:`AutoGaussianSites` guide. A
         :class:`QuantizedGuide` is re-quantized from its wrapped float
         parameters (e.g. after fine-tuning), not quantized twice.
@@ -374,7 +377,7 @@ def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int) -> float:
     if not isinstance(base, QuantizedNormal):
         # a float Normal draw differs from the next with probability 1 wherever its scale is positive
         return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
-    varying = torch.zeros(info.shape, dtype=torch.bool)
+    varying = torch.zeros(info.shape, dtype=torch.bool, device=base.loc.device)
     first = None
     block = max(2, _VARYING_BLOCK // max(1, info.numel))
     done = 0
@@ -416,7 +419,8 @@ def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, s
         raise ValueError(f"num_draws must be an int >= 2 (draws to compare), got {num_draws!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):
+    on = [t.device for t in guide.parameters() if t.device.type == "cuda"][:1]  # its CUDA RNG is put back too
+    with torch.random.fork_rng(devices=on):
         torch.manual_seed(seed)
         return {name: _site_varying(guide, name, num_draws) for name in guide.sites}
 
