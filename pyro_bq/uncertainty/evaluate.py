@@ -175,7 +175,7 @@ def evaluate_details(
     check_int("num_samples", num_samples, low=1)
     num_bins = check_int("num_bins", num_bins, low=1)
     sets = {"in_data": in_data, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
-    sets = {k: v for k, v in sets.items() if v is not None}
+    sets = {k: v for k, v in sets.items() if v is not None or k == "in_data"}
     for k, v in sets.items():  # tensors are checked up front, so errors name the set before any prediction
         _split(k, v, need_labels=k == "in_data")
     logits = _predict_sets(model, guide, sets, labels=True, num_samples=num_samples, batch_size=batch_size,
