@@ -205,3 +205,21 @@ def test_onnx_export_refuses_stochastic_rounding_naming_the_site(tmp_path):
         to_onnx(model, qguide, tmp_path / "m.onnx", num_samples=2, example_input=x[:2])
     with pytest.raises(ValueError, match="no ONNX form"):
         weights_from_eps(qguide, torch.zeros(2, sum(i.numel for i in guide.sites.values())))
+
+
+def test_the_study_has_stochastic_rounding_rows_next_to_round_to_nearest(tmp_path):
+    from pyro_bq.study import ROW_BUILDERS, RowSpec, StudyConfig
+    from pyro_bq.study.runner import RowContext
+
+    cfg = StudyConfig(out_dir=str(tmp_path), policies=("spq", "jq", "spq-sr", "jq-sr"), bits=(3, 2), act_policies=(),
+                      ends_bits=None)
+    rows = cfg.rows()
+    assert [r.name for r in rows] == ["float", "spq3", "spq2", "jq3", "jq2", "spq2-sr", "jq3-sr", "jq2-sr"]
+    assert {r.training for r in rows} == {"data-free"}
+    model, guide, x, y = _guide(0.05)
+    ctx = RowContext(cfg, model, guide, None, tmp_path)
+    qguide, extra = ROW_BUILDERS["jq-sr"](ctx, RowSpec("jq-sr", 2))
+    assert extra["rounding"] == "stochastic" and qguide.policy.mode == "jq"
+    assert {q.sample.rounding for q in qguide.quantizers.values()} == {"stochastic"}
+    plain, extra = ROW_BUILDERS["jq"](ctx, RowSpec("jq", 2))
+    assert "rounding" not in extra and {q.sample.rounding for q in plain.quantizers.values()} == {"nearest"}
