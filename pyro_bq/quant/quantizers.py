@@ -55,18 +55,18 @@ from .codebook import pow2_family
 from .grids import (
     check_bits,
     check_rounding,
-    matched_noise_scale,
-    uniform_codes_stochastic,
     interval_grid,
     log2_exponents,
     log2_top,
     log2_window,
+    matched_noise_scale,
     minmax_range,
     nearest_code_index,
     percentile_range,
     signed_grid,
     ste,
     uniform_codes,
+    uniform_codes_stochastic,
     uniform_decode,
     uniform_quantize,
     widen_empty,
@@ -847,7 +847,8 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
             if 2**self.bits < codebook.numel():
                 raise ValueError(f"bits must be at least {need} to index a codebook of {codebook.numel()} values, got {bits}")
             self.family = "custom"
-            self._codebook = codebook.detach().float().clone()
+            # float64 stays float64 (a float64 guide's values round-trip exactly), narrower types widen to float32
+            self._codebook = codebook.detach().to(torch.promote_types(codebook.dtype, torch.float32)).clone()
         else:
             if self.family == "custom":
                 raise ValueError("family='custom' needs a codebook tensor")
