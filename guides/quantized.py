@@ -41,6 +41,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn.module import PyroModule, _Context
 from torch import nn
+from torch.distributions.utils import _standard_normal
 
 from pyro_bq.quant.policies import Policy, SiteQuantizers
 from pyro_bq.quant.quantizers import Log2Quantizer
@@ -97,7 +98,9 @@ def copy_guide(guide: AutoGaussianSites) -> AutoGaussianSites:
 class QuantizedNormal(dist.Normal):
     """``Normal(loc, scale)`` whose draws are put on ``quantizer``'s grid (straight-through).
 
-    ``log_prob`` and the KL divergence are those of the Gaussian.
+    ``log_prob`` and the KL divergence are those of the Gaussian. The quantizer's rounding rule
+    decides how a draw reaches the grid; a variance-matched stochastic rounding draws the
+    Gaussian noise with the smaller :meth:`~pyro_bq.quant.Quantizer.noise_scale`.
 
     Usage::
 
@@ -110,7 +113,11 @@ class QuantizedNormal(dist.Normal):
         super().__init__(loc, scale, validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()):
-        return self.quantizer(super().rsample(sample_shape))
+        scale = self.quantizer.noise_scale(self.loc, self.scale)
+        if scale is self.scale:
+            return self.quantizer(super().rsample(sample_shape))
+        eps = _standard_normal(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        return self.quantizer(self.loc + eps * scale)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():

@@ -288,9 +288,9 @@ def _check_structure(where: str, xb, yb) -> None:
     if not isinstance(xb, torch.Tensor) or not isinstance(yb, torch.Tensor):
         raise BatchError(f"{where} is not an (x, y) pair of tensors: got {type(xb).__name__} and "
                          f"{type(yb).__name__}; the data must yield (inputs, targets) tensor pairs")
-    if xb.dim() == 0 or yb.dim() == 0 or xb.shape[0] != yb.shape[0] or xb.shape[0] == 0:
+    if xb.dim() < 2 or yb.dim() == 0 or xb.shape[0] != yb.shape[0] or xb.shape[0] == 0:
         raise BatchError(f"{where} has x of shape {tuple(xb.shape)} and y of shape {tuple(yb.shape)}; both need "
-                         "the same, non-zero number of rows (one per example)")
+                         "the same, non-zero number of rows (one per example), and x at least one feature dimension")
     if not (yb.is_floating_point() or yb.dim() == 1):
         raise BatchError(f"{where} has integer labels y of shape {tuple(yb.shape)}; class labels must be a vector")
 
@@ -336,6 +336,9 @@ def as_batches(data, *, batch_size: Optional[int] = 128, dataset_size: Optional[
     if isinstance(data, (str, bytes, torch.Tensor, dict)) or not (is_in_memory(data) or hasattr(data, "__iter__")):
         raise TypeError(f"{name} must be an InMemoryDataset, a torch DataLoader or a re-iterable of (x, y) batches, "
                         f"got {type(data).__name__} (wrap a torch Dataset in a DataLoader)")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(f"{name} is a {type(data).__name__} of tensors, not of (x, y) batches; pass "
+                        "InMemoryDataset(x, y), a DataLoader(TensorDataset(x, y)), or a list of batches [(x, y)]")
     if num_classes is not None:
         num_classes = check_int("num_classes", num_classes, low=1)
     return Batches(data, batch_size=batch_size, dataset_size=dataset_size, device=device, num_classes=num_classes,

@@ -545,13 +545,17 @@ def _check_input_size(path, in_shape: list, in_dtype: str, tensors: dict) -> Non
 
 def _upgrade_cfg(cfg):
     """A configuration of an earlier writer in today's form: the fixed-interval and the
-    percentile-interval quantizers were two packed types with the same state (the interval)."""
+    percentile-interval quantizers were two packed types with the same state (the interval),
+    and uniform-grid configurations had no ``rounding`` (they rounded to nearest)."""
     if not isinstance(cfg, dict):
         return cfg
     if cfg.get("type") == "interval" and "percentiles" not in cfg:
-        return {**cfg, "percentiles": None}
+        cfg = {**cfg, "percentiles": None}
     if cfg.get("type") == "percentile-interval" and set(cfg) == {"type", "low", "high"}:
-        return {"type": "interval", "percentiles": [cfg["low"], cfg["high"]]}
+        cfg = {"type": "interval", "percentiles": [cfg["low"], cfg["high"]]}
+    cls = _registered(cfg.get("type"))
+    if cls is not None and "rounding" in cls.packed_keys and "rounding" not in cfg:
+        cfg = {**cfg, "rounding": "nearest"}
     return cfg
 
 

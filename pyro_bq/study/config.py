@@ -24,6 +24,7 @@ __all__ = [
     "RowSpec",
     "QUANT_POLICIES",
     "EXTRA_ROWS",
+    "SR_POLICIES",
     "ALL_POLICIES",
     "TRAINED_FAMILIES",
     "ROW_FORMAT",
@@ -37,8 +38,11 @@ __all__ = [
 QUANT_POLICIES = ("vpq", "spq", "jq")
 #: Rows evaluated once rather than per bit width: the log-quantized guide, PWFN and the allocators.
 EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
+#: Post-hoc policies whose sampled weights are rounded stochastically, and the bit widths of
+#: their rows (``spq2-sr``, ``jq3-sr``, ``jq2-sr``), listed after the round-to-nearest rows.
+SR_POLICIES = {"spq-sr": (2,), "jq-sr": (3, 2)}
 #: Every name ``--policies`` accepts; each has a builder in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
-ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
+ALL_POLICIES = ("float",) + QUANT_POLICIES + tuple(SR_POLICIES) + EXTRA_ROWS
 #: Row families that train beyond the shared float guide (on the training data): their rows are
 #: labelled ``"trained"``; every other row (float, VPQ/SPQ/JQ, QI, RB, activation variants of
 #: those) quantizes the float guide without more training and is labelled ``"data-free"``.
@@ -109,6 +113,8 @@ class RowSpec:
     @property
     def name(self) -> str:
         base = self.family if self.bits is None else f"{self.family}{self.bits}"
+        if self.family in SR_POLICIES and self.bits is not None:
+            base = f"{self.family.removesuffix('-sr')}{self.bits}-sr"
         return base if self.act_bits is None else f"{base}+act{self.act_bits}"
 
 
@@ -326,6 +332,10 @@ class StudyConfig:
             if fam in self.policies:
                 for b in self.bits:
                     add(fam, b)
+        for fam, widths in SR_POLICIES.items():
+            if fam in self.policies:
+                for b in widths:
+                    out.append(RowSpec(fam, b))
         if "logquant" in self.policies:
             add("logquant", self.logquant_bits)
         for fam in ("pwfn", "qi", "rb", "smol"):

@@ -243,12 +243,17 @@ def _row_float(ctx: RowContext, spec: RowSpec):
 
 
 def _row_post_hoc(ctx: RowContext, spec: RowSpec):
-    """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more."""
+    """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more.
+    A family ending in ``-sr`` (``spq-sr``, ``jq-sr``) rounds the sampled weights stochastically."""
     site_bits = None
     if ctx.cfg.ends_bits is not None and ctx.cfg.ends_bits > spec.bits:
         site_bits = {name: ctx.cfg.ends_bits for name in _end_sites(ctx.guide)}
     extra = {"ends_bits": ctx.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
-    return quantize(ctx.guide, make_policy(spec.family, spec.bits, site_bits=site_bits)), extra
+    rounding = "stochastic" if spec.family.endswith("-sr") else None
+    if rounding:
+        extra["rounding"] = rounding
+    policy = make_policy(spec.family.removesuffix("-sr"), spec.bits, site_bits=site_bits, rounding=rounding)
+    return quantize(ctx.guide, policy), extra
 
 
 def _end_sites(guide) -> list[str]:
@@ -324,6 +329,8 @@ ROW_BUILDERS: dict[str, Callable] = {
     "vpq": _row_post_hoc,
     "spq": _row_post_hoc,
     "jq": _row_post_hoc,
+    "spq-sr": _row_post_hoc,
+    "jq-sr": _row_post_hoc,
     "logquant": _row_logquant,
     "pwfn": _row_pwfn,
     "qi": _row_allocation,
