@@ -38,7 +38,7 @@ import pyro
 import torch
 
 from pyro_bq import IIDNormal
-from pyro_bq._validation import resolve_device
+from pyro_bq._validation import parse_example_args, resolve_device
 from pyro_bq.data import InMemoryDataset, load_fashion_mnist, load_mnist
 from pyro_bq.mixed import (
     bits_table,
@@ -187,10 +187,4 @@ def _run(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = build_parser()
-    cli = parser.parse_args()
-    try:
-        resolve_device(cli.device, name="--device")
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))  # one line and exit status 2, no traceback
-    main(cli)
+    main(parse_example_args(build_parser()))

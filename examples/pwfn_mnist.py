@@ -24,7 +24,7 @@ import pyro
 import torch
 
 from pyro_bq import IIDNormal
-from pyro_bq._validation import resolve_device
+from pyro_bq._validation import parse_example_args, resolve_device
 from pyro_bq.data import load_mnist
 from pyro_bq.guides import init_to_pretrained
 from pyro_bq.models import BayesianClassifier, LeNet5
@@ -182,10 +182,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    parser = build_parser()
-    cli = parser.parse_args()
-    try:
-        resolve_device(cli.device, name="--device")
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))  # one line and exit status 2, no traceback
-    main(cli)
+    main(parse_example_args(build_parser()))

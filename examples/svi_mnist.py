@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pyro_bq import IIDNormal
-from pyro_bq._validation import resolve_device
+from pyro_bq._validation import parse_example_args, resolve_device
 from pyro_bq.data import load_fashion_mnist, load_mnist
 from pyro_bq.inference import seed_everything
 from pyro_bq.models import MLP, BayesianClassifier, LeNet5
@@ -120,10 +120,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    parser = build_parser()
-    cli = parser.parse_args()
-    try:
-        resolve_device(cli.device, name="--device")
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))  # one line and exit status 2, no traceback
-    main(cli)
+    main(parse_example_args(build_parser()))

@@ -323,3 +323,20 @@ def check_site_names(name: str, value: Any, known: Iterable[str], *, nonempty: b
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_example_args(parser, argv=None):
+    """``parser.parse_args(argv)`` with its ``--device`` checked by :func:`resolve_device`: a device this
+    machine lacks ends the script with one error line and exit status 2 (``parser.error``), no traceback.
+
+    Usage::
+
+        if __name__ == "__main__":
+            main(parse_example_args(build_parser()))
+    """
+    args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device, name="--device")
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    return args
