@@ -30,6 +30,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyro_bq import IIDNormal
+from pyro_bq._validation import resolve_device
 from pyro_bq.data import load_fashion_mnist, load_mnist
 from pyro_bq.guides import quantize
 from pyro_bq.inference import fit_svi
@@ -62,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the rows as JSON to this file")
     p.add_argument("--threads", type=int, default=1, help="torch threads (more threads only help on an idle machine)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (rows are still printed)")
     args = p.parse_args(argv)
     try:
@@ -80,6 +82,7 @@ def check_args(args) -> None:
 
         check_args(parse_args(["--bits", "4"]))
     """
+    _device(args)
     def positive_int(option, value, allow_none=False):
         if value is None and allow_none:
             return
@@ -114,6 +117,10 @@ def check_args(args) -> None:
                              "create it first")
 
 
+def _device(args):
+    return resolve_device(getattr(args, "device", "auto"), name="--device")
+
+
 def train_or_load(args, train, ckpt: Path):
     model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train))
     key = {"train": len(train), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -123,7 +130,7 @@ def train_or_load(args, train, ckpt: Path):
         return model, guide, 0.0
     t0 = time.perf_counter()
     guide, _ = fit_meanfield_bnn(model, train, init_scale=args.init_scale, num_epochs=args.epochs,
-                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=_device(args),
                                  progress=not (args.quiet or args.no_progress))
     save_meanfield_guide(ckpt, guide, key=key)
     return model, guide, time.perf_counter() - t0
@@ -139,7 +146,8 @@ def fine_tune(args, model, qguide, train):
             qguide.recalibrate_()
 
     fit_svi(model, qguide, train, num_steps=steps, batch_size=args.batch_size, lr=args.qat_lr, seed=args.seed + 1,
-            elbo=TraceMeanField_ELBO(), progress=not (args.quiet or args.no_progress), callback=every)
+            elbo=TraceMeanField_ELBO(), progress=not (args.quiet or args.no_progress), callback=every,
+            device=_device(args))
     qguide.recalibrate_()
     return qguide
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pyro_bq import IIDNormal
+from pyro_bq._validation import resolve_device
 from pyro_bq.data import load_fashion_mnist, load_mnist
 from pyro_bq.inference import seed_everything
 from pyro_bq.models import MLP, BayesianClassifier, LeNet5
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-scale", type=float, default=1.0, help="std of the IID Normal weight prior")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     return p
 
 
@@ -82,6 +84,7 @@ def main(args: argparse.Namespace) -> dict:
     guide, _ = fit_meanfield_bnn(
         model, train, init_scale=args.init_scale, num_epochs=args.num_epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, progress=not args.no_progress, callback=keep_loss,
+        device=resolve_device(getattr(args, "device", "auto"), name="--device"),
     )
     train_s = time.perf_counter() - t0
 
@@ -117,4 +120,10 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    parser = build_parser()
+    cli = parser.parse_args()
+    try:
+        resolve_device(cli.device, name="--device")
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))  # one line and exit status 2, no traceback
+    main(cli)

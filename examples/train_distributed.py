@@ -37,6 +37,7 @@ from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.inference import fit_svi
 from pyro_bq.inference.distributed import BACKENDS, destroy_distributed, init_distributed
 from pyro_bq.io import save_checkpoint
+from pyro_bq._validation import resolve_device
 from pyro_bq.models import MLP, BayesianClassifier, LeNet5
 
 
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (rank 0 writes; resumes from it)")
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="default: nccl with CUDA, else gloo")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available); with torchrun "
+                   "and cuda each rank takes the GPU of its LOCAL_RANK")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="default: nccl on cuda, gloo on cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a missing or dead rank is an error")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--out", default=None, help="rank 0 saves the trained guide and the losses here (.bq)")
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
+    resolve_device(args.device, name="--device")
     for name in ("train_size", "num_steps", "batch_size", "checkpoint_every", "threads", "hidden"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -89,13 +93,18 @@ def build(args, dataset_size: int, device: torch.device):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the training; returns a summary dict (on every rank)."""
-    args = build_parser().parse_args(argv)
-    _check(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check(args)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))  # one line and exit status 2, no traceback
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
-    info = init_distributed(args.backend, timeout=args.timeout)
+    device = resolve_device(args.device, name="--device")
+    info = init_distributed(args.backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=args.timeout)
     try:
-        device = info.device
+        device = info.device if info.backend == "nccl" else device
         train = load_mnist(args.data_dir, train=True, limit=args.train_size)
         if device.type != "cpu":
             train = type(train)(train.x.to(device), train.y.to(device), name=train.name)

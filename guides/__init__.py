@@ -14,6 +14,7 @@ from .logquant import AutoLogQuantNormal
 from .meanfield import AutoMeanFieldNormal, init_to_pretrained, softplus_inverse
 from .pwfn import AutoPWFN, pwfn_sigma_init
 from .quantized import PackedNormalBase, QuantizedGuide, QuantizedNormal, calibrate_site, copy_guide, quantize
+from .quantized import DETERMINISTIC_THRESHOLD, DeterministicDrawsWarning, deterministic_sites, varying_fraction
 
 __all__ = [
     "AutoGaussianSites",
@@ -27,6 +28,10 @@ __all__ = [
     "copy_guide",
     "quantize",
     "calibrate_site",
+    "varying_fraction",
+    "deterministic_sites",
+    "DeterministicDrawsWarning",
+    "DETERMINISTIC_THRESHOLD",
     "pwfn_sigma_init",
     "init_to_pretrained",
     "softplus_inverse",

@@ -19,11 +19,22 @@ hierarchy: the KL term is that of the underlying Gaussian. ``Trace_ELBO``
 scores a quantized draw with the Gaussian density. Both are therefore
 Gaussian surrogates for the discrete distribution of the quantized weights --
 the usual straight-through approximation, exact in the limit of fine grids.
+
+**Collapsed draws.** A sample grid much coarser than a weight's ``scale``
+puts almost every draw of that weight on the level nearest its ``loc``: the
+weight is effectively deterministic, and where a whole site (or guide) is, all
+weight draws agree, the mutual information is about 0 and the epistemic
+signal is gone (e.g. JQ at 2 bits). :func:`varying_fraction` measures the
+fraction of weights whose draws still differ; :func:`quantize` warns with
+:class:`DeterministicDrawsWarning` when a site, or the guide as a whole, has
+fewer than :data:`DETERMINISTIC_THRESHOLD` (1%) of its weights varying over
+:data:`VARYING_DRAWS` (16) seeded draws.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Mapping
 
 import pyro.distributions as dist
@@ -36,7 +47,25 @@ from pyro_bq.quant.quantizers import Log2Quantizer
 
 from .base import AutoGaussianSites
 
-__all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide", "quantize", "calibrate_site"]
+__all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide", "quantize", "calibrate_site",
+           "varying_fraction", "deterministic_sites", "DeterministicDrawsWarning", "DETERMINISTIC_THRESHOLD",
+           "VARYING_DRAWS"]
+
+#: A site (or a guide) whose fraction of varying weights is below this is effectively deterministic.
+DETERMINISTIC_THRESHOLD = 0.01
+#: Draws per weight that :func:`varying_fraction` compares by default (and :func:`quantize` uses).
+VARYING_DRAWS = 16
+#: Draw elements (draws x weights) one vectorized block of :func:`varying_fraction` holds.
+_VARYING_BLOCK = 1 << 24
+
+
+class DeterministicDrawsWarning(UserWarning):
+    """:func:`quantize` made a guide with a site (or as a whole) whose quantized draws barely vary.
+
+    Usage::
+
+        warnings.simplefilter("error", DeterministicDrawsWarning)   # refuse collapsed guides
+    """
 
 
 def copy_guide(guide: AutoGaussianSites) -> AutoGaussianSites:
@@ -313,6 +342,9 @@ def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
     :raises TypeError: for a guide or policy of the wrong type.
     :raises ValueError: for a guide without parameters, or a policy entry
         (``site_bits`` or ``site_quantizers`` key, ``skip`` entry, bits tensor) that fits no site.
+    :warns DeterministicDrawsWarning: when fewer than :data:`DETERMINISTIC_THRESHOLD` (1%) of
+        the weights of a site, or of the whole guide, vary over :data:`VARYING_DRAWS` draws
+        (measured with :func:`varying_fraction`, seed 0; the global RNG is untouched).
 
     Usage::
 
@@ -329,4 +361,92 @@ def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
     if isinstance(guide, QuantizedGuide):
         guide = guide.base
     policy.check_sites(guide.sites)
-    return QuantizedGuide(guide, _calibrate_sites(guide, policy), policy=policy)
+    qguide = QuantizedGuide(guide, _calibrate_sites(guide, policy), policy=policy)
+    _warn_if_deterministic(qguide)
+    return qguide
+
+
+def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int) -> float:
+    """Fraction of the weights of site ``name`` whose ``num_draws`` draws are not all equal (global RNG)."""
+    info = guide.sites[name]
+    posterior = guide.get_posterior(name)
+    base = getattr(posterior, "base_dist", posterior)
+    if not isinstance(base, QuantizedNormal):
+        # a float Normal draw differs from the next with probability 1 wherever its scale is positive
+        return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
+    varying = torch.zeros(info.shape, dtype=torch.bool)
+    first = None
+    block = max(2, _VARYING_BLOCK // max(1, info.numel))
+    done = 0
+    while done < num_draws:  # blocks of draws, each compared at once with the first draw
+        take = min(block, num_draws - done)
+        draws = base.sample((take,)).detach()
+        if first is None:
+            first = draws[0]
+        varying |= (draws != first).any(0)
+        done += take
+    return float(varying.double().mean())
+
+
+@torch.no_grad()
+def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, seed: int = 0) -> dict:
+    """``{site: fraction of its weights whose draws are not all equal}`` over ``num_draws`` draws.
+
+    A site whose samples are quantized (SPQ, JQ) is drawn ``num_draws`` times
+    (vectorized over weights and draws, from a generator seeded with ``seed``;
+    the global RNG is left as it was) and a weight counts as varying when any
+    draw differs from the first. A site whose samples stay float counts the
+    weights with a positive scale (their draws differ with probability 1).
+    A fraction near 0 means the site is effectively deterministic.
+
+    :param guide: a set-up :class:`AutoGaussianSites` guide (quantized or not).
+    :param num_draws: draws per weight, at least 2.
+    :param seed: seed of the draws.
+
+    Usage::
+
+        fractions = varying_fraction(quantize(guide, JQ(2)), num_draws=16, seed=0)
+        min(fractions.values())      # ~0: all draws of those weights agree
+    """
+    if not isinstance(guide, AutoGaussianSites):
+        raise TypeError(f"guide must be a pyro_bq AutoGaussianSites guide, got {type(guide).__name__}")
+    if guide.prototype_trace is None:
+        raise ValueError("guide has no parameters yet: train it, or call it once with example inputs, first")
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"num_draws must be an int >= 2 (draws to compare), got {num_draws!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return {name: _site_varying(guide, name, num_draws) for name in guide.sites}
+
+
+def deterministic_sites(fractions: Mapping[str, float], sizes: Mapping[str, int], *,
+                        threshold: float = DETERMINISTIC_THRESHOLD) -> tuple[float, list]:
+    """The overall varying fraction (weighted by site size) and the sites below ``threshold``.
+
+    :param fractions: ``{site: varying fraction}`` (from :func:`varying_fraction`).
+    :param sizes: ``{site: number of weights}``.
+
+    Usage::
+
+        overall, sites = deterministic_sites(varying_fraction(qguide), {n: i.numel for n, i in qguide.sites.items()})
+    """
+    total = sum(sizes[name] for name in fractions)
+    overall = sum(fractions[name] * sizes[name] for name in fractions) / max(1, total)
+    return overall, [name for name, value in fractions.items() if value < threshold]
+
+
+def _warn_if_deterministic(qguide: QuantizedGuide) -> None:
+    """Warn (:class:`DeterministicDrawsWarning`) when ``qguide`` or some of its sites barely vary."""
+    fractions = varying_fraction(qguide)
+    overall, sites = deterministic_sites(fractions, {n: i.numel for n, i in qguide.sites.items()})
+    if overall < DETERMINISTIC_THRESHOLD or sites:
+        what = "the whole guide" if overall < DETERMINISTIC_THRESHOLD else f"{len(sites)} of {len(fractions)} sites"
+        listed = ", ".join(f"{n}: {fractions[n]:.2%}" for n in sites)
+        warnings.warn(
+            f"{qguide.policy!r} leaves {what} effectively deterministic (fewer than {DETERMINISTIC_THRESHOLD:.0%} of "
+            f"the weights vary over {VARYING_DRAWS} draws; overall {overall:.2%}; {listed}): the weight draws agree, "
+            "so the mutual information is about 0 and carries no epistemic signal. Use more sample bits for those "
+            "sites (site_bits=...) or VPQ, which keeps draws in float",
+            DeterministicDrawsWarning, stacklevel=3)

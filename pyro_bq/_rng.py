@@ -11,6 +11,24 @@ torch's intra-op threads. The chunking depends only on the size, so a seed
 gives the same draws whatever the number of threads. Tensors below
 :data:`MIN_PARALLEL` values, and tensors on other devices, use one plain
 ``normal_()`` call.
+
+Determinism per device. On CPU a seed gives the same draws bit for bit,
+whatever the number of threads. On CUDA, :func:`standard_normal` and
+:func:`normal_rows` make one ``normal_()`` call on the device, driven by
+torch's CUDA generator (``torch.manual_seed`` / ``pyro.set_rng_seed`` seed it
+too): a seed gives the same draws on the same GPU model, driver and torch
+version, but not the CPU's draws, and not necessarily another GPU's. What the
+network then computes from those draws is bitwise reproducible on CUDA only
+with ``torch.use_deterministic_algorithms(True)`` (and
+``CUBLAS_WORKSPACE_CONFIG=:4096:8``); without it, atomics in some kernels
+(convolution backward, ``index_add``) can change the last bits between runs,
+so a run killed and resumed on a GPU ends close to, not exactly at, an
+uninterrupted one.
+
+:func:`epoch_seed` is the one rule that makes a data order a function of
+``(seed, epoch)``: :class:`pyro_bq.data.InMemoryDataset` shuffles with it, and
+:func:`pyro_bq.inference.batches.as_batches` re-seeds a shuffling DataLoader's
+sampler with it at the start of every epoch.
 """
 
 from __future__ import annotations
@@ -21,12 +39,34 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["standard_normal", "normal_rows", "CHUNK", "MIN_PARALLEL"]
+__all__ = ["standard_normal", "normal_rows", "epoch_seed", "epoch_generator", "CHUNK", "MIN_PARALLEL"]
 
 #: values per stream
 CHUNK = 1 << 17
 #: smallest tensor drawn in chunks (smaller ones: one ``normal_()`` call)
 MIN_PARALLEL = 2 * CHUNK
+
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s data order in a run seeded with ``seed`` (a 64-bit int).
+
+    Usage::
+
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(0, 3)))
+    """
+    return (int(seed) * 1_000_003 + int(epoch)) % 2**64
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A fresh CPU ``torch.Generator`` seeded with :func:`epoch_seed` ``(seed, epoch)``.
+
+    Usage::
+
+        order = torch.randperm(n, generator=epoch_generator(0, 3))
+    """
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
+
 
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple | None = None

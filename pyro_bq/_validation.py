@@ -223,6 +223,29 @@ def check_device(name: str, value: Any) -> torch.device:
     return device
 
 
+def resolve_device(value: Any = "auto", *, name: str = "device") -> torch.device:
+    """The ``torch.device`` that ``value`` asks for: ``"auto"`` (CUDA when available, else CPU),
+    ``"cpu"``, ``"cuda"``, ``"cuda:i"``, ``"mps"`` or a ``torch.device``.
+
+    ``"cuda"`` on a machine without a GPU raises a ``ValueError`` that says so
+    here, before torch would fail deep inside a kernel call.
+
+    :raises TypeError: for a value that is neither str nor torch.device.
+    :raises ValueError: for an unknown device or one this machine lacks.
+
+    Usage::
+
+        device = resolve_device(args.device)     # --device auto|cpu|cuda
+        net.to(device)
+    """
+    if isinstance(value, str) and value == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{name} is {value!r} but no GPU is available on this machine (torch sees no CUDA device); "
+                         "use 'cpu' or 'auto'")
+    return check_device(name, value)
+
+
 def check_shape(name: str, value: torch.Tensor, shape: tuple) -> torch.Tensor:
     """Check a tensor's shape against ``shape``, where ``None`` entries match any size.
 

@@ -7,9 +7,10 @@ then :func:`fit_meanfield_bnn` fits an
 pretrained weights. What differs between them (the prior, the learning rates,
 the seeds) is an argument here.
 
-The recipes take any dataset with ``len()`` and
-``batches(batch_size, shuffle=..., seed=..., epoch=...)`` (for example
-:class:`pyro_bq.data.InMemoryDataset`); they do not import :mod:`pyro_bq.data`.
+The recipes take what :func:`~pyro_bq.inference.fit_svi` takes: an in-memory dataset
+(:class:`pyro_bq.data.InMemoryDataset`), a ``torch.utils.data.DataLoader`` or any
+re-iterable of ``(x, y)`` batches (:func:`~pyro_bq.inference.batches.as_batches`), and a
+``device=``; they do not import :mod:`pyro_bq.data`.
 
 Usage::
 
@@ -29,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pyro_bq._validation import check_bool, check_callable, check_int, check_module, check_positive
+from pyro_bq._validation import check_bool, check_callable, check_int, check_module, check_positive, resolve_device
 from pyro_bq.guides import AutoMeanFieldNormal, init_to_pretrained
 from pyro_bq.inference import FitResult, fit_svi
+from pyro_bq.inference.batches import as_batches, module_device
 from pyro_bq.io import load_checkpoint, save_checkpoint
 
 __all__ = ["pretrain", "fit_meanfield_bnn", "scale_aware_adam", "load_meanfield_guide", "save_meanfield_guide"]
@@ -71,18 +73,22 @@ def pretrain(
     data_seed: Optional[int] = None,
     checkpoint: Optional[os.PathLike] = None,
     progress: bool = False,
+    device=None,
 ) -> nn.Module:
     """A deterministic network trained with Adam on the cross entropy of ``data``; returned in eval mode.
 
     :param make_net: builds the untrained network; it is called with torch's RNG
         seeded by ``seed`` (the global RNG is left as it was), so a seed gives one
         initialisation.
-    :param data: a dataset with ``len()`` and ``batches(batch_size, shuffle=True, seed=..., epoch=...)``.
+    :param data: an in-memory dataset (shuffled by ``epoch_order(epoch, data_seed)``), a DataLoader
+        (re-seeded per epoch from ``(data_seed, epoch)``) or a re-iterable of ``(x, y)`` batches.
     :param epochs: passes over ``data`` (0: the untrained network).
     :param data_seed: seed of the minibatch order (default ``seed``).
     :param checkpoint: a file that holds the network and the optimizer after each
         epoch; a later call with the same file resumes after its last finished epoch.
     :param progress: show a progress bar.
+    :param device: where to train (``"auto"``, ``"cpu"``, ``"cuda"``, a ``torch.device``); default:
+        where ``make_net()`` put the network's parameters. The network is returned there.
 
     Usage::
 
@@ -98,19 +104,23 @@ def pretrain(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = check_module("make_net()", make_net())
+    device = module_device(net) if device is None else resolve_device(device)
+    net.to(device)
+    batches = as_batches(data, batch_size=batch_size, device=device)
     opt = torch.optim.Adam(net.parameters(), lr=check_positive("lr", lr))
     start = 0
     if checkpoint is not None and os.path.isfile(checkpoint):
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, map_location=device)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optim"])
         start = int(state["epoch"])
-    per_epoch = -(-len(data) // batch_size)
-    bar = tqdm(total=epochs * per_epoch, initial=min(start, epochs) * per_epoch, desc="pretrain",
+    per_epoch = batches.num_batches
+    bar = tqdm(total=None if per_epoch is None else epochs * per_epoch,
+               initial=0 if per_epoch is None else min(start, epochs) * per_epoch, desc="pretrain",
                disable=not check_bool("progress", progress), dynamic_ncols=True)
     net.train()
     for epoch in range(start, epochs):
-        for xb, yb in data.batches(batch_size, shuffle=True, seed=data_seed, epoch=epoch):
+        for _, xb, yb in batches.epoch(epoch, data_seed):
             loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad()
             loss.backward()
@@ -143,7 +153,7 @@ def fit_meanfield_bnn(
     :param lr: learning rate of the means (of every parameter when ``scale_lr`` is ``None``).
     :param scale_lr: learning rate of the scales with :func:`scale_aware_adam`;
         ``None``: ``fit_svi``'s default optimizer with ``lr``.
-    :param fit_kwargs: passed on to ``fit_svi`` (``num_epochs``, ``batch_size``, ``seed``,
+    :param fit_kwargs: passed on to ``fit_svi`` (``num_epochs``, ``batch_size``, ``seed``, ``device``, ``dataset_size``,
         ``checkpoint_dir``, ``progress``, ``callback``, ...).
     :returns: ``(guide, fit_result)``.
 

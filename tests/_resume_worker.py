@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--pause-at", type=int, default=-1)
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--pwfn", action="store_true")
+    parser.add_argument("--loader", action="store_true", help="train from a shuffling DataLoader")
     parser.add_argument("--pause-round", type=int, default=-1)
     parser.add_argument("--pause-after-round", type=int, default=-1)
     args = parser.parse_args()
@@ -62,6 +63,10 @@ def main() -> None:
     data = load_mnist(args.data, train=True, limit=args.n)
     model = BayesianClassifier(MLP((784, args.hidden, 10)), IIDNormal(1.0), dataset_size=len(data))
     guide = AutoMeanFieldNormal(model, init_scale=1e-2)
+    if args.loader:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        data = DataLoader(TensorDataset(data.x, data.y), batch_size=args.batch, shuffle=True)
     marker = Path(args.ckpt).parent / f"paused-{args.pause_at}"
 
     def callback(step: int, loss: float) -> None:

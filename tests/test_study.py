@@ -72,6 +72,33 @@ def test_json_has_every_configuration_and_column_in_range(tiny_run):
     assert data["ambiguous_mnist"]["source"] == "generated"
 
 
+def test_rows_carry_training_labels_draw_figures_and_allocation_bits(tiny_run):
+    data = json.loads((tiny_run / "results.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert {name: r["training"] for name, r in rows.items()} == {
+        "float": "data-free", "jq4": "data-free", "jq4+act8": "data-free", "logquant4": "trained", "qi": "data-free"}
+    for name, r in rows.items():
+        assert r["mi_in"] > 0 and r["mi_in"] == r["details"]["epistemic_in"], name
+        assert 0.0 <= r["varying_fraction"] <= 1.0 and isinstance(r["collapsed"], bool), name
+        assert len(r["details"]["varying_fraction_sites"]) == 10, name  # LeNet-5: 5 layers, weight and bias
+        assert r["collapsed"] == bool(r["details"]["deterministic_sites"] or r["varying_fraction"] < 0.01)
+    assert rows["float"]["varying_fraction"] == 1.0 and not rows["float"]["collapsed"]
+    assert rows["jq4"]["code_bits"] is None  # allocation rows only
+    md = (tiny_run / "results.md").read_text()
+    assert "| training |" in md and "| data-free |" in md and "| trained |" in md
+    header = (tiny_run / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"training", "mi_in", "varying_fraction", "collapsed", "code_bits", "storage_bits"} <= set(header)
+
+
+def test_the_tables_render_allocation_bits_when_present_and_blank_otherwise():
+    from pyro_bq.study.report import markdown_table
+
+    base = {"config": "qi", "policy": "qi", "training": "data-free", "collapsed": True}
+    table = markdown_table([{**base, "code_bits": 2.52, "storage_bits": 6.5}, {**base, "config": "jq4"}])
+    qi, jq = table.splitlines()[2:]
+    assert "| 2.52 | 6.50 |" in qi and jq.endswith("|  |  |") and "**yes**" in jq
+
+
 def test_arviz_inference_data_per_configuration(tiny_run):
     idata = az.from_netcdf(tiny_run / "configs" / "jq4.nc")
     assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data"} <= set(idata.groups())
@@ -197,3 +224,13 @@ def test_pyro_bq_cli_rejects_unknown_commands(capsys):
         cli_main(["stduy"])
     assert "invalid choice" in capsys.readouterr().err
     assert cli_main([]) == 2
+
+
+def test_the_row_format_is_part_of_the_eval_fingerprint(monkeypatch):
+    from pyro_bq.study import config
+
+    cfg = StudyConfig()
+    before = cfg.eval_fingerprint(), cfg.train_fingerprint()
+    monkeypatch.setattr(config, "ROW_FORMAT", config.ROW_FORMAT + 1)
+    assert cfg.eval_fingerprint() != before[0]  # rows of another record format run again
+    assert cfg.train_fingerprint() == before[1]  # the trained guide is still reused

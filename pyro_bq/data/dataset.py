@@ -6,6 +6,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from pyro_bq._rng import epoch_generator
 from pyro_bq._validation import check_bool, check_int, check_str
 
 __all__ = ["InMemoryDataset"]
@@ -63,8 +64,7 @@ class InMemoryDataset:
         """The shuffled index order of ``epoch``: a function of ``(seed, epoch)`` only."""
         epoch = check_int("epoch", epoch, low=0)
         seed = check_int("seed", seed, low=0)
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
-        return torch.randperm(len(self), generator=gen)
+        return torch.randperm(len(self), generator=epoch_generator(seed, epoch))
 
     def batches(
         self,

@@ -37,7 +37,7 @@ _FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
-_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST"}
+_TORCHVISION = {"MNIST": "MNIST", "FashionMNIST": "FashionMNIST", "KMNIST": "KMNIST"}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -111,12 +111,15 @@ def _find(raw: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: Optional[int]) -> InMemoryDataset:
+def read_idx_pair(name: str, root, train: bool, download: bool, *, any_count: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images ``(N, H, W)`` and labels ``(N,)`` of an MNIST-family dataset in torchvision's layout,
+    ``ROOT/name/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
+
+    :param any_count: accept files of any length (otherwise the official 60,000 / 10,000).
+    """
     train = check_bool("train", train)
     download = check_bool("download", download)
-    normalize = check_bool("normalize", normalize)
-    if limit is not None:
-        limit = check_int("limit", limit, low=1)
     base = resolve_root(root)
     raw = base / name / "raw"
     img_stem, lbl_stem, count = _FILES[train]
@@ -130,8 +133,19 @@ def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: 
             f"{raw / lbl_stem}[.gz]. Pass root=<folder with {name}/raw/>, set PYRO_BQ_DATA, "
             "or use download=True when online."
         )
-    images = _read_idx(img_path, 0x00000803, count)
-    labels = _read_idx(lbl_path, 0x00000801, count)
+    images = _read_idx(img_path, 0x00000803, None if any_count else count)
+    labels = _read_idx(lbl_path, 0x00000801, None if any_count else count)
+    if len(images) != len(labels):
+        raise ValueError(f"{img_path} holds {len(images)} images but {lbl_path} {len(labels)} labels; provide a "
+                         "matching pair of files")
+    return images, labels
+
+
+def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: Optional[int]) -> InMemoryDataset:
+    normalize = check_bool("normalize", normalize)
+    if limit is not None:
+        limit = check_int("limit", limit, low=1)
+    images, labels = read_idx_pair(name, root, train, download)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = images_to_tensor(images, normalize=normalize)

@@ -16,10 +16,12 @@ What happens under ``torchrun`` (``WORLD_SIZE > 1``):
   or stuck rank makes the others fail with :class:`DistributedError` instead of
   hanging. ``fit_svi`` calls it itself when torchrun's variables are set.
 * **Data.** ``batch_size`` is the *global* batch. Every rank holds the full
-  dataset; the epoch order is ``data.epoch_order(epoch, seed)`` on every rank
-  (shared, deterministic seed), and each global batch is cut into
-  ``world_size`` contiguous, disjoint shards (:func:`shard_batch`), so each rank
-  sees a disjoint shard of each epoch, reshuffled per epoch.
+  dataset (or the same full DataLoader, without a ``DistributedSampler``); the
+  epoch order is a function of ``(seed, epoch)``, the same on every rank
+  (:mod:`pyro_bq.inference.batches`), and each global batch is cut into
+  ``world_size`` contiguous, disjoint shards (:meth:`SingleProcess.shard`,
+  :func:`shard_batch`), so each rank sees a disjoint shard of each epoch,
+  reshuffled per epoch.
 * **Gradients.** After ``elbo.loss_and_grads`` and before the Pyro optimizer
   step, the gradients of all parameters in the step's param trace are
   all-reduced: rank ``r`` contributes ``w_r * grad_r`` with
@@ -306,8 +308,8 @@ class SingleProcess:
     Usage::
 
         strategy = resolve(None)    # SingleProcess() outside torchrun
-        for xb, yb, weight, n in strategy.batches(data, order, 128):
-            ...
+        for xb, yb in global_batches:
+            x_local, y_local, weight, n = strategy.shard(xb, yb)
     """
 
     rank = 0
@@ -324,12 +326,14 @@ class SingleProcess:
         if check is not None:
             check()
 
-    def batches(self, data, order: torch.Tensor, batch_size: int):
-        """For each global batch of ``order``: ``(x, y, weight, global batch size)`` of this
-        rank's shard (:func:`shard_batch`), ``data`` being any object with tensors ``.x`` and ``.y``."""
-        for start in range(0, len(order), batch_size):
-            mine, weight = shard_batch(order[start : start + batch_size], self.rank, self.world_size)
-            yield data.x[mine], data.y[mine], weight, min(batch_size, len(order) - start)
+    def shard(self, xb: torch.Tensor, yb: torch.Tensor):
+        """``(x, y, weight, global batch size)`` of this rank's shard (:func:`shard_batch`) of the
+        global batch ``(xb, yb)``; in one process the whole batch with weight 1."""
+        if self.world_size == 1:
+            return xb, yb, 1.0, len(xb)
+        mine, weight = shard_batch(torch.arange(len(xb)), self.rank, self.world_size)
+        mine = mine.to(xb.device)
+        return xb[mine], yb[mine.to(yb.device)], weight, len(xb)
 
     def average(self, params: dict, loss: float, *, weight: float, step: int) -> float:
         """Replace every gradient by ``sum_r w_r grad_r`` and return ``sum_r w_r loss_r``

@@ -29,9 +29,10 @@ import torch
 from pyro.infer import Predictive
 from torch.func import functional_call, vmap
 
-from pyro_bq._validation import check_choice, check_int
+from pyro_bq._validation import check_choice, check_int, resolve_device
 from pyro_bq.models.bayesian import check_inputs
 
+from .batches import module_mode
 from .folded import FoldedNet, NotFoldable
 
 __all__ = [
@@ -261,9 +262,10 @@ def _plan(model, samples, x, num_samples: int, batch_size, chunk_size, max_bytes
     cache = _memo(model, "bytes")
     key = (tuple(x.shape[1:]), x.dtype)
     if key not in cache:  # activations grow linearly with the number of inputs
-        net = model.functional_net({k: v[:1] for k, v in samples.items()}, x[:1])[0]
+        probe = x[:1].to(next(iter(samples.values())).device)
+        net = model.functional_net({k: v[:1] for k, v in samples.items()}, probe)[0]
         with model.shape_errors(x):
-            cache[key] = activation_bytes_per_sample(net, x[:1])
+            cache[key] = activation_bytes_per_sample(net, probe)
     per_input = max(cache[key], 1)
     rows = min(len(x), batch_size or len(x))
     if chunk_size is None:
@@ -292,6 +294,21 @@ def check_draws(samples, num_samples: Optional[int] = None) -> tuple[dict, int]:
     return dict(samples), s
 
 
+def _on_device(samples: dict, x: torch.Tensor, device) -> tuple[dict, torch.Tensor, torch.device]:
+    """``device`` (default: where the draws are) and the draws on it; ``x`` stays where it is, and each
+    slice of it follows with :func:`_rows`."""
+    device = next(iter(samples.values())).device if device is None else resolve_device(device)
+    return {k: v.to(device) for k, v in samples.items()}, x, device
+
+
+def _rows(x: torch.Tensor, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Rows ``start:stop`` of ``x`` on ``device`` (asynchronously from pinned memory)."""
+    part = x[start:stop]
+    if part.device == device:
+        return part
+    return part.to(device, non_blocking=part.device.type == "cpu" and x.is_pinned())
+
+
 def _draws(guide, num_samples: int, samples) -> tuple[dict, int]:
     """The weight draws (given, or ``num_samples`` from ``guide.sample_latents``) and their number."""
     if samples is not None:
@@ -314,6 +331,7 @@ def predict_batched(
     batch_size: Optional[int] = None,
     chunk_size: Optional[int] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    device=None,
 ) -> torch.Tensor:
     """Network outputs for ``num_samples`` posterior weight samples: shape ``(S, N, ...)``.
 
@@ -329,6 +347,10 @@ def predict_batched(
     :param chunk_size: samples per pass; default as many as fit ``max_bytes``.
     :param max_bytes: activation memory budget of one pass (bytes); inputs are
         split further if one sample on ``batch_size`` inputs does not fit.
+    :param device: where the passes run (``"auto"``, ``"cpu"``, ``"cuda"``, a ``torch.device``);
+        default: where the weight draws are, i.e. the guide's device. The model's network
+        (its buffers, e.g. BatchNorm statistics) must be there too; ``x`` may stay on the
+        CPU (pinned for asynchronous copies): each slice of it is moved in turn.
     :returns: logits (classifier) or means (regressor), ``(S, N, ...)``.
     :raises TypeError, ValueError: for bad arguments.
 
@@ -344,11 +366,13 @@ def predict_batched(
     batch_size = None if batch_size is None else check_int("batch_size", batch_size, low=1)
     chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, low=1)
     samples, num_samples = _draws(guide, num_samples, samples)
+    samples, x, device = _on_device(samples, x, device)
     chunk_size, rows = _plan(model, samples, x, num_samples, batch_size, chunk_size, max_bytes)
     outs = []
     for s0 in range(0, num_samples, chunk_size):
         part = {k: v[s0 : s0 + chunk_size] for k, v in samples.items()}
-        outs.append(torch.cat([batched_forward(model, part, x[r : r + rows]) for r in range(0, len(x), rows)], 1))
+        outs.append(torch.cat([batched_forward(model, part, _rows(x, r, r + rows, device))
+                               for r in range(0, len(x), rows)], 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
@@ -362,16 +386,20 @@ def predict_looped(
     samples: Optional[Mapping[str, torch.Tensor]] = None,
     site: Optional[str] = None,
     batch_size: Optional[int] = None,
+    device=None,
 ) -> torch.Tensor:
     """Reference for :func:`predict_batched`: the same draws, one Pyro model run each.
 
     Draws the weights exactly as :func:`predict_batched` does (so both give the
     same result under the same seed), then runs the ordinary model for each
     sample through :class:`~pyro.infer.Predictive` on ``batch_size`` inputs at a
-    time (default all) and returns its deterministic output site ``site``
+    time (default all), in eval mode (BatchNorm uses its running statistics and
+    does not update them; each module's mode is restored afterwards, as in
+    :func:`predict_batched`, which runs an eval-mode copy), and returns its deterministic output site ``site``
     (default ``model.output_site``: ``"logits"`` for a classifier, ``"loc"``
     for a regressor). Any Pyro model works, given ``samples`` and ``site``.
 
+    :param device: as in :func:`predict_batched`.
     :raises ValueError: if the model has no such site.
 
     Usage::
@@ -382,14 +410,16 @@ def predict_looped(
     x = as_inputs("x", x)
     batch_size = len(x) if batch_size is None else check_int("batch_size", batch_size, low=1)
     samples, _ = _draws(guide, num_samples, samples)
+    samples, x, device = _on_device(samples, x, device)
     site = getattr(model, "output_site", None) if site is None else site
     if not isinstance(site, str) or not site:
         raise ValueError(f"site: the model ({type(model).__name__}) names no output_site; pass site= the name "
                          "of its deterministic output site")
     predictive, outs = Predictive(model, posterior_samples=samples, return_sites=[site], parallel=False), []
-    for r in range(0, len(x), batch_size):
-        pred = predictive(x[r : r + batch_size])
-        if site not in pred:
-            raise ValueError(f"the model has no site {site!r}; pass site= the name of its output site")
-        outs.append(pred[site])
+    with module_mode(model, False):  # BatchNorm reads its running statistics and leaves them alone
+        for r in range(0, len(x), batch_size):
+            pred = predictive(_rows(x, r, r + batch_size, device))
+            if site not in pred:
+                raise ValueError(f"the model has no site {site!r}; pass site= the name of its output site")
+            outs.append(pred[site])
     return torch.cat(outs, 1)

@@ -37,19 +37,18 @@ from pyro.nn.module import PyroModule, _make_name
 from pyro.params.param_store import param_with_module_name
 from tqdm.auto import tqdm
 
-from pyro_bq._validation import check_bool, check_callable, check_choice, check_int, check_path, check_positive, check_type
+from pyro_bq._validation import (check_bool, check_callable, check_choice, check_int, check_path, check_positive,
+                                 check_type, resolve_device)
 from pyro_bq.io.checkpoint import latest_checkpoint, replace_checkpoint, rng_state
 from pyro_bq.io.container import writable_folder
 
+from pyro_bq.models import BayesianClassifier
+
+from .batches import BatchError, Batches, NonFiniteError, as_batches, module_device, module_mode, same_device
 from .distributed import SingleProcess, rank_seed, resolve
 from .elbo import MeanFieldELBO
 
-__all__ = ["fit_svi", "FitResult", "NonFiniteError", "default_optim", "seed_everything", "svi_step"]
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or a gradient became NaN or infinite during training, or the model
-    failed on a minibatch that holds NaN or infinite values."""
+__all__ = ["fit_svi", "FitResult", "NonFiniteError", "BatchError", "default_optim", "seed_everything", "svi_step"]
 
 
 #: The largest seed :func:`seed_everything` takes (numpy's limit).
@@ -371,25 +370,43 @@ def _restore(model, guide, optim, state, where: str) -> None:
         raise ValueError(f"checkpoint {where} does not fit this run ({type(err).__name__}: {err}); {advice}") from err
 
 
-def _check_dataset(data) -> None:
-    x, y = getattr(data, "x", None), getattr(data, "y", None)
-    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and callable(getattr(data, "epoch_order", None))):
-        raise TypeError(
-            "data must be a dataset with tensors .x and .y and a method epoch_order(epoch, seed), such as a "
-            f"pyro_bq InMemoryDataset; got {type(data).__name__}"
-        )
+def _num_classes(model) -> Optional[int]:
+    """The classes of a :class:`~pyro_bq.models.BayesianClassifier` (its network's last ``nn.Linear``), else None."""
+    if not isinstance(model, BayesianClassifier):
+        return None
+    last = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)]
+    return last[-1].out_features if last else None
 
 
-def _batches_per_epoch(data, batch_size: int) -> int:
-    return -(-data.x.shape[0] // batch_size)
-
-
-def _total_steps(data, batch_size: int, num_epochs: Optional[int], num_steps: Optional[int]) -> int:
+def _total_steps(batches: Batches, num_epochs: Optional[int], num_steps: Optional[int]) -> int:
     if num_steps is not None:
         return check_int("num_steps", num_steps, low=1)
     if num_epochs is None:
         raise ValueError("give num_epochs or num_steps")
-    return check_int("num_epochs", num_epochs, low=1) * _batches_per_epoch(data, batch_size)
+    num_epochs = check_int("num_epochs", num_epochs, low=1)
+    if batches.num_batches is None:
+        raise ValueError(f"num_epochs needs the number of batches per epoch, but the data (a "
+                         f"{type(batches.data).__name__}) has no len(); pass num_steps instead")
+    return num_epochs * batches.num_batches
+
+
+def _fingerprint(batches: Batches) -> dict:
+    """What a checkpoint records of the data: :func:`_data_fingerprint` of an in-memory dataset, else its
+    kind, size and batches per epoch."""
+    if batches.in_memory:
+        return _data_fingerprint(batches.data)
+    return {"size": batches.dataset_size, "x": type(batches.data).__name__, "y": None,
+            "checksum": f"batches/epoch={batches.num_batches}"}
+
+
+def _check_model_size(model, batches: Batches, dataset_size: Optional[int]) -> None:
+    """The model's ``dataset_size`` scales the likelihood; an explicit ``dataset_size=`` must agree with it."""
+    own = getattr(model, "dataset_size", None)
+    if dataset_size is not None and own is not None and own != batches.dataset_size:
+        raise ValueError(f"dataset_size={batches.dataset_size} but the model was built with dataset_size={own}; "
+                         "pass the number of training examples to both")
+    if own is None:
+        batches.require_size("fit_svi")
 
 
 @dataclass
@@ -400,7 +417,7 @@ class _Run:
     guide: object
     optim: pyro.optim.PyroOptim
     elbo: ELBO
-    data: object
+    data: Batches
     batch_size: int
     seed: int
     on_nonfinite: str
@@ -413,6 +430,7 @@ class _Run:
     step: int = 0
     before: Optional[dict] = None  # the RNG states before the current step: those of the last good state
     model_failed: bool = False
+    position: tuple = (0, 0)  # (epoch, batch within the epoch) of the next step
     strategy: SingleProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -424,23 +442,28 @@ class _Run:
             check_callable("step_hook", self.step_hook, "a callable step_hook() or None")
         _check_optim_elbo(self.optim, self.elbo)
         self.strategy = resolve(self.distributed)
+        sampler = getattr(self.data.data, "sampler", None)
+        if self.strategy.distributed and isinstance(sampler, torch.utils.data.DistributedSampler):
+            raise ValueError("in a data-parallel run every rank passes the same full DataLoader (no "
+                             "DistributedSampler): fit_svi cuts each global batch into the ranks' shards itself")
 
     def start(self, total: int, checkpoint_every: int, resume: bool) -> None:
         """Fix the settings a checkpoint records, make the folder (rank 0), check that every rank has the same;
         seed, create the guide's parameters, resume from the folder's latest checkpoint, share rank 0's state."""
         if self.folder is not None or self.strategy.distributed:  # the data's fingerprint only when needed
-            self.settings = {"seed": self.seed, "batch_size": self.batch_size, "data": _data_fingerprint(self.data)}
+            self.settings = {"seed": self.seed, "batch_size": self.batch_size, "data": _fingerprint(self.data)}
         self.strategy.agree(
             {"seed": self.seed, "batch_size": self.batch_size, "num_steps": total, "checkpoint_every": checkpoint_every,
              "resume": resume, "on_nonfinite": self.on_nonfinite, "data": (self.settings or {}).get("data")},
             functools.partial(writable_folder, "checkpoint_dir", self.folder) if self.folder is not None else None,
         )
         seed_everything(rank_seed(self.seed, self.strategy.rank))
-        first = torch.arange(min(self.batch_size, self.data.x.shape[0]))
-        if hasattr(self.guide, "setup"):
-            self.guide.setup(self.data.x[first], self.data.y[first])
-        else:
-            self.guide(self.data.x[first], self.data.y[first])
+        x0, y0 = self.data.first()
+        with module_mode(self.model, False):  # a shape trace: BatchNorm statistics stay as they are
+            if hasattr(self.guide, "setup"):
+                self.guide.setup(x0, y0)
+            else:
+                self.guide(x0, y0)
         _unshadow_params(self.model, self.guide)
         if self.folder is not None and resume:
             self.resume(total)
@@ -462,6 +485,9 @@ class _Run:
                 "or resume=False to start over and overwrite it")
         _restore(self.model, self.guide, self.optim, state, where)
         self.step = int(state["step"])
+        per_epoch = self.data.num_batches
+        self.position = (tuple(int(v) for v in state["position"]) if "position" in state
+                         else divmod(self.step, per_epoch) if per_epoch else (0, 0))
         self.strategy.restore_rng(state, self.seed, self.step)
         self.result.losses = list(state["losses"])
         self.result.skipped_steps = list(state["skipped"])
@@ -486,6 +512,7 @@ class _Run:
             "losses": list(self.result.losses),
             "skipped": list(self.result.skipped_steps),
             "settings": self.settings,
+            "position": list(self.position),
             **extra,
         }
 
@@ -512,37 +539,63 @@ class _Run:
                 self.step_hook()
             self.result.losses.append(loss / n_global)
         self.step += 1
+        self.position = (self.position[0], self.position[1] + 1)
         return loss, ok
 
     def train(self, total: int, checkpoint_every: int, progress: bool) -> FitResult:
         """Step until ``total`` steps are done, checkpointing every ``checkpoint_every`` and at the end."""
-        per_epoch = _batches_per_epoch(self.data, self.batch_size)
         bar = self.strategy.main_only(tqdm, total=total, initial=self.step, desc="SVI", dynamic_ncols=True,
                                       leave=False) if progress else None
-        running = None
         try:
-            while self.step < total:
-                epoch, offset = divmod(self.step, per_epoch)
-                order = self.data.epoch_order(epoch, self.seed)[offset * self.batch_size :]
-                for xb, yb, weight, n_global in self.strategy.batches(self.data, order, self.batch_size):
-                    loss, ok = self.guarded_step(xb, yb, weight, n_global)
-                    if ok:
-                        running = loss if running is None else 0.95 * running + 0.05 * loss
-                    if bar is not None:
-                        bar.update(1)
-                        if running is not None:
-                            bar.set_postfix(elbo=f"{-running:.4g}")
-                    if self.callback is not None:
-                        self.callback(self.step, loss)
-                    if self.step % checkpoint_every == 0 or self.step == total:
-                        self.save(self.step)
-                    if self.step >= total:
-                        break
+            with module_mode(self.model, True):  # BatchNorm: batch statistics, running statistics updated
+                self._loop(total, checkpoint_every, bar)
         finally:
             if bar is not None:
                 bar.close()
         self.result.steps = self.step
         return self.result
+
+    def _loop(self, total: int, checkpoint_every: int, bar) -> None:
+        """Step, report and checkpoint until ``total`` steps are done."""
+        running = None
+        while self.step < total:
+            for xb, yb, weight, n_global in self._epoch():
+                loss, ok = self.guarded_step(xb, yb, weight, n_global)
+                if ok:
+                    running = loss if running is None else 0.95 * running + 0.05 * loss
+                if bar is not None:
+                    bar.update(1)
+                    if running is not None:
+                        bar.set_postfix(elbo=f"{-running:.4g}")
+                if self.callback is not None:
+                    self.callback(self.step, loss)
+                if self.step % checkpoint_every == 0 or self.step == total:
+                    self.save(self.step)
+                if self.step >= total:
+                    break
+
+    def _epoch(self):
+        """This rank's shards of the rest of the current epoch's batches; the position moves on with each,
+        and to the next epoch at its end. A malformed batch saves the last good state, then raises naming the step."""
+        epoch, offset = self.position
+        batches = self.data.epoch(epoch, self.seed, skip=offset)
+        got = False
+        while True:
+            try:
+                item = next(batches, None)
+            except BatchError as err:
+                self.save(self.step)
+                raise type(err)(f"step {self.step}: {err}") from err
+            if item is None:
+                break
+            index, xb, yb = item
+            got = True
+            self.position = (epoch, index)
+            yield self.strategy.shard(xb, yb)
+        if not got and offset == 0:
+            raise ValueError(f"the data yielded no batch in epoch {epoch}; it must give at least one (x, y) batch "
+                             "on every pass")
+        self.position = (epoch + 1, 0)
 
 
 def fit_svi(
@@ -551,15 +604,28 @@ def fit_svi(
     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: int = 100, resume: bool = True,
     on_nonfinite: str = "raise", progress: bool = True, callback: Optional[Callable[[int, float], None]] = None,
     step_hook: Optional[Callable[[], None]] = None, distributed: Optional[bool] = None,
+    dataset_size: Optional[int] = None, device=None,
 ) -> FitResult:
     """Train ``guide`` for ``model`` with SVI on ``data``.
 
-    :param data: a dataset: tensors ``.x`` and ``.y`` with one row per example and a
-        method ``epoch_order(epoch, seed)`` (e.g. :class:`~pyro_bq.data.InMemoryDataset`).
-    :param num_epochs: passes over ``data`` (ignored when ``num_steps`` is set).
+    :param data: an :class:`~pyro_bq.data.InMemoryDataset` (any object with tensors
+        ``.x``, ``.y`` and ``epoch_order(epoch, seed)``), a ``torch.utils.data.DataLoader``,
+        or any re-iterable of ``(x, y)`` batches (:func:`~pyro_bq.inference.batches.as_batches`
+        says how each is ordered, resumed and checked). Every batch is checked first:
+        a malformed one (row shape, NaN/inf, labels outside ``[0, num_classes)``) saves
+        the last good state, then raises :class:`~pyro_bq.inference.batches.BatchError`
+        naming the step, the epoch and the batch index.
+    :param num_epochs: passes over ``data`` (ignored when ``num_steps`` is set; data
+        without ``len()`` needs ``num_steps``).
     :param num_steps: total optimizer steps, across epochs.
-    :param batch_size: examples per optimizer step; in a data-parallel run the
-        *global* batch, split across the ranks.
+    :param batch_size: examples per optimizer step of an in-memory dataset (a DataLoader
+        keeps its own); in a data-parallel run the *global* batch, split across the ranks.
+    :param dataset_size: the number of training examples when ``data`` cannot tell
+        (``len(loader.dataset)`` otherwise); it must agree with the model's ``dataset_size``,
+        which scales the likelihood.
+    :param device: where training runs (``"auto"``, ``"cpu"``, ``"cuda"``, a ``torch.device``);
+        default: where the model's parameters are. The model is moved there (in place)
+        and every batch follows (``non_blocking`` from pinned memory).
     :param optim: a Pyro optimizer; default :func:`default_optim` ``(lr)`` (Adam, fused kernel).
     :param elbo: default :class:`~pyro_bq.inference.elbo.MeanFieldELBO` (``TraceMeanField_ELBO``
         without the log-densities its loss never reads; same loss and gradients).
@@ -583,7 +649,8 @@ def fit_svi(
     :param distributed: ``None`` (default): data-parallel over ``torch.distributed``
         when a process group of more than one rank exists or ``torchrun``'s
         environment describes one; ``False``: one process; ``True``: require a
-        group. Every rank passes the same full ``data`` and arguments; a step
+        group. Every rank passes the same full ``data`` (a DataLoader without a
+        ``DistributedSampler``) and arguments; a step
         equals one process's step on the global batch; a checkpoint resumes with
         any number of ranks (see :mod:`pyro_bq.inference.distributed`).
 
@@ -592,15 +659,20 @@ def fit_svi(
         result = fit_svi(model, guide, load_mnist(train=True), num_epochs=5, lr=1e-3)
         # the same line, launched with: torchrun --standalone --nproc_per_node 4 train.py
     """
-    _check_dataset(data)
     batch_size = check_int("batch_size", batch_size, low=1)
-    total = _total_steps(data, batch_size, num_epochs, num_steps)
+    device = module_device(model) if device is None else resolve_device(device)
+    if isinstance(model, torch.nn.Module) and not same_device(module_device(model, default=str(device)), device):
+        model.to(device)
+    batches = as_batches(data, batch_size=batch_size, dataset_size=dataset_size, device=device,
+                         num_classes=_num_classes(model))
+    _check_model_size(model, batches, dataset_size)
+    total = _total_steps(batches, num_epochs, num_steps)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, low=1)
     folder = check_path("checkpoint_dir", checkpoint_dir) if checkpoint_dir is not None else None
     resume, progress = check_bool("resume", resume), check_bool("progress", progress)
     optim = optim if optim is not None else default_optim(lr)
     elbo = elbo if elbo is not None else MeanFieldELBO()
-    run = _Run(model, guide, optim, elbo, data, batch_size, seed, on_nonfinite, folder, distributed,
+    run = _Run(model, guide, optim, elbo, batches, batch_size, seed, on_nonfinite, folder, distributed,
                callback=callback, step_hook=step_hook)
     run.start(total, checkpoint_every, resume)
     return run.train(total, checkpoint_every, progress)

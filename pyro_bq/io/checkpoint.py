@@ -33,6 +33,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from pyro_bq._validation import resolve_device
+
 from .container import SUPPORTED_DTYPES, CorruptFileError, _check_path, read_container, write_container
 
 __all__ = [
@@ -165,7 +167,7 @@ def set_rng_state(state: dict) -> None:
     missing = [k for k in ("torch", "numpy", "python") if k not in state]
     if missing:
         raise ValueError(f"state lacks the RNG state(s) {missing}; expected keys 'torch', 'numpy', 'python'")
-    t = state["torch"]
+    t = state["torch"].cpu() if isinstance(state["torch"], torch.Tensor) else state["torch"]
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
         raise ValueError("state['torch'] must be a uint8 vector from torch.get_rng_state()")
     try:
@@ -182,7 +184,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(np_state)
     random.setstate(py_state)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: os.PathLike, state: dict) -> int:
@@ -203,11 +205,20 @@ def save_checkpoint(path: os.PathLike, state: dict) -> int:
     return write_container(path, _KIND, {"state": tree}, tensors)
 
 
-def load_checkpoint(path: os.PathLike) -> dict:
+def load_checkpoint(path: os.PathLike, *, map_location=None) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Verifies the format version, the checksum and the structure first; never
     unpickles anything.
+
+    :param map_location: the device the tensors are put on (``"cpu"``, ``"cuda"``,
+        ``"auto"``, a ``torch.device``); ``None``: the CPU. A checkpoint written on
+        any device loads onto any other (:func:`set_rng_state` takes RNG states
+        from any device back to where torch wants them).
+
+    Usage::
+
+        state = load_checkpoint("runs/ckpt-100.bq", map_location="cuda")
 
     :raises FileNotFoundError: if ``path`` is not a file.
     :raises CorruptFileError: (a ``ValueError``) naming the file and the problem
@@ -215,7 +226,10 @@ def load_checkpoint(path: os.PathLike) -> dict:
         or not a pyro_bq file (e.g. a pickle or a ``torch.save`` file).
     """
     path = _check_path("path", path)
+    device = None if map_location is None else resolve_device(map_location, name="map_location")
     meta, tensors = read_container(path, _KIND)
+    if device is not None and device.type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     if "state" not in meta:
         raise CorruptFileError(f"{path}: checkpoint has no 'state'")
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
-from pyro_bq.guides.quantized import QuantizedGuide
+from pyro_bq.guides.quantized import (DETERMINISTIC_THRESHOLD, VARYING_DRAWS, QuantizedGuide, deterministic_sites,
+                                      varying_fraction)
 
 from .packed import KIND, build_meta, encode_guide
 
@@ -31,6 +33,14 @@ class SiteMemory:
     float_bits: int
     metadata_bits: int
     bitmap_bits: int
+    #: the code streams (codes and bit maps) at their fixed bit widths
+    fixed_width_bits: int = 0
+    #: the empirical entropy of the code streams (what an ideal coder with their own frequencies spends)
+    entropy_bits: float = 0.0
+    #: the bits the file spends on the code streams (with a codec: coded bytes plus their models)
+    actual_bits: int = 0
+    #: fraction of the site's weights whose draws are not all equal (:func:`~pyro_bq.guides.varying_fraction`)
+    varying_fraction: float = 1.0
 
     @property
     def total_bits(self) -> int:
@@ -51,6 +61,11 @@ class MemoryReport:
     and scale). ``payload_bytes`` is the data section of the packed file,
     ``file_bytes`` the whole file (header and checksum included); the
     ``float_*`` fields are the same figures for the float guide.
+    ``varying_fraction`` is the fraction of all weights whose draws are not all
+    equal (per site in ``sites``; :func:`~pyro_bq.guides.varying_fraction`), and
+    ``deterministic_sites`` lists the sites below
+    :data:`~pyro_bq.guides.DETERMINISTIC_THRESHOLD` (effectively deterministic:
+    their draws agree, so they add no epistemic uncertainty).
 
     Usage::
 
@@ -66,6 +81,8 @@ class MemoryReport:
     file_bytes: int = 0
     float_payload_bytes: int = 0
     float_file_bytes: int = 0
+    varying_fraction: float = 1.0
+    deterministic_sites: list = field(default_factory=list)
 
     @property
     def bits_per_param(self) -> float:
@@ -81,12 +98,24 @@ class MemoryReport:
         return self.float_file_bytes / max(1, self.file_bytes)
 
     def table(self) -> str:
-        rows = [f"{'site':32s} {'params':>9s} {'bits/param':>10s} {'codes':>9s} {'float':>9s} {'meta':>7s} {'bitmap':>8s}"]
+        rows = [f"{'site':32s} {'params':>9s} {'bits/param':>10s} {'codes':>9s} {'float':>9s} {'meta':>7s} {'bitmap':>8s}"
+                f" {'varying':>8s}"]
         for s in self.sites:
             rows.append(f"{s.name:32s} {s.numel:9d} {s.bits_per_param:10.3f} {s.code_bits:9d} {s.float_bits:9d} "
-                        f"{s.metadata_bits:7d} {s.bitmap_bits:8d}")
+                        f"{s.metadata_bits:7d} {s.bitmap_bits:8d} {s.varying_fraction:8.2%}")
         rows.append(f"total: {self.num_params} params, {self.bits_per_param:.3f} bits/param (float: 64), "
                     f"{self.file_bytes} bytes on disk vs {self.float_file_bytes} float ({self.compression:.2f}x)")
+        rows.append(f"varying weights: {self.varying_fraction:.2%} over {VARYING_DRAWS} draws"
+                    + (f"; effectively deterministic (< {DETERMINISTIC_THRESHOLD:.0%}): {', '.join(self.deterministic_sites)}"
+                       if self.deterministic_sites else ""))
+        return "\n".join(rows)
+
+    def codec_table(self) -> str:
+        """Per site: the code streams' bits per parameter at fixed width, at their entropy, and in the file."""
+        rows = [f"{'site':32s} {'params':>9s} {'fixed':>7s} {'entropy':>8s} {'actual':>7s}  (bits/param)"]
+        for s in self.sites:
+            rows.append(f"{s.name:32s} {s.numel:9d} {s.fixed_width_bits / s.numel:7.3f} "
+                        f"{s.entropy_bits / s.numel:8.3f} {s.actual_bits / s.numel:7.3f}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -103,20 +132,27 @@ def _file_bytes(meta: dict, stream_bytes: dict) -> int:
     return _FRAMING + len(header.encode()) + offset
 
 
-def memory_report(guide) -> MemoryReport:
+def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
     """Bits per parameter and bytes of ``guide`` (quantized or float), against its float version.
 
-    The byte counts are those of :func:`~pyro_bq.io.save_packed`'s file.
+    The byte counts are those of :func:`~pyro_bq.io.save_packed`'s file written with ``codec``.
+    Each site also reports its code streams three ways: ``fixed_width_bits``,
+    ``entropy_bits`` (their empirical entropy) and ``actual_bits`` (what the file spends on them).
+    The varying fractions come from :func:`~pyro_bq.guides.varying_fraction` with
+    its default draws and seed (the global RNG is untouched).
 
     Usage::
 
-        report = memory_report(quantize(guide, JQ(4)))
+        report = memory_report(quantize(guide, JQ(4)), codec="ans")
         print(report.bits_per_param, report.file_bytes, report.compression)
+        print(report.codec_table())
     """
-    meta, tensors, accounting = encode_guide(guide)
+    meta, tensors, accounting = encode_guide(guide, codec)
     report = MemoryReport()
     for name, acc in accounting.items():
-        report.sites.append(SiteMemory(name, acc["numel"], acc["code"], acc["float"], acc["metadata"], acc["bitmap"]))
+        report.sites.append(SiteMemory(name, acc["numel"], acc["code"], acc["float"], acc["metadata"], acc["bitmap"],
+                                       fixed_width_bits=acc["code"] + acc["bitmap"], entropy_bits=acc["entropy"],
+                                       actual_bits=acc["actual"]))
     report.num_params = sum(s.numel for s in report.sites)
     report.total_bits = sum(s.total_bits for s in report.sites)
     sizes = {k: (str(t.dtype).replace("torch.", ""), t.numel(), t.numel() * t.element_size()) for k, t in tensors.items()}
@@ -128,4 +164,9 @@ def memory_report(guide) -> MemoryReport:
     float_sizes = {"codes": ("uint8", 0, 0), "f32": ("float32", n, 4 * n), "i16": ("int16", 0, 0), "bitmap": ("uint8", 0, 0)}
     report.float_payload_bytes = 4 * n
     report.float_file_bytes = _file_bytes(float_meta, float_sizes)
+    fractions = varying_fraction(guide)
+    for site in report.sites:
+        site.varying_fraction = fractions.get(site.name, 1.0)
+    report.varying_fraction, report.deterministic_sites = deterministic_sites(
+        fractions, {s.name: s.numel for s in report.sites if s.name in fractions})
     return report

@@ -51,12 +51,19 @@ from pyro_bq.quant.grids import MAX_BITS, check_bits
 from pyro_bq.quant.policies import SiteQuantizers
 from pyro_bq.quant.quantizers import STATE_STREAMS, Quantizer, packed_types, quantizer_class, quantizer_from_state
 
+from . import codec as codec_lib
+from .codec import CODECS
 from .container import CorruptFileError, read_container, write_container
 
 __all__ = ["save_packed", "load_packed", "model_state_digest", "pack_bits", "unpack_bits", "encode_guide", "KIND"]
 
 KIND = "packed-guide"
-_VERSION = 1
+#: the newest format version this module reads and writes
+_VERSION = 2
+#: the version of files with fixed-width codes (what every reader since version 1 reads)
+_FIXED_VERSION = 1
+#: the version of files whose code streams are entropy-coded (version 1 files hold fixed-width codes)
+_CODEC_VERSION = 2
 _QUANTITIES = ("loc", "scale")
 
 
@@ -295,7 +302,7 @@ def build_meta(guide) -> dict:
         sites.append([name, list(info.shape), int(info.event_dim), *items])
     with torch.no_grad():
         fused = guide.fused_loc_scale() is not None
-    meta = {"v": _VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
+    meta = {"v": _FIXED_VERSION, "input": _input_spec(guide), "fused": fused, "cfgs": [json.loads(c) for c in cfgs],
             "sites": sites}
     state = model_state_digest(guide.model)
     if state is not None:
@@ -303,16 +310,21 @@ def build_meta(guide) -> dict:
     return meta
 
 
-def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
+def encode_guide(guide, codec: Optional[str] = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """Encode ``guide`` into ``(meta, tensors, accounting)`` for :func:`write_container`.
 
     ``accounting`` maps each site to the bits it takes: ``code`` (packed
     codes), ``float`` (float32 quantities), ``metadata`` (calibration data),
-    ``bitmap`` (per-element bit widths), and ``numel``.
+    ``bitmap`` (per-element bit widths), ``numel``, and for the code streams
+    (codes and bit maps) ``entropy`` (their empirical entropy, bits) and
+    ``actual`` (the bits the file spends on them: fixed-width, or with
+    ``codec`` the coded bytes plus each stream's model in the header).
     """
+    codec = _check_codec(codec)
     base, quantizers = _guide_parts(guide)
     meta = build_meta(guide)
     codes, f32, i16, bitmap = [], [], [], []
+    streams = _CodeStreams(codec)
     accounting = {}
     with torch.no_grad():
         for name, info in guide.sites.items():
@@ -330,6 +342,7 @@ def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
                 if isinstance(bits, torch.Tensor):
                     widths = bits.expand(info.shape).reshape(-1).cpu().numpy().astype(np.int64)
                     bitmap.append(pack_bits(widths - 1, 4))
+                    streams.add("bitmap", name, widths - 1, 16)
                     acc["bitmap"] += 4 * info.numel
                 else:
                     widths = bits
@@ -337,6 +350,7 @@ def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
                     c = q.encode(value.detach()).reshape(-1).cpu().numpy()
                     packed = pack_bits(c, widths)
                     codes.append(packed)
+                    streams.add("codes", name, c, q.code_count() or 2 ** int(np.max(widths)))
                     acc["code"] += int(widths.sum()) if isinstance(widths, np.ndarray) else widths * info.numel
                 state = q.state()
                 for key, stream, shape in _state_layout(q.config(), info.shape, q.packed_size()):
@@ -357,6 +371,12 @@ def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
     def cat(chunks, dtype):
         return torch.from_numpy(np.concatenate(chunks).astype(dtype, copy=False)) if chunks else torch.zeros(0, dtype=getattr(torch, np.dtype(dtype).name))
 
+    if codec is not None:  # the code streams entropy-coded, one model per stream in the header
+        codes, bitmap = streams.coded("codes"), streams.coded("bitmap")
+        meta["v"] = _CODEC_VERSION
+        meta["codec"] = codec
+        meta["streams"] = streams.headers
+    streams.account(accounting)
     tensors = {
         "codes": cat(codes, np.uint8),
         "f32": cat(f32, np.float32),
@@ -366,16 +386,61 @@ def encode_guide(guide) -> tuple[dict, dict[str, torch.Tensor], dict]:
     return meta, tensors, accounting
 
 
-def save_packed(guide, path: os.PathLike) -> int:
+def _check_codec(codec) -> Optional[str]:
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"codec must be None (fixed-width codes) or one of {', '.join(map(repr, CODECS))}; "
+                         f"got {codec!r}")
+    return codec
+
+
+class _CodeStreams:
+    """The integer code streams of a guide in file order (per site: loc codes, scale codes, bit maps),
+    with their empirical entropy and, given a codec, their coded bytes and stream headers."""
+
+    def __init__(self, codec: Optional[str]):
+        self.codec = codec
+        self.chunks = {"codes": [], "bitmap": []}
+        self.headers = {"codes": [], "bitmap": []}
+        self.bits = {}  # site -> [entropy bits, coded bits]
+
+    def add(self, stream: str, site: str, values: np.ndarray, num_symbols: int) -> None:
+        acc = self.bits.setdefault(site, [0.0, 0])
+        acc[0] += codec_lib.empirical_entropy_bits(values, num_symbols)
+        if self.codec is None:
+            return
+        data, header = codec_lib.encode(values, num_symbols, self.codec)
+        header["nbytes"] = len(data)
+        self.chunks[stream].append(np.frombuffer(data, np.uint8))
+        self.headers[stream].append(header)
+        acc[1] += 8 * len(data) + codec_lib.model_bits(header)
+
+    def coded(self, stream: str) -> list:
+        return self.chunks[stream]
+
+    def account(self, accounting: dict) -> None:
+        for site, acc in accounting.items():
+            entropy, coded = self.bits.get(site, (0.0, 0))
+            acc["entropy"] = entropy
+            acc["actual"] = coded if self.codec is not None else acc["code"] + acc["bitmap"]
+
+
+def save_packed(guide, path: os.PathLike, *, codec: Optional[str] = None) -> int:
     """Write ``guide`` (a :class:`QuantizedGuide` or any float :class:`AutoGaussianSites` guide) bit-packed.
 
     Returns the file size in bytes. The file holds no pickle.
 
+    :param codec: ``None`` (default): every code at its fixed bit width. One of
+        :data:`pyro_bq.io.codec.CODECS` (``"ans"``, ``"lzma"``, ...): each code stream
+        (a site's loc codes, scale codes, precision map, codebook indices) is coded
+        losslessly with :func:`pyro_bq.io.codec.encode`, its model (symbol counts) in the
+        header; :func:`load_packed` reads either kind and gives the same guide.
+
     Usage::
 
         nbytes = save_packed(quantize(guide, JQ(4)), "lenet-jq4.bq")
+        nbytes = save_packed(quantize(guide, JQ(4)), "lenet-jq4-ans.bq", codec="ans")
     """
-    meta, tensors, _ = encode_guide(guide)
+    meta, tensors, _ = encode_guide(guide, codec)
     return write_container(path, KIND, meta, tensors)
 
 
@@ -550,11 +615,44 @@ def _check_site(j: int, entry, seen: set, cfgs: list, classes: list, bad) -> Non
             raise bad(f"{where}: {problem}")
 
 
+def _decode_streams(path, meta: dict, tensors: dict) -> Optional[dict]:
+    """``{"codes": [codes, ...], "bitmap": [...]}``: the entropy-coded streams of a file written with a
+    codec, decoded in file order; ``None`` for a file of fixed-width codes."""
+    codec = meta.get("codec")
+    if codec is None:
+        return None
+    if codec not in CODECS or not isinstance(meta.get("streams"), dict):
+        raise CorruptFileError(f"{path}: malformed packed-guide header: 'codec' must be one of {CODECS} with a "
+                               f"'streams' table, got {codec!r}")
+    out = {}
+    for key in ("codes", "bitmap"):
+        headers = meta["streams"].get(key)
+        if not isinstance(headers, list):
+            raise CorruptFileError(f"{path}: malformed packed-guide header: streams[{key!r}] must be a list")
+        buf, pos, decoded = tensors[key].numpy(), 0, []
+        for j, header in enumerate(headers):
+            nbytes = header.get("nbytes") if isinstance(header, dict) else None
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0 or pos + nbytes > buf.size:
+                raise CorruptFileError(f"{path}: streams[{key!r}][{j}]: 'nbytes' {nbytes!r} does not fit the "
+                                       f"{buf.size} bytes of {key!r}")
+            try:
+                decoded.append(codec_lib.decode(buf[pos: pos + nbytes], header))
+            except CorruptFileError as err:
+                raise CorruptFileError(f"{path}: streams[{key!r}][{j}]: {err}") from None
+            pos += nbytes
+        if pos != buf.size:
+            raise CorruptFileError(f"{path}: {buf.size - pos} bytes of {key!r} after its coded streams")
+        out[key] = decoded
+    return out
+
+
 class _Reader:
-    def __init__(self, path, tensors):
+    def __init__(self, path, tensors, decoded: Optional[dict] = None):
         self.path = path
         self.streams = {k: tensors[k] for k in _STREAMS}
         self.pos = {k: 0 for k in self.streams}
+        self.decoded = decoded
+        self.next = {"codes": 0, "bitmap": 0}
 
     def take(self, stream, n):
         lo = self.pos[stream]
@@ -566,6 +664,8 @@ class _Reader:
 
     def take_packed(self, stream, count, widths):
         """``count`` codes of the given widths; the padding bits of the last byte must be zero."""
+        if self.decoded is not None:
+            return self._take_decoded(stream, count, widths)
         total = count * widths if isinstance(widths, int) else int(widths.sum())
         buf = self.take(stream, -(-total // 8)).numpy()
         if total % 8 and int(buf[-1]) >> (total % 8):
@@ -573,16 +673,39 @@ class _Reader:
                                    "the header's bits do not match the data")
         return unpack_bits(buf, count, widths)
 
+    def _take_decoded(self, stream, count, widths):
+        """The next entropy-decoded stream of ``stream``, checked against ``count`` codes of ``widths`` bits."""
+        j = self.next[stream]
+        chunks = self.decoded[stream]
+        if j >= len(chunks):
+            raise CorruptFileError(f"{self.path}: the {stream!r} streams end early (wants stream {j + 1}, "
+                                   f"has {len(chunks)})")
+        self.next[stream] = j + 1
+        codes = chunks[j].numpy()
+        limit = 2 ** np.asarray(widths, dtype=np.int64)
+        if codes.size != count or (codes.size and bool((codes >= limit).any())):
+            raise CorruptFileError(f"{self.path}: {stream!r} stream {j} holds {codes.size} codes; the header "
+                                   f"wants {count} codes that fit their bit widths")
+        return codes
+
     def done(self):
+        if self.decoded is not None:
+            for k, chunks in self.decoded.items():
+                if self.next[k] != len(chunks):
+                    raise CorruptFileError(f"{self.path}: {len(chunks) - self.next[k]} unread {k!r} streams: "
+                                           "the header does not match the data")
         for k, t in self.streams.items():
+            if self.decoded is not None and k in self.decoded:
+                continue
             if self.pos[k] != t.numel():
                 raise CorruptFileError(f"{self.path}: {t.numel() - self.pos[k]} unread values in {k!r}: "
                                        "the header does not match the data")
 
 
-def _decode_sites(path, cfgs: list, sites: list, tensors) -> tuple[dict, dict]:
-    """``({site: (loc, scale)}, {site: SiteQuantizers})`` from a validated header and its streams."""
-    reader = _Reader(path, tensors)
+def _decode_sites(path, cfgs: list, sites: list, tensors, decoded: Optional[dict] = None) -> tuple[dict, dict]:
+    """``({site: (loc, scale)}, {site: SiteQuantizers})`` from a validated header and its streams
+    (``decoded``: the code streams of a file written with a codec, see :func:`_decode_streams`)."""
+    reader = _Reader(path, tensors, decoded)
     values, quantizers = {}, {}
     for entry in sites:
         name, shape, items = entry[0], entry[1], entry[3:]
@@ -698,7 +821,7 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     if example_input is None:
         _check_input_size(path, in_shape, in_dtype, tensors)
     try:
-        values, quantizers = _decode_sites(path, cfgs, sites, tensors)
+        values, quantizers = _decode_sites(path, cfgs, sites, tensors, _decode_streams(path, meta, tensors))
     except (KeyError, IndexError, TypeError, RuntimeError) as err:  # a guard: the header was checked above
         raise CorruptFileError(f"{path}: malformed packed-guide header ({type(err).__name__}: {err})") from err
     if example_input is not None:

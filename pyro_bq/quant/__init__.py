@@ -16,7 +16,8 @@ Usage::
     print(memory_report(qguide).bits_per_param)
 """
 
-from .activation import FakeQuantActivation, calibrate_activations_, quantize_activations
+from .activation import (FakeQuantActivation, UncalibratedActivationError, calibrate_activations_, check_calibrated,
+                         quantize_activations)
 from .codebook import pow2_codebook, pow2_family
 from .grids import MAX_BITS, check_bits, nearest_code, nearest_code_index, ste
 from .lloyd_max import gaussian_levels, gaussian_quantile_levels, lloyd_max_median
@@ -70,4 +71,6 @@ __all__ = [
     "FakeQuantActivation",
     "quantize_activations",
     "calibrate_activations_",
+    "check_calibrated",
+    "UncalibratedActivationError",
 ]

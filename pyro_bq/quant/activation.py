@@ -16,7 +16,10 @@ is where the epistemic uncertainty lives. A bounded activation never leaves
 its natural range (``[0, 6]`` for ReLU6, ``[-1, 1]`` for hardtanh), so its
 grid is fixed by the function itself and the same for every weight sample;
 with ``range="natural"`` no data is needed. A plain ReLU has no upper bound,
-so its range must be calibrated.
+so its range must be calibrated: until :func:`calibrate_activations_` has set
+it, a calibrated activation raises :class:`UncalibratedActivationError` when it
+runs (an empty range would map every value to 0, so every input would get the
+same prediction).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from pyro_bq._validation import check_choice, check_int
 
 from .grids import check_bits, interval_grid, ste, uniform_quantize
 
-__all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "BOUNDED_ACTIVATIONS"]
+__all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "check_calibrated",
+           "UncalibratedActivationError", "BOUNDED_ACTIVATIONS"]
 
 #: what :func:`quantize_activations` uses of a :class:`~pyro_bq.models.BayesianModel` (duck-typed, so that
 #: this tensor-level package imports no model code)
@@ -41,6 +45,23 @@ _MODEL_ATTRIBUTES = ("net", "_template", "_initial_params", "weight_sites", "pri
 BOUNDED_ACTIVATIONS = {"relu6": lambda: nn.ReLU6(), "hardtanh": lambda: nn.Hardtanh()}
 _ACTIVATIONS = {**BOUNDED_ACTIVATIONS, "relu": lambda: nn.ReLU()}
 _REPLACEABLE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+
+
+class UncalibratedActivationError(RuntimeError):
+    """A :class:`FakeQuantActivation` with ``range="calibrated"`` ran before its range was calibrated.
+
+    Usage::
+
+        try:
+            qmodel(x)
+        except UncalibratedActivationError:
+            calibrate_activations_(qmodel, guide, x_calib)
+    """
+
+
+_CALIBRATE_HINT = ("call calibrate_activations_(qmodel, guide, x_calib) first, or build the model with "
+                   "quantize_activations(model, bits, guide=guide, data=x_calib); range='natural' needs no data "
+                   "for bounded activations (ReLU6, Hardtanh, Tanh, Sigmoid)")
 
 
 def _natural_range(act: nn.Module):
@@ -77,6 +98,8 @@ class FakeQuantActivation(nn.Module):
     :param max_calls: how many uses per forward pass the module supports.
 
     The forward value is on the grid; the gradient passes straight through.
+    With ``range="calibrated"`` the module raises :class:`UncalibratedActivationError`
+    until :func:`calibrate_activations_` has set the range of each of its uses.
 
     Usage::
 
@@ -115,6 +138,11 @@ class FakeQuantActivation(nn.Module):
             old = self._stats.get(k)
             self._stats[k] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
             return y
+        if self.ready.device.type != "meta" and not bool(self.ready[k]):  # meta: a memory estimate, no values
+            raise UncalibratedActivationError(
+                f"FakeQuantActivation({type(self.activation).__name__}, bits={self.bits}) use {k + 1} has no "
+                f"calibrated range (it is 0..0, so every value would become 0 and every input would get the "
+                f"same prediction); {_CALIBRATE_HINT}")
         return ste(y, uniform_quantize(y.detach(), *interval_grid(self.lo[k], self.hi[k], self.bits)))
 
     def extra_repr(self) -> str:
@@ -229,6 +257,25 @@ def quantize_activations(
 
 def _fake_quant_modules(model):
     return [m for m in model.net.modules() if isinstance(m, FakeQuantActivation)]
+
+
+def check_calibrated(model) -> None:
+    """Raise :class:`UncalibratedActivationError` if a fake-quant activation of ``model`` was never calibrated.
+
+    A calibrated activation whose uses have no range yet would output zeros.
+    Uses that a forward pass never reached (beyond ``max_calls``' needs) are
+    not counted: a module is uncalibrated when *none* of its uses has a range.
+
+    Usage::
+
+        check_calibrated(qmodel)   # before evaluating
+    """
+    net = getattr(model, "net", model)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model must be a BayesianModel or an nn.Module, got {type(model).__name__}")
+    bad = [name for name, m in net.named_modules() if isinstance(m, FakeQuantActivation) and not bool(m.ready.any())]
+    if bad:
+        raise UncalibratedActivationError(f"the fake-quant activations {bad} have no calibrated range; {_CALIBRATE_HINT}")
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ __all__ = [
     "QUANT_POLICIES",
     "EXTRA_ROWS",
     "ALL_POLICIES",
+    "TRAINED_FAMILIES",
+    "ROW_FORMAT",
     "DEFAULT_BITS",
     "BITS_RANGE",
     "check_out_dir",
@@ -37,6 +39,13 @@ QUANT_POLICIES = ("vpq", "spq", "jq")
 EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
 #: Every name ``--policies`` accepts; each has a builder in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
+#: Row families that train beyond the shared float guide (on the training data): their rows are
+#: labelled ``"trained"``; every other row (float, VPQ/SPQ/JQ, QI, RB, activation variants of
+#: those) quantizes the float guide without more training and is labelled ``"data-free"``.
+TRAINED_FAMILIES = ("logquant", "pwfn", "smol", "qat")
+#: Version of what a row record holds; part of :meth:`StudyConfig.eval_fingerprint`, so rows
+#: recorded by a version with other columns or other formulas are computed again.
+ROW_FORMAT = 2
 DEFAULT_BITS = (8, 6, 4, 3, 2)
 #: Allowed weight and activation bit widths (those of :func:`pyro_bq.quant.check_bits`).
 BITS_RANGE = (1, MAX_BITS)
@@ -91,6 +100,11 @@ class RowSpec:
     family: str
     bits: Optional[int] = None
     act_bits: Optional[int] = None
+
+    @property
+    def training(self) -> str:
+        """``"trained"`` for families in :data:`TRAINED_FAMILIES`, else ``"data-free"``."""
+        return "trained" if self.family in TRAINED_FAMILIES else "data-free"
 
     @property
     def name(self) -> str:
@@ -258,11 +272,12 @@ class StudyConfig:
         """The torch thread count of the run: ``threads``, or torch's current count."""
         return self.threads if self.threads is not None else torch.get_num_threads()
 
-    def _digest(self, keys) -> str:
-        d = self.to_dict()
+    def _digest(self, keys, extra: Optional[dict] = None) -> str:
+        d = {**self.to_dict(), **(extra or {})}
         if "checkpoint" in keys and self.checkpoint is not None:
             d["checkpoint"] = file_sha256("checkpoint", self.checkpoint) or f"missing file {self.checkpoint}"
         d["threads"] = self.num_threads
+        keys = tuple(keys) + tuple(extra or ())
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def train_fingerprint(self) -> str:
@@ -277,10 +292,10 @@ class StudyConfig:
         )
 
     def eval_fingerprint(self) -> str:
-        """Changes when any evaluated number of an existing row would change."""
+        """Changes when any evaluated number of an existing row would change (also with :data:`ROW_FORMAT`)."""
         return self.train_fingerprint() + "-" + self._digest(
             ("num_samples", "eval_limit", "ends_bits", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
-             "extra_steps", "mixed_bits")
+             "extra_steps", "mixed_bits"), extra={"row_format": ROW_FORMAT}
         )
 
     def rows(self) -> list[RowSpec]:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from pyro_bq.guides.quantized import DETERMINISTIC_THRESHOLD
 from pyro_bq.io import atomic_write_bytes
 
 __all__ = ["write_tables", "markdown_table", "COLUMNS", "HEADERS"]
@@ -25,6 +26,12 @@ COLUMNS = (
     "auroc_ee_ambiguous",
     "bits_per_param",
     "packed_bytes",
+    "training",
+    "mi_in",
+    "varying_fraction",
+    "collapsed",
+    "code_bits",
+    "storage_bits",
 )
 #: Markdown headers of :data:`COLUMNS`.
 HEADERS = {
@@ -39,17 +46,29 @@ HEADERS = {
     "auroc_ee_ambiguous": "AUROC EE (MNIST vs Ambiguous)",
     "bits_per_param": "bits/param",
     "packed_bytes": "packed bytes",
+    "training": "training",
+    "mi_in": "mean MI (MNIST)",
+    "varying_fraction": "varying weights",
+    "collapsed": "collapsed draws",
+    "code_bits": "code bits",
+    "storage_bits": "storage bits",
 }
 
 
 def _fmt(key, value) -> str:
     if value is None:
-        return "-"
+        return "" if key in ("code_bits", "storage_bits") else "-"
+    if isinstance(value, bool):
+        return "**yes**" if value else "no"
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
         if key in ("accuracy", "auroc_mi_fashion", "auroc_ee_ambiguous", "ece", "nll"):
             return f"{value:.4f}"
+        if key == "mi_in":
+            return f"{value:.2e}"
+        if key == "varying_fraction":
+            return f"{value:.1%}"
         return f"{value:.2f}"
     return str(value)
 
@@ -88,6 +107,14 @@ def write_tables(rows: list[dict], out: Path, *, data_info: Optional[dict] = Non
     md.append("MNIST acc, NLL and ECE on MNIST test; AUROC MI: mutual information (epistemic) as the score for "
               "telling Fashion-MNIST from MNIST; AUROC EE: expected entropy (aleatoric) for telling "
               "Ambiguous-MNIST from MNIST. bits/param and packed bytes: the guide's packed file (float: 64 bits).")
+    md.append("")
+    md.append("training: `trained` rows train beyond the shared float guide (log-quantized guide, PWFN, SMOL, QAT); "
+              "`data-free` rows only quantize it. mean MI (MNIST): the mutual information (nats) averaged over the "
+              "MNIST test inputs. varying weights: the fraction of the guide's weights whose 16 seeded draws are not "
+              f"all equal; collapsed draws: **yes** when it is below {DETERMINISTIC_THRESHOLD:.0%} for the guide or "
+              "for some site (those weights are deterministic, so the mutual information loses their part of the "
+              "epistemic signal). code bits: bits per weight of the codes alone; storage bits: per weight, "
+              "everything needed to decode (allocation rows only).")
     if config is not None and getattr(config, "ends_bits", None):
         md += ["", f"VPQ/SPQ/JQ rows keep the first and the last layer at {config.ends_bits} bits "
                    "(`--ends-bits`); bits/param counts them."]

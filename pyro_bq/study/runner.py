@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from pyro_bq.data.ambiguous import find_original_ambiguous_mnist, generate_ambiguous_mnist, save_image_grid
 from pyro_bq.data.dirty import DirtyMNIST, dirty_mnist_test_sets
-from pyro_bq.guides import AutoLogQuantNormal, init_to_pretrained, quantize
+from pyro_bq.guides import DETERMINISTIC_THRESHOLD, AutoLogQuantNormal, init_to_pretrained, quantize
 from pyro_bq.inference import fit_svi
 from pyro_bq.io import atomic_write_bytes, memory_report, write_container
 from pyro_bq.mixed import quantile_inform, random_bits, smol
@@ -358,6 +358,12 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
         "auroc_ee_ambiguous": record["auroc_aleatoric_ambiguous"],
         "bits_per_param": float(memory.bits_per_param),
         "packed_bytes": int(memory.file_bytes),
+        "training": spec.training,
+        "mi_in": record["epistemic_in"],
+        "varying_fraction": record.get("varying_fraction"),
+        "collapsed": _collapsed(record),
+        "code_bits": extra.get("code_bits"),
+        "storage_bits": extra.get("storage_bits"),
         "details": {k: v for k, v in record.items() if k not in ("accuracy", "nll", "ece")},
         "eval_seconds": round(time.time() - t0, 2),
         **({"extra": extra} if extra else {}),
@@ -365,6 +371,13 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
     _write_scores(row_dir / f"{spec.name}.scores.bq", spec.name, details, tests["mnist"].y)
     _write_arviz(cfg, eval_model, guide, tests, row_dir / f"{spec.name}.nc")
     return row
+
+
+def _collapsed(record: dict) -> bool:
+    """Whether the guide's draws barely vary: overall or at some site, below ``DETERMINISTIC_THRESHOLD``."""
+    if record.get("varying_fraction") is None:
+        return False
+    return bool(record["deterministic_sites"]) or record["varying_fraction"] < DETERMINISTIC_THRESHOLD
 
 
 def _write_scores(path: Path, name: str, details: dict, mnist_y: torch.Tensor) -> None:
@@ -392,7 +405,8 @@ def _write_arviz(cfg, model, guide, tests, path: Path) -> None:
 
 def _failed_row(spec: RowSpec, error: str) -> dict:
     """The record of a row that raised under ``keep_going``: its name and the error, no numbers."""
-    return {"config": spec.name, "policy": spec.family, "bits": spec.bits, "act_bits": spec.act_bits, "error": error}
+    return {"config": spec.name, "policy": spec.family, "bits": spec.bits, "act_bits": spec.act_bits,
+            "training": spec.training, "error": error}
 
 
 def _run_rows(cfg: StudyConfig, todo: list, ctx: RowContext, tests, row_dir: Path, fp: str) -> dict:

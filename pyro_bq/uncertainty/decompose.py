@@ -2,10 +2,19 @@
 
 Classification, from class probabilities ``p[s, n, c]`` of ``S`` weight draws:
 
-* ``total[n]`` = entropy of the mean prediction ``H[mean_s p[s, n]]``;
-* ``aleatoric[n]`` = expected entropy ``mean_s H[p[s, n]]``;
-* ``epistemic[n]`` = ``total - aleatoric``, the mutual information between the
-  label and the weights (>= 0 up to rounding; clipped at 0).
+* ``total[n]`` = entropy of the mean prediction ``H[mean_s p[s, n]]``: how
+  unsure the model average is about input ``n``'s label;
+* ``aleatoric[n]`` = expected entropy ``mean_s H[p[s, n]]``: how unsure each
+  single weight draw is, on average (the noise the model sees in the label);
+* ``epistemic[n]`` = the mutual information between the label and the weights,
+  ``mean_s KL(p[s, n] || mean_s p[s, n])``: how much the draws disagree with
+  their average. It equals ``total - aleatoric`` in exact arithmetic, but that
+  difference of two entropies of order 1 loses the small values (draws that
+  nearly agree, MI of 1e-5 or less) to float32 rounding. The KL form is
+  computed in float64, term by term as ``q * f(p/q)`` with
+  ``f(r) = r log r - r + 1 >= 0`` (the ``- r + 1`` parts sum to zero over the
+  draws), so it is non-negative by construction and accurate to float64
+  rounding relative to its own size: it is 0 exactly when all draws agree.
 
 All entropies use the natural logarithm, so they are in **nats**; the largest
 possible value for ``C`` classes is ``log(C)``.
@@ -29,6 +38,8 @@ __all__ = ["decompose", "decompose_regression", "entropy", "check_probs", "PROB_
 
 #: Allowed deviation of each probability vector's sum from 1.
 PROB_TOLERANCE = 1e-3
+#: Float64 elements of the ``(S, n, C)`` block the mutual information works on at once.
+_MI_BLOCK = 1 << 21
 
 
 def check_probs(name: str, probs, ndim=(2, 3)) -> torch.Tensor:
@@ -73,6 +84,31 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return _entropy(check_probs("probs", probs))
 
 
+def _draw_parts(probs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aleatoric part and mutual information ``(N,)`` (float64) of ``probs`` ``(S, N, C)`` around ``mean`` ``(N, C)``.
+
+    The mutual information is ``mean_s KL(probs[s, n] || mean[n])``, each term
+    ``q f(p/q)`` with ``f(r) = r log r - r + 1``, written with ``d = p/q - 1``
+    as ``(1 + d) log1p(d) - d`` (accurate for ``d`` near 0); ``p = 0`` gives
+    ``q``, ``q = 0`` (then every ``p`` is 0) gives 0. Inputs are processed in
+    blocks of :data:`_MI_BLOCK` float64 elements.
+    """
+    num, n, c = probs.shape
+    aleatoric = torch.empty(n, dtype=torch.float64, device=probs.device)
+    info = torch.empty(n, dtype=torch.float64, device=probs.device)
+    step = max(1, _MI_BLOCK // max(1, num * c))
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        p = probs[:, block].double()
+        q = mean[block].expand_as(p)
+        positive = q > 0
+        d = torch.where(positive, (p - q) / torch.where(positive, q, 1.0), 0.0)
+        g = torch.where(p > 0, (1 + d) * torch.log1p(d) - d, 1.0)  # f(p/q) >= 0; p = 0 picks f(0) = 1
+        info[block] = (q * g.clamp_min(0.0)).sum(-1).mean(0)
+        aleatoric[block] = _entropy(p).mean(0)
+    return aleatoric, info
+
+
 def decompose(probs: torch.Tensor) -> dict:
     """Total, aleatoric and epistemic uncertainty (nats) from sampled class probabilities.
 
@@ -81,8 +117,10 @@ def decompose(probs: torch.Tensor) -> dict:
         :func:`~pyro_bq.uncertainty.predictive_probs`); a ``(S, C)`` tensor is
         taken as a single input.
     :returns: dict with ``mean_probs`` ``(N, C)`` and ``total``, ``aleatoric``,
-        ``epistemic`` of shape ``(N,)``, in nats. ``epistemic`` is the mutual
-        information ``total - aleatoric``.
+        ``epistemic`` of shape ``(N,)``, in nats, all in the dtype of ``probs``
+        (computed in float64). ``epistemic`` is the mutual information
+        ``mean_s KL(p_s || mean_probs)``, which is ``total - aleatoric`` up to
+        rounding and never negative (see the module docstring).
     :raises ValueError: if ``probs`` is not a tensor of probability vectors.
 
     Usage::
@@ -93,11 +131,12 @@ def decompose(probs: torch.Tensor) -> dict:
     probs = check_probs("probs", probs)
     if probs.dim() == 2:
         probs = probs.unsqueeze(1)
-    mean = probs.mean(0)
+    mean = probs.sum(0, dtype=torch.float64) / probs.shape[0]
     total = _entropy(mean)
-    aleatoric = _entropy(probs).mean(0)
-    epistemic = (total - aleatoric).clamp_min(0.0)
-    return {"mean_probs": mean, "total": total, "aleatoric": aleatoric, "epistemic": epistemic}
+    aleatoric, epistemic = _draw_parts(probs, mean)
+    dtype = probs.dtype
+    return {"mean_probs": mean.to(dtype), "total": total.to(dtype), "aleatoric": aleatoric.to(dtype),
+            "epistemic": epistemic.to(dtype)}
 
 
 def decompose_regression(loc: torch.Tensor, noise_scale: Union[float, torch.Tensor]) -> dict:

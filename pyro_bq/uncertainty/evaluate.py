@@ -7,10 +7,12 @@ from typing import Optional
 import torch
 
 from pyro_bq._validation import check_int
+from pyro_bq.guides.base import AutoGaussianSites
+from pyro_bq.guides.quantized import deterministic_sites, varying_fraction
 
 from .decompose import decompose
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll
-from .predict import DEFAULT_NUM_SAMPLES, as_inputs, predictive_probs
+from .predict import DEFAULT_NUM_SAMPLES, as_inputs, predictive_logits
 
 __all__ = ["evaluate", "evaluate_details", "uncertainty_scores"]
 
@@ -65,22 +67,30 @@ def uncertainty_scores(
         parts = uncertainty_scores(model, guide, {"MNIST": test, "Fashion": fashion})
         plot_uncertainty(parts, "uncertainty.png")
     """
+    logits = _predict_sets(model, guide, datasets, num_samples=num_samples, batch_size=batch_size,
+                           sample_chunk=sample_chunk, seed=seed, method=method)
+    return {name: decompose(value.softmax(-1)) for name, value in logits.items()}
+
+
+def _predict_sets(model, guide, datasets: dict, **options) -> dict:
+    """``{name: logits (S, N, C)}`` of several datasets with the same weight draws (``options`` of predictive_logits)."""
     if not isinstance(datasets, dict) or not datasets:
         raise TypeError("datasets must be a non-empty dict {name: dataset}")
     out, first = {}, None
     for name, data in datasets.items():
         x, _ = _split(f"datasets[{name!r}]", data, need_labels=False)
         try:
-            probs = predictive_probs(model, guide, x, num_samples=num_samples, batch_size=batch_size,
-                                     sample_chunk=sample_chunk, seed=seed, method=method)
+            logits = predictive_logits(model, guide, x, site="logits", **options)
         except (TypeError, ValueError) as err:
             if first is None:
                 raise
             # the arguments were fine for the first dataset, so the inputs of this one are what the network cannot take
             raise type(err)(f"{name} (inputs of shape {tuple(x.shape)}, dtype {x.dtype}; {first[0]} has "
                             f"{tuple(first[1].shape)}, {first[1].dtype}): {err}") from err
+        if logits.dim() != 3:
+            raise ValueError(f"the model's outputs must be logits of shape (S, N, C), got {tuple(logits.shape)}")
         first = first or (name, x)
-        out[name] = decompose(probs)
+        out[name] = logits
     return out
 
 
@@ -102,6 +112,24 @@ def evaluate_details(
 
     Every dataset is scored with the same ``num_samples`` weight draws (seeded
     by ``seed``). Entropies and mutual information are in nats.
+
+    What the record's numbers count (means over the inputs of a set):
+
+    * ``accuracy``: the fraction of ``in_data`` whose label is the model average's top class;
+    * ``nll``: ``-log`` of the model average's probability of the label (a log-mean-exp of the
+      per-draw log-softmax of the logits; nothing clipped); ``brier``, ``ece``: see
+      :mod:`pyro_bq.uncertainty.metrics`;
+    * ``total_*``: the entropy of the model average (all uncertainty about the label);
+      ``aleatoric_*``: the mean entropy of single draws (the label noise each draw sees);
+      ``epistemic_*``: the mutual information between label and weights (how much the draws
+      disagree; 0 when they all agree), see :func:`~pyro_bq.uncertainty.decompose`;
+    * ``auroc_*``: the probability that a random input of the other set scores above a random
+      input of ``in_data`` (0.5: no separation);
+    * ``varying_fraction``: the fraction of the guide's weights whose draws are not all equal
+      (:func:`~pyro_bq.guides.varying_fraction`, seeded by ``seed``; an
+      :class:`~pyro_bq.guides.AutoGaussianSites` guide only), ``varying_fraction_sites`` the same
+      per site ``{site: fraction}``, and ``deterministic_sites`` the sites below :data:`~pyro_bq.guides.DETERMINISTIC_THRESHOLD`: where draws do not vary,
+      ``epistemic_*`` is about 0 whatever the input.
 
     :param in_data: labelled in-distribution data (a dataset with ``.x`` and ``.y``, or ``(x, y)``).
     :param ood_data: optional out-of-distribution inputs (labels unused).
@@ -127,12 +155,13 @@ def evaluate_details(
     x_in, y_in = _split("in_data", in_data, need_labels=True)
     sets = {"in_data": x_in, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
     sets = {k: v if v is None else _split(k, v, need_labels=False)[0] for k, v in sets.items()}  # errors name the set
-    scores = uncertainty_scores(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
-                                batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
+    logits = _predict_sets(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
+                           batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
     suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
-    details = {key: scores[f"{key}_data"] for key in suffix if f"{key}_data" in scores}
+    details = {key: decompose(logits[f"{key}_data"].softmax(-1)) for key in suffix if f"{key}_data" in logits}
     mean = details["in"]["mean_probs"]
-    record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in), "nll": nll(mean, y_in),
+    record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in),
+                    "nll": nll(None, y_in, logits=logits["in_data"]),
                     "brier": brier(mean, y_in), "ece": ece(mean, y_in, num_bins)}
     for key, parts in details.items():
         for part in ("total", "aleatoric", "epistemic"):
@@ -144,6 +173,11 @@ def evaluate_details(
     if "ambiguous" in details:
         for part, name in (("aleatoric", "aleatoric"), ("epistemic", "mi")):
             record[f"auroc_{name}_ambiguous"] = auroc(d_in[part], details["ambiguous"][part])
+    if isinstance(guide, AutoGaussianSites):
+        fractions = varying_fraction(guide, seed=0 if seed is None else seed)
+        record["varying_fraction"], record["deterministic_sites"] = deterministic_sites(
+            fractions, {name: info.numel for name, info in guide.sites.items()})
+        record["varying_fraction_sites"] = fractions
     return record, details
 
 

@@ -3,9 +3,27 @@
 Every metric takes predicted class probabilities ``(N, C)``; a tensor
 ``(S, N, C)`` of per-draw probabilities is averaged over draws first (the
 Bayesian model average). Labels are integer class indices ``(N,)``.
+
+What each number counts:
+
+* :func:`accuracy`: the fraction of inputs whose most probable class under the
+  model average is the label;
+* :func:`nll`: the mean over inputs of ``-log p(y | x)``, the negative log of
+  the model average's probability of the label, in nats. From per-draw
+  log-probabilities (or logits) it is a log-mean-exp over draws, so a label
+  whose probability underflows float32 still costs its true amount;
+* :func:`brier`: the mean over inputs of the squared distance between the
+  model average and the one-hot label (0 to 2);
+* :func:`ece`: the confidence-weighted gap between accuracy and confidence over
+  equal-width confidence bins (0 for a calibrated model);
+* :func:`auroc`: the probability that a random "out" input scores above a random
+  "in" input (0.5: the score cannot tell them apart).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 
@@ -18,23 +36,25 @@ __all__ = ["accuracy", "nll", "brier", "ece", "reliability_data", "auroc", "DEFA
 #: Number of equal-width confidence bins of :func:`ece` and :func:`reliability_data`.
 DEFAULT_ECE_BINS = 15
 
-_EPS = 1e-12
-
 
 def _mean_probs_and_labels(probs, y) -> tuple[torch.Tensor, torch.Tensor]:
     probs = check_probs("probs", probs)
     if probs.dim() == 3:
         probs = probs.mean(0)
+    return probs, _check_labels(y, probs.shape[0], probs.shape[-1])
+
+
+def _check_labels(y, num_inputs: int, num_classes: int) -> torch.Tensor:
+    """``y`` as int64 labels of ``num_inputs`` inputs, each in ``[0, num_classes)``."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor of class labels, got {type(y).__name__}")
     if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"y must be a 1-D integer tensor of class labels, got shape {tuple(y.shape)} dtype {y.dtype}")
-    if y.shape[0] != probs.shape[0]:
-        raise ValueError(f"y has {y.shape[0]} labels but probs has {probs.shape[0]} rows; they must match")
-    num_classes = probs.shape[-1]
+    if y.shape[0] != num_inputs:
+        raise ValueError(f"y has {y.shape[0]} labels but probs has {num_inputs} rows; they must match")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"y must hold class labels in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]")
-    return probs, y.long()
+    return y.long()
 
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
@@ -48,15 +68,45 @@ def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return (probs.argmax(-1) == y).double().mean().item()
 
 
-def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean negative log predictive probability of the labels (nats).
+def _label_log_probs(probs, y, logits) -> torch.Tensor:
+    """Per-draw log-probabilities of the labels, ``(S, N)`` in float64, from ``probs`` or ``logits``."""
+    if (probs is None) == (logits is None):
+        raise ValueError("give exactly one of probs and logits")
+    if logits is not None:
+        check_tensor("logits", logits, ndim=(2, 3), floating=True)
+        if bool(torch.isnan(logits).any()) or bool((logits == float("inf")).any()):
+            raise ValueError("logits must not hold NaN or +inf")
+        log_probs = logits.double().log_softmax(-1)
+    else:
+        log_probs = check_probs("probs", probs).double().log()
+    if log_probs.dim() == 2:
+        log_probs = log_probs.unsqueeze(0)
+    y = _check_labels(y, log_probs.shape[1], log_probs.shape[-1])
+    index = y.reshape(1, -1, 1).expand(log_probs.shape[0], -1, 1)
+    return log_probs.gather(-1, index).squeeze(-1)
 
-    Probabilities are clipped at 1e-12 so a confidently wrong prediction costs
-    about 27.6 nats rather than infinity.
+
+def nll(probs: Optional[torch.Tensor], y: torch.Tensor, *, logits: Optional[torch.Tensor] = None) -> float:
+    """Mean negative log predictive probability of the labels, in nats.
+
+    ``-mean_n log( mean_s p_s(y_n | x_n) )``, computed as ``log S - logsumexp_s
+    log p_s(y_n | x_n)`` in float64: nothing is clipped, so a label whose
+    probability is ``1e-20`` costs its 46 nats, and only a label that every draw
+    gives probability exactly 0 costs ``inf``.
+
+    :param probs: class probabilities ``(N, C)`` or per-draw ``(S, N, C)``; or None with ``logits``.
+    :param y: integer labels ``(N,)``.
+    :param logits: per-draw logits ``(S, N, C)`` (or ``(N, C)``) instead of ``probs``; preferred when
+        available, since their log-softmax keeps the log-probabilities that float32 probabilities lose.
+
+    Usage::
+
+        nll(None, test.y, logits=predictive_logits(model, guide, test.x, site="logits"))
+        nll(predictive_probs(model, guide, test.x), test.y)
     """
-    probs, y = _mean_probs_and_labels(probs, y)
-    p = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1).double()
-    return (-p.clamp_min(_EPS).log()).mean().item()
+    log_p = _label_log_probs(probs, y, logits)
+    per_input = math.log(log_p.shape[0]) - torch.logsumexp(log_p, 0)
+    return per_input.mean().item()
 
 
 def brier(probs: torch.Tensor, y: torch.Tensor) -> float:

@@ -30,6 +30,7 @@ from pyro.infer import Predictive
 
 from pyro_bq._validation import check_callable, check_choice, check_int
 from pyro_bq.inference.prediction import DEFAULT_MAX_BYTES, as_inputs, check_draws, predict_batched, predict_looped
+from pyro_bq.quant.activation import check_calibrated
 
 __all__ = [
     "predictive_logits",
@@ -181,6 +182,8 @@ def predictive_logits(
         raise ValueError(f"method='vectorized' needs a model with functional_net; {type(model).__name__} has none")
     if guide is not None:
         _ensure_setup(guide, x)
+    if hasattr(model, "net"):
+        check_calibrated(model)  # an uncalibrated fake-quant activation would give every input one prediction
     with _seeded(seed):
         if samples is None:  # all draws at once, so they do not depend on batch_size or sample_chunk
             samples = sample_weights(model, guide, num_samples, x)
