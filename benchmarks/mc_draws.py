@@ -14,6 +14,7 @@ Run::
 
     python benchmarks/mc_draws.py --data-dir ../shared/data --out-dir /tmp/mc-draws
     python benchmarks/mc_draws.py --draws 10,20 --repeats 1 --eval-limit 200   # a quick look
+    python benchmarks/mc_draws.py --checkpoint OLD_STUDY/train/FP/guide.bq      # an already trained float guide
 """
 
 from __future__ import annotations
@@ -41,17 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="evaluations per draw count, each with its own draw seed")
     p.add_argument("--eval-limit", type=int, default=2000, help="rows per test set (the study's default)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="a float guide.bq of an earlier default study, used instead of training")
     return p
 
 
 def _float_guide(args):
     cfg = StudyConfig(data_dir=args.data_dir, out_dir=args.out_dir, policies=("float",), act_policies=(), bits=(4,),
                       eval_limit=args.eval_limit, num_samples=4, arviz_samples=2, arviz_limit=10, progress=False,
-                      threads=args.threads)
+                      threads=args.threads, checkpoint=args.checkpoint)
     run_study(cfg)
     train, tests, _ = _load_data(cfg)
     model = _make_model(cfg, len(train))
-    guide = load_meanfield_guide(Path(args.out_dir) / "train" / cfg.train_fingerprint() / "guide.bq", model, tests["mnist"].x[:2])
+    path = args.checkpoint or Path(args.out_dir) / "train" / cfg.train_fingerprint() / "guide.bq"
+    guide = load_meanfield_guide(path, model, tests["mnist"].x[:2])
     return model, guide, tests
 
 

@@ -182,7 +182,7 @@ class StudyConfig:
     scale_lr: Optional[float] = 1e-2
     init_scale: float = 1e-2
     prior_gain: float = 1.0
-    num_samples: int = 20
+    num_samples: int = 50
     eval_limit: Optional[int] = 2000
     mnist_limit: Optional[int] = None
     amnist_train_images: int = 2000
