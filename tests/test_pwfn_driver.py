@@ -113,16 +113,21 @@ def test_driver_fixes_every_weight_and_resumes(mnist_small, lenet_small, tmp_pat
     assert res2.final["accuracy"] == res.final["accuracy"]
 
 
-def test_example_runs_with_tiny_settings(data_root, capsys):
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_example_runs_with_tiny_settings(data_root, capsys, preset):
     mod = _load_example()
     args = mod.build_parser().parse_args(
         ["--data-dir", str(data_root), "--train-limit", "600", "--test-limit", "300", "--pretrain-epochs", "1",
-         "--num-steps", "3", "--schedule", "0.6", "1.0", "--eval-samples", "2", "--no-progress"]
+         "--num-steps", "3", "--schedule", "0.6", "1.0", "--eval-samples", "2", "--no-progress", "--preset", preset]
     )
     out = mod.main(args)
     text = capsys.readouterr().out
     assert "round 2/2" in text and "final table" in text and "codebook:" in text
+    assert "point network (codebook indices)" in text and "Bayesian (mu, sigma) packed file" in text
+    assert "per site (the paper's Figure 2)" in text and "movement per codebook value" in text
     assert out["fraction_fixed"] == 1.0 and out["unique"] == len(out["codebook"])
+    assert set(out["per_site"]) == set(out["guide"].sites)
+    assert sum(m["count"] for m in out["movement"]) == out["guide"].num_params
 
 
 @pytest.mark.slow

@@ -762,7 +762,8 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
             if 2**self.bits < codebook.numel():
                 raise ValueError(f"bits must be at least {need} to index a codebook of {codebook.numel()} values, got {bits}")
             self.family = "custom"
-            self._codebook = codebook.detach().float().clone()
+            # float64 stays float64 (a float64 guide's values round-trip exactly), narrower types widen to float32
+            self._codebook = codebook.detach().to(torch.promote_types(codebook.dtype, torch.float32)).clone()
         else:
             if self.family == "custom":
                 raise ValueError("family='custom' needs a codebook tensor")
