@@ -86,6 +86,8 @@ def test_two_seeds_with_an_extra_ood_set(data_root, tmp_path):
     summary = json.loads((out / "results.json").read_text())
     assert "auroc_mi_ood_noise" in summary["columns"] and "auroc_total_ood_noise" in summary["columns"]
     rows = {r["config"]: r for r in summary["rows"]}
+    assert rows["jq4"]["seeds"] == 2 and rows["jq4"]["accuracy_std"] >= 0.0 and rows["jq4"]["accuracy_ci95"] >= 0.0
+    assert "auroc_mi_fashion_ci95" in (out / "results.csv").read_text().splitlines()[0]
     lq = rows["logquant4"]
     assert lq["baseline"] == "float+3" and lq["d_accuracy"] == pytest.approx(lq["accuracy"] - rows["float+3"]["accuracy"])
     md = (out / "results.md").read_text()

@@ -185,7 +185,9 @@ def write_tables(rows: list[dict], out: Path, *, data_info: Optional[dict] = Non
                                                    for k, v in data_info.items())]
     atomic_write_bytes(out / "results.md", ["\n".join(md).encode() + b"\n"])
 
-    fields = columns_of(rows) + ["error"]
+    cols = columns_of(rows)
+    stats = [f"{c}{suffix}" for c in cols for suffix in ("_std", "_ci95") if any(f"{c}{suffix}" in r for r in rows)]
+    fields = cols + stats + (["seeds"] if any("seeds" in r for r in rows) else []) + ["error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
