@@ -24,6 +24,7 @@ import pyro
 import torch
 
 from pyro_bq import IIDNormal
+from pyro_bq._validation import resolve_device
 from pyro_bq.data import load_mnist
 from pyro_bq.guides import init_to_pretrained
 from pyro_bq.models import BayesianClassifier, LeNet5
@@ -44,9 +45,9 @@ TAIL_SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999, 
 
 @torch.no_grad()
 def net_accuracy(net, data, batch_size: int = 1000) -> float:
-    correct = 0
+    correct, device = 0, next(net.parameters()).device
     for xb, yb in data.batches(batch_size):
-        correct += int((net(xb).argmax(-1) == yb).sum())
+        correct += int((net(xb.to(device)).argmax(-1).cpu() == yb).sum())
     return correct / len(data)
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=20, help="ensemble size")
     p.add_argument("--checkpoint-dir", default=None, help="resumable PWFN rounds")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     return p
 
 
@@ -113,9 +115,10 @@ def main(args) -> dict:
     if path is not None:
         print(f"{'loading' if path.exists() else 'writing'} the pretrained LeNet-5 at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(getattr(args, "device", "auto"), name="--device")
     t0 = time.perf_counter()
     net = pretrain(LeNet5, train, epochs=args.pretrain_epochs, lr=args.pretrain_lr, batch_size=args.batch_size,
-                   seed=args.seed, checkpoint=path, progress=not args.no_progress)
+                   seed=args.seed, checkpoint=path, progress=not args.no_progress, device=device)
     print(f"pretrained LeNet-5 for {args.pretrain_epochs} epoch(s) in {time.perf_counter() - t0:.1f}s")
     base_acc = net_accuracy(net, test)
     base_stats = compression_stats({f"net.{k}": v for k, v in net.named_parameters()})
@@ -139,7 +142,8 @@ def main(args) -> dict:
     runner = PWFN(
         model, guide, train, test_data=test, preset=args.preset, schedule=tuple(schedule), mode=args.mode, S=args.S,
         alpha=args.alpha, cluster=cluster, num_steps=args.num_steps, batch_size=args.batch_size, seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir, eval_samples=args.eval_samples, progress=not args.no_progress, **given,
+        checkpoint_dir=args.checkpoint_dir, eval_samples=args.eval_samples, progress=not args.no_progress,
+        device=device, **given,
     )
     t1 = time.perf_counter()
     result = runner.run()
@@ -178,4 +182,10 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    parser = build_parser()
+    cli = parser.parse_args()
+    try:
+        resolve_device(cli.device, name="--device")
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))  # one line and exit status 2, no traceback
+    main(cli)

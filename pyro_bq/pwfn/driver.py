@@ -66,12 +66,14 @@ from pyro_bq._validation import (
     check_bool, check_callable, check_choice, check_float, check_int, check_path, check_positive, check_type,
 )
 from pyro_bq._validation import check_schedule as _check_schedule
-from pyro_bq.data.dataset import InMemoryDataset
+from pyro_bq._validation import resolve_device
 from pyro_bq.guides.pwfn import AutoPWFN
 from pyro_bq.inference import fit_svi
+from pyro_bq.inference.batches import as_batches, module_device
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, replace_checkpoint, rng_state, set_rng_state
 from pyro_bq.io.container import writable_folder
-from pyro_bq.uncertainty import accuracy, predictive_probs
+from pyro_bq.uncertainty import accuracy
+from pyro_bq.uncertainty.predict import predict_with_labels
 from pyro_bq.recipes import scale_aware_adam
 
 from .clustering import ClusterConfig, cluster_guide_
@@ -137,8 +139,13 @@ class PWFN:
     :param model: a :class:`~pyro_bq.models.BayesianClassifier`.
     :param guide: an :class:`~pyro_bq.guides.pwfn.AutoPWFN` (started from a
         pretrained net for ``mode="paper"``).
-    :param train_data: training :class:`~pyro_bq.data.InMemoryDataset`.
-    :param test_data: evaluation data for the round log and the final table (optional).
+    :param train_data: training data: an :class:`~pyro_bq.data.InMemoryDataset`, a DataLoader or a
+        re-iterable of ``(x, y)`` batches (what :func:`~pyro_bq.inference.fit_svi` takes).
+    :param test_data: evaluation data for the round log and the final table (optional; the same kinds).
+    :param dataset_size: the number of training examples when ``train_data`` cannot tell.
+    :param device: where training, clustering and evaluation run (``"auto"``, ``"cpu"``, ``"cuda"``);
+        default where the guide's parameters are (the model's, before the guide is set up). The
+        model and guide are moved there.
     :param preset: ``"fast"`` (default: Adam, means at lr 1e-4 and raw scales
         at 1e-2, 1 epoch per round, :data:`DEFAULT_SCHEDULE`) or ``"paper"``
         (the paper's setup: SGD with momentum 0.9 at lr 1e-3, 3 epochs per
@@ -186,9 +193,11 @@ class PWFN:
         self,
         model,
         guide,
-        train_data: InMemoryDataset,
+        train_data,
         *,
-        test_data: Optional[InMemoryDataset] = None,
+        test_data=None,
+        dataset_size: Optional[int] = None,
+        device=None,
         preset: str = "fast",
         schedule=_UNSET,
         mode: str = "paper",
@@ -211,9 +220,11 @@ class PWFN:
         log: Optional[Callable[[str], None]] = print,
     ):
         check_type("guide", guide, AutoPWFN, "an AutoPWFN guide")
-        check_type("train_data", train_data, InMemoryDataset, "an InMemoryDataset")
+        self.device = module_device(guide, model) if device is None else resolve_device(device)
+        self.batches = as_batches(train_data, batch_size=batch_size, dataset_size=dataset_size, device=self.device,
+                                  name="train_data")
         if test_data is not None:
-            check_type("test_data", test_data, InMemoryDataset, "an InMemoryDataset or None")
+            as_batches(test_data, name="test_data")  # the kind of data is checked here, its batches when read
         self.preset = check_choice("preset", preset, tuple(PRESETS))
         given = {"schedule": schedule, "num_epochs": num_epochs, "first_round_fraction": first_round_fraction,
                  "optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum}
@@ -229,8 +240,8 @@ class PWFN:
             num_epochs = check_int("num_epochs", num_epochs, low=1)
         else:
             num_steps = check_int("num_steps", num_steps, low=1)
-        self.model, self.guide = model, guide
-        self.train_data, self.test_data = train_data, test_data
+        self.model, self.guide = model.to(self.device), guide.to(self.device)
+        self.train_data, self.test_data, self.dataset_size = train_data, test_data, dataset_size
         self.cluster = cluster
         self.num_epochs, self.num_steps = num_epochs, num_steps
         frac = opts["first_round_fraction"]
@@ -256,7 +267,7 @@ class PWFN:
     def _optimizer(self):
         if self.optimizer == "adam":
             return scale_aware_adam(self.lr, self.scale_lr)
-        n = float(getattr(self.model, "dataset_size", None) or len(self.train_data))
+        n = float(getattr(self.model, "dataset_size", None) or self.batches.require_size("PWFN with optimizer='sgd'"))
         lr, scale_lr, momentum = self.lr / n, self.scale_lr / n, self.momentum
         return pyro.optim.SGD(lambda name: {
             "lr": scale_lr if "scale" in name.rsplit(".", 1)[-1] else lr, "momentum": momentum})
@@ -264,7 +275,10 @@ class PWFN:
     def _train_length(self, t: int) -> tuple[Optional[int], Optional[int]]:
         """``(num_epochs, num_steps)`` of round ``t + 1``."""
         if t == 0 and self.first_round_fraction is not None:
-            per_epoch = math.ceil(len(self.train_data) / self.batch_size)
+            per_epoch = self.batches.num_batches
+            if per_epoch is None:
+                raise ValueError("first_round_fraction needs the number of batches per epoch, which train_data "
+                                 "cannot tell (it has no len()); pass first_round_fraction=None")
             return None, max(1, math.ceil(self.first_round_fraction * per_epoch))
         return self.num_epochs, self.num_steps
 
@@ -272,8 +286,9 @@ class PWFN:
         if self.test_data is None:
             return None
         point = {k: v[None] for k, v in self.guide.median().items()}
-        probs = predictive_probs(self.model, x=self.test_data, samples=point, batch_size=self.eval_batch_size)
-        return accuracy(probs, self.test_data.y)
+        logits, y = predict_with_labels(self.model, None, self.test_data, samples=point, site="logits",
+                                        batch_size=self.eval_batch_size, device=self.device, name="test_data")
+        return accuracy(logits.softmax(-1), y)
 
     def _save(self, t: int, rounds: list, extra: dict) -> None:
         """Checkpoint the state after round ``t`` (in place of the one before) and drop round ``t``'s SVI checkpoints."""
@@ -308,6 +323,7 @@ class PWFN:
             steps = fit_svi(
                 self.model, self.guide, self.train_data, num_epochs=num_epochs, num_steps=num_steps,
                 batch_size=self.batch_size, optim=self._optimizer(), elbo=self.objective, seed=self.seed + t,
+                dataset_size=self.dataset_size, device=self.device,
                 checkpoint_dir=(self.checkpoint_dir / f"round-{t + 1}") if self.checkpoint_dir else None,
                 progress=self.progress, step_hook=self.guide.enforce_fixed_,
             ).steps
@@ -335,8 +351,9 @@ class PWFN:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> PWFNResult:
         """Run (or resume) all rounds and evaluate the final network."""
-        x0, y0 = next(self.train_data.batches(self.batch_size))
+        x0, y0 = self.batches.first()
         self.guide.setup(x0, y0)
+        self.guide.to(self.device)
         result = PWFNResult(self.guide)
         start, rounds, extra = self._resume(result)
         self._groups = extra.setdefault("groups", [])
@@ -371,8 +388,8 @@ class PWFN:
         if self.test_data is not None:
             out["accuracy"] = self._accuracy()
             ens = ensemble_accuracy(
-                self.model, self.guide, self.test_data, num_samples=self.eval_samples, seed=self.seed
-            )
+                self.model, self.guide, self.test_data, num_samples=self.eval_samples, seed=self.seed,
+                device=self.device)
             out["ensemble_accuracy"] = ens["ensemble"]
             out["ensemble_member_accuracy"] = ens["mean_member"]
             out["ensemble_samples"] = self.eval_samples

@@ -43,6 +43,7 @@ import torch
 
 from pyro_bq._validation import check_int
 from pyro_bq.uncertainty import accuracy, predictive_probs
+from pyro_bq.uncertainty.predict import predict_with_labels
 
 __all__ = [
     "weight_entropy",
@@ -153,11 +154,12 @@ def compression_stats(weights: Mapping[str, torch.Tensor]) -> dict:
 
 
 def ensemble_accuracy(
-    model, guide, data, *, num_samples: int = 20, batch_size: int = 500, seed: Optional[int] = 0
+    model, guide, data, *, num_samples: int = 20, batch_size: int = 500, seed: Optional[int] = 0, device=None
 ) -> dict:
     """Accuracy of the averaged prediction of ``num_samples`` weight draws from ``guide``.
 
-    :param data: a dataset with ``.x`` and ``.y``.
+    :param data: a dataset with ``.x`` and ``.y``, a DataLoader or a re-iterable of ``(x, y)`` batches.
+    :param device: where the network runs (default: the guide's device).
     :returns: ``{"ensemble": acc, "mean_member": mean accuracy of the draws}``.
 
     Usage::
@@ -165,9 +167,11 @@ def ensemble_accuracy(
         ensemble_accuracy(model, guide, test, num_samples=20)["ensemble"]
     """
     num_samples = check_int("num_samples", num_samples, low=1)
-    probs = predictive_probs(model, guide, data, num_samples=num_samples, batch_size=batch_size, seed=seed)
-    members = [accuracy(p, data.y) for p in probs]
-    return {"ensemble": accuracy(probs, data.y), "mean_member": sum(members) / len(members)}
+    logits, y = predict_with_labels(model, guide, data, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                    site="logits", device=device, name="data")
+    probs = logits.softmax(-1)
+    members = [accuracy(p, y) for p in probs]
+    return {"ensemble": accuracy(probs, y), "mean_member": sum(members) / len(members)}
 
 
 def per_site_stats(weights: Mapping[str, torch.Tensor]) -> dict:
