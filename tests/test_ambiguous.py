@@ -14,7 +14,8 @@ from pyro_bq.data.ambiguous import (
     save_image_grid,
 )
 
-SMALL = dict(num_train_images=200, num_test_images=50, vae_train_size=3000, vae_epochs=2, ensemble_train_size=10000)
+SMALL = dict(num_train_images=200, num_test_images=50, vae_train_size=10000, vae_epochs=3, ensemble_train_size=10000,
+             ensemble_epochs=2)
 TINY = dict(num_train_images=30, num_test_images=10, labels_per_image=4, vae_train_size=600, vae_epochs=1,
             ensemble_size=2, ensemble_train_size=600, candidate_factor=4)
 
@@ -30,14 +31,42 @@ def test_generated_set_is_really_ambiguous(small_gen):
     s = gen.stats
     # mean entropy of the labelling ensemble's prediction: Ambiguous vs real MNIST test digits
     assert s["ensemble_accuracy_mnist_test"] > 0.85
-    assert s["mean_entropy_ambiguous"] >= 3.0 * s["mean_entropy_mnist"], s
+    assert s["mean_entropy_ambiguous"] >= 4.0 * s["mean_entropy_mnist"], s
     # low epistemic, high aleatoric: most of the total entropy is expected entropy
     assert s["mean_mutual_information_ambiguous"] < 0.25 * s["mean_expected_entropy_ambiguous"]
     # the 10 drawn labels disagree for most images (MNIST's single labels never do)
     labels = gen.train_labels
-    distinct = torch.tensor([len(torch.unique(row)) for row in labels])
-    assert (distinct >= 2).float().mean() > 0.6
-    assert labels.min() >= 0 and labels.max() <= 9
+    for labels in (gen.train_labels, gen.test_labels):
+        distinct = torch.tensor([len(torch.unique(row)) for row in labels])
+        assert bool((distinct >= 2).all())  # no image's labels are unanimous
+        assert labels.min() >= 0 and labels.max() <= 9
+        # classes (each image's most frequent label) within a factor 2 of balanced
+        counts = torch.bincount(torch.mode(labels, dim=1).values, minlength=10).float()
+        share = len(labels) / 10
+        assert float(counts.min()) >= share / 2 and float(counts.max()) <= 2 * share, counts
+
+
+def test_quality_report_and_sample_page(small_gen, tmp_path):
+    from pyro_bq.data.ambiguous import quality_report, write_quality_report
+
+    gen, _ = small_gen
+    report = quality_report(gen)
+    assert report["fraction_unanimous"] == 0.0 and report["entropy_ratio"] >= 4.0
+    assert sum(report["class_histogram_train"]) == 200 and sum(report["class_histogram_test"]) == 50
+    lo, hi = report["class_share_range_train"]
+    assert lo >= 0.5 and hi <= 2.0
+    files = write_quality_report(gen, tmp_path / "out", pages=16)
+    assert json.loads(open(files["ambiguous_quality"]).read()) == json.loads(json.dumps(report))
+    assert open(files["ambiguous_grid"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_class_quotas_stay_within_the_ratio():
+    from pyro_bq.data.ambiguous import _class_quotas
+
+    quota = _class_quotas(torch.tensor([500, 500, 500, 15, 500, 500, 500, 500, 500, 500]), 300, 2.0)
+    assert int(quota.sum()) == 300 and int(quota[3]) == 15 and int(quota.max()) <= 60
+    with pytest.raises(ValueError, match="candidate_factor"):
+        _class_quotas(torch.tensor([500, 500, 500, 14, 500, 500, 500, 500, 500, 500]), 300, 2.0)
 
 
 def test_generated_shapes_ranges_and_flattened_dataset(small_gen):

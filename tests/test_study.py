@@ -18,7 +18,7 @@ TINY = [
     "--policies", "jq,logquant,qi", "--bits", "4", "--act-policies", "jq", "--logquant-steps", "3",
     "--arviz-samples", "4", "--arviz-limit", "30", "--no-progress", "--threads", "1",
 ]
-EXPECTED_ROWS = ["float", "jq4", "jq4+act8", "logquant4", "qi"]
+EXPECTED_ROWS = ["float", "jq4", "jq4+act8", "logquant4", "qi", "float+3"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def test_rows_carry_training_labels_draw_figures_and_allocation_bits(tiny_run):
     data = json.loads((tiny_run / "results.json").read_text())
     rows = {r["config"]: r for r in data["rows"]}
     assert {name: r["training"] for name, r in rows.items()} == {
-        "float": "data-free", "jq4": "data-free", "jq4+act8": "data-free", "logquant4": "trained", "qi": "data-free"}
+        "float": "data-free", "jq4": "data-free", "jq4+act8": "data-free", "logquant4": "trained", "qi": "data-free",
+        "float+3": "trained"}
     for name, r in rows.items():
         assert r["mi_in"] > 0 and r["mi_in"] == r["details"]["epistemic_in"], name
         assert 0.0 <= r["varying_fraction"] <= 1.0 and isinstance(r["collapsed"], bool), name
@@ -116,7 +117,7 @@ def test_rerun_skips_finished_work(tiny_run, data_root, caplog):
     after = {p.name: p.stat().st_mtime_ns for p in (out / "configs").iterdir()}
     assert after == before  # no configuration re-evaluated
     assert guide_file.stat().st_mtime_ns == guide_mtime  # no re-training
-    assert any("5 finished configuration(s) skipped" in r.getMessage() for r in caplog.records)
+    assert any("6 finished configuration(s) skipped" in r.getMessage() for r in caplog.records)
     # a removed row is redone, and only that one
     (out / "configs" / "jq4.json").unlink()
     assert study_main(["--data-dir", str(data_root), "--out-dir", str(out), *TINY]) == 0

@@ -27,9 +27,12 @@ from pyro_bq._validation import check_bool, check_int
 
 from .dataset import InMemoryDataset
 
-__all__ = ["resolve_root", "load_mnist", "load_fashion_mnist", "MNIST_MEAN", "MNIST_STD", "DataNotFoundError"]
+__all__ = ["resolve_root", "load_mnist", "load_fashion_mnist", "MNIST_MEAN", "MNIST_STD", "DataNotFoundError",
+           "images_to_tensor", "read_idx", "IDX_IMAGES", "IDX_LABELS"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+#: IDX magic numbers of image (N, rows, cols) and label (N,) files.
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
 _FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
@@ -61,10 +64,11 @@ def _read_idx(path: Path, magic: int, expected_count: Optional[int]) -> np.ndarr
             buf = fh.read()
     except (OSError, EOFError) as err:
         raise ValueError(f"cannot read {path}: {err}; the file is damaged, delete it and provide it again") from err
-    header = np.frombuffer(buf[:4], dtype=">u4")
-    if len(buf) < 8 or int(header[0]) != magic:
+    if len(buf) < 8 or int(np.frombuffer(buf[:4], dtype=">u4")[0]) != magic:
         raise ValueError(f"{path} is not an IDX file (bad magic number); provide the original MNIST-format file")
     ndim = magic & 0xFF
+    if len(buf) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header is shorter than {4 + 4 * ndim} bytes")
     dims = np.frombuffer(buf[4 : 4 + 4 * ndim], dtype=">u4").astype(int)
     if expected_count is not None and dims[0] != expected_count:
         raise ValueError(f"{path} holds {dims[0]} items, expected {expected_count}")
@@ -72,6 +76,32 @@ def _read_idx(path: Path, magic: int, expected_count: Optional[int]) -> np.ndarr
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path} is truncated: {data.size} bytes of data for shape {tuple(dims)}")
     return data.reshape(tuple(dims))
+
+
+def images_to_tensor(images: np.ndarray, *, normalize: bool = True) -> torch.Tensor:
+    """uint8 images ``(N, 28, 28)`` as a float tensor ``(N, 1, 28, 28)`` in [0, 1],
+    with MNIST's normalisation when ``normalize``: the one preprocessing of every MNIST-like set.
+
+    Usage::
+
+        x = images_to_tensor(np.zeros((5, 28, 28), np.uint8))
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"images must be a uint8 array of shape (N, 28, 28), got {getattr(images, 'dtype', type(images).__name__)} "
+                         f"of shape {getattr(images, 'shape', '?')}")
+    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
+    if check_bool("normalize", normalize):
+        x.sub_(MNIST_MEAN).div_(MNIST_STD)
+    return x
+
+
+def read_idx(path, magic: int) -> np.ndarray:
+    """The array of an IDX file (``.gz`` or not) with type code ``magic``
+    (``0x803``: images, ``0x801``: labels), any number of items.
+
+    :raises ValueError: the file cannot be read, is not IDX of that kind, or is truncated; the message names the file.
+    """
+    return _read_idx(Path(path), magic, None)
 
 
 def _find(raw: Path, stem: str) -> Optional[Path]:
@@ -118,9 +148,7 @@ def _load(name: str, root, train: bool, download: bool, normalize: bool, limit: 
     images, labels = read_idx_pair(name, root, train, download)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255.0)
-    if normalize:
-        x.sub_(MNIST_MEAN).div_(MNIST_STD)
+    x = images_to_tensor(images, normalize=normalize)
     y = torch.from_numpy(labels.astype(np.int64))
     return InMemoryDataset(x, y, name=f"{name}-{'train' if train else 'test'}")
 

@@ -13,5 +13,7 @@ kind of row is added in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 
 from .config import ALL_POLICIES, DEFAULT_BITS, RowSpec, StudyConfig
 from .runner import ROW_BUILDERS, StudyBusyError, run_study
+from .seeds import run_seeds
 
-__all__ = ["StudyConfig", "RowSpec", "run_study", "StudyBusyError", "ROW_BUILDERS", "ALL_POLICIES", "DEFAULT_BITS"]
+__all__ = ["StudyConfig", "RowSpec", "run_study", "run_seeds", "StudyBusyError", "ROW_BUILDERS", "ALL_POLICIES",
+           "DEFAULT_BITS"]

@@ -7,8 +7,11 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .config import ALL_POLICIES, BITS_RANGE, DEFAULT_BITS, StudyConfig, check_out_dir
+from pyro_bq.data.ambiguous import DDU_NOISE_STD
+
+from .config import ALL_POLICIES, AMNIST_SIZES, BITS_RANGE, DEFAULT_BITS, StudyConfig, check_out_dir
 from .runner import StudyBusyError, run_study
+from .seeds import run_seeds
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -42,6 +45,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=d.out_dir, help=f"output folder (default: {d.out_dir})")
     p.add_argument("--cache-dir", default=None, help="cache of the generated Ambiguous-MNIST (default: OUT_DIR/cache)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="comma-separated seeds, e.g. 0,1,2: one complete study per seed in OUT_DIR/seed-K (each "
+                   "resumable) and a summary with mean ± std in OUT_DIR (default: one study with --seed)")
     p.add_argument("--policies", type=_name_list, default=d.policies,
                    help=f"comma-separated rows to evaluate, from {','.join(ALL_POLICIES)} (default: all; float is always evaluated)")
     p.add_argument("--bits", type=_int_list, default=DEFAULT_BITS,
@@ -63,6 +69,15 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
     p.add_argument("--amnist-train-images", type=int, default=d.amnist_train_images,
                    help="unique generated Ambiguous-MNIST training images (x10 labels)")
     p.add_argument("--amnist-test-images", type=int, default=d.amnist_test_images)
+    p.add_argument("--amnist-size", choices=tuple(AMNIST_SIZES), default=None,
+                   help="named Ambiguous-MNIST size: ddu = 6,000 train and 6,000 test unique images, as the published "
+                   "set (overrides --amnist-train-images and --amnist-test-images)")
+    p.add_argument("--amnist-noise", type=float, default=d.amnist_noise,
+                   help=f"std of Gaussian noise added to every normalised image (the published Dirty-MNIST reader "
+                   f"uses {DDU_NOISE_STD}; default: {d.amnist_noise})")
+    p.add_argument("--ood-dir", default=None,
+                   help="folder of extra OOD sets (NAME/t10k-images-idx3-ubyte.gz or NAME.npz with a uint8 "
+                   "(N, 28, 28) array): each gets its own AUROC columns and curves")
     p.add_argument("--amnist-source", choices=("auto", "original", "generated"), default=d.amnist_source)
     p.add_argument("--amnist-fit-size", type=int, default=d.amnist_fit_size,
                    help="MNIST images the Ambiguous-MNIST generator's VAE and LeNet ensemble train on")
@@ -95,6 +110,8 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    if args.amnist_size is not None:
+        args.amnist_train_images, args.amnist_test_images = AMNIST_SIZES[args.amnist_size]
     return StudyConfig(
         data_dir=args.data_dir, out_dir=args.out_dir, cache_dir=args.cache_dir, seed=args.seed,
         policies=args.policies, bits=args.bits, act_bits=args.act_bits, ends_bits=args.ends_bits, act_policies=args.act_policies,
@@ -103,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         mnist_limit=args.mnist_limit, amnist_train_images=args.amnist_train_images,
         amnist_test_images=args.amnist_test_images, amnist_source=args.amnist_source,
         amnist_fit_size=args.amnist_fit_size, amnist_vae_epochs=args.amnist_vae_epochs,
+        amnist_noise=args.amnist_noise, ood_dir=args.ood_dir,
         logquant_bits=args.logquant_bits, logquant_steps=args.logquant_steps, extra_steps=args.extra_steps, mixed_bits=args.mixed_bits,
         arviz_samples=args.arviz_samples, arviz_limit=args.arviz_limit, checkpoint=args.checkpoint,
         threads=args.threads, progress=not args.no_progress, keep_going=args.keep_going, device=args.device,
@@ -119,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pyro_bq.st
     try:
         cfg = config_from_args(args)
         check_out_dir("--out-dir", cfg.out_dir)
+        if args.seeds is not None and (not args.seeds or min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds)):
+            raise ValueError(f"--seeds must list distinct non-negative ints, e.g. 0,1,2; got {args.seeds!r}")
     except (ValueError, TypeError) as err:
         parser.error(str(err).replace("out_dir", "--out-dir"))
     logger = logging.getLogger("pyro_bq.study")
@@ -128,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pyro_bq.st
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        result = run_study(cfg)
+        result = run_study(cfg) if args.seeds is None else run_seeds(cfg, args.seeds)
     except StudyBusyError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1

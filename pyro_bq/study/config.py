@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from pyro_bq._validation import check_bool, check_float, check_int, resolve_device
-from pyro_bq.data.ambiguous import AmbiguousConfig
+from pyro_bq.data.ambiguous import DDU_NUM_IMAGES, AmbiguousConfig
 from pyro_bq.io.container import writable_folder
 from pyro_bq.quant.grids import MAX_BITS, check_bits
 
@@ -27,6 +27,8 @@ __all__ = [
     "SR_POLICIES",
     "ALL_POLICIES",
     "TRAINED_FAMILIES",
+    "PWFN_SCHEDULE",
+    "AMNIST_SIZES",
     "ROW_FORMAT",
     "DEFAULT_BITS",
     "BITS_RANGE",
@@ -47,9 +49,13 @@ ALL_POLICIES = ("float",) + QUANT_POLICIES + tuple(SR_POLICIES) + EXTRA_ROWS
 #: labelled ``"trained"``; every other row (float, VPQ/SPQ/JQ, QI, RB, activation variants of
 #: those) quantizes the float guide without more training and is labelled ``"data-free"``.
 TRAINED_FAMILIES = ("logquant", "pwfn", "smol", "qat")
+#: Fractions of the weights PWFN has fixed after each round of the study's PWFN row.
+PWFN_SCHEDULE = (0.5, 0.8, 0.95, 1.0)
+#: Named Ambiguous-MNIST sizes (unique train, test images): ``ddu`` is the published set's.
+AMNIST_SIZES = {"ddu": DDU_NUM_IMAGES}
 #: Version of what a row record holds; part of :meth:`StudyConfig.eval_fingerprint`, so rows
 #: recorded by a version with other columns or other formulas are computed again.
-ROW_FORMAT = 2
+ROW_FORMAT = 3
 DEFAULT_BITS = (8, 6, 4, 3, 2)
 #: Allowed weight and activation bit widths (those of :func:`pyro_bq.quant.check_bits`).
 BITS_RANGE = (1, MAX_BITS)
@@ -104,14 +110,24 @@ class RowSpec:
     family: str
     bits: Optional[int] = None
     act_bits: Optional[int] = None
+    #: a ``float`` row with this many SVI steps beyond the shared float guide: the
+    #: matched-budget baseline of the trained rows with that many extra steps.
+    steps: Optional[int] = None
 
     @property
     def training(self) -> str:
-        """``"trained"`` for families in :data:`TRAINED_FAMILIES`, else ``"data-free"``."""
-        return "trained" if self.family in TRAINED_FAMILIES else "data-free"
+        """``"trained"`` for families in :data:`TRAINED_FAMILIES` and budget baselines, else ``"data-free"``."""
+        return "trained" if self.family in TRAINED_FAMILIES or self.steps is not None else "data-free"
+
+    @property
+    def is_baseline(self) -> bool:
+        """Whether this is a matched-budget float baseline (``float+N``)."""
+        return self.steps is not None
 
     @property
     def name(self) -> str:
+        if self.steps is not None:
+            return f"{self.family}+{self.steps}"
         base = self.family if self.bits is None else f"{self.family}{self.bits}"
         if self.family in SR_POLICIES and self.bits is not None:
             base = f"{self.family.removesuffix('-sr')}{self.bits}-sr"
@@ -135,7 +151,13 @@ class StudyConfig:
         the deterministic LeNet-5 the guide starts from.
     :param num_samples: weight draws per evaluation; ``eval_limit`` rows per test set.
     :param mnist_limit: MNIST training rows (``None``: all 60,000).
-    :param amnist_train_images, amnist_test_images: unique generated Ambiguous-MNIST images.
+    :param amnist_train_images, amnist_test_images: unique generated Ambiguous-MNIST images
+        (the published set: :data:`AMNIST_SIZES` ``["ddu"]``, 6,000 each).
+    :param amnist_noise: standard deviation of Gaussian noise added to every normalised
+        image of the training and test sets (the published Dirty-MNIST reader uses 0.05,
+        :data:`~pyro_bq.data.ambiguous.DDU_NOISE_STD`; default 0: none).
+    :param ood_dir: a folder of extra OOD sets (:func:`pyro_bq.data.ood.load_ood_dir`): each
+        gets its own AUROC columns; the fingerprints hold the SHA-256 of its files.
     :param checkpoint: optional trained guide (``guide.bq`` of an earlier run) to load instead of training;
         the fingerprints hold a SHA-256 of its contents, so a replaced file makes every row run again.
     :param threads: torch threads (``None``: the count torch has when the study starts). The count
@@ -169,7 +191,7 @@ class StudyConfig:
     scale_lr: Optional[float] = 1e-2
     init_scale: float = 1e-2
     prior_gain: float = 1.0
-    num_samples: int = 20
+    num_samples: int = 50
     eval_limit: Optional[int] = 2000
     mnist_limit: Optional[int] = None
     amnist_train_images: int = 2000
@@ -177,6 +199,8 @@ class StudyConfig:
     amnist_source: str = "auto"
     amnist_fit_size: int = 20000
     amnist_vae_epochs: int = 4
+    amnist_noise: float = 0.0
+    ood_dir: Optional[str] = None
     logquant_bits: int = 4
     logquant_steps: int = 300
     arviz_samples: int = 50
@@ -192,7 +216,7 @@ class StudyConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
-        for name in ("data_dir", "cache_dir", "checkpoint"):
+        for name in ("data_dir", "cache_dir", "checkpoint", "ood_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
@@ -246,6 +270,7 @@ class StudyConfig:
             raise ValueError(f"amnist_source must be one of 'auto', 'original', 'generated'; got {self.amnist_source!r}")
         check_int("amnist_fit_size", self.amnist_fit_size, low=10, high=60000)
         check_int("amnist_vae_epochs", self.amnist_vae_epochs, low=1)
+        check_float("amnist_noise", self.amnist_noise, low=0.0, high=1.0)
         check_bits("logquant_bits", self.logquant_bits)
         check_int("logquant_steps", self.logquant_steps, low=1)
         check_int("arviz_samples", self.arviz_samples, low=1)
@@ -308,15 +333,43 @@ class StudyConfig:
         return self._digest(
             ("seed", "num_epochs", "pretrain_epochs", "batch_size", "lr", "scale_lr", "init_scale", "prior_gain", "mnist_limit",
              "amnist_train_images", "amnist_test_images", "amnist_source", "amnist_fit_size", "amnist_vae_epochs",
-             "checkpoint", "threads")
+             "amnist_noise", "checkpoint", "threads")
         )
 
     def eval_fingerprint(self) -> str:
         """Changes when any evaluated number of an existing row would change (also with :data:`ROW_FORMAT`)."""
         return self.train_fingerprint() + "-" + self._digest(
             ("num_samples", "eval_limit", "ends_bits", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
-             "extra_steps", "mixed_bits"), extra={"row_format": ROW_FORMAT}
+             "extra_steps", "mixed_bits"), extra={"row_format": ROW_FORMAT, "ood_sets": self._ood_digest()}
         )
+
+    def _ood_digest(self) -> Optional[dict]:
+        """``{relative path: SHA-256}`` of every file under ``ood_dir`` (``None`` without one)."""
+        if self.ood_dir is None:
+            return None
+        root = Path(self.ood_dir).expanduser()
+        if not root.is_dir():
+            return {"missing folder": self.ood_dir}
+        return {str(p.relative_to(root)): file_sha256("ood_dir file", p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def trained_steps(self, spec: RowSpec) -> Optional[int]:
+        """SVI steps row ``spec`` trains beyond the shared float guide (``None``: a data-free row).
+
+        The log-quantized guide trains ``logquant_steps``; PWFN ``extra_steps`` per round of
+        :data:`PWFN_SCHEDULE`; SMOL ``extra_steps`` in each of its two phases.
+        """
+        if spec.steps is not None:
+            return spec.steps
+        return {"logquant": self.logquant_steps, "pwfn": len(PWFN_SCHEDULE) * self.extra_steps,
+                "smol": 2 * self.extra_steps}.get(spec.family)
+
+    def baseline_of(self, spec: RowSpec) -> Optional[RowSpec]:
+        """The matched-budget baseline of a trained row: the float guide trained as many
+        more SVI steps from the same start (``float+N``); ``None`` for data-free rows and baselines."""
+        if spec.is_baseline or spec.training != "trained":
+            return None
+        steps = self.trained_steps(spec)
+        return None if steps is None else RowSpec("float", steps=steps)
 
     def rows(self) -> list[RowSpec]:
         """The configurations to evaluate, in table order."""
@@ -341,4 +394,5 @@ class StudyConfig:
         for fam in ("pwfn", "qi", "rb", "smol"):
             if fam in self.policies:
                 add(fam)
-        return out
+        baselines = [b for b in map(self.baseline_of, out) if b is not None]
+        return out + sorted(set(baselines), key=lambda b: b.steps)

@@ -44,14 +44,16 @@ def plot_densities(scores: dict, path: Path, *, bins: int = 40) -> str:
     :param scores: ``{config name: tensors}`` as stored in ``configs/<name>.scores.bq``.
     """
     names = list(scores)
+    sets = list(_SETS) + [(k[: -len("_aleatoric")], k[: -len("_aleatoric")]) for k in scores[names[0]]
+                          if k.endswith("_aleatoric") and k[: -len("_aleatoric")] not in dict(_SETS)]
     fig, axes = _figure(10, 3.2 * len(names), len(names), 2)
     for q, (col, label) in enumerate((("aleatoric", "expected entropy (aleatoric) [nats]"),
                                       ("epistemic", "mutual information (epistemic) [nats]"))):
-        hi = max(float(scores[n][f"{s}_{col}"].max()) for n in names for s, _ in _SETS)
+        hi = max(float(scores[n][f"{s}_{col}"].max()) for n in names for s, _ in sets)
         edges = torch.linspace(0.0, max(hi, 1e-6), bins + 1).numpy()
         for r, name in enumerate(names):
             ax = axes[r][q]
-            for s, title in _SETS:
+            for s, title in sets:
                 v = scores[name][f"{s}_{col}"].double().numpy()
                 ax.hist(v, bins=edges, density=True, histtype="step", linewidth=1.5, label=f"{title} (mean {v.mean():.3g})")
             ax.set_yscale("log")
@@ -63,13 +65,22 @@ def plot_densities(scores: dict, path: Path, *, bins: int = 40) -> str:
 
 
 def plot_metrics_vs_bits(rows: list[dict], path: Path) -> str:
-    """Accuracy and both AUROCs against bits, one line per policy (float as a dashed level)."""
-    metrics = (("accuracy", "MNIST accuracy"), ("auroc_mi_fashion", "AUROC MI: MNIST vs Fashion"),
-               ("auroc_ee_ambiguous", "AUROC EE: MNIST vs Ambiguous"))
-    fig, axes = _figure(15, 4, 1, 3)
+    """Accuracy and the AUROCs against bits, one line per policy (float as a dotted level).
+
+    Extra OOD sets (``auroc_mi_ood_NAME`` / ``auroc_total_ood_NAME`` columns) get a panel
+    each; rows holding ``<metric>_std`` (a multi-seed summary) get ± std error bars
+    (a shaded band around the float level).
+    """
+    metrics = [("accuracy", "MNIST accuracy"), ("auroc_mi_fashion", "AUROC MI: MNIST vs Fashion"),
+               ("auroc_ee_ambiguous", "AUROC EE: MNIST vs Ambiguous")]
+    for key in (rows[0] if rows else {}):
+        for prefix, label in (("auroc_mi_ood_", "AUROC MI: MNIST vs {}"), ("auroc_total_ood_", "AUROC TE: MNIST vs {}")):
+            if key.startswith(prefix) and not key.endswith(("_std", "_ci95")):
+                metrics.append((key, label.format(key[len(prefix):])))
+    fig, axes = _figure(5 * len(metrics), 4, 1, len(metrics))
     plain = [r for r in rows if r.get("act_bits") is None]
     acts = [r for r in rows if r.get("act_bits") is not None]
-    floats = {r["act_bits"]: r for r in rows if r["policy"] == "float"}
+    floats = {r["act_bits"]: r for r in rows if r["policy"] == "float" and r.get("config") in ("float", f"float+act{r['act_bits']}")}
     families = []
     for r in rows:
         key = (r["policy"], r.get("act_bits"))
@@ -77,16 +88,19 @@ def plot_metrics_vs_bits(rows: list[dict], path: Path) -> str:
             families.append(key)
     for ax, (m, title) in zip(axes[0], metrics):
         for fam, act in families:
-            pts = sorted((r["bits"], r[m]) for r in (acts if act is not None else plain)
+            pts = sorted((r["bits"], r[m], r.get(f"{m}_std") or 0.0) for r in (acts if act is not None else plain)
                          if r["policy"] == fam and r.get("act_bits") == act and r.get("bits") is not None)
             if not pts:
                 continue
-            xs, ys = zip(*pts)
+            xs, ys, err = zip(*pts)
             label = fam.upper() if act is None else f"{fam.upper()} + act{act}"
-            ax.plot(xs, ys, marker="o" if len(xs) > 1 else "s", linestyle="-" if act is None else "--", label=label)
+            ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o" if len(xs) > 1 else "s",
+                        linestyle="-" if act is None else "--", capsize=3, label=label)
         for act, r in floats.items():
-            ax.axhline(r[m], color="black" if act is None else "grey", linestyle=":",
-                       label="float" if act is None else f"float + act{act}")
+            color = "black" if act is None else "grey"
+            ax.axhline(r[m], color=color, linestyle=":", label="float" if act is None else f"float + act{act}")
+            if r.get(f"{m}_std"):
+                ax.axhspan(r[m] - r[f"{m}_std"], r[m] + r[f"{m}_std"], color=color, alpha=0.1)
         ax.set_xlabel("bits")
         ax.set_ylabel(title)
         ax.set_title(title)

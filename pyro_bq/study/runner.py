@@ -37,9 +37,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from pyro_bq.data.ambiguous import find_original_ambiguous_mnist, generate_ambiguous_mnist, save_image_grid
-from pyro_bq.data.dirty import DirtyMNIST, dirty_mnist_test_sets
-from pyro_bq.guides import DETERMINISTIC_THRESHOLD, AutoLogQuantNormal, init_to_pretrained, quantize
+from pyro_bq.data.ambiguous import (
+    find_original_ambiguous_mnist,
+    generate_ambiguous_mnist,
+    save_image_grid,
+    write_quality_report,
+)
+from pyro_bq.data.dirty import DirtyMNIST, add_noise, dirty_mnist_test_sets
+from pyro_bq.data.ood import load_ood_dir
+from pyro_bq.guides import DETERMINISTIC_THRESHOLD, AutoLogQuantNormal, AutoMeanFieldNormal, init_to_pretrained, quantize
 from pyro_bq.inference import fit_svi
 from pyro_bq.io import atomic_write_bytes, memory_report, write_container
 from pyro_bq.mixed import quantile_inform, random_bits, smol
@@ -47,10 +53,10 @@ from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.priors import LayerwiseNormal
 from pyro_bq.pwfn import PWFN, AutoPWFN, codebook_policy
 from pyro_bq.quant import JQ, make_policy, quantize_activations
-from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide
+from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide, scale_aware_adam
 from pyro_bq.uncertainty import evaluate_details, to_arviz
 
-from .config import RowSpec, StudyConfig, check_out_dir, file_sha256
+from .config import PWFN_SCHEDULE, RowSpec, StudyConfig, check_out_dir, file_sha256
 from .plots import make_plots
 from .report import COLUMNS, write_tables
 
@@ -162,24 +168,37 @@ def _load_data(cfg: StudyConfig):
             gen.stats["mean_entropy_mnist"],
             gen.stats["mean_entropy_ambiguous"] / max(gen.stats["mean_entropy_mnist"], 1e-12),
         )
-        if not grid.is_file():
-            save_image_grid(gen.train_images[:128], grid, labels=gen.train_labels[:128],
-                            title="generated Ambiguous-MNIST (captions: top-2 labels: count of 10)")
+        info["quality_report"] = write_quality_report(gen, cfg.out_path)["ambiguous_quality"]
     else:
         info = {"source": "original", "folder": str(original)}
         log.info("Ambiguous-MNIST: original release files from %s", original)
     train = DirtyMNIST(
         cfg.data_dir, True, cache_dir=cfg.cache_path, source=cfg.amnist_source, config=amnist_cfg,
-        mnist_limit=cfg.mnist_limit, seed=cfg.seed, progress=cfg.progress,
+        mnist_limit=cfg.mnist_limit, seed=cfg.seed, progress=cfg.progress, noise_std=cfg.amnist_noise,
     )
     if original is not None and not grid.is_file():
         amb = train.x[train.is_ambiguous][:1280:10] * 0.3081 + 0.1307
         save_image_grid(amb, grid, title="original Ambiguous-MNIST")
     tests = dirty_mnist_test_sets(
         cfg.data_dir, cache_dir=cfg.cache_path, source=cfg.amnist_source, config=amnist_cfg,
-        limit=cfg.eval_limit, seed=cfg.seed, progress=cfg.progress,
+        limit=cfg.eval_limit, seed=cfg.seed, progress=cfg.progress, noise_std=cfg.amnist_noise,
     )
+    if cfg.ood_dir is not None:
+        for i, (name, data) in enumerate(load_ood_dir(cfg.ood_dir).items()):
+            if name in tests:
+                raise ValueError(f"ood_dir: the set {name!r} has the name of a built-in test set; rename it")
+            limited = data if cfg.eval_limit is None or cfg.eval_limit >= len(data) else data.subset(cfg.eval_limit, seed=cfg.seed + 100 + i)
+            tests[name] = add_noise(limited, cfg.amnist_noise, cfg.seed + 200 + i)
     return train, tests, info
+
+
+#: The study's own test sets; every other key of the test-set dict is an extra OOD set (``ood_dir``).
+BUILTIN_SETS = ("mnist", "ambiguous", "fashion")
+
+
+def extra_ood_sets(tests: dict) -> list[str]:
+    """Names of the extra OOD sets among ``tests``, in order."""
+    return [k for k in tests if k not in BUILTIN_SETS]
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +258,19 @@ class RowContext:
 
 
 def _row_float(ctx: RowContext, spec: RowSpec):
-    return ctx.guide, {}
+    """The shared float guide, or (``spec.steps``) a copy trained that many more SVI steps: the
+    matched-budget baseline of the trained rows, with the float guide's optimizer recipe."""
+    if spec.steps is None:
+        return ctx.guide, {}
+    cfg = ctx.cfg
+    guide = AutoMeanFieldNormal(ctx.model)
+    guide.setup(ctx.train.x[:2])
+    guide.load_state_dict(ctx.guide.state_dict())
+    fit_svi(ctx.model, guide, ctx.train, num_steps=spec.steps, batch_size=cfg.batch_size,
+            optim=scale_aware_adam(cfg.lr, cfg.lr if cfg.scale_lr is None else cfg.scale_lr),
+            seed=row_seed(cfg.seed, spec.name) % 2**31, checkpoint_dir=ctx.folder / spec.name, checkpoint_every=100,
+            progress=cfg.progress)
+    return guide, {"extra_svi_steps": spec.steps}
 
 
 def _row_post_hoc(ctx: RowContext, spec: RowSpec):
@@ -296,7 +327,7 @@ def _row_pwfn(ctx: RowContext, spec: RowSpec):
     net.load_state_dict({k[len("net."):]: v for k, v in ctx.guide.median().items()}, strict=False)
     guide = AutoPWFN(ctx.model, init_loc_fn=init_to_pretrained(net))
     result = PWFN(
-        ctx.model, guide, ctx.train, schedule=(0.5, 0.8, 0.95, 1.0), num_steps=cfg.extra_steps,
+        ctx.model, guide, ctx.train, schedule=PWFN_SCHEDULE, num_steps=cfg.extra_steps,
         batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, checkpoint_dir=ctx.folder / "pwfn", eval_samples=4,
         progress=cfg.progress, log=lambda line: log.info("PWFN: %s", line),
     ).run()
@@ -353,7 +384,9 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
         eval_model, guide, tests["mnist"], tests["fashion"], ambiguous_data=tests["ambiguous"],
         num_samples=cfg.num_samples, seed=cfg.seed,
     )
+    extra_ood = _evaluate_extra_ood(cfg, eval_model, guide, tests)
     memory = memory_report(guide)
+    baseline = cfg.baseline_of(spec)
     row = {
         "config": spec.name,
         "policy": spec.family,
@@ -372,11 +405,13 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
         "collapsed": _collapsed(record),
         "code_bits": extra.get("code_bits"),
         "storage_bits": extra.get("storage_bits"),
+        "baseline": None if baseline is None else baseline.name,
+        **{k: v for k, v in extra_ood.items() if k.startswith("auroc_")},
         "details": {k: v for k, v in record.items() if k not in ("accuracy", "nll", "ece")},
         "eval_seconds": round(time.time() - t0, 2),
         **({"extra": extra} if extra else {}),
     }
-    _write_scores(row_dir / f"{spec.name}.scores.bq", spec.name, details, tests["mnist"].y)
+    _write_scores(row_dir / f"{spec.name}.scores.bq", spec.name, details, tests["mnist"].y, extra_ood.get("details", {}))
     _write_arviz(cfg, eval_model, guide, tests, row_dir / f"{spec.name}.nc")
     return row
 
@@ -388,9 +423,25 @@ def _collapsed(record: dict) -> bool:
     return bool(record["deterministic_sites"]) or record["varying_fraction"] < DETERMINISTIC_THRESHOLD
 
 
-def _write_scores(path: Path, name: str, details: dict, mnist_y: torch.Tensor) -> None:
-    """The per-input scores the plots read (a pickle-free container)."""
+def _evaluate_extra_ood(cfg: StudyConfig, model, guide, tests: dict) -> dict:
+    """AUROC(MI) and AUROC(total entropy) of MNIST against each extra OOD set, with the row's
+    weight draws (the same ``num_samples`` and seed as the built-in sets): ``{"auroc_mi_ood_NAME": ...,
+    "auroc_total_ood_NAME": ..., "details": {NAME: decomposition}}``."""
+    out, details = {}, {}
+    for name in extra_ood_sets(tests):
+        record, det = evaluate_details(model, guide, tests["mnist"], tests[name], num_samples=cfg.num_samples, seed=cfg.seed)
+        out[f"auroc_mi_ood_{name}"], out[f"auroc_total_ood_{name}"] = record["auroc_mi"], record["auroc_total"]
+        details[name] = det["ood"]
+    out["details"] = details
+    return out
+
+
+def _write_scores(path: Path, name: str, details: dict, mnist_y: torch.Tensor, extra: dict) -> None:
+    """The per-input scores the plots read (a pickle-free container); ``extra``: ``{OOD set: decomposition}``."""
     tensors = {}
+    for set_name, parts in extra.items():
+        tensors[f"{set_name}_aleatoric"] = parts["aleatoric"].float()
+        tensors[f"{set_name}_epistemic"] = parts["epistemic"].float()
     for key, set_name in (("in", "mnist"), ("ambiguous", "ambiguous"), ("ood", "fashion")):
         tensors[f"{set_name}_aleatoric"] = details[key]["aleatoric"].float()
         tensors[f"{set_name}_epistemic"] = details[key]["epistemic"].float()
