@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from pwfn_cluster import make_weights  # noqa: E402  (sibling script: the same synthetic weights)
 from pyro_bq.guides import quantize
+from pyro_bq.guides.pwfn import pwfn_sigma_init
 from pyro_bq.inference.prediction import predict_batched
 from pyro_bq.io import load_packed, save_packed
 from pyro_bq.mixed import quantile_inform, random_bits
@@ -61,6 +61,18 @@ def median_time(fn, repeat: int):
 
 def cpu_note() -> str:
     return f"[cpu {LAST_CPU[0]:.2f} s]"
+
+
+def make_weights(n: int, seed: int):
+    """Laplace means with a per-layer-like scale mix and PWFN-initialised scales (as ``pwfn_cluster.py``),
+    the uniform draw kept off the end point where the Laplace inverse CDF is infinite (at 25M draws it is hit)."""
+    g = torch.Generator().manual_seed(seed)
+    layer_scale = torch.tensor([0.2, 0.08, 0.04, 0.02, 0.01])
+    which = torch.randint(0, len(layer_scale), (n,), generator=g)
+    u = torch.rand(n, generator=g).clamp(1e-7, 1 - 1e-7) - 0.5
+    mu = -layer_scale[which] * torch.sign(u) * torch.log1p(-2 * u.abs())
+    sigma = pwfn_sigma_init(mu) * torch.exp(0.5 * torch.randn(n, generator=g)) + 1e-3 * torch.rand(n, generator=g)
+    return mu, sigma.clamp(2.0**-30, 0.05)
 
 
 def sort_baseline(n: int, repeat: int) -> float:
