@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/profile_study_row.py                       # JQ at 4 bits
     python benchmarks/profile_study_row.py --policy float --top 8
+    python benchmarks/profile_study_row.py --policy float --act-bits 8 --threads 1
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pyro_bq.guides import AutoMeanFieldNormal, quantize
 from pyro_bq.io import memory_report
 from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.priors import LayerwiseNormal
-from pyro_bq.quant import make_policy
+from pyro_bq.quant import make_policy, quantize_activations
 from pyro_bq.uncertainty import evaluate_details, to_arviz
 
 
@@ -51,6 +52,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policy", default="jq", help="float, or a post-hoc policy (vpq, spq, jq)")
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--act-bits", type=int, default=None, help="also quantize activations (the study's +act8 rows)")
     p.add_argument("--num-samples", type=int, default=20)
     p.add_argument("--eval-limit", type=int, default=2000)
     p.add_argument("--arviz-samples", type=int, default=50)
@@ -68,6 +70,9 @@ def main(argv=None):
             for k in ("mnist", "fashion", "ambiguous")}
     guide = AutoMeanFieldNormal(model, init_scale=1e-2).setup(sets["mnist"][0][:2], sets["mnist"][1][:2])
     total = {}
+    if args.act_bits is not None:  # calibrated on 512 rows, as the study does
+        model, total["activations"] = stage("build: quantize_activations", lambda: quantize_activations(
+            model, args.act_bits, guide=guide, data=sets["mnist"][0][:512], seed=0), args.top)
     if args.policy != "float":
         guide, total["build"] = stage("build: quantize", lambda: quantize(guide, make_policy(args.policy, args.bits)),
                                       args.top)
