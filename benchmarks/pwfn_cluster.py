@@ -41,13 +41,10 @@ def main(args) -> dict:
     fixed = torch.zeros(n, dtype=torch.bool)
     loc = torch.zeros(n)
     scale = torch.ones(n)
-    cfg = ClusterConfig(b=args.b, tau=args.tau)
+    cfg = ClusterConfig(b=args.b, tau=args.tau, level_rule=args.level_rule)
     if args.start > 0:  # an earlier round: fix the first fraction untimed
         res = pwfn_cluster(mu, sigma, fixed, loc, scale, int(args.start * n), cfg)
         fixed, loc, scale = res.fixed, res.fixed_loc, res.fixed_scale
-        level = res.level
-    else:
-        level = None
     target = min(n, int((args.start + args.fraction) * n))
 
     t = time.perf_counter()
@@ -57,7 +54,7 @@ def main(args) -> dict:
     times = []
     for _ in range(args.repeat):
         t = time.perf_counter()
-        res = pwfn_cluster(mu, sigma, fixed, loc, scale, target, cfg, level)
+        res = pwfn_cluster(mu, sigma, fixed, loc, scale, target, cfg)
         times.append(time.perf_counter() - t)
     best = min(times)
     print(f"weights: {n:,}  threads: {args.threads}  round: {args.start:g} -> {target / n:g} fixed")
@@ -74,6 +71,7 @@ def build_parser():
     p.add_argument("--fraction", type=float, default=0.2, help="fraction fixed by the timed round")
     p.add_argument("--b", type=int, default=7)
     p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--level-rule", choices=("text", "reference"), default="text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from pyro_bq import IIDNormal
+from pyro_bq._validation import resolve_device
 from pyro_bq.data import load_fashion_mnist, load_mnist
 from pyro_bq.export import to_onnx, weights_from_eps
 from pyro_bq.guides import quantize
@@ -96,7 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=32, help="weight draws per prediction")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="device of training (export and evaluation run on the CPU)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda: device of training (auto: cuda when available; export and evaluation "
+                   "run on the CPU)")
     p.add_argument("--out-dir", default=None, help="where the files go (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     args = p.parse_args(argv)
@@ -107,12 +110,16 @@ def parse_args(argv=None):
         p.error(f"--train-limit must be >= 1, got {args.train_limit}")
     if args.pretrain_epochs < 0 or args.seed < 0:
         p.error("--pretrain-epochs and --seed must be >= 0")
+    try:
+        resolve_device(args.device, name="--device")
+    except (TypeError, ValueError) as err:
+        p.error(str(err))  # one line and exit status 2, no traceback
     return args
 
 
 def train(args, train_data):
     """A mean-field LeNet-5 BNN, its means started at a pretrained network."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device, name="--device")
     if device.type != "cpu":
         train_data = type(train_data)(train_data.x.to(device), train_data.y.to(device), name=train_data.name)
     net = pretrain(lambda: LeNet5().to(device), train_data, epochs=args.pretrain_epochs, batch_size=args.batch_size,

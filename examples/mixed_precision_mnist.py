@@ -38,6 +38,7 @@ import pyro
 import torch
 
 from pyro_bq import IIDNormal
+from pyro_bq._validation import resolve_device
 from pyro_bq.data import InMemoryDataset, load_fashion_mnist, load_mnist
 from pyro_bq.mixed import (
     bits_table,
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="QIU,QINU,RB,RB-budget,SMOL", help="comma-separated subset")
     p.add_argument("--out", default=None, help="folder for bits.png, bits.md, results.md, results.json")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     return p
 
 
@@ -107,14 +109,16 @@ def load_or_fit(args, train):
     path = Path(args.checkpoint)
     key = {"train_size": len(train), "pretrain_epochs": args.pretrain_epochs, "svi_epochs": args.svi_epochs}
     pyro.clear_param_store()
+    device = resolve_device(getattr(args, "device", "auto"), name="--device")
     if not args.retrain:
-        model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train))
-        guide = load_meanfield_guide(path, model, train.x[:2], key=key)
+        model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=len(train)).to(device)
+        guide = load_meanfield_guide(path, model, train.x[:2].to(device), key=key)
         if guide is not None:
             return model, guide, False
-    net = pretrain(LeNet5, train, epochs=args.pretrain_epochs)
+    net = pretrain(LeNet5, train, epochs=args.pretrain_epochs, device=device)
     model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=len(train))
-    guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=args.svi_epochs, progress=False)
+    guide, _ = fit_meanfield_bnn(model, train, pretrained=net, num_epochs=args.svi_epochs, progress=False,
+                                 device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_meanfield_guide(path, guide, key=key)
     return model, guide, True
@@ -183,4 +187,10 @@ def _run(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    parser = build_parser()
+    cli = parser.parse_args()
+    try:
+        resolve_device(cli.device, name="--device")
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))  # one line and exit status 2, no traceback
+    main(cli)

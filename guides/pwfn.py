@@ -219,11 +219,14 @@ class AutoPWFN(AutoMeanFieldNormal):
         return loc, scale
 
     def _any_fixed(self) -> bool:
-        flag = getattr(self, "_any_fixed_cache", None)
-        if flag is None:
-            flag = bool(self.fixed.any())
-            object.__setattr__(self, "_any_fixed_cache", flag)
-        return flag
+        """Whether any weight is fixed; cached on the identity and version of the :attr:`fixed`
+        buffer, so any write to it (in place, ``copy_``, a new tensor) is seen at the next call."""
+        fixed = self.fixed
+        cache = self.__dict__.get("_any_fixed_cache")
+        if cache is None or cache[0] is not fixed or cache[1] != fixed._version:
+            cache = (fixed, fixed._version, bool(fixed.any()))
+            object.__setattr__(self, "_any_fixed_cache", cache)
+        return cache[2]
 
     def _invalidate(self) -> None:
         object.__setattr__(self, "_any_fixed_cache", None)

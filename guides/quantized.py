@@ -41,6 +41,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn.module import PyroModule, _Context
 from torch import nn
+from torch.distributions.utils import _standard_normal
 
 from pyro_bq.quant.policies import Policy, SiteQuantizers
 from pyro_bq.quant.quantizers import Log2Quantizer
@@ -97,7 +98,9 @@ def copy_guide(guide: AutoGaussianSites) -> AutoGaussianSites:
 class QuantizedNormal(dist.Normal):
     """``Normal(loc, scale)`` whose draws are put on ``quantizer``'s grid (straight-through).
 
-    ``log_prob`` and the KL divergence are those of the Gaussian.
+    ``log_prob`` and the KL divergence are those of the Gaussian. The quantizer's rounding rule
+    decides how a draw reaches the grid; a variance-matched stochastic rounding draws the
+    Gaussian noise with the smaller :meth:`~pyro_bq.quant.Quantizer.noise_scale`.
 
     Usage::
 
@@ -110,7 +113,11 @@ class QuantizedNormal(dist.Normal):
         super().__init__(loc, scale, validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()):
-        return self.quantizer(super().rsample(sample_shape))
+        scale = self.quantizer.noise_scale(self.loc, self.scale)
+        if scale is self.scale:
+            return self.quantizer(super().rsample(sample_shape))
+        eps = _standard_normal(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        return self.quantizer(self.loc + eps * scale)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
@@ -334,6 +341,9 @@ def _calibrate_sites(guide: AutoGaussianSites, policy: Policy) -> dict:
 def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
     """Return a new :class:`QuantizedGuide`; ``guide`` is left untouched.
 
+    The quantizers are calibrated on the device of the guide's parameters, and the new guide
+    stays there (move a guide with ``guide.to(device)`` first to quantize it elsewhere).
+
     :param guide: a trained (set-up) :class:`AutoGaussianSites` guide. A
         :class:`QuantizedGuide` is re-quantized from its wrapped float
         parameters (e.g. after fine-tuning), not quantized twice.
@@ -374,7 +384,7 @@ def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int) -> float:
     if not isinstance(base, QuantizedNormal):
         # a float Normal draw differs from the next with probability 1 wherever its scale is positive
         return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
-    varying = torch.zeros(info.shape, dtype=torch.bool)
+    varying = torch.zeros(info.shape, dtype=torch.bool, device=base.loc.device)
     first = None
     block = max(2, _VARYING_BLOCK // max(1, info.numel))
     done = 0
@@ -416,7 +426,8 @@ def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, s
         raise ValueError(f"num_draws must be an int >= 2 (draws to compare), got {num_draws!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):
+    on = [t.device for t in guide.parameters() if t.device.type == "cuda"][:1]  # its CUDA RNG is put back too
+    with torch.random.fork_rng(devices=on):
         torch.manual_seed(seed)
         return {name: _site_varying(guide, name, num_draws) for name in guide.sites}
 

@@ -45,3 +45,25 @@ def test_natural_ranges_need_no_calibration(lenet):
     qm = quantize_activations(model, 4, activation="relu6", range="natural")
     check_calibrated(qm)
     assert torch.isfinite(batched_forward(qm, guide.sample_latents(2), x)).all()
+
+
+def _ranges(qm):
+    return [(m.lo.clone(), m.hi.clone(), m.ready.clone()) for m in qm.net.modules() if hasattr(m, "ready")]
+
+
+def test_calibration_from_a_dataloader_equals_calibration_from_the_tensor(lenet):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, guide, x = lenet
+    y = torch.zeros(len(x), dtype=torch.long)
+    ref = quantize_activations(model, 4, guide=guide, data=x, num_samples=3, seed=1)
+    for data in (DataLoader(TensorDataset(x, y), batch_size=3), [x[:2], x[2:]], [(x[:1], y[:1]), (x[1:], y[1:])]):
+        got = quantize_activations(model, 4, guide=guide, data=data, num_samples=3, seed=1, device="cpu")
+        for (lo, hi, ready), (lo2, hi2, ready2) in zip(_ranges(ref), _ranges(got)):
+            assert torch.equal(ready, ready2)
+            assert torch.allclose(lo, lo2, atol=1e-6) and torch.allclose(hi, hi2, atol=1e-6)
+    qm = quantize_activations(model, 4)
+    with pytest.raises(TypeError, match="batch 1"):
+        calibrate_activations_(qm, guide, [x[:2], torch.zeros(2, dtype=torch.long)])
+    with pytest.raises(TypeError, match="data must be"):
+        calibrate_activations_(qm, guide, 3)

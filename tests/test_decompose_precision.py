@@ -52,3 +52,12 @@ def test_decompose_keeps_float64_inputs_in_float64():
     parts = decompose(probs)
     assert all(parts[k].dtype == torch.float64 for k in ("mean_probs", "total", "aleatoric", "epistemic"))
     assert torch.allclose(parts["epistemic"], _reference_mi(probs), rtol=1e-9, atol=0)
+
+
+def test_mutual_information_is_finite_when_a_draw_is_far_below_the_mean():
+    # one draw gives a class 1e-20, the others about 0.5: p/q - 1 rounds to -1 in float64
+    probs = torch.tensor([[[1e-20, 1.0]], [[0.5, 0.5]], [[0.5, 0.5]]], dtype=torch.float32)
+    probs = probs / probs.sum(-1, keepdim=True)
+    mi = decompose(probs)["epistemic"]
+    assert bool(torch.isfinite(mi).all())
+    assert torch.allclose(mi.double(), _reference_mi(probs), rtol=1e-5)

@@ -110,6 +110,11 @@ def test_a_one_shot_iterator_and_other_objects_are_refused(mnist_small):
         fit_svi(model, guide, iter(list(train.batches(50))), num_steps=3, progress=False)
     with pytest.raises(TypeError, match="DataLoader"):
         fit_svi(model, guide, TensorDataset(train.x, train.y), num_steps=3, progress=False)
+    with pytest.raises(TypeError, match=r"data is a tuple of tensors.*InMemoryDataset\(x, y\)"):
+        fit_svi(model, guide, (train.x, train.y), num_steps=3, progress=False)
+    flat = [(x.reshape(-1), y) for x, y in train.batches(50)][:1]  # x without a feature dimension
+    with pytest.raises(BatchError, match="batch 0.*at least one feature dimension"):
+        fit_svi(model, guide, [(flat[0][0][:50], flat[0][1])], num_steps=3, progress=False)
 
 
 def _bad_batches(train, index, what):

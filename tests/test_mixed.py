@@ -433,6 +433,30 @@ def test_smol_runs_and_lambda_lowers_bits(small_guide):
         smol(model, guide, data, granularity="channel")
 
 
+def test_smol_on_a_shuffled_dataloader_equals_the_in_memory_run(small_guide):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pyro_bq.data import InMemoryDataset
+    from pyro_bq.inference.batches import BatchError
+    from pyro_bq.mixed import smol
+
+    model, guide = small_guide
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    options = dict(lam=0.5, precision_steps=5, finetune_steps=3, batch_size=16, s_lr=0.2, seed=2)
+    ref, ref_guide = smol(model, guide, InMemoryDataset(x, y), **options)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    got, got_guide = smol(model, guide, loader, device="cpu", **options)
+    assert torch.allclose(torch.tensor(got.info["precision_loss"]), torch.tensor(ref.info["precision_loss"]), rtol=1e-5)
+    for name in guide.sites:
+        assert torch.equal(got[name], ref[name])
+        assert torch.allclose(got.info["locs"][name], ref.info["locs"][name], atol=1e-6)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:] - 5)]
+    with pytest.raises(BatchError, match="batch 1 of epoch 0"):
+        smol(model, guide, batches, **options)
+
+
 def test_bits_table_and_plot(tmp_path):
     post = toy_many(5)
     allocs = {"QIU": quantile_inform(post, 4.0), "RB": random_bits(post, 4.0, num_steps=50)}

@@ -286,3 +286,18 @@ def test_files_of_the_earlier_interval_types_still_load(old, tmp_path):
     write_container(path, KIND, meta, tensors)
     loaded = load_packed(path, model)
     assert torch.equal(_predict(model, q, x), _predict(model, loaded, x))
+
+
+def test_load_packed_map_location_round_trip(tmp_path):
+    model, guide, x = _setup()
+    q = quantize(guide, JQ(4))
+    path = tmp_path / "g.bq"
+    save_packed(q, path)
+    loaded = load_packed(path, model, map_location="cpu")
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert torch.equal(_predict(model, q, x), _predict(model, loaded, x))
+    assert torch.equal(_predict(model, loaded, x), _predict(model, load_packed(path, model, map_location="auto"), x)
+                       ) or torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="map_location.*no GPU"):
+            load_packed(path, model, map_location="cuda")

@@ -113,16 +113,43 @@ def test_driver_fixes_every_weight_and_resumes(mnist_small, lenet_small, tmp_pat
     assert res2.final["accuracy"] == res.final["accuracy"]
 
 
-def test_example_runs_with_tiny_settings(data_root, capsys):
+def test_driver_on_dataloaders_equals_the_in_memory_run(mnist_small, lenet_small):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pyro_bq.data import InMemoryDataset
+
+    train, test = mnist_small
+    train, test = InMemoryDataset(train.x[:600], train.y[:600]), InMemoryDataset(test.x[:300], test.y[:300])
+    kwargs = dict(schedule=(0.5, 1.0), num_steps=2, batch_size=64, cluster=ClusterConfig(b=6, tau=1.0, max_order=2,
+                  max_b=8), eval_samples=2, progress=False, log=None, device="cpu")
+    runs = []
+    for train_data, test_data in ((train, test), (DataLoader(TensorDataset(train.x, train.y), batch_size=64,
+                                                             shuffle=True),
+                                                  DataLoader(TensorDataset(test.x, test.y), batch_size=100))):
+        pyro.clear_param_store()
+        model, guide = _setup(train, lenet_small)
+        runs.append((guide, PWFN(model, guide, train_data, test_data=test_data, **kwargs).run()))
+    (g1, r1), (g2, r2) = runs
+    assert torch.allclose(g1.fixed_loc, g2.fixed_loc, atol=1e-6) and torch.equal(g1.fixed, g2.fixed)
+    assert r1.final["accuracy"] == r2.final["accuracy"]
+    assert r1.final["ensemble_accuracy"] == r2.final["ensemble_accuracy"]
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_example_runs_with_tiny_settings(data_root, capsys, preset):
     mod = _load_example()
     args = mod.build_parser().parse_args(
         ["--data-dir", str(data_root), "--train-limit", "600", "--test-limit", "300", "--pretrain-epochs", "1",
-         "--num-steps", "3", "--schedule", "0.6", "1.0", "--eval-samples", "2", "--no-progress"]
+         "--num-steps", "3", "--schedule", "0.6", "1.0", "--eval-samples", "2", "--no-progress", "--preset", preset]
     )
     out = mod.main(args)
     text = capsys.readouterr().out
     assert "round 2/2" in text and "final table" in text and "codebook:" in text
+    assert "point network (codebook indices)" in text and "Bayesian (mu, sigma) packed file" in text
+    assert "per site (the paper's Figure 2)" in text and "movement per codebook value" in text
     assert out["fraction_fixed"] == 1.0 and out["unique"] == len(out["codebook"])
+    assert set(out["per_site"]) == set(out["guide"].sites)
+    assert sum(m["count"] for m in out["movement"]) == out["guide"].num_params
 
 
 @pytest.mark.slow

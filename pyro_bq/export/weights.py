@@ -13,7 +13,9 @@ quantizer's own decode rule, so the graph's values equal pyro_bq's bit for bit:
 A weight draw is ``loc + eps * scale`` with ``eps`` of shape ``(S, P)`` (``P``
 the guide's number of weights, sites in the guide's order); a quantized sample
 (SPQ, JQ) goes through the sample quantizer's rounding rule as graph ops
-(:func:`~pyro_bq.export.graph.round_to_grid`).
+(:func:`~pyro_bq.export.graph.round_to_grid`). Only round to nearest has a
+graph form: a sample quantizer that rounds stochastically is refused with a
+``ValueError`` naming the site (:func:`check_exportable_rounding`).
 
 Readings of the paper
 ---------------------
@@ -36,7 +38,7 @@ from pyro_bq.quant.quantizers import CodebookQuantizer, Log2Quantizer, Quantizer
 
 from .graph import GraphWriter, round_to_grid
 
-__all__ = ["guide_parts", "site_value", "site_draws", "weights_from_eps"]
+__all__ = ["guide_parts", "site_value", "site_draws", "weights_from_eps", "check_exportable_rounding"]
 
 
 def guide_parts(guide) -> tuple[object, dict]:
@@ -55,6 +57,23 @@ def _uniform_grid(q: Quantizer):
     """``(step, zp, qmax)`` of a uniform-grid quantizer (float32, on the CPU), or ``None``."""
     grid = getattr(q, "_grid", None)
     return grid(torch.float32, torch.device("cpu")) if grid is not None else None
+
+
+def check_exportable_rounding(site: str, sq: Optional[SiteQuantizers]) -> None:
+    """ValueError naming ``site`` if its sample quantizer rounds draws other than to nearest.
+
+    A graph fed with the Gaussian noise ``eps`` would also need one uniform number per weight
+    and draw to repeat stochastic rounding, which pyro_bq draws from torch's generator; the
+    export does not emulate that stream, so it refuses such a guide rather than round differently.
+
+    Usage::
+
+        check_exportable_rounding("net.fc1.weight", qguide.quantizers["net.fc1.weight"])
+    """
+    rounding = getattr(getattr(sq, "sample", None), "rounding", "nearest")
+    if rounding != "nearest":
+        raise ValueError(f"site {site!r} sample: rounding={rounding!r} has no ONNX form (only round to nearest "
+                         "is exported); quantize with rounding='nearest' to export, or predict in pyro_bq")
 
 
 def _codes_const(g: GraphWriter, name: str, q: Quantizer, value: torch.Tensor) -> str:
@@ -126,6 +145,7 @@ def site_draws(g: GraphWriter, site: str, info, sq: SiteQuantizers, loc: torch.T
     w = g.op("Add", loc_t, g.op("Mul", part, scale_t))
     if sq.sample is None:
         return w
+    check_exportable_rounding(site, sq)
     grid = _uniform_grid(sq.sample)
     if grid is None:
         raise ValueError(f"site {site!r} sample: a {type(sq.sample).__name__} sample quantizer has no ONNX form; "
@@ -139,7 +159,8 @@ def site_draws(g: GraphWriter, site: str, info, sq: SiteQuantizers, loc: torch.T
 def weights_from_eps(guide, eps: torch.Tensor) -> dict[str, torch.Tensor]:
     """pyro_bq's weight draws ``{site: (S, *shape)}`` for the standard-normal noise ``eps`` ``(S, P)``:
     ``loc + eps * scale`` from the guide, through the site's sample quantizer: what an exported graph
-    fed with the same ``eps`` computes.
+    fed with the same ``eps`` computes. A stochastically rounding sample quantizer raises ValueError
+    (:func:`check_exportable_rounding`).
 
     Usage::
 
@@ -157,5 +178,6 @@ def weights_from_eps(guide, eps: torch.Tensor) -> dict[str, torch.Tensor]:
         part = eps[:, info.offset: info.offset + info.numel].reshape(-1, *info.shape).to(loc.dtype)
         w = loc + part * scale
         sq = quantizers.get(name)
+        check_exportable_rounding(name, sq)
         out[name] = sq.sample.quantize(w) if sq is not None and sq.sample is not None else w
     return out

@@ -194,7 +194,8 @@ class Batches:
         """The first batch of epoch 0 (unshuffled for an in-memory dataset) on the device, e.g. to set up a
         guide; its shape is checked, its values when training reaches it. Torch's CPU RNG is left as it was."""
         with torch.random.fork_rng(devices=[]):
-            for xb, yb in self._raw(0, 0, 0, not self.in_memory):
+            for item in self._raw(0, 0, 0, not self.in_memory):
+                xb, yb = _pair(f"{self.name}: batch 0", item)
                 _check_structure(f"{self.name}: batch 0", xb, yb)
                 return self.to_device(xb), self.to_device(yb)
         raise ValueError(f"{self.name} yields no batches; it must hold at least one (x, y) batch")
@@ -203,8 +204,8 @@ class Batches:
               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(index, x, y)`` for the batches of ``epoch`` from batch ``skip`` on, checked and on the device."""
         epoch, skip = check_int("epoch", epoch, low=0), check_int("skip", skip, low=0)
-        for index, (xb, yb) in enumerate(self._raw(epoch, seed, skip, shuffle), start=skip):
-            xb, yb = self.check(epoch, index, xb, yb)
+        for index, item in enumerate(self._raw(epoch, seed, skip, shuffle), start=skip):
+            xb, yb = self.check(epoch, index, *_pair(f"{self.name}: batch {index} of epoch {epoch}", item))
             yield index, self.to_device(xb), self.to_device(yb)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -275,13 +276,21 @@ def _seeded(data, seed: int, epoch: int, shuffle: bool):
             s.generator = generator
 
 
+def _pair(where: str, item) -> tuple:
+    """``item`` as ``(x, y)``, or a :class:`BatchError` when it is not a pair."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    what = f"a sequence of {len(item)} items" if isinstance(item, (tuple, list)) else type(item).__name__
+    raise BatchError(f"{where} is {what}, not an (x, y) pair; the data must yield (inputs, targets) pairs")
+
+
 def _check_structure(where: str, xb, yb) -> None:
     if not isinstance(xb, torch.Tensor) or not isinstance(yb, torch.Tensor):
         raise BatchError(f"{where} is not an (x, y) pair of tensors: got {type(xb).__name__} and "
                          f"{type(yb).__name__}; the data must yield (inputs, targets) tensor pairs")
-    if xb.dim() == 0 or yb.dim() == 0 or xb.shape[0] != yb.shape[0] or xb.shape[0] == 0:
+    if xb.dim() < 2 or yb.dim() == 0 or xb.shape[0] != yb.shape[0] or xb.shape[0] == 0:
         raise BatchError(f"{where} has x of shape {tuple(xb.shape)} and y of shape {tuple(yb.shape)}; both need "
-                         "the same, non-zero number of rows (one per example)")
+                         "the same, non-zero number of rows (one per example), and x at least one feature dimension")
     if not (yb.is_floating_point() or yb.dim() == 1):
         raise BatchError(f"{where} has integer labels y of shape {tuple(yb.shape)}; class labels must be a vector")
 
@@ -327,6 +336,9 @@ def as_batches(data, *, batch_size: Optional[int] = 128, dataset_size: Optional[
     if isinstance(data, (str, bytes, torch.Tensor, dict)) or not (is_in_memory(data) or hasattr(data, "__iter__")):
         raise TypeError(f"{name} must be an InMemoryDataset, a torch DataLoader or a re-iterable of (x, y) batches, "
                         f"got {type(data).__name__} (wrap a torch Dataset in a DataLoader)")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(f"{name} is a {type(data).__name__} of tensors, not of (x, y) batches; pass "
+                        "InMemoryDataset(x, y), a DataLoader(TensorDataset(x, y)), or a list of batches [(x, y)]")
     if num_classes is not None:
         num_classes = check_int("num_classes", num_classes, low=1)
     return Batches(data, batch_size=batch_size, dataset_size=dataset_size, device=device, num_classes=num_classes,

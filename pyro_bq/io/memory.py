@@ -41,6 +41,19 @@ class SiteMemory:
     actual_bits: int = 0
     #: fraction of the site's weights whose draws are not all equal (:func:`~pyro_bq.guides.varying_fraction`)
     varying_fraction: float = 1.0
+    #: how the site's sampled weights are rounded: ``"float"`` (not quantized), ``"nearest"``,
+    #: ``"stochastic"`` or ``"stochastic-matched"``
+    rounding: str = "float"
+
+    @property
+    def normals_per_draw(self) -> int:
+        """Gaussian random numbers a device draws for this site per weight draw (one per weight)."""
+        return self.numel
+
+    @property
+    def uniforms_per_draw(self) -> int:
+        """Uniform random numbers per weight draw: one per weight where draws are rounded stochastically."""
+        return self.numel if self.rounding.startswith("stochastic") else 0
 
     @property
     def total_bits(self) -> int:
@@ -66,6 +79,11 @@ class MemoryReport:
     ``deterministic_sites`` lists the sites below
     :data:`~pyro_bq.guides.DETERMINISTIC_THRESHOLD` (effectively deterministic:
     their draws agree, so they add no epistemic uncertainty).
+    ``normals_per_draw`` and ``uniforms_per_draw`` are the random numbers a
+    device computes per weight draw: one Gaussian per weight, plus one uniform
+    per weight of a site whose draws are rounded stochastically (its
+    ``rounding``); the variance-matched rule's smaller noise scale is fixed per
+    weight, so it can be computed once, not per draw.
 
     Usage::
 
@@ -93,6 +111,16 @@ class MemoryReport:
         return 64.0
 
     @property
+    def normals_per_draw(self) -> int:
+        """Gaussian random numbers per weight draw of the whole guide."""
+        return sum(s.normals_per_draw for s in self.sites)
+
+    @property
+    def uniforms_per_draw(self) -> int:
+        """Uniform random numbers per weight draw (stochastic rounding), 0 with round to nearest."""
+        return sum(s.uniforms_per_draw for s in self.sites)
+
+    @property
     def compression(self) -> float:
         """Float file size over this file's size."""
         return self.float_file_bytes / max(1, self.file_bytes)
@@ -108,6 +136,8 @@ class MemoryReport:
         rows.append(f"varying weights: {self.varying_fraction:.2%} over {VARYING_DRAWS} draws"
                     + (f"; effectively deterministic (< {DETERMINISTIC_THRESHOLD:.0%}): {', '.join(self.deterministic_sites)}"
                        if self.deterministic_sites else ""))
+        rows.append(f"random numbers per draw: {self.normals_per_draw} Gaussian, {self.uniforms_per_draw} uniform"
+                    + (" (stochastic rounding)" if self.uniforms_per_draw else ""))
         return "\n".join(rows)
 
     def codec_table(self) -> str:
@@ -165,8 +195,11 @@ def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
     report.float_payload_bytes = 4 * n
     report.float_file_bytes = _file_bytes(float_meta, float_sizes)
     fractions = varying_fraction(guide)
+    quantizers = guide.quantizers if isinstance(guide, QuantizedGuide) else {}
     for site in report.sites:
         site.varying_fraction = fractions.get(site.name, 1.0)
+        sample = getattr(quantizers.get(site.name), "sample", None)
+        site.rounding = "float" if sample is None else sample.rounding
     report.varying_fraction, report.deterministic_sites = deterministic_sites(
         fractions, {s.name: s.numel for s in report.sites if s.name in fractions})
     return report

@@ -44,7 +44,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from pyro_bq._validation import check_callable, check_int, check_tensor
+from pyro_bq._validation import check_callable, check_int, check_tensor, resolve_device
 from pyro_bq.guides.base import AutoGaussianSites
 from pyro_bq.guides.quantized import PackedNormalBase, QuantizedGuide
 from pyro_bq.quant.grids import MAX_BITS, check_bits
@@ -545,13 +545,17 @@ def _check_input_size(path, in_shape: list, in_dtype: str, tensors: dict) -> Non
 
 def _upgrade_cfg(cfg):
     """A configuration of an earlier writer in today's form: the fixed-interval and the
-    percentile-interval quantizers were two packed types with the same state (the interval)."""
+    percentile-interval quantizers were two packed types with the same state (the interval),
+    and uniform-grid configurations had no ``rounding`` (they rounded to nearest)."""
     if not isinstance(cfg, dict):
         return cfg
     if cfg.get("type") == "interval" and "percentiles" not in cfg:
-        return {**cfg, "percentiles": None}
+        cfg = {**cfg, "percentiles": None}
     if cfg.get("type") == "percentile-interval" and set(cfg) == {"type", "low", "high"}:
-        return {"type": "interval", "percentiles": [cfg["low"], cfg["high"]]}
+        cfg = {"type": "interval", "percentiles": [cfg["low"], cfg["high"]]}
+    cls = _registered(cfg.get("type"))
+    if cls is not None and "rounding" in cls.packed_keys and "rounding" not in cfg:
+        cfg = {**cfg, "rounding": "nearest"}
     return cfg
 
 
@@ -791,7 +795,15 @@ def _check_model_state(path, stored: Optional[str], model) -> None:
             "model's state_dict into the model first, or pass the model the guide was trained with")
 
 
-def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tensor] = None):
+def _model_device(model, default: torch.device) -> torch.device:
+    """Where ``model``'s first parameter or buffer is (``default`` for a model with none)."""
+    if isinstance(model, torch.nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            return t.device
+    return default
+
+
+def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tensor] = None, map_location=None):
     """Read a file written by :func:`save_packed` into a guide for ``model``.
 
     Returns a :class:`~pyro_bq.guides.quantized.QuantizedGuide` (or, for a file
@@ -801,6 +813,9 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     :param model: the model the guide was trained for (its site names and shapes must match).
     :param example_input: a tensor ``(N, ...)`` used to trace the model; default
         zeros of the input shape and dtype stored in the file.
+    :param map_location: the device of the guide's parameters (``"auto"``, ``"cpu"``, ``"cuda"``, a
+        ``torch.device``); default where ``model``'s parameters and buffers are (the CPU for a model
+        with none). The model is traced where it is; quantizers decode on the device of their input.
     :raises CorruptFileError: for a truncated, corrupted or foreign file, or
         a header that is not a valid packed-guide header (checked entry by entry).
     :raises TypeError: if ``model`` is not callable or ``example_input`` is not a tensor.
@@ -810,6 +825,7 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     Usage::
 
         qguide = load_packed("lenet-jq4.bq", model)
+        qguide = load_packed("lenet-jq4.bq", model.to("cuda"), map_location="cuda")
     """
     check_callable("model", model, "a Pyro model (e.g. the BayesianClassifier the guide was trained for)")
     if example_input is not None:
@@ -829,6 +845,10 @@ def load_packed(path: os.PathLike, model, *, example_input: Optional[torch.Tenso
     else:
         x = torch.zeros([1, *in_shape], dtype=_INPUT_DTYPES[in_dtype])
         what = f"the example input stored in {path} (shape {[1, *in_shape]}, dtype {in_dtype}); pass example_input="
+    device = None if map_location is None else resolve_device(map_location, name="map_location")
+    where = _model_device(model, device or torch.device("cpu"))
+    x, device = x.to(where), device or where
+    values = {name: (loc.to(device), scale.to(device)) for name, (loc, scale) in values.items()}
     found = _model_sites(model, x, what)
     stored = {e[0]: (list(e[1]), e[2]) for e in sites}
     if stored != found:

@@ -99,6 +99,8 @@ class RandomBitsProblem:
     def __init__(self, params, candidates: list[int], interval: str = "minmax"):
         self.names = list(params)
         sizes = site_sizes(params)
+        # the optimization runs on the CPU whatever device the posterior is on, so the allocation is the same
+        params = {n: (params[n][0].detach().cpu(), params[n][1].detach().cpu()) for n in self.names}
         #: exact weights per site (ints; float64 holds every count below 2**53 exactly)
         self.sizes = [sizes[n] for n in self.names]
         self.size = torch.tensor(self.sizes, dtype=torch.float64)
@@ -169,7 +171,8 @@ def random_bits(
 ) -> BitAllocation:
     """Run Random Bits and return the rounded per-site widths.
 
-    :param posterior: a trained pyro_bq guide or ``{site: (loc, scale)}``.
+    :param posterior: a trained pyro_bq guide or ``{site: (loc, scale)}``, on any device (the
+        optimization runs on the CPU, so the allocation does not depend on the device).
     :param target_mean_bits: ``gamma``, within the candidate range.
     :param candidate_bits: allowed widths (the support of each ``b_j``).
     :param num_steps: Adam steps on the logits ``phi``.

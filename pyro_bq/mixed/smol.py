@@ -62,9 +62,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pyro_bq._validation import check_choice, check_float, check_int, check_positive
-from pyro_bq.data.dataset import InMemoryDataset
+from pyro_bq._validation import check_choice, check_float, check_int, check_positive, resolve_device
 from pyro_bq.guides.quantized import copy_guide
+from pyro_bq.inference.batches import as_batches
 from pyro_bq.inference.prediction import batched_forward
 from pyro_bq.quant.grids import check_bits, signed_grid, ste, uniform_quantize
 from pyro_bq.quant.quantizers import SignedGridQuantizer
@@ -136,13 +136,19 @@ def smol(
     max_bits: int = 8,
     seed: int = 0,
     sites=None,
+    device=None,
 ):
     """Learn per-parameter (or per-site) precisions, then fine-tune the means under them.
 
     :param model: the :class:`~pyro_bq.models.BayesianClassifier` (its deterministic
         network runs through :func:`~pyro_bq.inference.batched_forward`).
     :param guide: the trained guide; it is not modified.
-    :param data: an :class:`~pyro_bq.data.InMemoryDataset` of training examples.
+    :param data: training examples: an :class:`~pyro_bq.data.InMemoryDataset` (cut into shuffled
+        batches of ``batch_size``), a ``DataLoader`` or a re-iterable of ``(x, y)`` batches
+        (read through :func:`~pyro_bq.inference.as_batches`, epoch after epoch).
+    :param device: where training runs (``"auto"``, ``"cpu"``, ``"cuda"``); default where the
+        guide's means are. The noise of the precision phase is drawn on the CPU from ``seed``,
+        so it is the same on every device.
     :param lam: ``lambda`` of Eq. 12 (larger: fewer bits). The data term is the
         mean cross-entropy of a minibatch.
     :param granularity: ``"parameter"`` (SMOL) or ``"layer"`` (SMOL-L).
@@ -156,8 +162,6 @@ def smol(
         precision and the loss histories) and a copy of ``guide`` whose means
         are the fine-tuned float means.
     """
-    if not isinstance(data, InMemoryDataset):
-        raise TypeError(f"data must be a pyro_bq InMemoryDataset, got {type(data).__name__}")
     lam = check_float("lam", lam, low=0.0)
     check_choice("granularity", granularity, ("parameter", "layer"))
     precision_steps = check_int("precision_steps", precision_steps, low=0)
@@ -169,25 +173,27 @@ def smol(
     seed = check_int("seed", seed, low=0)
 
     params = validated(guide, sites)
+    device = next(iter(params.values()))[0].device if device is None else resolve_device(device)
+    batches = as_batches(data, batch_size=batch_size, device=device, name="data")
     names, sizes, scales = list(params), site_sizes(params), site_scales(params)
-    fixed = {n: loc[None] for n, (loc, _) in validated(guide).items() if n not in params}
-    theta = {n: (params[n][0] / scales[n]).clamp(-2, 2).clone().requires_grad_(True) for n in names}
+    fixed = {n: loc[None].to(device) for n, (loc, _) in validated(guide).items() if n not in params}
+    theta = {n: (params[n][0].to(device) / scales[n]).clamp(-2, 2).clone().requires_grad_(True) for n in names}
     s0 = float(s_from_bits(init_bits))
     shape = {n: params[n][0].shape if granularity == "parameter" else () for n in names}
-    s = {n: torch.full(shape[n], s0).requires_grad_(True) for n in names}
+    s = {n: torch.full(shape[n], s0, device=device).requires_grad_(True) for n in names}
 
     def cross_entropy(weights, xb, yb):
         full = {**fixed, **{n: scales[n] * w[None] for n, w in weights.items()}}
         return F.cross_entropy(batched_forward(model, full, xb)[0], yb)
 
-    precision_loss = _learn_precisions(theta, s, cross_entropy, lam, _batches(data, batch_size, seed, precision_steps, 0),
+    precision_loss = _learn_precisions(theta, s, cross_entropy, lam, _steps(batches, seed, precision_steps, 0),
                                        lr, s_lr, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         cont = {n: bits_from_s(s[n].detach()).expand_as(theta[n]) for n in names}
         bits = {n: torch.ceil(cont[n] - 1e-6).clamp(1, max_bits).to(torch.int64) for n in names}
-        grids = {n: signed_grid(bits[n], torch.tensor(1.0)) for n in names}
+        grids = {n: signed_grid(bits[n], torch.tensor(1.0, device=device)) for n in names}
         cont_mean = sum(float(cont[n].double().sum()) for n in names) / sum(sizes[n] for n in names)
-    finetune_loss = _finetune(theta, grids, cross_entropy, _batches(data, batch_size, seed, finetune_steps, 10_000),
+    finetune_loss = _finetune(theta, grids, cross_entropy, _steps(batches, seed, finetune_steps, 10_000),
                               finetune_lr)
     with torch.no_grad():
         locs = {n: scales[n] * uniform_quantize(theta[n].detach(), *grids[n]) for n in names}
@@ -207,7 +213,8 @@ def _learn_precisions(theta: dict, s: dict, cross_entropy, lam: float, batches, 
     the penalty (Eq. 11-12); returns the (cross-entropy, penalty) of each step."""
 
     def loss_of(xb, yb):
-        noisy = {n: t + torch.sigmoid(s[n]) * (torch.rand(t.shape, generator=gen) * 2 - 1) for n, t in theta.items()}
+        noisy = {n: t + torch.sigmoid(s[n]) * (torch.rand(t.shape, generator=gen) * 2 - 1).to(t.device)
+                 for n, t in theta.items()}
         ce = cross_entropy(noisy, xb, yb)
         pen = sum(smol_penalty(s[n].expand_as(t), lam) for n, t in theta.items())
         return ce + pen, (float(ce.detach()), float(pen.detach()))
@@ -226,15 +233,19 @@ def _finetune(theta: dict, grids: dict, cross_entropy, batches, lr: float) -> li
     return _train(theta, torch.optim.Adam(list(theta.values()), lr=lr), batches, loss_of)
 
 
-def _batches(data, batch_size: int, seed: int, steps: int, epoch0: int):
-    """``steps`` shuffled minibatches ``(x, y)`` of ``data``, epoch after epoch from ``epoch0``."""
+def _steps(batches, seed: int, steps: int, epoch0: int):
+    """``steps`` checked minibatches ``(x, y)`` of ``batches``, epoch after epoch from ``epoch0``."""
     done, epoch = 0, epoch0
     while done < steps:
-        for xb, yb in data.batches(batch_size, shuffle=True, seed=seed, epoch=epoch):
+        empty = True
+        for _, xb, yb in batches.epoch(epoch, seed):
+            empty = False
             yield xb, yb
             done += 1
             if done >= steps:
                 return
+        if empty:
+            raise ValueError(f"{batches.name} yielded no batches in epoch {epoch}; it must hold at least one")
         epoch += 1
 
 

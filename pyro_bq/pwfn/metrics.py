@@ -10,9 +10,29 @@
   the individual draws is reported too), with
   :func:`pyro_bq.uncertainty.accuracy`.
 
+* per-site entropy and unique counts (the paper's Figure 2):
+  :func:`per_site_stats`;
+* how far the clustering moved the weights it fixed, per codebook value:
+  max, mean and std of ``|mu - c| / sigma`` (the distance of Eq. 6, with
+  ``mu`` and ``sigma`` as they were when the weight was fixed):
+  :func:`cluster_movement` over the group log of
+  :func:`~pyro_bq.pwfn.clustering.pwfn_cluster`.
+
 "First" and "last" layer are the modules of the first and last weight sites
 in model order (``net.conv1`` and ``net.fc3`` for LeNet-5); a bias is a site
 whose name ends in ``bias``.
+
+Readings of the paper:
+
+* The entropy counts zero as a value like any other, over every weight and
+  bias of the guide, as the authors' code does (its ``get_weight_entropy``
+  over all means, zeros included); the paper's Table 1 also reports the
+  "w/o FL-bias" figure.
+* Figure 2 plots values per layer; :func:`per_site_stats` reports them per
+  Pyro site (a layer's weight and bias are two sites).
+* The movement statistics are not in the paper; the authors' code logs
+  similar per-cluster summaries (max/min/std/mean of the means and sigmas of
+  each group) in its round CSV. Ours are the distances in sigmas of Eq. 6.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ import torch
 
 from pyro_bq._validation import check_int
 from pyro_bq.uncertainty import accuracy, predictive_probs
+from pyro_bq.uncertainty.predict import predict_with_labels
 
 __all__ = [
     "weight_entropy",
@@ -30,6 +51,8 @@ __all__ = [
     "fl_bias_excluded_sites",
     "compression_stats",
     "ensemble_accuracy",
+    "per_site_stats",
+    "cluster_movement",
 ]
 
 
@@ -131,11 +154,12 @@ def compression_stats(weights: Mapping[str, torch.Tensor]) -> dict:
 
 
 def ensemble_accuracy(
-    model, guide, data, *, num_samples: int = 20, batch_size: int = 500, seed: Optional[int] = 0
+    model, guide, data, *, num_samples: int = 20, batch_size: int = 500, seed: Optional[int] = 0, device=None
 ) -> dict:
     """Accuracy of the averaged prediction of ``num_samples`` weight draws from ``guide``.
 
-    :param data: a dataset with ``.x`` and ``.y``.
+    :param data: a dataset with ``.x`` and ``.y``, a DataLoader or a re-iterable of ``(x, y)`` batches.
+    :param device: where the network runs (default: the guide's device).
     :returns: ``{"ensemble": acc, "mean_member": mean accuracy of the draws}``.
 
     Usage::
@@ -143,6 +167,67 @@ def ensemble_accuracy(
         ensemble_accuracy(model, guide, test, num_samples=20)["ensemble"]
     """
     num_samples = check_int("num_samples", num_samples, low=1)
-    probs = predictive_probs(model, guide, data, num_samples=num_samples, batch_size=batch_size, seed=seed)
-    members = [accuracy(p, data.y) for p in probs]
-    return {"ensemble": accuracy(probs, data.y), "mean_member": sum(members) / len(members)}
+    logits, y = predict_with_labels(model, guide, data, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                    site="logits", device=device, name="data")
+    probs = logits.softmax(-1)
+    members = [accuracy(p, y) for p in probs]
+    return {"ensemble": accuracy(probs, y), "mean_member": sum(members) / len(members)}
+
+
+def per_site_stats(weights: Mapping[str, torch.Tensor]) -> dict:
+    """Per site: ``{"count", "entropy", "unique"}`` of its weight values (the paper's Figure 2).
+
+    :param weights: dict site -> tensor (e.g. ``guide.median()``).
+    :raises TypeError: if ``weights`` is not a dict of tensors keyed by site name.
+
+    Usage::
+
+        for site, st in per_site_stats(guide.median()).items():
+            print(site, st["unique"], st["entropy"])
+    """
+    _flat(weights, "weights")  # validates the mapping
+    out = {}
+    for name, v in weights.items():
+        flat = v.detach().reshape(-1)
+        if flat.numel() == 0:
+            out[name] = {"count": 0, "entropy": float("nan"), "unique": 0}
+            continue
+        codes, counts = torch.unique(flat, return_counts=True)
+        out[name] = {"count": int(flat.numel()), "entropy": _entropy(counts, flat.numel()), "unique": int(codes.numel())}
+    return out
+
+
+_MOVE_KEYS = ("centre", "count", "d_max", "d_sum", "d_sumsq")
+
+
+def cluster_movement(groups) -> list:
+    """Per codebook value: how many weights were fixed to it and ``max/mean/std`` of ``|mu - c| / sigma``.
+
+    :param groups: the group dicts of :attr:`ClusterResult.groups` (of one or
+        several rounds), each with ``centre``, ``count``, ``d_max``, ``d_sum``, ``d_sumsq``.
+    :returns: one dict ``{"centre", "count", "max", "mean", "std"}`` per codebook
+        value, sorted by centre (std: population standard deviation over all
+        weights fixed to the value); JSON-ready, so it can go into a checkpoint.
+    :raises ValueError: for a group without those fields.
+
+    Usage::
+
+        res = cluster_guide_(guide, 1.0)
+        [(m["centre"], m["max"]) for m in cluster_movement(res.groups)]
+    """
+    acc: dict = {}
+    for i, g in enumerate(groups):
+        if not isinstance(g, Mapping) or any(k not in g for k in _MOVE_KEYS):
+            raise ValueError(f"groups[{i}] must be a dict with {', '.join(_MOVE_KEYS)} (a ClusterResult.groups entry)")
+        a = acc.setdefault(float(g["centre"]), [0, 0.0, 0.0, 0.0])
+        a[0] += int(g["count"])
+        a[1] = max(a[1], float(g["d_max"]))
+        a[2] += float(g["d_sum"])
+        a[3] += float(g["d_sumsq"])
+    out = []
+    for c in sorted(acc):
+        n, mx, s1, s2 = acc[c]
+        mean = s1 / n if n else float("nan")
+        var = max(s2 / n - mean * mean, 0.0) if n else float("nan")
+        out.append({"centre": c, "count": n, "max": mx, "mean": mean, "std": var**0.5})
+    return out

@@ -25,13 +25,14 @@ same prediction).
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Optional, Union
 
 import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from pyro_bq._validation import check_choice, check_int
+from pyro_bq._validation import check_choice, check_int, resolve_device
 
 from .grids import check_bits, interval_grid, ste, uniform_quantize
 
@@ -189,10 +190,11 @@ def quantize_activations(
     activation: Union[None, str, type] = None,
     range: str = "calibrated",
     guide=None,
-    data: Optional[torch.Tensor] = None,
+    data=None,
     num_samples: int = 8,
     max_calls: int = 16,
     seed: int = 0,
+    device=None,
 ):
     """A new model whose activations are quantized to ``bits`` bits (``model`` is untouched).
 
@@ -204,7 +206,10 @@ def quantize_activations(
     :param range: ``"calibrated"`` or ``"natural"`` (bounded activations only).
     :param guide, data, num_samples, seed: when given, calibrate the ranges at once
         with :func:`calibrate_activations_` on ``data`` and ``num_samples``
-        posterior samples of ``guide`` (plus its median), drawn with ``seed``.
+        posterior samples of ``guide`` (plus its median), drawn with ``seed``; ``data``
+        is what :func:`calibrate_activations_` takes (a tensor, a dataset, a DataLoader).
+    :param device: where calibration runs (see :func:`calibrate_activations_`). The new
+        activation modules are made on the device of the network's weights.
 
     Only activation *modules* are replaced (functional calls such as
     ``F.relu`` inside ``forward`` are not seen); a ValueError says so when the
@@ -229,12 +234,13 @@ def quantize_activations(
     else:
         raise TypeError(f"activation must be None, one of {sorted(_ACTIVATIONS)} or an nn.Module class, got {activation!r}")
     net = _plain_net(model)
+    where = _device_of(net)
     replaced = []
     for name, module in list(net.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, _REPLACEABLE):
                 act = make() if make is not None else child
-                fq = FakeQuantActivation(act, bits, range=range, max_calls=max_calls)
+                fq = FakeQuantActivation(act, bits, range=range, max_calls=max_calls).to(where)
                 setattr(module, child_name, fq)
                 replaced.append(fq)
     if not replaced:
@@ -249,7 +255,7 @@ def quantize_activations(
     if hasattr(model, "learned_noise") and model.learned_noise:
         new.load_state_dict({k: v for k, v in model.state_dict().items() if k == "noise_unconstrained"}, strict=False)
     if guide is not None and data is not None:
-        calibrate_activations_(new, guide, data, num_samples=num_samples, seed=seed)
+        calibrate_activations_(new, guide, data, num_samples=num_samples, seed=seed, device=device)
     elif range == "calibrated" and (guide is not None or data is not None):
         raise ValueError("pass both guide and data to calibrate, or neither (then call calibrate_activations_ later)")
     return new
@@ -278,8 +284,34 @@ def check_calibrated(model) -> None:
         raise UncalibratedActivationError(f"the fake-quant activations {bad} have no calibrated range; {_CALIBRATE_HINT}")
 
 
+def _device_of(module: nn.Module, default: str = "cpu") -> torch.device:
+    """Where the first parameter or buffer of ``module`` is (``default`` when it has none)."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device(default) if first is None else first.device
+
+
+def _calibration_inputs(data):
+    """The input tensors of ``data``, one per batch: a tensor, a dataset's ``.x``, or the ``x`` of each
+    ``(x, y)`` batch (or bare input batch) of an iterable such as a DataLoader; read once."""
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    if isinstance(getattr(data, "x", None), torch.Tensor):
+        yield data.x
+        return
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be a tensor of inputs, a dataset with .x, or a DataLoader / iterable of (x, y) "
+                        f"batches, got {type(data).__name__}")
+    for index, item in enumerate(data):
+        x = item[0] if isinstance(item, (tuple, list)) and item else item
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"data: batch {index} holds {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
+                            " inputs; each batch must be a floating-point tensor x or an (x, y) pair")
+        yield x
+
+
 @torch.no_grad()
-def calibrate_activations_(model, guide, data: torch.Tensor, *, num_samples: int = 8, seed: int = 0) -> None:
+def calibrate_activations_(model, guide, data, *, num_samples: int = 8, seed: int = 0, device=None) -> None:
     """Set the ranges of ``model``'s fake-quant activations in place (``calibrated`` ones only).
 
     The range of each activation call covers its values on ``data`` under the
@@ -287,26 +319,38 @@ def calibrate_activations_(model, guide, data: torch.Tensor, *, num_samples: int
     a generator seeded with ``seed`` (the global RNG is left as it was), so the
     ranges are the same on every call.
 
+    :param data: inputs: a tensor, a dataset with an ``.x`` tensor, or any iterable of
+        ``(x, y)`` batches (a DataLoader, a list), read once: each batch runs under every draw.
+    :param device: where the passes run (``"auto"``, ``"cpu"``, ``"cuda"``); default where the
+        model's network is. The guide's draws and each batch are moved there.
+
     Usage::
 
         calibrate_activations_(qmodel, guide, x_train[:512], num_samples=8, seed=0)
+        calibrate_activations_(qmodel, guide, DataLoader(calib_set, batch_size=256), device="cuda")
     """
     num_samples = check_int("num_samples", num_samples, low=0)
     seed = check_int("seed", seed, low=0)
     mods = _fake_quant_modules(model)
     if not mods:
         raise ValueError("model has no FakeQuantActivation modules; make it with quantize_activations first")
-    draws = [guide.median()]
+    device = _device_of(model.net) if device is None else resolve_device(device)
+    median = guide.median()
+    draws = [median]
     if num_samples:
-        with torch.random.fork_rng(devices=[]):
+        guide_device = next(iter(median.values())).device if median else torch.device("cpu")
+        with torch.random.fork_rng(devices=[guide_device] if guide_device.type == "cuda" else []):
             torch.manual_seed(seed)
             samples = guide.sample_latents(num_samples)
         draws += [{k: v[i] for k, v in samples.items()} for i in range(num_samples)]
+    draws = [{k: v.to(device) for k, v in weights.items()} for weights in draws]
     for m in mods:
         m._stats = {}
     try:
-        for weights in draws:  # a handful of calibration passes, not a hot path
-            poutine.condition(model, data=weights)(data)
+        for x in _calibration_inputs(data):  # one pass over the data; a handful of draws per batch
+            x = x.to(device)
+            for weights in draws:
+                poutine.condition(model, data=weights)(x)
     finally:
         stats = [m._stats for m in mods]
         for m in mods:

@@ -24,6 +24,14 @@ these functions; none of them rounds on its own.
 * **Codebooks**: :func:`nearest_code_index` and :func:`nearest_code` for any
   sorted codebook; there a tie goes to the code of smaller magnitude (a sorted
   codebook has no "even" code).
+* **Stochastic rounding** of weight draws (:data:`ROUNDINGS`):
+  :func:`stochastic_round` rounds ``t`` up with probability ``t - floor(t)``
+  (so ``E[round(t)] = t``), from the global torch generator, the one
+  ``Normal.rsample`` draws from; :func:`uniform_codes_stochastic` applies it
+  on a uniform grid (codes outside ``[0, qmax]`` are clamped, so the mean is
+  ``t`` only inside the grid). :func:`rounding_variance` is the variance it
+  adds, :func:`matched_noise_scale` the Gaussian noise that keeps the total
+  variance at a target.
 * :func:`ste` (the straight-through estimator) and :func:`check_bits` with
   :data:`MAX_BITS`.
 
@@ -63,6 +71,12 @@ __all__ = [
     "log2_exponents",
     "nearest_code_index",
     "nearest_code",
+    "ROUNDINGS",
+    "check_rounding",
+    "stochastic_round",
+    "uniform_codes_stochastic",
+    "rounding_variance",
+    "matched_noise_scale",
 ]
 
 #: the widest code: a packed file stores widths from 1 to 16 (its bit map holds ``bits - 1`` in 4 bits)
@@ -332,3 +346,106 @@ def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """
     idx = nearest_code_index(values, codebook)
     return codebook.to(device=values.device, dtype=values.dtype)[idx]
+
+
+#: rounding rules of weight draws: round to nearest (half to even), stochastic rounding, and
+#: stochastic rounding with the Gaussian noise shrunk so that the total variance matches (see
+#: :func:`matched_noise_scale`)
+ROUNDINGS = ("nearest", "stochastic", "stochastic-matched")
+
+
+def check_rounding(name: str, rounding) -> str:
+    """Validate a rounding rule: one of :data:`ROUNDINGS`; ValueError naming ``name`` otherwise.
+
+    Usage::
+
+        rounding = check_rounding("rounding", "stochastic")
+    """
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
+    return rounding
+
+
+def stochastic_round(t: torch.Tensor, u: torch.Tensor = None) -> torch.Tensor:
+    """``floor(t) + 1`` with probability ``t - floor(t)``, else ``floor(t)``: an unbiased rounding.
+
+    ``u`` holds uniform numbers in ``[0, 1)`` of ``t``'s shape; by default they are drawn with
+    :func:`torch.rand_like` from the global generator (reproducible under ``pyro.set_rng_seed``).
+    The result is ``floor(t) + (u < t - floor(t))``; its variance is ``f * (1 - f)`` with
+    ``f = t - floor(t)`` (:func:`rounding_variance`).
+
+    Usage::
+
+        k = stochastic_round(torch.full((10000,), 0.25))   # about a quarter ones, the rest zeros
+    """
+    lower = torch.floor(t)
+    if u is None:
+        u = torch.rand_like(t)
+    return lower + (u < (t - lower)).to(t.dtype)
+
+
+def uniform_codes_stochastic(x: torch.Tensor, step, zp, qmax, u: torch.Tensor = None) -> torch.Tensor:
+    """The codes ``clamp(stochastic_round(x / step + zp), 0, qmax)`` (floats of integer values).
+
+    Inside the grid the expected decoded value is ``x`` itself; a value beyond the lowest or
+    highest level is clipped onto it (as by round to nearest), so there the mean is the clip value.
+
+    Usage::
+
+        codes = uniform_codes_stochastic(w, *interval_grid(lo, hi, 2))
+    """
+    return torch.minimum(stochastic_round(x / step + zp, u).clamp(min=0), qmax)
+
+
+#: Fourier terms of :func:`rounding_variance` (the truncation error is below ``1 / (pi**2 * terms)``)
+_VARIANCE_TERMS = 48
+
+
+def rounding_variance(t: torch.Tensor, noise=0.0) -> torch.Tensor:
+    """Variance (in units of ``step**2``) that stochastic rounding adds to a value at grid position ``t``.
+
+    ``noise`` (in units of ``step``): the standard deviation of Gaussian noise added to ``t``
+    before rounding; the result is then the expectation over that noise. With ``noise = 0`` it is
+    exactly ``f * (1 - f)`` (``f = t - floor(t)``), between 0 on a level and ``1/4`` half-way;
+    averaged over positions it is ``1/6``. With noise it is the Gaussian smoothing of the Fourier
+    series ``f(1 - f) = 1/6 - sum_k cos(2 pi k t) / (pi k)**2`` (each term damped by
+    ``exp(-2 (pi k noise)**2)``), which tends to ``1/6`` once the noise exceeds about a third of a step.
+
+    Usage::
+
+        v = rounding_variance(torch.tensor([0.0, 0.5, 0.25]))   # 0, 0.25, 0.1875
+    """
+    noise = torch.as_tensor(noise, dtype=t.dtype, device=t.device)
+    frac = t - torch.floor(t)
+    exact = frac * (1 - frac)
+    k = torch.arange(1, _VARIANCE_TERMS + 1, dtype=t.dtype, device=t.device)
+    shape = (-1,) + (1,) * max(t.dim(), noise.dim())
+    kk = k.reshape(shape)
+    damp = torch.exp(-2 * (torch.pi * kk * noise) ** 2)
+    series = 1 / 6 - (torch.cos(2 * torch.pi * kk * frac) * damp / (torch.pi * kk) ** 2).sum(0)
+    return torch.where(noise > 0, series.clamp(0, 0.25), exact)
+
+
+def matched_noise_scale(t: torch.Tensor, sigma: torch.Tensor, iters: int = 24) -> torch.Tensor:
+    """The Gaussian noise ``s`` (in units of ``step``) for which noise plus stochastic rounding has
+    the variance ``sigma**2``: ``s**2 + rounding_variance(t, s) = sigma**2`` (``t``: the grid
+    position of the mean, ``sigma`` in units of ``step``).
+
+    Solved by bisection on ``[0, sigma]``. Where even ``s = 0`` gives more than ``sigma**2`` (the
+    rounding variance ``f (1 - f)`` of the mean alone is larger: ``sigma`` below about half a
+    step), ``s = 0``: the draws are the stochastic rounding of the mean, the least variance this
+    rule can give.
+
+    Usage::
+
+        s = matched_noise_scale(loc / step + zp, scale / step) * step
+    """
+    target = sigma * sigma
+    lo = torch.zeros_like(sigma)
+    hi = sigma.clone()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = mid * mid + rounding_variance(t, mid) > target
+        hi = torch.where(over, mid, hi)
+        lo = torch.where(over, lo, mid)
+    return torch.where(rounding_variance(t) >= target, torch.zeros_like(sigma), (lo + hi) / 2)

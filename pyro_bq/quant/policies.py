@@ -24,6 +24,13 @@ site's shape (per-parameter precision). A bit allocation of
 :mod:`pyro_bq.mixed` becomes a policy through the constructor:
 ``JQ(8, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)``.
 
+``rounding`` chooses how the sample quantizer rounds each weight draw
+(SPQ, JQ, and any policy that quantizes samples): ``"nearest"``, ``"stochastic"``
+(unbiased; keeps draws varying where the posterior scale is far below the grid
+step) or ``"stochastic-matched"`` (stochastic rounding of a narrower Gaussian,
+so the draw's variance stays the posterior's where it can); see
+:mod:`pyro_bq.quant.quantizers`. ``None`` keeps the template's own rule.
+
 The one extension point is :meth:`Policy.configure_site`, which returns the
 (uncalibrated) quantizers of one site.
 """
@@ -38,7 +45,7 @@ import torch
 
 from pyro_bq._validation import check_float, check_type
 
-from .grids import check_bits
+from .grids import check_bits, check_rounding
 from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer
 
 __all__ = ["Policy", "VPQ", "SPQ", "JQ", "FloatPolicy", "SiteQuantizers", "QUANTITIES", "make_policy"]
@@ -113,6 +120,10 @@ class Policy:
         per-channel :class:`Log2Quantizer` for ``scale``.
     :param calib_width: the sample quantizer is calibrated on
         ``loc +- calib_width * scale`` (SPQ, JQ).
+    :param rounding: how sampled weights are rounded: ``"nearest"``, ``"stochastic"`` or
+        ``"stochastic-matched"`` (:data:`~pyro_bq.quant.grids.ROUNDINGS`); it replaces the
+        rounding of every sample quantizer (policy-wide and per-site templates), which must
+        then be uniform-grid quantizers. ``None``: each template's own (round to nearest by default).
 
     Usage::
 
@@ -136,6 +147,7 @@ class Policy:
         scale_quantizer: Optional[Quantizer] = None,
         sample_quantizer: Optional[Quantizer] = None,
         calib_width: float = 2.0,
+        rounding: Optional[str] = None,
     ):
         self.bits = check_bits("bits", bits)
         self.quantity_bits = {}
@@ -168,6 +180,9 @@ class Policy:
         self.sample_quantizer = default_sample_quantizer() if sample_quantizer is None \
             else _check_quantizer("sample_quantizer", sample_quantizer)
         self.calib_width = check_float("calib_width", calib_width, low=0.0)
+        self.rounding = None if rounding is None else check_rounding("rounding", rounding)
+        if self.rounding is not None:
+            self.sample_quantizer.with_rounding(self.rounding)  # fails here for a template without it
 
     @staticmethod
     def _compile(pattern, what):
@@ -246,6 +261,8 @@ class Policy:
                     raise ValueError(f"bits tensor for site {name!r} ({quantity}) has shape {tuple(bits.shape)}, "
                                      f"which does not broadcast to the site's shape {tuple(shape)}") from None
             out[quantity] = template.with_bits(bits)
+            if quantity == "sample" and self.rounding is not None:
+                out[quantity] = out[quantity].with_rounding(self.rounding)
         return SiteQuantizers(**out)
 
     def __repr__(self) -> str:
@@ -258,6 +275,8 @@ class Policy:
             extra.append(f"site_quantizers={len(self.site_quantizers)} entries")
         if self.skip:
             extra.append(f"skip={self.skip}")
+        if self.rounding is not None:
+            extra.append(f"rounding={self.rounding!r}")
         return f"{type(self).__name__}({self.bits}{''.join(', ' + e for e in extra)})"
 
 
@@ -315,6 +334,7 @@ def make_policy(mode: str, bits: int = 8, **kwargs) -> Policy:
     Usage::
 
         policy = make_policy("jq", 4, site_bits=alloc.site_bits, site_quantizers=alloc.site_quantizers)
+        sr = make_policy("spq", 2, rounding="stochastic")
     """
     if not isinstance(mode, str) or mode.lower() not in _BY_MODE:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")

@@ -54,16 +54,19 @@ from pyro_bq._validation import check_choice, check_float, check_int, check_type
 from .codebook import pow2_family
 from .grids import (
     check_bits,
+    check_rounding,
     interval_grid,
     log2_exponents,
     log2_top,
     log2_window,
+    matched_noise_scale,
     minmax_range,
     nearest_code_index,
     percentile_range,
     signed_grid,
     ste,
     uniform_codes,
+    uniform_codes_stochastic,
     uniform_decode,
     uniform_quantize,
     widen_empty,
@@ -235,9 +238,66 @@ class Quantizer:
         with torch.no_grad():
             return self.decode(self.encode(x), dtype=x.dtype)
 
+    #: how weight draws are rounded (:data:`~pyro_bq.quant.grids.ROUNDINGS`); only uniform-grid
+    #: quantizers take anything but ``"nearest"``
+    rounding = "nearest"
+
+    def quantize_draw(self, x: torch.Tensor) -> torch.Tensor:
+        """Grid values of the weight draws ``x`` under :attr:`rounding` (no gradient).
+
+        ``"nearest"``: :meth:`quantize`. The stochastic rules draw one uniform number per
+        element of ``x`` from the global torch generator.
+        """
+        self._require()
+        if self.rounding == "nearest":
+            return self.quantize(x)
+        with torch.no_grad():
+            return self._stochastic_values(x.detach())
+
+    def _stochastic_values(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no stochastic rounding; use a uniform-grid quantizer "
+                         "(UniformQuantizer, IntervalQuantizer, SignedGridQuantizer)")
+
+    def noise_scale(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The standard deviation of the Gaussian noise added to ``loc`` before this quantizer rounds it.
+
+        ``scale`` itself, except for ``rounding="stochastic-matched"``: the smaller noise for
+        which noise plus stochastic rounding has the variance ``scale**2``, ``0`` where the
+        rounding variance of ``loc`` alone exceeds it. The gradient flows through ``scale``
+        times the (constant) shrink factor.
+
+        Usage::
+
+            s = q.noise_scale(loc, scale)     # loc + s * eps, then q(...)
+        """
+        if self.rounding != "stochastic-matched":
+            return scale
+        self._require()
+        return scale * self._matched_ratio(loc.detach(), scale.detach())
+
+    def _matched_ratio(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no stochastic rounding")
+
+    def with_rounding(self, rounding: str) -> "Quantizer":
+        """A copy of this quantizer that rounds weight draws by ``rounding``
+        (:data:`~pyro_bq.quant.grids.ROUNDINGS`); ValueError for a quantizer without stochastic rounding.
+
+        Usage::
+
+            q = UniformQuantizer(2, symmetric=False).with_rounding("stochastic")
+        """
+        rounding = check_rounding("rounding", rounding)
+        if rounding != "nearest" and "rounding" not in self.packed_keys:
+            raise ValueError(f"rounding={rounding!r}: {type(self).__name__} rounds to nearest only; stochastic "
+                             "rounding needs a uniform-grid quantizer (UniformQuantizer, IntervalQuantizer, "
+                             "SignedGridQuantizer)")
+        new = copy.copy(self)
+        new.rounding = rounding
+        return new
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the grid, with a straight-through gradient."""
-        return ste(x, self.quantize(x))
+        """``x`` on the grid (rounded by :attr:`rounding`), with a straight-through gradient."""
+        return ste(x, self.quantize_draw(x))
 
     # -- accounting and storage ---------------------------------------------------------
     def code_bits(self) -> Union[int, torch.Tensor]:
@@ -428,7 +488,21 @@ class _RangeMixin:
 
 
 class _OnUniformGrid:
-    """Encode and decode on the uniform grid ``(step, zp, qmax)`` that ``self._grid(dtype, device)`` gives."""
+    """Encode and decode on the uniform grid ``(step, zp, qmax)`` that ``self._grid(dtype, device)`` gives;
+    stochastic rounding of weight draws (``rounding``, a packed key of these classes)."""
+
+    def _init_rounding(self, rounding):
+        self.rounding = check_rounding("rounding", rounding)
+
+    def _stochastic_values(self, x):
+        step, zp, qmax = self._grid(x.dtype, x.device)
+        return uniform_decode(uniform_codes_stochastic(x, step, zp, qmax), step, zp)
+
+    def _matched_ratio(self, loc, scale):
+        step, zp, _ = self._grid(loc.dtype, loc.device)
+        sigma = scale / step
+        s = matched_noise_scale(loc / step + zp, sigma)
+        return torch.where(sigma > 0, s / sigma.clamp(min=torch.finfo(sigma.dtype).tiny), torch.ones_like(s))
 
     def encode(self, x):
         self._require()
@@ -461,6 +535,11 @@ class UniformQuantizer(_OnUniformGrid, _RangeMixin, Quantizer):
         clipping of the min/max range, among ``search_steps`` candidates, with
         the least squared error, per channel, measured on about 2**18 evenly
         strided values of the tensor).
+    :param rounding: how the call rounds weight draws: ``"nearest"``, ``"stochastic"``
+        (unbiased inside the grid; adds ``f (1 - f) step**2`` of variance, at most
+        ``step**2 / 4``) or ``"stochastic-matched"`` (also shrinks the Gaussian noise,
+        :meth:`~Quantizer.noise_scale`, so the total variance stays ``scale**2`` where it can).
+        :meth:`encode` and :meth:`quantize` round to nearest whatever the rule.
 
     Usage::
 
@@ -470,7 +549,8 @@ class UniformQuantizer(_OnUniformGrid, _RangeMixin, Quantizer):
 
     _tensor_bits_ok = True
     packed_type = "uniform"
-    packed_keys = frozenset({"symmetric", "per_channel", "channel_dim", "range", "percentiles", "search_steps"})
+    packed_keys = frozenset({"symmetric", "per_channel", "channel_dim", "range", "percentiles", "search_steps",
+                             "rounding"})
 
     @classmethod
     def packed_layout(cls, config, shape, k=None):
@@ -478,8 +558,10 @@ class UniformQuantizer(_OnUniformGrid, _RangeMixin, Quantizer):
         return [("hi", "f32", rs)] if config["symmetric"] else [("lo", "f32", rs), ("hi", "f32", rs)]
 
     def __init__(self, bits=8, *, symmetric: bool = True, per_channel: bool = False, channel_dim: int = 0,
-                 range: str = "minmax", percentiles: Sequence[float] = (5.0, 95.0), search_steps: int = 16):
+                 range: str = "minmax", percentiles: Sequence[float] = (5.0, 95.0), search_steps: int = 16,
+                 rounding: str = "nearest"):
         super().__init__(bits)
+        self._init_rounding(rounding)
         self.symmetric = check_type("symmetric", symmetric, bool)
         self._init_range(per_channel, channel_dim, range, percentiles, search_steps)
         self._reset()
@@ -553,6 +635,7 @@ class IntervalQuantizer(_OnUniformGrid, Quantizer):
     :param bits: an int from 1 to 16, or an integer tensor of per-element widths.
     :param interval: a fixed ``(lo, hi)`` of finite numbers with ``lo < hi``.
     :param percentiles: ``(low, high)`` in ``[0, 100]`` with ``low < high`` (without ``interval``).
+    :param rounding: how the call rounds weight draws (see :class:`UniformQuantizer`).
 
     Usage::
 
@@ -563,7 +646,7 @@ class IntervalQuantizer(_OnUniformGrid, Quantizer):
 
     _tensor_bits_ok = True
     packed_type = "interval"
-    packed_keys = frozenset({"percentiles"})  # None for a fixed interval (which is state)
+    packed_keys = frozenset({"percentiles", "rounding"})  # percentiles: None for a fixed interval (state)
 
     @classmethod
     def packed_layout(cls, config, shape, k=None):
@@ -571,14 +654,15 @@ class IntervalQuantizer(_OnUniformGrid, Quantizer):
 
     @classmethod
     def from_config(cls, config, bits, state=None):
-        pct = config["percentiles"]
+        pct, rounding = config["percentiles"], config["rounding"]
         if pct is None:  # the interval is the state: a placeholder until load_state
-            return cls(bits, interval=(0.0, 1.0))
-        return cls(bits, percentiles=tuple(pct) if isinstance(pct, list) else pct)
+            return cls(bits, interval=(0.0, 1.0), rounding=rounding)
+        return cls(bits, percentiles=tuple(pct) if isinstance(pct, list) else pct, rounding=rounding)
 
     def __init__(self, bits=4, *, interval: Optional[Sequence[float]] = None,
-                 percentiles: Sequence[float] = (5.0, 95.0)):
+                 percentiles: Sequence[float] = (5.0, 95.0), rounding: str = "nearest"):
         super().__init__(bits)
+        self._init_rounding(rounding)
         self.fixed, self.percentiles = None, None
         if interval is None:
             self.percentiles = _check_percentiles(percentiles)
@@ -626,7 +710,8 @@ class IntervalQuantizer(_OnUniformGrid, Quantizer):
     def __repr__(self) -> str:
         if self.fixed is None:
             return super().__repr__()
-        return f"{type(self).__name__}(bits={self.bits if isinstance(self.bits, int) else 'tensor'}, interval={self.fixed!r})"
+        bits = self.bits if isinstance(self.bits, int) else 'tensor'
+        return f"{type(self).__name__}(bits={bits}, interval={self.fixed!r}, rounding={self.rounding!r})"
 
 
 class Log2Quantizer(_RangeMixin, Quantizer):
@@ -762,7 +847,8 @@ class CodebookQuantizer(_RangeMixin, Quantizer):
             if 2**self.bits < codebook.numel():
                 raise ValueError(f"bits must be at least {need} to index a codebook of {codebook.numel()} values, got {bits}")
             self.family = "custom"
-            self._codebook = codebook.detach().float().clone()
+            # float64 stays float64 (a float64 guide's values round-trip exactly), narrower types widen to float32
+            self._codebook = codebook.detach().to(torch.promote_types(codebook.dtype, torch.float32)).clone()
         else:
             if self.family == "custom":
                 raise ValueError("family='custom' needs a codebook tensor")
@@ -896,14 +982,15 @@ class SignedGridQuantizer(_OnUniformGrid, Quantizer):
 
     _tensor_bits_ok = True
     packed_type = "signed"
-    packed_keys = frozenset()
+    packed_keys = frozenset({"rounding"})
 
     @classmethod
     def packed_layout(cls, config, shape, k=None):
         return [("scale", "f64", [1])]
 
-    def __init__(self, bits=4, *, scale: Optional[float] = None):
+    def __init__(self, bits=4, *, scale: Optional[float] = None, rounding: str = "nearest"):
         super().__init__(bits)
+        self._init_rounding(rounding)
         self.fixed_scale = None if scale is None else check_float("scale", scale, low=0.0, low_open=True)
         self._reset()
 

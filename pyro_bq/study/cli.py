@@ -84,6 +84,8 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); part of the fingerprints, since the count changes "
                    "the results in the last digits")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
+                   help="where training and evaluation run; auto: cuda when available (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--keep-going", action="store_true",
                    help="a row that raises is recorded with its error in the results and the other rows still run "
@@ -103,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         amnist_fit_size=args.amnist_fit_size, amnist_vae_epochs=args.amnist_vae_epochs,
         logquant_bits=args.logquant_bits, logquant_steps=args.logquant_steps, extra_steps=args.extra_steps, mixed_bits=args.mixed_bits,
         arviz_samples=args.arviz_samples, arviz_limit=args.arviz_limit, checkpoint=args.checkpoint,
-        threads=args.threads, progress=not args.no_progress, keep_going=args.keep_going,
+        threads=args.threads, progress=not args.no_progress, keep_going=args.keep_going, device=args.device,
     )
 
 

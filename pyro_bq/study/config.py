@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from pyro_bq._validation import check_bool, check_float, check_int
+from pyro_bq._validation import check_bool, check_float, check_int, resolve_device
 from pyro_bq.data.ambiguous import AmbiguousConfig
 from pyro_bq.io.container import writable_folder
 from pyro_bq.quant.grids import MAX_BITS, check_bits
@@ -24,6 +24,7 @@ __all__ = [
     "RowSpec",
     "QUANT_POLICIES",
     "EXTRA_ROWS",
+    "SR_POLICIES",
     "ALL_POLICIES",
     "TRAINED_FAMILIES",
     "ROW_FORMAT",
@@ -37,8 +38,11 @@ __all__ = [
 QUANT_POLICIES = ("vpq", "spq", "jq")
 #: Rows evaluated once rather than per bit width: the log-quantized guide, PWFN and the allocators.
 EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
+#: Post-hoc policies whose sampled weights are rounded stochastically, and the bit widths of
+#: their rows (``spq2-sr``, ``jq3-sr``, ``jq2-sr``), listed after the round-to-nearest rows.
+SR_POLICIES = {"spq-sr": (2,), "jq-sr": (3, 2)}
 #: Every name ``--policies`` accepts; each has a builder in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
-ALL_POLICIES = ("float",) + QUANT_POLICIES + EXTRA_ROWS
+ALL_POLICIES = ("float",) + QUANT_POLICIES + tuple(SR_POLICIES) + EXTRA_ROWS
 #: Row families that train beyond the shared float guide (on the training data): their rows are
 #: labelled ``"trained"``; every other row (float, VPQ/SPQ/JQ, QI, RB, activation variants of
 #: those) quantizes the float guide without more training and is labelled ``"data-free"``.
@@ -109,6 +113,8 @@ class RowSpec:
     @property
     def name(self) -> str:
         base = self.family if self.bits is None else f"{self.family}{self.bits}"
+        if self.family in SR_POLICIES and self.bits is not None:
+            base = f"{self.family.removesuffix('-sr')}{self.bits}-sr"
         return base if self.act_bits is None else f"{base}+act{self.act_bits}"
 
 
@@ -135,6 +141,9 @@ class StudyConfig:
     :param threads: torch threads (``None``: the count torch has when the study starts). The count
         changes floating-point sums and so the results: it is part of the fingerprints (a study run
         with another count computes its rows again) and of the Ambiguous-MNIST cache key.
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``: where training and
+        evaluation run. A GPU gives other floating-point sums than the CPU, so a run on CUDA has
+        its own fingerprints; on the CPU the fingerprints are those of a config without a device.
     :param keep_going: a row that raises is recorded with its error text in the
         results and the other rows still run (default: the error stops the study).
 
@@ -179,6 +188,7 @@ class StudyConfig:
     threads: Optional[int] = None
     progress: bool = True
     keep_going: bool = False
+    device: str = "auto"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -247,6 +257,9 @@ class StudyConfig:
             check_int("threads", self.threads, low=1)
         set_("progress", check_bool("progress", self.progress))
         set_("keep_going", check_bool("keep_going", self.keep_going))
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be 'auto', 'cpu' or 'cuda', got {type(self.device).__name__}")
+        resolve_device(self.device)  # 'cuda' without a GPU: a ValueError that says so
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -268,6 +281,11 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
     @property
+    def torch_device(self) -> torch.device:
+        """The device the run uses (``device`` resolved on this machine)."""
+        return resolve_device(self.device)
+
+    @property
     def num_threads(self) -> int:
         """The torch thread count of the run: ``threads``, or torch's current count."""
         return self.threads if self.threads is not None else torch.get_num_threads()
@@ -278,6 +296,8 @@ class StudyConfig:
             d["checkpoint"] = file_sha256("checkpoint", self.checkpoint) or f"missing file {self.checkpoint}"
         d["threads"] = self.num_threads
         keys = tuple(keys) + tuple(extra or ())
+        if "threads" in keys and self.torch_device.type != "cpu":  # a GPU run's numbers differ from the CPU's
+            d["device"], keys = self.torch_device.type, keys + ("device",)
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def train_fingerprint(self) -> str:
@@ -312,6 +332,10 @@ class StudyConfig:
             if fam in self.policies:
                 for b in self.bits:
                     add(fam, b)
+        for fam, widths in SR_POLICIES.items():
+            if fam in self.policies:
+                for b in widths:
+                    out.append(RowSpec(fam, b))
         if "logquant" in self.policies:
             add("logquant", self.logquant_bits)
         for fam in ("pwfn", "qi", "rb", "smol"):

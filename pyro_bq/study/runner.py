@@ -188,7 +188,7 @@ def _load_data(cfg: StudyConfig):
 def _make_model(cfg: StudyConfig, dataset_size: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return BayesianClassifier(LeNet5(), LayerwiseNormal(cfg.prior_gain), dataset_size)
+        return BayesianClassifier(LeNet5(), LayerwiseNormal(cfg.prior_gain), dataset_size).to(cfg.torch_device)
 
 
 def _train_guide(cfg: StudyConfig, train, folder: Path):
@@ -196,7 +196,7 @@ def _train_guide(cfg: StudyConfig, train, folder: Path):
     model = _make_model(cfg, len(train))
     final = folder / "guide.bq"
     source = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else final
-    guide = load_meanfield_guide(source, model, train.x[:2])
+    guide = load_meanfield_guide(source, model, train.x[:2].to(cfg.torch_device))
     if guide is not None:
         log.info("float guide loaded from %s", source)
         return model, guide
@@ -205,7 +205,8 @@ def _train_guide(cfg: StudyConfig, train, folder: Path):
     net = None
     if cfg.pretrain_epochs > 0:
         net = pretrain(LeNet5, train, epochs=cfg.pretrain_epochs, lr=2e-3, batch_size=cfg.batch_size, seed=cfg.seed,
-                       data_seed=cfg.seed + 7, checkpoint=folder / "pretrained.bq", progress=cfg.progress)
+                       data_seed=cfg.seed + 7, checkpoint=folder / "pretrained.bq", progress=cfg.progress,
+                       device=cfg.torch_device)
     t0 = time.time()
     guide, result = fit_meanfield_bnn(
         model, train, pretrained=net, init_scale=cfg.init_scale, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
@@ -242,12 +243,17 @@ def _row_float(ctx: RowContext, spec: RowSpec):
 
 
 def _row_post_hoc(ctx: RowContext, spec: RowSpec):
-    """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more."""
+    """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more.
+    A family ending in ``-sr`` (``spq-sr``, ``jq-sr``) rounds the sampled weights stochastically."""
     site_bits = None
     if ctx.cfg.ends_bits is not None and ctx.cfg.ends_bits > spec.bits:
         site_bits = {name: ctx.cfg.ends_bits for name in _end_sites(ctx.guide)}
     extra = {"ends_bits": ctx.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
-    return quantize(ctx.guide, make_policy(spec.family, spec.bits, site_bits=site_bits)), extra
+    rounding = "stochastic" if spec.family.endswith("-sr") else None
+    if rounding:
+        extra["rounding"] = rounding
+    policy = make_policy(spec.family.removesuffix("-sr"), spec.bits, site_bits=site_bits, rounding=rounding)
+    return quantize(ctx.guide, policy), extra
 
 
 def _end_sites(guide) -> list[str]:
@@ -273,7 +279,7 @@ def _fit_logquant(ctx: RowContext):
         locs = {name: ctx.guide.get_loc_scale(name)[0].detach().clone() for name in ctx.guide.sites}
         lq = AutoLogQuantNormal(ctx.model, bits=cfg.logquant_bits, init_loc_fn=lambda site: locs[site["name"]],
                                 init_scale=cfg.init_scale)
-        lq.setup(ctx.train.x[:2], ctx.train.y[:2])
+        lq.setup(ctx.train.x[:2].to(cfg.torch_device), ctx.train.y[:2].to(cfg.torch_device))
         with torch.no_grad():
             _, scale = ctx.guide.flat_loc_scale()
             lq.log2_scale.copy_(torch.log2(scale.detach().clamp_min(1e-30)))
@@ -323,6 +329,8 @@ ROW_BUILDERS: dict[str, Callable] = {
     "vpq": _row_post_hoc,
     "spq": _row_post_hoc,
     "jq": _row_post_hoc,
+    "spq-sr": _row_post_hoc,
+    "jq-sr": _row_post_hoc,
     "logquant": _row_logquant,
     "pwfn": _row_pwfn,
     "qi": _row_allocation,

@@ -10,7 +10,7 @@ import torch
 
 from pyro_bq._validation import check_int
 
-from .predict import _check_num_samples, _seeded, as_inputs, predictive_logits, sample_weights
+from .predict import _check_num_samples, _seeded, as_inputs, is_batch_source, predict_with_labels, sample_weights
 
 __all__ = ["to_arviz", "DEFAULT_MAX_SITE_SIZE"]
 
@@ -52,6 +52,7 @@ def to_arviz(
     sample_chunk: Optional[int] = None,
     seed: int = 0,
     method: str = "auto",
+    device=None,
 ):
     """An :class:`arviz.InferenceData` of ``num_samples`` weight draws and their predictions.
 
@@ -68,8 +69,11 @@ def to_arviz(
     Classification models give class labels; regression models (with
     ``noise_scale()``) give real targets with a Normal likelihood.
 
-    :param x: inputs ``(N, ...)`` or an ``InMemoryDataset`` (then ``y`` may be None).
+    :param x: inputs ``(N, ...)``, an ``InMemoryDataset`` (then ``y`` may be None), or a DataLoader /
+        re-iterable of ``(x, y)`` batches (then ``y`` is None: the labels come with the batches).
     :param y: labels ``(N,)``.
+    :param device: where the network runs (default: the guide's device); everything in the result is
+        moved to the CPU (ArviZ holds numpy arrays).
     :param sites: site name(s) to keep in ``posterior``.
     :param max_values: upper bound on ``num_samples * (scalars in sites)``.
     :raises ValueError: unknown sites, ``num_samples < 1``, mismatched ``y``,
@@ -80,16 +84,18 @@ def to_arviz(
         idata = to_arviz(model, guide, test.x[:500], test.y[:500], num_samples=200)
         az.summary(idata, var_names=["net.fc3.bias"]); az.loo(idata)
     """
+    streamed = is_batch_source(x)
+    if streamed and y is not None:
+        raise ValueError("y must be None when x is a DataLoader or a source of (x, y) batches: the labels come "
+                         "with the batches")
     if y is None and isinstance(getattr(x, "y", None), torch.Tensor):
         y = x.y
-    x = as_inputs("x", x)
+    x = x if streamed else as_inputs("x", x)
     num_samples = _check_num_samples(num_samples)
     max_site_size = check_int("max_site_size", max_site_size, low=1)
     max_values = check_int("max_values", max_values, low=1)
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor of labels or targets, got {type(y).__name__}")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if not streamed:
+        _check_labels(y, x.shape[0])
     regression = hasattr(model, "noise_scale")
 
     draws = sample_weights(model, guide, num_samples, x, seed=seed)
@@ -100,11 +106,14 @@ def to_arviz(
             f"the posterior of sites {chosen} would hold {size} values, more than max_values={max_values}; "
             "choose fewer sites, fewer num_samples, or raise max_values"
         )
-    out = predictive_logits(model, guide, x, samples=draws, batch_size=batch_size, sample_chunk=sample_chunk,
-                            method=method, site="loc" if regression else "logits")
+    out, read = predict_with_labels(model, guide, x, samples=draws, batch_size=batch_size, sample_chunk=sample_chunk,
+                                    method=method, site="loc" if regression else "logits", device=device)
+    out, y = out.cpu(), (y if y is not None else read).cpu()
+    _check_labels(y, out.shape[1])
+    draws = {s: draws[s].cpu() for s in chosen}
     log_lik, predicted = _likelihood(model, out, y, regression, seed + 1)
 
-    posterior, coords, dims = _posterior_layout(draws, chosen, num_samples, x.shape[0])
+    posterior, coords, dims = _posterior_layout(draws, chosen, num_samples, y.shape[0])
     return az.from_dict(
         posterior=posterior,
         posterior_predictive={"obs": _chain(predicted)},
@@ -114,6 +123,13 @@ def to_arviz(
         dims=dims,
         attrs={"inference_library": "pyro", "creation_library": "pyro_bq", "num_weight_draws": num_samples},
     )
+
+
+def _check_labels(y, n: int) -> None:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of labels or targets, got {type(y).__name__}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"y must have shape ({n},) to match x, got {tuple(y.shape)}")
 
 
 def _chain(t: torch.Tensor):

@@ -89,8 +89,8 @@ def _draw_parts(probs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, 
 
     The mutual information is ``mean_s KL(probs[s, n] || mean[n])``, each term
     ``q f(p/q)`` with ``f(r) = r log r - r + 1``, written with ``d = p/q - 1``
-    as ``(1 + d) log1p(d) - d`` (accurate for ``d`` near 0); ``p = 0`` gives
-    ``q``, ``q = 0`` (then every ``p`` is 0) gives 0. Inputs are processed in
+    as ``(1 + d) log1p(d) - d`` (accurate for ``d`` near 0); ``p = 0``, or ``p/q``
+    so small that ``d`` rounds to ``-1``, gives ``q``, ``q = 0`` (then every ``p`` is 0) gives 0. Inputs are processed in
     blocks of :data:`_MI_BLOCK` float64 elements.
     """
     num, n, c = probs.shape
@@ -103,7 +103,8 @@ def _draw_parts(probs: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, 
         q = mean[block].expand_as(p)
         positive = q > 0
         d = torch.where(positive, (p - q) / torch.where(positive, q, 1.0), 0.0)
-        g = torch.where(p > 0, (1 + d) * torch.log1p(d) - d, 1.0)  # f(p/q) >= 0; p = 0 picks f(0) = 1
+        # f(p/q) >= 0; p/q below float64's resolution (d == -1, p = 0 included) picks f(0) = 1, not 0 * log(0)
+        g = torch.where(d > -1, (1 + d) * torch.log1p(d) - d, 1.0)
         info[block] = (q * g.clamp_min(0.0)).sum(-1).mean(0)
         aleatoric[block] = _entropy(p).mean(0)
     return aleatoric, info

@@ -1,4 +1,12 @@
-"""One call that evaluates a guide on in-distribution and out-of-distribution data."""
+"""One call that evaluates a guide on in-distribution and out-of-distribution data.
+
+Each data argument is an ``InMemoryDataset`` (or any dataset with ``.x``/``.y``
+tensors), an ``(x, y)`` pair of tensors, a tensor ``x``, or a source of ``(x, y)``
+batches (a DataLoader, a list of batches; see
+:mod:`pyro_bq.uncertainty.predict`). The same data as a DataLoader gives the same
+figures as in memory; a malformed batch raises an error naming the set and the
+batch index.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +20,21 @@ from pyro_bq.guides.quantized import deterministic_sites, varying_fraction
 
 from .decompose import decompose
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll
-from .predict import DEFAULT_NUM_SAMPLES, as_inputs, predictive_logits
+from .predict import DEFAULT_NUM_SAMPLES, as_inputs, is_batch_source, predict_with_labels
 
 __all__ = ["evaluate", "evaluate_details", "uncertainty_scores"]
 
 
+def _is_pair(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
 def _split(name: str, data, need_labels: bool):
-    """``(x, y)`` from an InMemoryDataset, an ``(x, y)`` pair or a tensor ``x``."""
+    """``(x, y)`` from an InMemoryDataset, an ``(x, y)`` pair or a tensor ``x``; a source of batches
+    is returned as it is (``(data, None)``), read and checked batch by batch later."""
+    tensors = isinstance(data, (tuple, list)) and bool(data) and isinstance(data[0], torch.Tensor)
+    if not tensors and is_batch_source(data):
+        return data, None
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
             raise ValueError(f"{name} must be a dataset, an (x, y) pair or a tensor x; got a sequence of length {len(data)}")
@@ -53,11 +69,13 @@ def uncertainty_scores(
     sample_chunk: Optional[int] = None,
     seed: int = 0,
     method: str = "auto",
+    device=None,
 ) -> dict:
     """:func:`~pyro_bq.uncertainty.decompose` of several datasets with the same weight draws.
 
     :param datasets: ``{name: data}`` where data is a dataset with ``.x``, an
-        ``(x, y)`` pair or a tensor of inputs.
+        ``(x, y)`` pair, a tensor of inputs or a source of ``(x, y)`` batches (a DataLoader).
+    :param device: where the network runs (default: the guide's device); the results stay there.
     :returns: ``{name: {"mean_probs", "total", "aleatoric", "epistemic"}}`` (nats).
     :raises TypeError, ValueError: for bad arguments; an error of a dataset after
         the first, which the network could take, names that dataset and both shapes.
@@ -68,29 +86,31 @@ def uncertainty_scores(
         plot_uncertainty(parts, "uncertainty.png")
     """
     logits = _predict_sets(model, guide, datasets, num_samples=num_samples, batch_size=batch_size,
-                           sample_chunk=sample_chunk, seed=seed, method=method)
+                           sample_chunk=sample_chunk, seed=seed, method=method, device=device)
     return {name: decompose(value.softmax(-1)) for name, value in logits.items()}
 
 
-def _predict_sets(model, guide, datasets: dict, **options) -> dict:
-    """``{name: logits (S, N, C)}`` of several datasets with the same weight draws (``options`` of predictive_logits)."""
+def _predict_sets(model, guide, datasets: dict, labels: bool = False, **options) -> dict:
+    """``{name: logits (S, N, C)}`` of several datasets with the same weight draws (``options`` of
+    predictive_logits); with ``labels``, ``{name: (logits, y)}``."""
     if not isinstance(datasets, dict) or not datasets:
         raise TypeError("datasets must be a non-empty dict {name: dataset}")
     out, first = {}, None
     for name, data in datasets.items():
-        x, _ = _split(f"datasets[{name!r}]", data, need_labels=False)
+        x, y = _split(f"datasets[{name!r}]", data, need_labels=False)
         try:
-            logits = predictive_logits(model, guide, x, site="logits", **options)
+            logits, read = predict_with_labels(model, guide, x, site="logits", name=name, **options)
         except (TypeError, ValueError) as err:
-            if first is None:
+            if first is None or not isinstance(x, torch.Tensor):  # a batch error names its set and batch already
                 raise
             # the arguments were fine for the first dataset, so the inputs of this one are what the network cannot take
             raise type(err)(f"{name} (inputs of shape {tuple(x.shape)}, dtype {x.dtype}; {first[0]} has "
-                            f"{tuple(first[1].shape)}, {first[1].dtype}): {err}") from err
+                            f"{first[1]}): {err}") from err
         if logits.dim() != 3:
             raise ValueError(f"the model's outputs must be logits of shape (S, N, C), got {tuple(logits.shape)}")
-        first = first or (name, x)
-        out[name] = logits
+        if first is None and isinstance(x, torch.Tensor):
+            first = (name, f"{tuple(x.shape)}, {x.dtype}")
+        out[name] = (logits, y if y is not None else read) if labels else logits
     return out
 
 
@@ -107,6 +127,7 @@ def evaluate_details(
     num_bins: int = DEFAULT_ECE_BINS,
     seed: int = 0,
     method: str = "auto",
+    device=None,
 ) -> tuple[dict, dict]:
     """The record of :func:`evaluate` and the per-input decompositions behind it, for plots.
 
@@ -131,7 +152,8 @@ def evaluate_details(
       per site ``{site: fraction}``, and ``deterministic_sites`` the sites below :data:`~pyro_bq.guides.DETERMINISTIC_THRESHOLD`: where draws do not vary,
       ``epistemic_*`` is about 0 whatever the input.
 
-    :param in_data: labelled in-distribution data (a dataset with ``.x`` and ``.y``, or ``(x, y)``).
+    :param in_data: labelled in-distribution data (a dataset with ``.x`` and ``.y``, ``(x, y)``, or a
+        DataLoader / re-iterable of ``(x, y)`` batches).
     :param ood_data: optional out-of-distribution inputs (labels unused).
     :param ambiguous_data: optional set of ambiguous in-distribution inputs
         (e.g. Ambiguous-MNIST): adds its uncertainty figures and the AUROC of
@@ -152,11 +174,14 @@ def evaluate_details(
     """
     check_int("num_samples", num_samples, low=1)
     num_bins = check_int("num_bins", num_bins, low=1)
-    x_in, y_in = _split("in_data", in_data, need_labels=True)
-    sets = {"in_data": x_in, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
-    sets = {k: v if v is None else _split(k, v, need_labels=False)[0] for k, v in sets.items()}  # errors name the set
-    logits = _predict_sets(model, guide, {k: v for k, v in sets.items() if v is not None}, num_samples=num_samples,
-                           batch_size=batch_size, sample_chunk=sample_chunk, seed=seed, method=method)
+    sets = {"in_data": in_data, "ood_data": ood_data, "ambiguous_data": ambiguous_data}
+    sets = {k: v for k, v in sets.items() if v is not None or k == "in_data"}
+    for k, v in sets.items():  # tensors are checked up front, so errors name the set before any prediction
+        _split(k, v, need_labels=k == "in_data")
+    logits = _predict_sets(model, guide, sets, labels=True, num_samples=num_samples, batch_size=batch_size,
+                           sample_chunk=sample_chunk, seed=seed, method=method, device=device)
+    y_in = logits["in_data"][1]
+    logits = {k: v[0] for k, v in logits.items()}
     suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
     details = {key: decompose(logits[f"{key}_data"].softmax(-1)) for key in suffix if f"{key}_data" in logits}
     mean = details["in"]["mean_probs"]
