@@ -7,7 +7,14 @@ plain PyTorch baseline of the same run. Peak memory of each row is measured in
 a fresh subprocess (``--memory``): the growth of the peak resident set size
 (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``
 after the set-up and one warm-up call) over the resident size at that point,
-during ``--memory-steps`` further calls.
+during ``--memory-steps`` further calls. (``tracemalloc`` does not see torch's
+allocations, so the operating system's count is used.) With ``--device cuda``
+every row runs on the GPU, is timed with CUDA events after the warm-up, and its
+memory is the growth of ``torch.cuda.max_memory_allocated`` over the bytes held
+after the warm-up.
+
+Networks (``--nets``): ``lenet`` and ``mlp`` on 1x28x28 random inputs,
+``resnet20`` (CIFAR-style, BatchNorm, residual blocks) on 3x32x32 random inputs.
 
 Training rows, batch 128, Adam(lr=1e-3), dataset size 60,000:
 
@@ -36,6 +43,8 @@ Usage::
 
     python benchmarks/harness.py --reps 30 --threads 2
     python benchmarks/harness.py --nets mlp --skip-prediction --no-memory
+    python benchmarks/harness.py --nets resnet20 --reps 10 --pred-reps 3
+    python benchmarks/harness.py --nets lenet,mlp,resnet20 --device cuda --reps 50
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.inference import MeanFieldELBO, default_optim
 from pyro_bq.inference.prediction import predict_batched
 from pyro_bq.inference.reparam import Flipout, LocalReparameterization
-from pyro_bq.models import MLP, BayesianClassifier, LeNet5
+from pyro_bq.models import MLP, BayesianClassifier, LeNet5, ResNet20
 
 try:  # optional: the bayesian-torch rows run only where it is installed
     from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
@@ -80,21 +89,40 @@ PRIOR_SCALE = 1.0
 INIT_SCALE = 1e-2
 
 
+NETS = ("lenet", "mlp", "resnet20")
+#: the device every row runs on (``--device``); rows build their nets and data there
+DEVICE = torch.device("cpu")
+
+
 def make_net(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return LeNet5() if name == "lenet" else MLP((784, 400, 400, 10))
+    if name == "lenet":
+        net = LeNet5()
+    elif name == "mlp":
+        net = MLP((784, 400, 400, 10))
+    elif name == "resnet20":
+        net = ResNet20(num_classes=10, in_channels=3)
+    else:
+        raise ValueError(f"net must be one of {NETS}, got {name!r}")
+    return net.to(DEVICE)
 
 
-def data(n: int, seed: int = 0):
+def input_shape(name: str) -> tuple:
+    """Shape of one input of network ``name``: CIFAR-sized images for ResNet-20, MNIST-sized otherwise."""
+    return (3, 32, 32) if name == "resnet20" else (1, 28, 28)
+
+
+def data(n: int, seed: int = 0, net_name: str = "lenet"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    x, y = torch.randn(n, *input_shape(net_name), generator=g), torch.randint(0, 10, (n,), generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 # -- (a) plain PyTorch ---------------------------------------------------------------------
 def det_step(net_name):
     net = make_net(net_name)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
-    x, y = data(BATCH)
+    x, y = data(BATCH, 0, net_name)
 
     def step():
         opt.zero_grad()
@@ -114,8 +142,10 @@ class _BBBLayer(nn.Module):
         self.lr = lr
         self.w_mu = nn.Parameter(layer.weight.detach().clone())
         self.w_rho = nn.Parameter(torch.full_like(layer.weight, math.log(math.expm1(INIT_SCALE))))
-        self.b_mu = nn.Parameter(layer.bias.detach().clone())
-        self.b_rho = nn.Parameter(torch.full_like(layer.bias, math.log(math.expm1(INIT_SCALE))))
+        self.has_bias = layer.bias is not None
+        if self.has_bias:  # ResNet-20's convolutions have none
+            self.b_mu = nn.Parameter(layer.bias.detach().clone())
+            self.b_rho = nn.Parameter(torch.full_like(layer.bias, math.log(math.expm1(INIT_SCALE))))
         del layer.weight, layer.bias
 
     def op(self, x, w, b):
@@ -124,18 +154,20 @@ class _BBBLayer(nn.Module):
         return F.conv2d(x, w, b, self.layer.stride, self.layer.padding, self.layer.dilation, self.layer.groups)
 
     def forward(self, x):
-        w_sigma, b_sigma = F.softplus(self.w_rho), F.softplus(self.b_rho)
+        w_sigma = F.softplus(self.w_rho)
+        b_sigma = F.softplus(self.b_rho) if self.has_bias else None
         if self.lr:
-            mean = self.op(x, self.w_mu, self.b_mu)
-            var = self.op(x * x, w_sigma * w_sigma, b_sigma * b_sigma)
+            mean = self.op(x, self.w_mu, self.b_mu if self.has_bias else None)
+            var = self.op(x * x, w_sigma * w_sigma, b_sigma * b_sigma if self.has_bias else None)
             return mean + var.clamp_min(1e-30).sqrt() * torch.randn_like(mean)
         w = self.w_mu + w_sigma * torch.randn_like(w_sigma)
-        b = self.b_mu + b_sigma * torch.randn_like(b_sigma)
+        b = self.b_mu + b_sigma * torch.randn_like(b_sigma) if self.has_bias else None
         return self.op(x, w, b)
 
     def kl(self):
         total = 0.0
-        for mu, rho in ((self.w_mu, self.w_rho), (self.b_mu, self.b_rho)):
+        pairs = ((self.w_mu, self.w_rho), (self.b_mu, self.b_rho)) if self.has_bias else ((self.w_mu, self.w_rho),)
+        for mu, rho in pairs:
             sigma = F.softplus(rho)
             total = total + (
                 math.log(PRIOR_SCALE) - sigma.log() + (sigma * sigma + mu * mu) / (2 * PRIOR_SCALE**2) - 0.5
@@ -156,7 +188,7 @@ def bbb_step(net_name, lr: bool, fused: bool = False):
     net = _bbbify(make_net(net_name), lr)
     layers = [m for m in net.modules() if isinstance(m, _BBBLayer)]
     opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True) if fused else torch.optim.Adam(net.parameters(), lr=LR)
-    x, y = data(BATCH)
+    x, y = data(BATCH, 0, net_name)
 
     def step():
         opt.zero_grad()
@@ -175,8 +207,10 @@ def naive_pyro_model(net_name):
     for module in list(net.modules()):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             for pname in ("weight", "bias"):
+                if getattr(module, pname) is None:
+                    continue
                 shape = getattr(module, pname).shape
-                setattr(module, pname, PyroSample(dist.Normal(0.0, PRIOR_SCALE).expand(shape).to_event(len(shape))))
+                setattr(module, pname, PyroSample(dist.Normal(torch.zeros((), device=DEVICE), PRIOR_SCALE).expand(shape).to_event(len(shape))))
 
     class Model(PyroModule):
         def __init__(self):
@@ -196,7 +230,7 @@ def naive_pyro_step(net_name):
     model = naive_pyro_model(net_name)
     guide = AutoNormal(model, init_scale=INIT_SCALE)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
-    x, y = data(BATCH)
+    x, y = data(BATCH, 0, net_name)
     svi.step(x, y)
     return lambda: svi.step(x, y)
 
@@ -211,7 +245,7 @@ def bq_setup(net_name):
         pyro.clear_param_store()
         model = BayesianClassifier(make_net(net_name), IIDNormal(PRIOR_SCALE), DATASET_SIZE)
         guide = AutoMeanFieldNormal(model, init_scale=INIT_SCALE)
-        x, y = data(BATCH)
+        x, y = data(BATCH, 0, net_name)
         guide(x, y)
         _BQ_CACHE.clear()
         _BQ_CACHE[net_name] = (model, guide)
@@ -224,7 +258,7 @@ def bq_step(net_name, handler=None, stock=False):
         svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), TraceMeanField_ELBO())
     else:
         svi = SVI(model, guide, default_optim(LR), MeanFieldELBO())
-    x, y = data(BATCH)
+    x, y = data(BATCH, 0, net_name)
     if handler is None:
         return lambda: svi.step(x, y)
 
@@ -259,7 +293,7 @@ def bt_net(net_name, kind="Reparameterization"):
 def bt_step(net_name, kind="Reparameterization"):
     net = bt_net(net_name, kind)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
-    x, y = data(BATCH)
+    x, y = data(BATCH, 0, net_name)
 
     def step():
         opt.zero_grad()
@@ -274,10 +308,10 @@ def bt_step(net_name, kind="Reparameterization"):
 PRED_N, PRED_S = 1000, 32
 
 
-def _repeated_passes(net):
+def _repeated_passes(net, net_name):
     """``PRED_S`` forward passes of ``net`` (eval mode) over the prediction inputs."""
     net = net.eval()
-    x, _ = data(PRED_N, 1)
+    x, _ = data(PRED_N, 1, net_name)
 
     @torch.no_grad()
     def run():
@@ -288,18 +322,18 @@ def _repeated_passes(net):
 
 
 def pred_det(net_name):
-    return _repeated_passes(make_net(net_name))
+    return _repeated_passes(make_net(net_name), net_name)
 
 
 def pred_bq(net_name):
     model, guide = bq_setup(net_name)
-    x, _ = data(PRED_N, 1)
+    x, _ = data(PRED_N, 1, net_name)
     return lambda: predict_batched(model, guide, x, num_samples=PRED_S)
 
 
 def pred_loop(net_name):
     model, guide = bq_setup(net_name)
-    x, _ = data(PRED_N, 1)
+    x, _ = data(PRED_N, 1, net_name)
     pred = Predictive(model, guide=guide, num_samples=PRED_S, return_sites=["logits"])
 
     @torch.no_grad()
@@ -310,7 +344,7 @@ def pred_loop(net_name):
 
 
 def pred_bt(net_name):
-    return _repeated_passes(bt_net(net_name))  # bayesian-torch layers sample their weights on every pass
+    return _repeated_passes(bt_net(net_name), net_name)  # bayesian-torch layers sample their weights on every pass
 
 
 # -- registry ---------------------------------------------------------------------------------------------
@@ -345,16 +379,32 @@ def pred_rows(net_name) -> Dict[str, Callable[[], Callable[[], None]]]:
     return rows
 
 
+def timed(fn: Callable[[], None]) -> float:
+    """Seconds one call of ``fn`` takes: wall clock on the CPU; CUDA events around it on a GPU (the
+    end event is waited for, so queued kernels count)."""
+    if DEVICE.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(DEVICE)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def round_robin(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, list]:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed(fn))
     return times
 
 
@@ -372,6 +422,15 @@ def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
     fn = rows[row]()
     fn()  # one warm-up call: lazy imports and one-off buffers are not a step's working memory
     gc.collect()
+    if DEVICE.type == "cuda":  # the caching allocator's peak of allocated bytes, over those held after warm-up
+        torch.cuda.synchronize(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize(DEVICE)
+        print(json.dumps({"peak_delta": torch.cuda.max_memory_allocated(DEVICE) - base}))
+        return
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
@@ -381,7 +440,8 @@ def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
 
 
 def memory_of(kind: str, net_name: str, row: str, steps: int, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--memory-child", kind, net_name, row, "--memory-steps", str(steps), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--memory-child", kind, net_name, row, "--memory-steps", str(steps),
+           "--threads", str(threads), "--device", str(DEVICE)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         return float("nan")
@@ -414,13 +474,19 @@ def main(argv=None):
     p.add_argument("--rows", default=None, help="comma-separated subset of training rows")
     p.add_argument("--memory-child", nargs=3, metavar=("KIND", "NET", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the medians here")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]: build every row there; CUDA rows are "
+                   "timed with CUDA events after the warm-up, their memory is the allocator's peak")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
     if args.memory_child:
         memory_child(*args.memory_child, steps=args.memory_steps)
         return
     pyro.enable_validation(True)  # Pyro's default; the user's choice
-    print(f"# pyro_bq speed harness: torch {torch.__version__}, {args.threads} threads, "
+    print(f"# pyro_bq speed harness: torch {torch.__version__}, device {DEVICE}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start\n")
     results = {}
     for net_name in args.nets.split(","):

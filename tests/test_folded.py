@@ -208,3 +208,23 @@ def test_inputs_the_network_cannot_take_give_a_clear_error():
     guide(torch.randn(2, 1, 28, 28))
     with pytest.raises(ValueError, match="x has shape"):
         batched_forward(model, guide.sample_latents(2), torch.randn(2, 3, 28, 28))
+
+
+def test_auto_strategy_runs_large_folded_passes_on_cpu_as_a_loop():
+    """A foldable MLP whose folded activations would not fit the cache bound runs one pass per draw on
+    CPU, with the loop's results; the same network on few inputs still folds."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = BayesianClassifier(MLP((784, 64, 10)), IIDNormal(1.0), dataset_size=10)
+    guide = AutoMeanFieldNormal(model, init_scale=0.1)
+    few, many = torch.randn(2, 1, 28, 28), torch.randn(1200, 1, 28, 28)
+    guide(few)
+    draws = guide.sample_latents(4)
+    assert 4 * len(many) * prediction.activation_bytes_per_sample(model.functional_net(draws, few)[0], few[:1]) \
+        > prediction.FOLD_CPU_MAX_BYTES
+    assert prediction.auto_strategy(model, draws, few) == "folded"
+    assert prediction.auto_strategy(model, draws, many) == "loop"
+    with torch.no_grad():
+        out = batched_forward(model, draws, many)
+        assert torch.equal(out, batched_forward(model, draws, many, strategy="loop"))
+        torch.testing.assert_close(out, batched_forward(model, draws, many, strategy="folded"), rtol=1e-5, atol=1e-5)

@@ -53,6 +53,12 @@ STRATEGIES = ("auto", "folded", "vmap", "loop")
 #: default memory budget for the activations of one pass (bytes)
 DEFAULT_MAX_BYTES = 1 << 30
 
+#: on CPU, a folded pass whose activations (all samples, all inputs) would exceed this many bytes
+#: runs as a loop instead: each loop pass works within the cache, while the folded tensors do not
+#: (an MLP 784-400-400-10 with 32 draws of 1,000 inputs: folded 1.9x, loop 1.05x the CPU time of
+#: 32 deterministic passes, on 2 threads)
+FOLD_CPU_MAX_BYTES = 8 << 20
+
 # per model: its folded network, whether vmap cannot batch it, activation sizes
 _MEMOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -122,12 +128,25 @@ _WAYS = {"folded": _folded, "vmap": _vmap, "loop": _loop}
 _NO_BATCHING_RULE = "Batching rule not implemented"
 
 
-def _choose(model, net, num_samples: int, device: torch.device) -> str:
+def _bytes_per_input(model, net, x: torch.Tensor) -> int:
+    """Activation bytes of one pass of ``net`` per input row of ``x``'s shape (kept per model)."""
+    cache = _memo(model, "bytes")
+    key = (tuple(x.shape[1:]), x.dtype)
+    if key not in cache:  # activations grow linearly with the number of inputs
+        with model.shape_errors(x):
+            cache[key] = activation_bytes_per_sample(net, x[:1])
+    return max(cache[key], 1)
+
+
+def _choose(model, net, num_samples: int, device: torch.device, x: torch.Tensor) -> str:
     """The rule of :func:`auto_strategy` for the parameter-free network ``net`` of ``model``."""
     if num_samples == 1:
         return "loop"
-    if device.type == "cpu" and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in net.modules()):
-        return "loop"  # grouped convolutions run slower on CPU than one ordinary pass per draw
+    if device.type == "cpu":
+        if any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in net.modules()):
+            return "loop"  # grouped convolutions run slower on CPU than one ordinary pass per draw
+        if num_samples * len(x) * _bytes_per_input(model, net, x) > FOLD_CPU_MAX_BYTES:
+            return "loop"  # folded tensors this large leave the cache; one pass per draw stays in it
     if _folded_net(model, net) is not None:
         return "folded"
     return "loop" if _memo(model, "auto").get("vmap_fails") else "vmap"
@@ -136,11 +155,13 @@ def _choose(model, net, num_samples: int, device: torch.device) -> str:
 def auto_strategy(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -> str:
     """The strategy ``batched_forward(model, samples, x, strategy="auto")`` uses.
 
-    A rule on the network and the number of samples, never a timing, so a
-    seeded run gives the same numbers on every run and in every process:
+    A rule on the network, the number of samples and the inputs' shape, never a
+    timing, so a seeded run gives the same numbers on every run and in every process:
     ``"loop"`` for one sample, and on CPU for a network with convolutions
     (folded into grouped convolutions, a LeNet-5 with 20 draws of 500 inputs
-    took 1.3 s against 0.7 s for the loop on 2 cores); else ``"folded"`` where the network folds, else
+    took 1.3 s against 0.7 s for the loop on 2 cores) or where the folded
+    pass's activations would exceed :data:`FOLD_CPU_MAX_BYTES` (they leave the
+    cache); else ``"folded"`` where the network folds, else
     ``"vmap"``, else ``"loop"`` (a network that ``vmap`` was found unable to
     batch, e.g. one with a Bayesian LSTM). Whether a network folds and
     batches is learnt on its first call and kept per model.
@@ -153,7 +174,7 @@ def auto_strategy(model, samples: Mapping[str, torch.Tensor], x: torch.Tensor) -
     _check_model(model)
     net, sampled, _ = model.functional_net(samples, x)
     first = next(iter(sampled.values()))
-    return _choose(model, net, first.shape[0], first.device)
+    return _choose(model, net, first.shape[0], first.device, x)
 
 
 def _auto(model, net, sampled, shared, x):
@@ -161,12 +182,12 @@ def _auto(model, net, sampled, shared, x):
     time, not to fold or not to batch, and records that for the model."""
     first = next(iter(sampled.values()))
     num, device = first.shape[0], first.device
-    chosen = _choose(model, net, num, device)
+    chosen = _choose(model, net, num, device, x)
     if chosen == "folded":
         out = _folded_or_none(model, net, sampled, shared, x)
         if out is not None:
             return out
-        chosen = _choose(model, net, num, device)
+        chosen = _choose(model, net, num, device, x)
     if chosen == "vmap":
         try:
             return _vmap(model, net, sampled, shared, x)
@@ -259,14 +280,11 @@ def activation_bytes_per_sample(net: torch.nn.Module, x: torch.Tensor) -> int:
 def _plan(model, samples, x, num_samples: int, batch_size, chunk_size, max_bytes: int) -> tuple[int, int]:
     """``(samples, inputs)`` per pass: ``batch_size`` inputs (default all) and as many samples as fit
     ``max_bytes``; fewer inputs where one sample on them does not fit."""
-    cache = _memo(model, "bytes")
     key = (tuple(x.shape[1:]), x.dtype)
-    if key not in cache:  # activations grow linearly with the number of inputs
+    if key not in _memo(model, "bytes"):
         probe = x[:1].to(next(iter(samples.values())).device)
-        net = model.functional_net({k: v[:1] for k, v in samples.items()}, probe)[0]
-        with model.shape_errors(x):
-            cache[key] = activation_bytes_per_sample(net, probe)
-    per_input = max(cache[key], 1)
+        _bytes_per_input(model, model.functional_net({k: v[:1] for k, v in samples.items()}, probe)[0], probe)
+    per_input = max(_memo(model, "bytes")[key], 1)
     rows = min(len(x), batch_size or len(x))
     if chunk_size is None:
         chunk_size = max(1, min(num_samples, max_bytes // (per_input * rows)))

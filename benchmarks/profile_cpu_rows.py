@@ -1,0 +1,58 @@
+"""Process-CPU-time ratios of harness rows: a load-tolerant companion to ``harness.py``.
+
+On a shared machine the wall clock mostly measures the other jobs. This script
+runs chosen rows of :mod:`harness` round-robin in one process and reports the
+median *process CPU time* of each as a multiple of the baseline row (``det`` for
+training, ``det x32`` for prediction). Use one thread (the default): with more,
+OpenMP threads spin while a partner thread is descheduled and inflate the CPU time.
+
+Usage::
+
+    python benchmarks/profile_cpu_rows.py --net resnet20 --rows det,bbb-w,bq --reps 5
+    python benchmarks/profile_cpu_rows.py --net mlp --kind pred --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import harness as H  # noqa: E402  (sibling script)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", default="resnet20", choices=H.NETS)
+    p.add_argument("--kind", default="train", choices=("train", "pred"))
+    p.add_argument("--rows", default=None, help="comma-separated rows (default: all of the kind)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = H.train_rows(args.net) if args.kind == "train" else H.pred_rows(args.net)
+    base = "det" if args.kind == "train" else "det x32"
+    names = [base] + [r for r in (args.rows.split(",") if args.rows else rows) if r != base]
+    fns = {k: rows[k]() for k in names}
+    for fn in fns.values():
+        fn()  # warm-up
+    cpu = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            c = time.process_time()
+            fn()
+            cpu[k].append(time.process_time() - c)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"# {args.net} {args.kind}: median process CPU of {args.reps} rounds, {args.threads} thread(s), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"| row | CPU s | x `{base}` |\n|---|---:|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.3f} | {v / med[base]:.2f} |")
+    return med
+
+
+if __name__ == "__main__":
+    main()
