@@ -118,6 +118,7 @@ SIGMA_FLOOR = 2.0**-30
 
 
 LEVEL_RULES = ("text", "reference")
+SELECTIONS = ("text", "reference")
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,12 @@ class ClusterConfig:
         ``"reference"`` (the authors' code: order up to ``max_order``,
         alternating with ``tau *= tau_factor``, ``b`` fixed). Either way every call
         (every round) starts again at ``(b, order, tau)``.
+    :param selection: which centre is taken and which weights join it (see
+        the module docstring): ``"text"`` (Eq. 6-8: popularity by nearest
+        centre, the longest nearest-first prefix whose running mean of the
+        distances stays ``<= tau``) or ``"reference"`` (the authors' code:
+        popularity by the number of free weights within ``tau`` sigmas, and
+        all of those join, nearest first up to the round's target).
     :param tau_step: increase of ``tau`` under ``"text"`` (> 0; 1 in the paper).
     :param b_step: increase of ``b`` under ``"text"`` (>= 0; 2 in the paper).
     :param tau_factor: factor of ``tau`` under ``"reference"`` (> 1; 2 in the authors' runs).
@@ -161,6 +168,7 @@ class ClusterConfig:
     order: int = 1
     tau: float = 1.0
     level_rule: str = "text"
+    selection: str = "text"
     tau_step: float = 1.0
     b_step: int = 2
     tau_factor: float = 2.0
@@ -174,6 +182,7 @@ class ClusterConfig:
 
     def __post_init__(self):
         check_choice("level_rule", self.level_rule, LEVEL_RULES)
+        check_choice("selection", self.selection, SELECTIONS)
         check_int("max_b", self.max_b, low=0, high=40)
         check_int("b", self.b, low=0, high=self.max_b)
         check_int("max_order", self.max_order, low=1, high=8)
@@ -477,6 +486,21 @@ class _Clustering:
                                 "tau": self.level.tau, "sweep": True, "d_max": float(d_max[j]),
                                 "d_sum": float(d_sum[j]), "d_sumsq": float(d_sumsq[j])})
 
+    def _within_tau_counts(self, codebook: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per centre of the sorted ``codebook``: how many weights of ``mask`` lie within ``tau`` sigmas of it.
+
+        The centres within ``tau`` sigmas of a weight form one run of the
+        sorted codebook, found by two binary searches; the runs are summed
+        with a difference array (no ``K x N`` distance matrix).
+        """
+        k_codes = codebook.numel()
+        reach = self.level.tau * self.sig_f[mask]
+        mu = self.mu_f[mask]
+        lo = torch.searchsorted(codebook, mu - reach, right=False)
+        hi = torch.searchsorted(codebook, mu + reach, right=True)
+        diff = torch.bincount(lo, minlength=k_codes + 1) - torch.bincount(hi, minlength=k_codes + 1)
+        return torch.cumsum(diff, 0)[:k_codes]
+
     def try_level(self, codebook: torch.Tensor) -> bool:
         """Fix weights to the centres of ``codebook`` at the current level (most popular first), then
         raise the level if more are needed; False once the tail sweep has fixed the rest."""
@@ -496,6 +520,8 @@ class _Clustering:
                     sel = _k_smallest(d_near, torch.isfinite(d_near), self.need)
                     self.fix_many(sel, nearest[sel], codebook)
                     return False
+        if config.selection == "reference":
+            counts = self._within_tau_counts(codebook, self.alive)
         tried = torch.zeros(k_codes, dtype=torch.bool, device=codebook.device)
         while self.need > 0:
             cand = counts.masked_fill(tried, 0)
@@ -504,9 +530,15 @@ class _Clustering:
                 break
             tried[k] = True
             d = torch.where(self.alive, (self.mu_f - codebook[k]).abs() / self.sig_f, self.inf)
-            sel = _prefix_within_tau(d, self.level.tau, limit=self.need)
+            if config.selection == "reference":
+                sel = _k_smallest(d, d <= self.level.tau, self.need)
+            else:
+                sel = _prefix_within_tau(d, self.level.tau, limit=self.need)
             if bool(sel.any()):
-                counts -= torch.bincount(nearest[sel], minlength=k_codes)
+                if config.selection == "reference":
+                    counts -= self._within_tau_counts(codebook, sel)
+                else:
+                    counts -= torch.bincount(nearest[sel], minlength=k_codes)
                 self.fix(sel, float(codebook[k]))
         if self.need > 0:
             self.level = self.level.raised(config)
