@@ -5,14 +5,24 @@ One call fixes free weights until a target count is reached:
 1. Candidate centres: :func:`~pyro_bq.quant.codebook.pow2_codebook` -- the
    powers of two down to ``2**-b``, their sums of up to ``order`` distinct
    terms, both signs, and zero (``include_zero``).
-2. Every free weight's nearest centre under ``D(w_i, c) = |mu_i - c| / sigma_i``
-   (Eq. 6; the nearest centre in sigma units is the nearest in value, so it is
-   one :func:`~pyro_bq.quant.grids.nearest_code_index`). ``n_k`` counts the weights per centre.
-3. The most popular centre ``c_k`` is taken; the free weights are ordered by
-   ``D(w, c_k)`` and the longest nearest-first prefix whose running mean of
-   ``D`` stays ``<= tau`` is fixed to ``c_k`` (Eq. 7-8). Their ``sigma``
-   becomes the (population) standard deviation of their ``mu`` (floored at
-   ``sigma_min`` so a lone weight keeps a positive scale).
+2. Popularity and group, by ``ClusterConfig.selection``:
+
+   * ``"text"`` (Eq. 6-8): every free weight's nearest centre under
+     ``D(w_i, c) = |mu_i - c| / sigma_i`` (Eq. 6; the nearest in sigma units
+     is the nearest in value, so it is one
+     :func:`~pyro_bq.quant.grids.nearest_code_index`); ``n_k`` counts the
+     weights per centre. The most popular centre ``c_k`` is taken; the free
+     weights are ordered by ``D(w, c_k)`` and the longest nearest-first
+     prefix whose running mean of ``D`` stays ``<= tau`` is fixed to ``c_k``.
+   * ``"reference"`` (the authors' ``clustering/Cluster.py``): ``n_k``
+     counts the free weights within ``tau`` sigmas of ``c_k`` (a weight may
+     count for several centres; two binary searches per weight, no
+     ``K x N`` matrix), and every free weight within ``tau`` sigmas of the
+     most popular centre is fixed to it, nearest first up to the round's
+     target, even where another centre is nearer.
+
+3. A fixed group's ``sigma`` becomes the (population) standard deviation of
+   its ``mu`` (floored at ``sigma_min`` so a lone weight keeps a positive scale).
 4. Then the next most popular centre, and so on. Once every centre has been
    tried at the current level (none can take a weight), the level is raised
    by ``ClusterConfig.level_rule``:
@@ -52,10 +62,14 @@ authors' code, and where this module departs from them:
   SGD barely moves our softplus-parameterised scales (see
   :mod:`pyro_bq.pwfn.driver`), so the distances in sigmas stay large.
   ``max_b`` (default 40) bounds the text's ``b += 2``, which has no stated end.
-* The authors' code takes, for the most popular centre, every free weight
-  within ``tau`` sigmas (not the running-mean prefix) and counts popularity by
-  weights within ``tau``; we follow the text's Eq. 7-8 (running mean of the
-  sorted distances ``<= tau``, popularity by nearest centre).
+* Selection: the text counts popularity by nearest centre and fixes the
+  running-mean prefix (Eq. 7-8); the authors' code counts the weights
+  within ``tau`` sigmas and fixes all of them. Both are offered
+  (``selection``). Counting within ``tau`` favours the centres near which
+  many weights lie (zero, the small powers) and piles the weights onto them.
+  With ``zero_fix`` (their runs set it) the zero centre also takes every
+  weight with ``|mu| <= zero_fix`` first; ours does so at the start of each
+  round rather than by giving those weights distance 0 to zero.
 * The authors' code builds order-``r`` centres as sums of ``r`` powers drawn
   with replacement, between ``2**-b`` and the largest free ``|mu|``; we use
   sums of at most ``r`` distinct powers up to ``2**max_exp`` (every sum with
@@ -160,7 +174,8 @@ class ClusterConfig:
 
     Usage::
 
-        ClusterConfig(b=7, level_rule="reference")      # the authors' code
+        ClusterConfig(b=7, level_rule="reference")      # the authors' level rule
+        ClusterConfig(selection="reference", zero_fix=2**-7)  # their selection, and zero_fix as in their runs
         ClusterConfig(b=3, max_b=5, level_rule="text")  # Section 3 as printed
     """
 
