@@ -2,7 +2,7 @@
 
 Pretrains LeNet-5 once (or loads ``--pretrained``), then for each level rule
 (``--rules``) starts a fresh :class:`~pyro_bq.pwfn.AutoPWFN` from it, runs the
-PWFN schedule and prints one row per rule: point accuracy, ensemble accuracy,
+PWFN schedule and prints one row per level rule and selection (``--selections``): point accuracy, ensemble accuracy,
 unique values, weight entropy, codebook size ``K``, and bits per weight of the
 point-network file (:func:`~pyro_bq.pwfn.save_point_network`) against the
 Bayesian (mu, sigma) packed file (:func:`~pyro_bq.io.save_packed` of
@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("paper", "fast"), default="paper")
     p.add_argument("--num-epochs", type=int, default=None, help="epochs per round (default: the preset's)")
     p.add_argument("--num-steps", type=int, default=None, help="steps per round (overrides epochs)")
-    p.add_argument("--rules", nargs="+", choices=("text", "reference"), default=["text", "reference"])
+    p.add_argument("--rules", nargs="+", choices=("text", "reference"), default=["text", "reference"],
+                   help="level rules to measure")
+    p.add_argument("--selections", nargs="+", choices=("text", "reference"), default=["reference"],
+                   help="selection rules to measure (every pair with --rules)")
+    p.add_argument("--scale-step", choices=("raw", "sigma"), default=None,
+                   help="what SGD steps for the scales (default: the preset's)")
     p.add_argument("--b", type=int, default=7, help="starting precision 2^-b")
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--zero-fix", type=float, default=0.0)
@@ -66,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_rule(rule: str, net, train, test, args, out_dir: Path) -> dict:
+def run_rule(rule: str, selection: str, net, train, test, args, out_dir: Path) -> dict:
     pyro.clear_param_store()
     model = BayesianClassifier(net, IIDNormal(1.0), dataset_size=len(train))
     guide = AutoPWFN(model, init_loc_fn=init_to_pretrained(net))
-    cluster = ClusterConfig(b=args.b, tau=args.tau, level_rule=rule, zero_fix=args.zero_fix)
-    kw = {}
+    cluster = ClusterConfig(b=args.b, tau=args.tau, level_rule=rule, selection=selection, zero_fix=args.zero_fix)
+    kw = {} if args.scale_step is None else {"scale_step": args.scale_step}
     if args.num_epochs is not None:
         kw["num_epochs"] = args.num_epochs
     t0 = time.perf_counter()
@@ -79,17 +84,18 @@ def run_rule(rule: str, net, train, test, args, out_dir: Path) -> dict:
                   seed=args.seed, eval_samples=args.eval_samples, progress=False, **kw).run()
     elapsed = time.perf_counter() - t0
     f = result.final
-    point = out_dir / f"pwfn-{rule}-point.bq"
+    tag = f"{rule}-{selection}"
+    point = out_dir / f"pwfn-{tag}-point.bq"
     save_point_network(guide, point)
     loaded = load_point_network(point)
     median = guide.median()
     assert all(torch.equal(loaded[k], median[k]) for k in median), "point network does not round-trip"
-    bayes = out_dir / f"pwfn-{rule}-bayes.bq"
+    bayes = out_dir / f"pwfn-{tag}-bayes.bq"
     qguide = quantize(guide, codebook_policy(guide))
     save_packed(qguide, bayes)
     k = len(f["codebook"])
     return {
-        "rule": rule, "accuracy": f["accuracy"], "ensemble": f["ensemble_accuracy"], "unique": f["unique"],
+        "rule": tag, "accuracy": f["accuracy"], "ensemble": f["ensemble_accuracy"], "unique": f["unique"],
         "entropy": f["entropy"], "K": k, "log2K": max(1, math.ceil(math.log2(k))),
         "point_bpp": point_network_bits_per_param(point, guide.num_params),
         "bayes_bpp": memory_report(qguide).bits_per_param, "bayes_file_bpp": bayes.stat().st_size * 8 / guide.num_params,
@@ -111,8 +117,8 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = [run_rule(rule, net, train, test, args, out_dir) for rule in args.rules]
-    print("\n| rule | point acc | gap to pretrained | ensemble acc | unique | entropy (bits) | K | ceil(log2 K) "
+        rows = [run_rule(rule, sel, net, train, test, args, out_dir) for sel in args.selections for rule in args.rules]
+    print("\n| level rule-selection | point acc | gap to pretrained | ensemble acc | unique | entropy (bits) | K | ceil(log2 K) "
           "| point-network bits/param | Bayesian (mu, sigma) bits/param | time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -11,6 +11,7 @@ from pyro_bq import IIDNormal
 from pyro_bq.guides import init_to_pretrained, quantize
 from pyro_bq.io import CorruptFileError
 from pyro_bq.models import MLP, BayesianClassifier, LeNet5
+from pyro_bq.pwfn.optim import SigmaSGD
 from pyro_bq.pwfn import (
     PAPER_SCHEDULE,
     PWFN,
@@ -222,7 +223,7 @@ def test_paper_preset_sets_sgd_three_epochs_and_the_authors_schedule(mnist_small
     assert run._train_length(0) == (None, math.ceil(0.05 * math.ceil(len(train) / 128)))
     assert run._train_length(1) == (3, None)
     assert isinstance(run._optimizer(), pyro.optim.PyroOptim)
-    assert run._optimizer().pt_optim_constructor is torch.optim.SGD
+    assert run._optimizer().pt_optim_constructor is SigmaSGD and run.scale_step == "sigma"
     fast = PWFN(model, guide, train, progress=False, log=None)
     assert (fast.optimizer, fast.lr, fast.num_epochs, fast._train_length(0)) == ("adam", 1e-4, 1, (1, None))
     mixed = PWFN(model, guide, train, preset="paper", num_epochs=1, lr=5e-3, progress=False, log=None)

@@ -16,7 +16,8 @@ Readings of the paper: each module states where it departs from the paper's
 text or the authors' code (github.com/wanderingweights/PWFN):
 :mod:`~pyro_bq.guides.pwfn` (initial scales), :mod:`.regularizer` (Eq. 3 and
 its weight), :mod:`.clustering` (Algorithm 1, the two level rules),
-:mod:`.driver` (schedule, optimizer, presets), :mod:`.metrics` and
+:mod:`.driver` (schedule, optimizer, presets), :mod:`.optim` (SGD on
+sigma itself), :mod:`.metrics` and
 :mod:`.export` (the point-network file).
 """
 
@@ -29,6 +30,7 @@ from .metrics import (
     cluster_movement, compression_stats, ensemble_accuracy, fl_bias_excluded_sites, per_site_stats, unique_values,
     weight_entropy,
 )
+from .optim import SigmaSGD
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective, sigma_regularizer
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "quantile",
     "relative_pow2_distances",
     "sigma_regularizer",
+    "SigmaSGD",
     "unique_values",
     "weight_entropy",
 ]

@@ -30,8 +30,10 @@ Readings of the paper:
   rate down every 10 epochs (never reached in a 3-epoch round); we leave out
   the decay and the clipping. Their scales are sigma itself; ours are
   ``softplus(scale_raw)``, and SGD on the raw parameter moves sigma by
-  ``sigmoid(raw)**2`` times the step SGD on sigma would take, so with the
-  paper preset the scales stay close to their Eq. 12 start. The learning
+  ``sigmoid(raw)**2`` times the step SGD on sigma would take (about 4e-6
+  for the Eq. 12 scales), so the paper preset steps sigma itself
+  (``scale_step="sigma"``, :class:`~pyro_bq.pwfn.optim.SigmaSGD`);
+  ``scale_step="raw"`` keeps plain SGD on the raw parameter. The learning
   rate applies to the minibatch's mean loss (the paper's cross entropy), so
   the ELBO's data-set-sized loss is stepped at ``lr / dataset_size``.
 * The ``"fast"`` preset (default) trains 1 epoch per round with Adam:
@@ -78,6 +80,7 @@ from pyro_bq.recipes import scale_aware_adam
 
 from .clustering import ClusterConfig, cluster_guide_
 from .metrics import cluster_movement, compression_stats, ensemble_accuracy, per_site_stats
+from .optim import SigmaSGD
 from .regularizer import DEFAULT_ALPHA, DEFAULT_S, PWFNObjective
 
 __all__ = ["PWFN", "PWFNResult", "DEFAULT_SCHEDULE", "PAPER_SCHEDULE", "PRESETS", "check_schedule"]
@@ -89,9 +92,9 @@ PAPER_SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
 #: training settings of each preset; an argument given explicitly to :class:`PWFN` wins
 PRESETS = {
     "fast": {"optimizer": "adam", "lr": 1e-4, "scale_lr": 1e-2, "momentum": 0.0, "num_epochs": 1,
-             "schedule": DEFAULT_SCHEDULE, "first_round_fraction": None},
+             "schedule": DEFAULT_SCHEDULE, "first_round_fraction": None, "scale_step": "raw"},
     "paper": {"optimizer": "sgd", "lr": 1e-3, "scale_lr": 1e-3, "momentum": 0.9, "num_epochs": 3,
-              "schedule": PAPER_SCHEDULE, "first_round_fraction": 0.05},
+              "schedule": PAPER_SCHEDULE, "first_round_fraction": 0.05, "scale_step": "sigma"},
 }
 _UNSET = object()
 
@@ -176,6 +179,11 @@ class PWFN:
         (Measured on MNIST/LeNet-5, 200 steps: median sigma went from 2.0e-3
         to 7.4e-3, 75% quantile from 2.5e-3 to 2.5e-2.)
     :param momentum: SGD momentum (0.9 in the paper; ignored by Adam).
+    :param scale_step: ``"raw"`` (the optimizer steps the scales' raw
+        parameters) or ``"sigma"`` (``optimizer="sgd"`` only: SGD steps
+        ``sigma = softplus(raw)`` itself, as the authors' code does, through
+        :class:`~pyro_bq.pwfn.optim.SigmaSGD`). Default: the preset's
+        (``"sigma"`` for ``"paper"``, ``"raw"`` for ``"fast"``).
     :param seed: base seed (round ``t`` trains with ``seed + t``).
     :param checkpoint_dir: folder for the per-round checkpoints (resume on rerun).
     :param eval_samples: ensemble size of the final evaluation (20 in the paper).
@@ -212,6 +220,7 @@ class PWFN:
         lr=_UNSET,
         scale_lr=_UNSET,
         momentum=_UNSET,
+        scale_step=_UNSET,
         seed: int = 0,
         checkpoint_dir=None,
         eval_samples: int = 20,
@@ -227,7 +236,7 @@ class PWFN:
             as_batches(test_data, name="test_data")  # the kind of data is checked here, its batches when read
         self.preset = check_choice("preset", preset, tuple(PRESETS))
         given = {"schedule": schedule, "num_epochs": num_epochs, "first_round_fraction": first_round_fraction,
-                 "optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum}
+                 "optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum, "scale_step": scale_step}
         opts = {k: (PRESETS[preset][k] if v is _UNSET else v) for k, v in given.items()}
         self.schedule = check_schedule(opts["schedule"])
         self.mode = check_choice("mode", mode, ("paper", "elbo"))
@@ -252,6 +261,9 @@ class PWFN:
         self.lr = check_positive("lr", opts["lr"])
         self.scale_lr = self.lr if opts["scale_lr"] is None else check_positive("scale_lr", opts["scale_lr"])
         self.momentum = check_float("momentum", opts["momentum"], low=0.0, high=1.0, high_open=True)
+        self.scale_step = check_choice("scale_step", opts["scale_step"], ("raw", "sigma"))
+        if self.scale_step == "sigma" and self.optimizer != "sgd":
+            raise ValueError('scale_step="sigma" needs optimizer="sgd" (use scale_step="raw" with Adam)')
         self.seed = check_int("seed", seed, low=0)
         self.checkpoint_dir = None if checkpoint_dir is None else check_path("checkpoint_dir", checkpoint_dir)
         self.eval_samples = check_int("eval_samples", eval_samples, low=1)
@@ -269,8 +281,10 @@ class PWFN:
             return scale_aware_adam(self.lr, self.scale_lr)
         n = float(getattr(self.model, "dataset_size", None) or self.batches.require_size("PWFN with optimizer='sgd'"))
         lr, scale_lr, momentum = self.lr / n, self.scale_lr / n, self.momentum
-        return pyro.optim.SGD(lambda name: {
-            "lr": scale_lr if "scale" in name.rsplit(".", 1)[-1] else lr, "momentum": momentum})
+        in_sigma = self.scale_step == "sigma"
+        return pyro.optim.PyroOptim(SigmaSGD, lambda name: {
+            "lr": scale_lr if "scale" in name.rsplit(".", 1)[-1] else lr, "momentum": momentum,
+            "sigma_space": in_sigma and "scale" in name.rsplit(".", 1)[-1]})
 
     def _train_length(self, t: int) -> tuple[Optional[int], Optional[int]]:
         """``(num_epochs, num_steps)`` of round ``t + 1``."""
