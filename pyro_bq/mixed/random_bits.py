@@ -223,13 +223,49 @@ def random_bits(
     params = validated(posterior, sites)
     groups = layer_groups(params, layers)
     prob = RandomBitsProblem(grouped_params(params, groups), candidates, init_interval)
-    n, k = len(prob.names), len(candidates)
     frac = prob.size / prob.size.sum()
-    alpha, beta = prob.alpha.clone(), prob.beta.clone()
-    tau_raw = prob.tau(alpha, beta)
+    tau_raw = prob.tau(prob.alpha, prob.beta)
     norm = float(tau_raw.max()) if float(tau_raw.max()) > 0 else 1.0
     tau = tau_raw / norm
 
+    phi, alpha, beta, tau, losses, warm_losses = _optimize_widths(
+        prob, tau, norm, frac, gamma, num_steps=num_steps, lr=lr, penalty=penalty, penalty_warmup=penalty_warmup,
+        boundary=(boundary_steps, boundary_lr, boundary_every), seed=seed)
+    cand = prob.cand
+    with torch.no_grad():
+        p = torch.softmax(phi, -1)
+        expected = p @ cand
+        idx = _round_to_candidates(expected, cand)
+        if rounding == "budget":
+            idx = _budget_rounding(expected, idx, cand, frac, gamma)
+        elif rounding == "at_most":
+            idx = _at_most_rounding(expected, idx, cand, frac, gamma)
+        final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
+    per_layer = {
+        "expected_bits": dict(zip(prob.names, expected.tolist())), "probs": dict(zip(prob.names, p.tolist())),
+        "alpha": dict(zip(prob.names, alpha.tolist())), "beta": dict(zip(prob.names, beta.tolist())),
+    }
+    layer_bits = {name: int(cand[i]) for name, i in zip(prob.names, idx.tolist())}
+    # every result keyed by site name: a layer's sites share its width, interval and probabilities
+    bits = {s: layer_bits[g] for g in prob.names for s in groups[g]}
+    info = {"loss": losses + [final_loss], "optimized_loss": warm_losses,
+            "expected_mean_bits": float((frac * expected).sum()),
+            **{key: {s: v[g] for g in prob.names for s in groups[g]} for key, v in per_layer.items()},
+            "tau_scale": norm, "target": gamma, "candidates": candidates, "layers": layers}
+    loc_grids = {n: {"loc": IntervalQuantizer(b, interval=(info["alpha"][n], info["beta"][n]))} for n, b in bits.items()}
+    locs = {n: params[n][0] for n in bits}
+    return BitAllocation(bits, method="RB", sizes=site_sizes(params), grid="uniform-interval",
+                         site_quantizers=loc_grids, info=info, training="data-free",
+                         metadata_bits=decode_metadata_bits(loc_grids, bits, locs))
+
+
+def _optimize_widths(prob: "RandomBitsProblem", tau, norm: float, frac, gamma: float, *, num_steps: int, lr: float,
+                     penalty: float, penalty_warmup: float, boundary: tuple, seed: int):
+    """Adam on the width logits ``phi`` against Eq. 9 with a warmed-up penalty, and the interval boundary
+    updates (Eq. 12-13) every ``boundary[2]`` steps while the rounded mean is under the target."""
+    boundary_steps, boundary_lr, boundary_every = boundary
+    n, k = len(prob.names), len(prob.cand)
+    alpha, beta = prob.alpha.clone(), prob.beta.clone()
     gen = torch.Generator().manual_seed(seed)
     phi = (1e-3 * torch.randn(n, k, generator=gen)).requires_grad_(True)
     moments = torch.zeros(n, k), torch.zeros(n, k)
@@ -258,31 +294,7 @@ def random_bits(
                         alpha, beta, step_size = _boundary_updates(prob, alpha, beta, cand[idx], boundary_steps,
                                                                    step_size)
                         tau = prob.tau(alpha, beta) / norm
-    with torch.no_grad():
-        p = torch.softmax(phi, -1)
-        expected = p @ cand
-        idx = _round_to_candidates(expected, cand)
-        if rounding == "budget":
-            idx = _budget_rounding(expected, idx, cand, frac, gamma)
-        elif rounding == "at_most":
-            idx = _at_most_rounding(expected, idx, cand, frac, gamma)
-        final_loss = float((tau * p).sum() + penalty * (gamma - (frac * expected).sum()) ** 2)
-    per_layer = {
-        "expected_bits": dict(zip(prob.names, expected.tolist())), "probs": dict(zip(prob.names, p.tolist())),
-        "alpha": dict(zip(prob.names, alpha.tolist())), "beta": dict(zip(prob.names, beta.tolist())),
-    }
-    layer_bits = {name: int(cand[i]) for name, i in zip(prob.names, idx.tolist())}
-    # every result keyed by site name: a layer's sites share its width, interval and probabilities
-    bits = {s: layer_bits[g] for g in prob.names for s in groups[g]}
-    info = {"loss": losses + [final_loss], "optimized_loss": warm_losses,
-            "expected_mean_bits": float((frac * expected).sum()),
-            **{key: {s: v[g] for g in prob.names for s in groups[g]} for key, v in per_layer.items()},
-            "tau_scale": norm, "target": gamma, "candidates": candidates, "layers": layers}
-    loc_grids = {n: {"loc": IntervalQuantizer(b, interval=(info["alpha"][n], info["beta"][n]))} for n, b in bits.items()}
-    locs = {n: params[n][0] for n in bits}
-    return BitAllocation(bits, method="RB", sizes=site_sizes(params), grid="uniform-interval",
-                         site_quantizers=loc_grids, info=info, training="data-free",
-                         metadata_bits=decode_metadata_bits(loc_grids, bits, locs))
+    return phi, alpha, beta, tau, losses, warm_losses
 
 
 @torch.no_grad()
