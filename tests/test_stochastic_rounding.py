@@ -1,6 +1,7 @@
 """Stochastic rounding of sampled weights: unbiasedness, the variance it adds, the variance-matched rule,
 straight-through gradients, reproducible draws, packed files, memory accounting and the ONNX refusal."""
 
+import dataclasses
 import warnings
 
 import pyro
@@ -219,7 +220,14 @@ def test_the_study_has_stochastic_rounding_rows_next_to_round_to_nearest(tmp_pat
     model, guide, x, y = _guide(0.05)
     ctx = RowContext(cfg, model, guide, None, tmp_path)
     qguide, extra = ROW_BUILDERS["jq-sr"](ctx, RowSpec("jq-sr", 2))
-    assert extra["rounding"] == "stochastic" and qguide.policy.mode == "jq"
+    assert extra["rounding"] == "stochastic-matched" and qguide.policy.mode == "jq"
+    assert {q.sample.rounding for q in qguide.quantizers.values()} == {"stochastic-matched"}
+    plain_ctx = RowContext(dataclasses.replace(cfg, sr_rounding="stochastic"), model, guide, None, tmp_path)
+    qguide, extra = ROW_BUILDERS["jq-sr"](plain_ctx, RowSpec("jq-sr", 2))
+    assert extra["rounding"] == "stochastic"
     assert {q.sample.rounding for q in qguide.quantizers.values()} == {"stochastic"}
+    assert cfg.eval_fingerprint() != plain_ctx.cfg.eval_fingerprint()
+    with pytest.raises(ValueError, match="sr_rounding"):
+        dataclasses.replace(cfg, sr_rounding="nearest")
     plain, extra = ROW_BUILDERS["jq"](ctx, RowSpec("jq", 2))
     assert "rounding" not in extra and {q.sample.rounding for q in plain.quantizers.values()} == {"nearest"}

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from pyro_bq.data.ambiguous import DDU_NOISE_STD
 
-from .config import ALL_POLICIES, AMNIST_SIZES, BITS_RANGE, DEFAULT_BITS, StudyConfig, check_out_dir
+from .config import ALL_POLICIES, AMNIST_SIZES, BITS_RANGE, DEFAULT_BITS, SR_ROUNDINGS, StudyConfig, check_out_dir
 from .runner import StudyBusyError, run_study
 from .seeds import run_seeds
 
@@ -59,6 +59,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
                    "at the row's bits)")
     p.add_argument("--act-policies", type=_name_list, default=d.act_policies,
                    help="rows that also get an activation-quantized variant (default: float,jq,logquant; '' for none)")
+    p.add_argument("--sr-rounding", choices=SR_ROUNDINGS, default=d.sr_rounding,
+                   help="rounding rule of the -sr rows (spq2-sr, jq3-sr, jq2-sr): the variance-matched variant or "
+                   "plain stochastic rounding (default: %(default)s)")
     p.add_argument("--num-epochs", type=int, default=d.num_epochs, help="SVI epochs over Dirty-MNIST")
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
                    help="epochs of the deterministic LeNet-5 the guide starts from (0: start from the initialisation)")
@@ -114,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         args.amnist_train_images, args.amnist_test_images = AMNIST_SIZES[args.amnist_size]
     return StudyConfig(
         data_dir=args.data_dir, out_dir=args.out_dir, cache_dir=args.cache_dir, seed=args.seed,
-        policies=args.policies, bits=args.bits, act_bits=args.act_bits, ends_bits=args.ends_bits, act_policies=args.act_policies,
+        policies=args.policies, bits=args.bits, act_bits=args.act_bits, ends_bits=args.ends_bits, sr_rounding=args.sr_rounding, act_policies=args.act_policies,
         num_epochs=args.num_epochs, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr,
         init_scale=args.init_scale, num_samples=args.num_samples, eval_limit=args.eval_limit,
         mnist_limit=args.mnist_limit, amnist_train_images=args.amnist_train_images,

@@ -25,6 +25,7 @@ __all__ = [
     "QUANT_POLICIES",
     "EXTRA_ROWS",
     "SR_POLICIES",
+    "SR_ROUNDINGS",
     "ALL_POLICIES",
     "TRAINED_FAMILIES",
     "PWFN_SCHEDULE",
@@ -43,6 +44,8 @@ EXTRA_ROWS = ("logquant", "pwfn", "qi", "rb", "smol")
 #: Post-hoc policies whose sampled weights are rounded stochastically, and the bit widths of
 #: their rows (``spq2-sr``, ``jq3-sr``, ``jq2-sr``), listed after the round-to-nearest rows.
 SR_POLICIES = {"spq-sr": (2,), "jq-sr": (3, 2)}
+#: The stochastic rounding rules a ``-sr`` row may use (``sr_rounding``); see docs/stochastic_rounding.md.
+SR_ROUNDINGS = ("stochastic-matched", "stochastic")
 #: Every name ``--policies`` accepts; each has a builder in :data:`pyro_bq.study.runner.ROW_BUILDERS`.
 ALL_POLICIES = ("float",) + QUANT_POLICIES + tuple(SR_POLICIES) + EXTRA_ROWS
 #: Row families that train beyond the shared float guide (on the training data): their rows are
@@ -145,6 +148,9 @@ class StudyConfig:
     :param bits: bit widths of the post-hoc policies (each in 1..16).
     :param act_bits: bits of the activation-quantized variants (1..16).
     :param act_policies: families that also get an activation-quantized variant.
+    :param sr_rounding: the rounding rule of the ``-sr`` rows: ``"stochastic-matched"`` (the
+        default: the variance-matched variant, closer to float in the measurement of
+        docs/stochastic_rounding.md) or ``"stochastic"`` (plain unbiased stochastic rounding).
     :param ends_bits: VPQ/SPQ/JQ keep the first and the last layer at this many bits
         (a common convention; ``None``: every layer at the row's bits).
     :param num_epochs: SVI epochs over Dirty-MNIST; ``pretrain_epochs``: epochs of
@@ -183,6 +189,7 @@ class StudyConfig:
     bits: tuple = DEFAULT_BITS
     act_bits: int = 8
     ends_bits: Optional[int] = 8
+    sr_rounding: str = "stochastic-matched"
     act_policies: tuple = ("float", "jq", "logquant")
     num_epochs: int = 1
     pretrain_epochs: int = 1
@@ -246,6 +253,8 @@ class StudyConfig:
         check_bits("act_bits", self.act_bits)
         if self.ends_bits is not None:
             check_bits("ends_bits", self.ends_bits)
+        if self.sr_rounding not in SR_ROUNDINGS:
+            raise ValueError(f"sr_rounding must be one of {', '.join(map(repr, SR_ROUNDINGS))}; got {self.sr_rounding!r}")
         ap = tuple(p.strip().lower() for p in _names("act_policies", self.act_policies))
         for p in ap:
             if p not in ALL_POLICIES:
@@ -339,7 +348,7 @@ class StudyConfig:
     def eval_fingerprint(self) -> str:
         """Changes when any evaluated number of an existing row would change (also with :data:`ROW_FORMAT`)."""
         return self.train_fingerprint() + "-" + self._digest(
-            ("num_samples", "eval_limit", "ends_bits", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
+            ("num_samples", "eval_limit", "ends_bits", "sr_rounding", "logquant_bits", "logquant_steps", "arviz_samples", "arviz_limit", "calib_rows",
              "extra_steps", "mixed_bits"), extra={"row_format": ROW_FORMAT, "ood_sets": self._ood_digest()}
         )
 

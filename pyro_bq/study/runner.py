@@ -275,12 +275,13 @@ def _row_float(ctx: RowContext, spec: RowSpec):
 
 def _row_post_hoc(ctx: RowContext, spec: RowSpec):
     """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more.
-    A family ending in ``-sr`` (``spq-sr``, ``jq-sr``) rounds the sampled weights stochastically."""
+    A family ending in ``-sr`` (``spq-sr``, ``jq-sr``) rounds the sampled weights stochastically
+    (``cfg.sr_rounding``: variance-matched by default)."""
     site_bits = None
     if ctx.cfg.ends_bits is not None and ctx.cfg.ends_bits > spec.bits:
         site_bits = {name: ctx.cfg.ends_bits for name in _end_sites(ctx.guide)}
     extra = {"ends_bits": ctx.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
-    rounding = "stochastic" if spec.family.endswith("-sr") else None
+    rounding = ctx.cfg.sr_rounding if spec.family.endswith("-sr") else None
     if rounding:
         extra["rounding"] = rounding
     policy = make_policy(spec.family.removesuffix("-sr"), spec.bits, site_bits=site_bits, rounding=rounding)
