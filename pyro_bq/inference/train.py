@@ -122,13 +122,24 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(check_int("seed", seed, low=0, high=MAX_SEED))  # torch, numpy and Python's random
 
 
+def _all_finite(g: torch.Tensor) -> bool:
+    """Whether every value of ``g`` is finite, in one read-only reduction when it is.
+
+    A sum with a NaN or an infinity among its terms is NaN or infinite, so a
+    finite sum proves every term finite; a non-finite sum (an overflow of finite
+    terms included) falls back to the element-wise test, so the answer is always
+    that of ``torch.isfinite(g).all()``, without its full-size boolean tensor.
+    """
+    return bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all())
+
+
 def _nonfinite_sites(guide, params) -> list[str]:
     """Names of the guide sites (or parameters) whose gradient is not finite."""
     bad = []
     sites = getattr(guide, "sites", None) or {}
     for name, p in params.items():
         g = p.grad
-        if g is None or bool(torch.isfinite(g).all()):
+        if g is None or _all_finite(g):
             continue
         flat = g.reshape(-1)
         matched = False
