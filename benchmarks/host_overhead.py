@@ -19,7 +19,9 @@ Rows, each at batch 1 and at ``--batch``, timed round-robin in one process
   + ``pyro.optim.Adam`` through ``SVI.step``;
 * ``bq-before``   pyro_bq's guarded step (what :func:`~pyro_bq.inference.fit_svi` runs) with
   the gradient guard's element-wise finite test (``torch.isfinite(g).all()``);
-* ``bq``          the same step as it is now.
+* ``bq``          the same step as it is now;
+* ``bq-compiled`` (``--compile BACKEND``) the same with the network compiled by
+  :func:`~pyro_bq.inference.train.compile_network_`.
 
 Usage::
 
@@ -48,6 +50,7 @@ from pyro_bq import IIDNormal  # noqa: E402
 from pyro_bq.guides import AutoMeanFieldNormal  # noqa: E402
 from pyro_bq.inference import MeanFieldELBO, default_optim  # noqa: E402
 from pyro_bq.inference import train  # noqa: E402
+from pyro_bq.inference.train import compile_network_  # noqa: E402
 from pyro_bq.models import BayesianClassifier  # noqa: E402
 
 
@@ -97,12 +100,14 @@ def _elementwise_guard():
         train._all_finite = fast
 
 
-def bq_step(net_name, batch, before=False):
+def bq_step(net_name, batch, before=False, compile_backend=None):
     def make():
         model = BayesianClassifier(make_net(net_name), IIDNormal(PRIOR_SCALE), DATASET_SIZE)
+        if compile_backend is not None:
+            compile_network_(model, backend=compile_backend)
         return model, AutoMeanFieldNormal(model, init_scale=INIT_SCALE)
 
-    model, guide = _built("bq", net_name, make)
+    model, guide = _built(f"bq-{compile_backend}", net_name, make)
     x, y = data(batch, 0, net_name)
     guide(x, y)
     optim, elbo = default_optim(LR), MeanFieldELBO()
@@ -150,6 +155,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler measurement (a)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="add a row bq-compiled: the bq step with compile_network_(backend=BACKEND), e.g. aot_eager")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.enable_validation(True)
@@ -159,6 +166,8 @@ def main(argv=None):
         for batch in (1, args.batch):
             steps = {"plain": plain_step(net, batch), "naive": naive_step(net, batch),
                      "bq-before": bq_step(net, batch, before=True), "bq": bq_step(net, batch)}
+            if args.compile:
+                steps["bq-compiled"] = bq_step(net, batch, compile_backend=args.compile)
             for k, v in cpu_times(steps, args.reps, args.warmup).items():
                 med[k, batch] = v
             if not args.no_profile:
@@ -167,7 +176,7 @@ def main(argv=None):
                     print(f"  (a) {k:>5} batch {batch:>3}: aten self {aten * 1e3:7.2f} of {total * 1e3:7.2f} ms "
                           f"(wall, profiled); host share {1 - aten / total:5.1%}")
         print(f"  {'row':>10} {'batch 1':>9} {'batch ' + str(args.batch):>10}")
-        for k in ("plain", "naive", "bq-before", "bq"):
+        for k in ("plain", "naive", "bq-before", "bq") + (("bq-compiled",) if args.compile else ()):
             print(f"  {k:>10} {med[k, 1] * 1e3:9.2f} {med[k, args.batch] * 1e3:10.2f}")
         b1 = med["bq", 1]
         print(f"  (b) bq - plain at batch 1: {(b1 - med['plain', 1]) * 1e3:.2f} ms "
@@ -175,7 +184,8 @@ def main(argv=None):
         for batch in (1, args.batch):
             print(f"  batch {batch:>3}: bq-before/bq {med['bq-before', batch] / med['bq', batch]:5.3f}x, "
                   f"naive/bq {med['naive', batch] / med['bq', batch]:5.2f}x, "
-                  f"bq/plain {med['bq', batch] / med['plain', batch]:5.2f}x")
+                  f"bq/plain {med['bq', batch] / med['plain', batch]:5.2f}x"
+                  + (f", bq-compiled/bq {med['bq-compiled', batch] / med['bq', batch]:5.2f}x" if args.compile else ""))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pyro.infer import SVI
 from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoMeanFieldNormal
 from pyro_bq.inference import MeanFieldELBO, default_optim, svi_step
-from pyro_bq.inference.train import _all_finite
-from pyro_bq.models import MLP, BayesianClassifier, LeNet5
+from pyro_bq.inference.train import _all_finite, compile_network_
+from pyro_bq.models import MLP, BayesianClassifier, LeNet5, ResNet20
 
 MAX = "max"  # the largest finite value of the dtype under test
 
@@ -68,3 +68,42 @@ def test_the_guarded_step_trains_bitwise_as_stock_svi_step(net_fn):
     for k in params:
         assert torch.equal(params[k], stock_params[k]), k
     assert len(set(losses)) > 1  # the steps moved the guide
+
+
+def _one_step(compile_backend, expose=None, steps=3):
+    """Losses of ``steps`` steps and the gradients of the last (guide and deterministic parameters)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = BayesianClassifier(LeNet5(), IIDNormal(1.0), dataset_size=500, expose=expose)
+    if compile_backend is not None:
+        compile_network_(model, backend=compile_backend)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+    guide = AutoMeanFieldNormal(model).setup(x, y)
+    optim, elbo = default_optim(1e-2), MeanFieldELBO()
+    pyro.set_rng_seed(3)
+    losses = [svi_step(model, guide, optim, elbo, x, y)[0] for _ in range(steps - 1)]
+    losses.append(elbo.loss_and_grads(model, guide, x, y))
+    grads = {f"guide.{k}": p.grad.clone() for k, p in guide.named_parameters()}
+    grads.update({f"net.{k}": p.grad.clone() for k, p in model.net.named_parameters()})
+    return losses, grads
+
+
+@pytest.mark.parametrize("expose", [None, lambda module, param: param == "weight"], ids=["all", "weights-only"])
+def test_a_compiled_network_gives_the_uncompiled_losses_and_gradients(expose):
+    losses, grads = _one_step(None, expose)
+    compiled_losses, compiled_grads = _one_step("aot_eager", expose)
+    assert grads.keys() == compiled_grads.keys()
+    assert any(k.startswith("net.") for k in grads) is (expose is not None)  # deterministic biases are trained too
+    torch.testing.assert_close(compiled_losses, losses, rtol=1e-6, atol=0)
+    for k in grads:
+        assert grads[k].abs().sum() > 0, k
+        torch.testing.assert_close(compiled_grads[k], grads[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_compile_network_refuses_batchnorm_and_wrong_arguments():
+    model = BayesianClassifier(ResNet20(blocks_per_stage=1), IIDNormal(1.0), dataset_size=10)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        compile_network_(model)
+    with pytest.raises(TypeError, match="model"):
+        compile_network_(LeNet5())

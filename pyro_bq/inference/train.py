@@ -18,6 +18,7 @@ dataset, with a progress bar, in three parts:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -48,7 +49,8 @@ from .batches import BatchError, Batches, NonFiniteError, as_batches, module_dev
 from .distributed import SingleProcess, rank_seed, resolve
 from .elbo import MeanFieldELBO
 
-__all__ = ["fit_svi", "FitResult", "NonFiniteError", "BatchError", "default_optim", "seed_everything", "svi_step"]
+__all__ = ["fit_svi", "FitResult", "NonFiniteError", "BatchError", "compile_network_", "default_optim", "seed_everything",
+           "svi_step"]
 
 
 #: The largest seed :func:`seed_everything` takes (numpy's limit).
@@ -245,6 +247,61 @@ def _svi_step(model, guide, optim, elbo, args, kwargs, on_nonfinite, step, reduc
     optim(set(params.values()))
     zero_grads(set(params.values()))
     return loss, True
+
+
+def _weight_names(net: PyroModule) -> list[str]:
+    """The names of ``net``'s weight sites and deterministic parameters, module by module."""
+    names = []
+    for module_name, module in net.named_modules():
+        own = [k for k, p in module._parameters.items() if p is not None]
+        own += [k for k in getattr(module, "_pyro_samples", {}) if k not in own]
+        names += [f"{module_name}.{k}" if module_name else k for k in own]
+    return names
+
+
+def _compiled_run_net(model: BayesianClassifier, forward: Callable, x: torch.Tensor) -> torch.Tensor:
+    """The network's output on ``x``: every weight read through the model (so each site and parameter
+    is recorded as in the module's own forward), then ``forward(weights, buffers, x)``."""
+    with model.shape_errors(x):
+        weights = {name: functools.reduce(getattr, name.split("."), model.net) for name in _weight_names(model.net)}
+        return model.net_output(forward(weights, dict(model.net.named_buffers()), x))
+
+
+def compile_network_(model: BayesianClassifier, *, backend: str = "inductor", **options) -> BayesianClassifier:
+    """Make ``model`` evaluate its network through ``torch.compile`` (in place; returns ``model``).
+
+    The model first reads every weight (the same sample sites and parameters as
+    its own forward, so the ELBO, the guide and the optimizer see the same
+    sites), then calls the compiled functional forward of the network with them.
+    Only the network is compiled; Pyro's trace machinery runs as before. The
+    gradients equal the uncompiled ones to float rounding (``aot_eager``: the
+    same operators, bitwise on the CPU; ``inductor``: fused kernels, about 1e-7
+    relative). Networks with BatchNorm are refused (their statistics would not
+    update in the compiled graph).
+
+    :param backend: a ``torch.compile`` backend: ``"inductor"`` (needs a C++ compiler on the CPU, Triton
+        on a GPU) or ``"aot_eager"`` (no code generation).
+    :param options: further keyword arguments of ``torch.compile`` (``mode="reduce-overhead"`` on a GPU
+        adds CUDA graphs).
+
+    Usage::
+
+        compile_network_(model, backend="inductor")
+        fit_svi(model, guide, train, num_epochs=1)
+    """
+    check_type("model", model, BayesianClassifier, "a pyro_bq BayesianClassifier")
+    check_type("backend", backend, str, 'a torch.compile backend name such as "inductor" or "aot_eager"')
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.net.modules()):
+        raise ValueError("compile_network_ takes networks without BatchNorm: pass a network without it, or train "
+                         "this one uncompiled")
+    template = copy.deepcopy(model._template).train()
+
+    def forward(weights, buffers, x):
+        return torch.func.functional_call(template, {**weights, **buffers}, (x,))
+
+    compiled = torch.compile(forward, backend=backend, **options)
+    object.__setattr__(model, "_run_net", functools.partial(_compiled_run_net, model, compiled))
+    return model
 
 
 def _unshadow_params(*modules) -> None:
