@@ -103,11 +103,12 @@ def _elementwise_guard():
 def bq_step(net_name, batch, before=False, compile_backend=None):
     def make():
         model = BayesianClassifier(make_net(net_name), IIDNormal(PRIOR_SCALE), DATASET_SIZE)
-        if compile_backend is not None:
-            compile_network_(model, backend=compile_backend)
         return model, AutoMeanFieldNormal(model, init_scale=INIT_SCALE)
 
-    model, guide = _built(f"bq-{compile_backend}", net_name, make)
+    model, guide = _built("bq", net_name, make)  # one guide (one param store entry) for every bq row
+    if compile_backend is not None:
+        model = _built(f"bq-{compile_backend}", net_name, lambda: compile_network_(
+            BayesianClassifier(make_net(net_name), IIDNormal(PRIOR_SCALE), DATASET_SIZE), backend=compile_backend))
     x, y = data(batch, 0, net_name)
     guide(x, y)
     optim, elbo = default_optim(LR), MeanFieldELBO()
@@ -161,6 +162,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     pyro.enable_validation(True)
     for net in args.nets.split(","):
+        pyro.clear_param_store()  # the guides of the networks have the same parameter names
+        _BUILT.clear()
         print(f"\n== {net}, {args.threads} thread(s), CPU ms per step (median of {args.reps})")
         med = {}
         for batch in (1, args.batch):

@@ -10,10 +10,16 @@ Usage::
 
     python benchmarks/profile_step.py --net mlp --steps 20
     python benchmarks/profile_step.py --net mlp --predict --steps 3
+    python benchmarks/profile_step.py --net lenet --cprofile --batch 1 --steps 100 --threads 1
+
+With ``--cprofile`` it prints the Python functions where the ``bq`` step spends
+its time (:mod:`cProfile`, sorted by own time) instead: the host side of a step.
 """
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -21,7 +27,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from harness import bbb_step, bq_step, pred_bq, pred_det  # noqa: E402
+
+
+def python_profile(step, steps: int, rows: int) -> None:
+    """Print the ``rows`` Python functions with the most own time over ``steps`` calls of ``step``."""
+    for _ in range(5):
+        step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 def main(argv=None):
@@ -31,8 +50,13 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=14, help="operators shown per step kind")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--predict", action="store_true", help="profile prediction instead of training")
+    p.add_argument("--cprofile", action="store_true", help="the bq step's Python functions (cProfile) instead")
+    p.add_argument("--batch", type=int, default=harness.BATCH, help="training batch size")
     args = p.parse_args(argv)
+    harness.BATCH = args.batch
     torch.set_num_threads(args.threads)
+    if args.cprofile:
+        return python_profile(bq_step(args.net), args.steps, args.rows)
     if args.predict:
         steps = {"bq batched": pred_bq(args.net), "det x32": pred_det(args.net)}
     else:
