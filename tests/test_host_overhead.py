@@ -107,3 +107,21 @@ def test_compile_network_refuses_batchnorm_and_wrong_arguments():
         compile_network_(model)
     with pytest.raises(TypeError, match="model"):
         compile_network_(LeNet5())
+
+
+def test_the_host_overhead_benchmark_runs_and_prints_every_row(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = torch.get_num_threads()
+    try:
+        module.main(["--nets", "lenet", "--reps", "1", "--warmup", "0", "--profile-steps", "1"])
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    for row in ("plain", "naive", "bq-before", "bq", "(a)", "(b)", "bq-before/bq"):
+        assert row in out
