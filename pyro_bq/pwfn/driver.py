@@ -69,7 +69,7 @@ from pyro_bq._validation import (
 )
 from pyro_bq._validation import check_schedule as _check_schedule
 from pyro_bq._validation import resolve_device
-from pyro_bq.guides.pwfn import AutoPWFN
+from pyro_bq.guides.pwfn import AutoPWFN, quantile
 from pyro_bq.inference import fit_svi
 from pyro_bq.inference.batches import as_batches, module_device
 from pyro_bq.io.checkpoint import latest_checkpoint, load_checkpoint, replace_checkpoint, rng_state, set_rng_state
@@ -92,9 +92,10 @@ PAPER_SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
 #: training settings of each preset; an argument given explicitly to :class:`PWFN` wins
 PRESETS = {
     "fast": {"optimizer": "adam", "lr": 1e-4, "scale_lr": 1e-2, "momentum": 0.0, "num_epochs": 1,
-             "schedule": DEFAULT_SCHEDULE, "first_round_fraction": None, "scale_step": "raw"},
+             "schedule": DEFAULT_SCHEDULE, "first_round_fraction": None, "scale_step": "raw", "warmup_epochs": 0},
     "paper": {"optimizer": "sgd", "lr": 1e-3, "scale_lr": 1e-3, "momentum": 0.9, "num_epochs": 3,
-              "schedule": PAPER_SCHEDULE, "first_round_fraction": 0.05, "scale_step": "sigma"},
+              "schedule": PAPER_SCHEDULE, "first_round_fraction": 0.05, "scale_step": "sigma",
+              "warmup_epochs": 0},
 }
 _UNSET = object()
 
@@ -184,7 +185,12 @@ class PWFN:
         ``sigma = softplus(raw)`` itself, as the authors' code does, through
         :class:`~pyro_bq.pwfn.optim.SigmaSGD`). Default: the preset's
         (``"sigma"`` for ``"paper"``, ``"raw"`` for ``"fast"``).
-    :param seed: base seed (round ``t`` trains with ``seed + t``).
+    :param warmup_epochs: epochs of training (mu and sigma, with the
+        regulariser) before the first round, with no weight fixed (0 in both
+        presets: the paper's text starts fixing from the pretrained net; the
+        authors' pipeline starts its rounds from a Bayesian net already
+        trained with the regulariser, see the module docstring).
+    :param seed: base seed (round ``t`` trains with ``seed + t``; the warm-up with ``seed + 10**6``).
     :param checkpoint_dir: folder for the per-round checkpoints (resume on rerun).
     :param eval_samples: ensemble size of the final evaluation (20 in the paper).
     :param progress: show progress bars. :param log: function called with each round's log line.
@@ -221,6 +227,7 @@ class PWFN:
         scale_lr=_UNSET,
         momentum=_UNSET,
         scale_step=_UNSET,
+        warmup_epochs=_UNSET,
         seed: int = 0,
         checkpoint_dir=None,
         eval_samples: int = 20,
@@ -236,7 +243,8 @@ class PWFN:
             as_batches(test_data, name="test_data")  # the kind of data is checked here, its batches when read
         self.preset = check_choice("preset", preset, tuple(PRESETS))
         given = {"schedule": schedule, "num_epochs": num_epochs, "first_round_fraction": first_round_fraction,
-                 "optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum, "scale_step": scale_step}
+                 "optimizer": optimizer, "lr": lr, "scale_lr": scale_lr, "momentum": momentum, "scale_step": scale_step,
+                 "warmup_epochs": warmup_epochs}
         opts = {k: (PRESETS[preset][k] if v is _UNSET else v) for k, v in given.items()}
         self.schedule = check_schedule(opts["schedule"])
         self.mode = check_choice("mode", mode, ("paper", "elbo"))
@@ -264,6 +272,7 @@ class PWFN:
         self.scale_step = check_choice("scale_step", opts["scale_step"], ("raw", "sigma"))
         if self.scale_step == "sigma" and self.optimizer != "sgd":
             raise ValueError('scale_step="sigma" needs optimizer="sgd" (use scale_step="raw" with Adam)')
+        self.warmup_epochs = check_int("warmup_epochs", opts["warmup_epochs"], low=0)
         self.seed = check_int("seed", seed, low=0)
         self.checkpoint_dir = None if checkpoint_dir is None else check_path("checkpoint_dir", checkpoint_dir)
         self.eval_samples = check_int("eval_samples", eval_samples, low=1)
@@ -327,6 +336,37 @@ class PWFN:
         self._emit(f"resumed from {ckpt.name}: {start} of {len(self.schedule)} rounds done")
         return start, list(state["rounds"]), dict(state["extra"])
 
+    @torch.no_grad()
+    def _free_sigma_quantiles(self) -> tuple[float, float]:
+        """Median and 0.9 quantile of the free weights' sigma (NaN when none is free)."""
+        _, sigma = self.guide.flat_loc_scale()
+        free = sigma[~self.guide.fixed]
+        if free.numel() == 0:
+            return math.nan, math.nan
+        return float(quantile(free, 0.5)), float(quantile(free, 0.9))
+
+    def _warmup(self, extra: dict) -> None:
+        """Train ``warmup_epochs`` epochs before the first round (once; recorded in ``extra``)."""
+        if self.warmup_epochs == 0 or "warmup" in extra:
+            return
+        t0 = time.perf_counter()
+        steps = fit_svi(
+            self.model, self.guide, self.train_data, num_epochs=self.warmup_epochs, batch_size=self.batch_size,
+            optim=self._optimizer(), elbo=self.objective, seed=self.seed + 10**6, dataset_size=self.dataset_size,
+            device=self.device, checkpoint_dir=(self.checkpoint_dir / "warmup") if self.checkpoint_dir else None,
+            progress=self.progress, step_hook=self.guide.enforce_fixed_,
+        ).steps
+        sigma_q = self._free_sigma_quantiles()
+        acc = self._accuracy()
+        extra["warmup"] = {"epochs": self.warmup_epochs, "train_steps": steps, "accuracy": acc,
+                           "sigma_median": sigma_q[0], "sigma_q90": sigma_q[1], "train_s": time.perf_counter() - t0}
+        acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        self._emit(f"warm-up: {self.warmup_epochs} epochs ({steps} steps) acc={acc_txt} "
+                   f"sigma median={sigma_q[0]:.3g} q90={sigma_q[1]:.3g} train={extra['warmup']['train_s']:.1f}s")
+        if self.checkpoint_dir is not None:
+            self._save(0, [], extra)
+            shutil.rmtree(self.checkpoint_dir / "warmup", ignore_errors=True)
+
     def _round(self, t: int) -> dict:
         """Train round ``t + 1``'s free weights, then fix a fraction ``p_t`` of all; returns its log entry."""
         p = self.schedule[t]
@@ -342,6 +382,7 @@ class PWFN:
                 progress=self.progress, step_hook=self.guide.enforce_fixed_,
             ).steps
         t_train = time.perf_counter() - t0
+        sigma_q = self._free_sigma_quantiles()
         t1 = time.perf_counter()
         res = cluster_guide_(self.guide, p, self.cluster)
         t_cluster = time.perf_counter() - t1
@@ -353,12 +394,14 @@ class PWFN:
             "codebook_size": int(self.guide.codebook().numel()), "new_groups": len(res.groups),
             "b": level.b, "order": level.order, "tau": level.tau, "accuracy": acc,
             "train_steps": steps, "train_s": t_train, "cluster_s": t_cluster,
+            "sigma_median": sigma_q[0], "sigma_q90": sigma_q[1],
         }
         acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
         self._emit(
             f"round {t + 1}/{len(self.schedule)}: p={p:g} fixed={100 * entry['fraction_fixed']:.1f}% "
             f"codebook={entry['codebook_size']} (b={level.b}, order={level.order}, tau={level.tau:g}) "
-            f"acc={acc_txt} train={t_train:.1f}s cluster={t_cluster:.2f}s"
+            f"acc={acc_txt} free sigma median={sigma_q[0]:.3g} q90={sigma_q[1]:.3g} "
+            f"train={t_train:.1f}s cluster={t_cluster:.2f}s"
         )
         return entry
 
@@ -376,6 +419,8 @@ class PWFN:
             extra["pretrained_accuracy"] = acc0
             if acc0 is not None:
                 self._emit(f"start: point accuracy {100 * acc0:.2f}%")
+        if start == 0:
+            self._warmup(extra)
         bar = tqdm(total=len(self.schedule), initial=start, desc="PWFN rounds", dynamic_ncols=True) if self.progress else None
         try:
             for t in range(start, len(self.schedule)):
@@ -391,6 +436,7 @@ class PWFN:
         result.final = self.evaluate()
         result.final["pretrained_accuracy"] = extra.get("pretrained_accuracy")
         result.final["movement"] = cluster_movement(self._groups)
+        result.final["warmup"] = extra.get("warmup")
         return result
 
     @torch.no_grad()
