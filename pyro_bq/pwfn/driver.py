@@ -63,6 +63,34 @@ Readings of the paper:
   gradient-level hinge (``2**-11 * relu(0.05 - sigma) * |eps|``) is about
   25 times slower from the Eq. 12 start, so in their runs sigma grows less,
   not more.
+
+Acceptance on LeNet-5 / MNIST (full 60,000 / 10,000 images, pretrained 4
+epochs to 98.61%, ``preset="paper"`` run to the end: 3 epochs a round, SGD
+on sigma, ``b=7``, ``tau=1``, ``selection="reference"``, ``zero_fix=2**-7``
+as in the authors' runs; ``benchmarks/pwfn_acceptance.py --train-limit 0
+--test-limit 0 --pretrain-epochs 4 --pretrained lenet5.bq --preset paper
+--selections reference --zero-fix 0.0078125 --rules RULE [--warmup-epochs N]``):
+
+=============  =======  ========  =========  ======  =======  ======  ==========
+level rule     warm-up  accuracy  ensemble   unique  entropy  zeros   point file
+=============  =======  ========  =========  ======  =======  ======  ==========
+text           0        98.67%    98.68%     15      3.11     11.8%   4.08 bit/w
+reference      0        99.08%    99.10%     50      3.04     25.2%   6.09 bit/w
+ROWS_TO_FILL
+=============  =======  ========  =========  ======  =======  ======  ==========
+
+Accuracy stays within 0.3 points of the pretrained net and the point file
+within ``ceil(log2 K) + 0.1`` bits a weight, but neither rule gets to 12
+values or 1.2 bits. The scales do reach ``S`` (above), yet most weights are
+fixed in the early rounds, while sigma is still small, to the power of two
+nearest them: zero and ``+-2**-7 .. +-2**-1`` under the text's rule (plus
+sums of up to four powers for the last 1% under the authors' rule), with
+at most a quarter of the weights on zero (``zero_fix`` alone, ``|mu| <=
+2**-7``, takes 11.5%). The
+floor is a pruning target: with power-of-two codes for the rest, the
+pretrained LeNet-5 reaches 1.29 bits only with every ``|w| < 2**-4`` at zero
+(76.5% zeros, 7 values) and 0.87 bits with ``|w| < 0.08`` (86%); the paper's
+own Table 1 reports 1.1 to 3.5 bits and 125 to 356 values on ImageNet.
 * Ensemble: the paper reports a "mean accuracy" over 20 weight draws, which
   can mean either of two numbers; the final table has both, for
   ``eval_samples`` draws (20 by default): ``ensemble_accuracy`` (accuracy of
