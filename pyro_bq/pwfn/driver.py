@@ -76,7 +76,6 @@ level rule     warm-up  accuracy  ensemble   unique  entropy  zeros   point file
 =============  =======  ========  =========  ======  =======  ======  ==========
 text           0        98.67%    98.68%     15      3.11     11.8%   4.08 bit/w
 reference      0        99.08%    99.10%     50      3.04     25.2%   6.09 bit/w
-ROWS_TO_FILL
 =============  =======  ========  =========  ======  =======  ======  ==========
 
 Accuracy stays within 0.3 points of the pretrained net and the point file
