@@ -63,6 +63,15 @@ Readings of the paper:
   gradient-level hinge (``2**-11 * relu(0.05 - sigma) * |eps|``) is about
   25 times slower from the Eq. 12 start, so in their runs sigma grows less,
   not more.
+* Ensemble: the paper reports a "mean accuracy" over 20 weight draws, which
+  can mean either of two numbers; the final table has both, for
+  ``eval_samples`` draws (20 by default): ``ensemble_accuracy`` (accuracy of
+  the averaged prediction) and ``ensemble_member_accuracy`` (mean of the
+  draws' accuracies). The point-estimate accuracy uses the means (the
+  cluster centres).
+* The final table adds the per-site entropy and unique counts (the paper's
+  Figure 2, ``per_site``) and, per codebook value, how far the fixed weights
+  moved in sigmas (``movement``, from the groups of every round).
 
 Acceptance on LeNet-5 / MNIST (full 60,000 / 10,000 images, pretrained 4
 epochs to 98.61%, ``preset="paper"`` run to the end: 3 epochs a round, SGD
@@ -83,22 +92,13 @@ within ``ceil(log2 K) + 0.1`` bits a weight, but neither rule gets to 12
 values or 1.2 bits. The scales do reach ``S`` (above), yet most weights are
 fixed in the early rounds, while sigma is still small, to the power of two
 nearest them: zero and ``+-2**-7 .. +-2**-1`` under the text's rule (plus
-sums of up to four powers for the last 1% under the authors' rule), with
-at most a quarter of the weights on zero (``zero_fix`` alone, ``|mu| <=
-2**-7``, takes 11.5%). The
-floor is a pruning target: with power-of-two codes for the rest, the
-pretrained LeNet-5 reaches 1.29 bits only with every ``|w| < 2**-4`` at zero
-(76.5% zeros, 7 values) and 0.87 bits with ``|w| < 0.08`` (86%); the paper's
-own Table 1 reports 1.1 to 3.5 bits and 125 to 356 values on ImageNet.
-* Ensemble: the paper reports a "mean accuracy" over 20 weight draws, which
-  can mean either of two numbers; the final table has both, for
-  ``eval_samples`` draws (20 by default): ``ensemble_accuracy`` (accuracy of
-  the averaged prediction) and ``ensemble_member_accuracy`` (mean of the
-  draws' accuracies). The point-estimate accuracy uses the means (the
-  cluster centres).
-* The final table adds the per-site entropy and unique counts (the paper's
-  Figure 2, ``per_site``) and, per codebook value, how far the fixed weights
-  moved in sigmas (``movement``, from the groups of every round).
+sums of up to four powers for the last 1% under the authors' rule), with at
+most a quarter of the weights on zero (``zero_fix`` alone, ``|mu| <=
+2**-7``, takes 11.5%). The floor is a pruning target: with power-of-two
+codes for the rest, the pretrained LeNet-5 reaches 1.29 bits only with every
+``|w| < 2**-4`` at zero (76.5% zeros, 7 values) and 0.87 bits with ``|w| <
+0.08`` (86%); the paper's own Table 1 reports 1.1 to 3.5 bits and 125 to 356
+values on ImageNet.
 """
 
 from __future__ import annotations
