@@ -47,7 +47,8 @@ Readings of the paper:
   trained beforehand, mu and sigma with the same regulariser, for a number
   of epochs their scripts do not fix (the paper's Figure 3 trains 30).
   ``warmup_epochs`` (0 in both presets) adds such a stage; it only lets the
-  scales grow before the first weights are fixed.
+  scales grow before the first weights are fixed. (Not yet measured at
+  full size on LeNet-5 / MNIST.)
 * Fixed weights stay fixed (the text: ``W_fixed`` only grows). The authors'
   ``Cluster.cluster_round`` re-clusters every weight each round, the fixed
   ones too (their mean on a centre, their sigma the group's std), so a
