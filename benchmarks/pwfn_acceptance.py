@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selection rules to measure (every pair with --rules)")
     p.add_argument("--scale-step", choices=("raw", "sigma"), default=None,
                    help="what SGD steps for the scales (default: the preset's)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="epochs of training before the first round, nothing fixed (default: the preset's, 0)")
     p.add_argument("--b", type=int, default=7, help="starting precision 2^-b")
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--zero-fix", type=float, default=0.0)
@@ -79,6 +81,8 @@ def run_rule(rule: str, selection: str, net, train, test, args, out_dir: Path) -
     kw = {} if args.scale_step is None else {"scale_step": args.scale_step}
     if args.num_epochs is not None:
         kw["num_epochs"] = args.num_epochs
+    if args.warmup_epochs is not None:
+        kw["warmup_epochs"] = args.warmup_epochs
     t0 = time.perf_counter()
     result = PWFN(model, guide, train, test_data=test, preset=args.preset, cluster=cluster, num_steps=args.num_steps,
                   seed=args.seed, eval_samples=args.eval_samples, progress=False, **kw).run()
@@ -94,12 +98,13 @@ def run_rule(rule: str, selection: str, net, train, test, args, out_dir: Path) -
     qguide = quantize(guide, codebook_policy(guide))
     save_packed(qguide, bayes)
     k = len(f["codebook"])
+    flat = torch.cat([v.reshape(-1) for v in median.values()])
     return {
         "rule": tag, "accuracy": f["accuracy"], "ensemble": f["ensemble_accuracy"], "unique": f["unique"],
         "entropy": f["entropy"], "K": k, "log2K": max(1, math.ceil(math.log2(k))),
         "point_bpp": point_network_bits_per_param(point, guide.num_params),
         "bayes_bpp": memory_report(qguide).bits_per_param, "bayes_file_bpp": bayes.stat().st_size * 8 / guide.num_params,
-        "time_s": elapsed, "codebook": f["codebook"], "per_site": f["per_site"], "movement": f["movement"],
+        "zero_fraction": float((flat == 0).float().mean()), "warmup": f["warmup"], "time_s": elapsed, "codebook": f["codebook"], "per_site": f["per_site"], "movement": f["movement"],
     }
 
 
@@ -127,6 +132,7 @@ def main(argv=None) -> list[dict]:
               f"{r['point_bpp']:.3f} | {r['bayes_file_bpp']:.3f} | {r['time_s']:.0f}s |")
     for r in rows:
         print(f"\n{r['rule']}: codebook " + ", ".join(f"{c:g}" for c in r["codebook"]))
+        print(f"  weights on 0: {100 * r['zero_fraction']:.1f}%  warm-up: {r['warmup']}")
         for site, st in r["per_site"].items():
             print(f"  {site:<20} n={st['count']:<6} unique={st['unique']:<3} entropy={st['entropy']:.3f}")
         for m in r["movement"]:

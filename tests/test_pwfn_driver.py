@@ -167,3 +167,35 @@ def test_full_schedule_lenet5_on_mnist(data_root, tmp_path):
     assert out["unique"] <= 32
     assert out["entropy"] <= 2.5
     assert out["accuracy"] >= out["pretrained_accuracy"] - 0.005
+
+
+def test_warmup_trains_sigma_before_any_weight_is_fixed(mnist_small, lenet_small, tmp_path):
+    train, test = mnist_small
+    kwargs = dict(test_data=test, preset="paper", schedule=(1.0,), num_steps=2, batch_size=200, warmup_epochs=1,
+                  cluster=ClusterConfig(b=6, tau=1.0, max_order=2, max_b=8), checkpoint_dir=tmp_path,
+                  eval_samples=2, progress=False)
+    model, guide = _setup(train, lenet_small)
+    guide.setup(*next(iter(train.batches(200))))
+    sigma0 = float(guide.flat_loc_scale()[1].detach().median())
+    lines = []
+    res = PWFN(model, guide, train, log=lines.append, **kwargs).run()
+    warm = res.final["warmup"]
+    assert warm["epochs"] == 1 and warm["train_steps"] == 10  # 2,000 images in batches of 200
+    # the regulariser raised the free scales before the first clustering (nothing was fixed yet)
+    assert warm["sigma_median"] > sigma0
+    assert res.rounds[0]["sigma_median"] >= warm["sigma_median"] > 0
+    assert lines[1].startswith("warm-up: 1 epochs (10 steps)") and lines[2].startswith("round 1/1")
+    assert not (tmp_path / "warmup").exists()
+    # a rerun resumes after the last round and does not train the warm-up again
+    pyro.clear_param_store()
+    model2, guide2 = _setup(train, lenet_small)
+    lines2 = []
+    res2 = PWFN(model2, guide2, train, log=lines2.append, **kwargs).run()
+    assert not any(line.startswith("warm-up") for line in lines2) and res2.final["warmup"] == warm
+
+
+def test_warmup_epochs_is_validated(mnist_small, lenet_small):
+    train, _ = mnist_small
+    model, guide = _setup(train, lenet_small)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        PWFN(model, guide, train, warmup_epochs=-1, progress=False)
