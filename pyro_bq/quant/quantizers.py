@@ -508,6 +508,15 @@ class _OnUniformGrid:
         self._require()
         return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
 
+    def quantize(self, x):
+        # decode(encode(x)) without the int64 codes: the floating codes are integers, which that
+        # round trip keeps, except a code of -0.0 (from rounding a small negative value), which
+        # it makes +0.0; adding 0.0 does the same, so the values are the same bits
+        self._require()
+        with torch.no_grad():
+            step, zp, qmax = self._grid(x.dtype, x.device)
+            return uniform_decode(uniform_codes(x.detach(), step, zp, qmax).add_(0.0), step, zp)
+
     def decode(self, codes, dtype=torch.float32):
         self._require()
         step, zp, _ = self._grid(dtype, codes.device)
@@ -767,6 +776,15 @@ class Log2Quantizer(_RangeMixin, Quantizer):
         self._require()
         low, _ = self._window(codes)
         return torch.exp2(codes.float() + low).to(dtype)
+
+    def quantize(self, x):
+        # decode(encode(x)) without the integer codes: exponent - low + low is exact for these small
+        # integers, so the values are the same bits
+        self._require()
+        with torch.no_grad():
+            low, top = self._window(x)
+            e = torch.nan_to_num(torch.log2(x.detach().float()), nan=-1e9, neginf=-1e9)
+            return torch.exp2(log2_exponents(e, low, top)).to(x.dtype)
 
     def window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Lowest and highest exponent of the grid (per channel)."""
