@@ -297,28 +297,39 @@ _SORT_BELOW = 1 << 16
 def _extras_within_slack(vals: torch.Tensor, tau: float, slack: float) -> torch.Tensor:
     """Mask of the smallest ``vals`` (all > tau) whose summed ``val - tau`` stays within ``slack``.
 
-    Exact, in linear time: the excesses are bucketed into ``_BINS`` value
-    bins between their min and max; whole bins are taken while the running sum
-    fits, and the search continues inside the one bin where it stops, until
-    that bin is small enough to sort.
+    Exact, in linear time, ties taken by position: a radix selection on the
+    bit patterns of the excesses ``val - tau`` as doubles (for positive
+    doubles the order of the patterns, read as integers, is the order of the
+    values, and a scale-free one: heavy tails do not crowd one bin). Each pass
+    buckets the patterns into ``_BINS`` bins between their min and max, takes
+    the whole bins while the running sum fits, and goes on inside the one bin
+    where it stops, until that bin is small enough to sort.
     """
     excess = (vals - tau).double()
-    take = torch.zeros(excess.shape, dtype=torch.bool, device=excess.device)
-    cur = torch.arange(excess.numel(), device=excess.device)
+    key = excess.view(torch.int64)  # non-negative: the sign bit is clear
     rest = slack * (1 + 1e-12)
-    while cur.numel() > _SORT_BELOW:
-        v = excess[cur]
-        lo, hi = float(v.min()), float(v.max())
+    take, cur = None, None  # first pass over all of vals, without an index
+    while (excess if cur is None else cur).numel() > _SORT_BELOW:
+        k = key if cur is None else key[cur]
+        lo, hi = int(k.min()), int(k.max())
         if hi <= lo:
             break
-        bins = ((v - lo) * (_BINS / (hi - lo))).long().clamp_(0, _BINS - 1)  # monotone in the value
-        cum = torch.cumsum(torch.bincount(bins, weights=v, minlength=_BINS), 0)
+        shift = max(0, (hi - lo).bit_length() - _BINS.bit_length() + 1)
+        bins = torch.sub(k, lo).bitwise_right_shift_(shift)  # monotone in the value, < _BINS
+        nb = ((hi - lo) >> shift) + 1
+        cum = torch.cumsum(torch.bincount(bins, weights=excess if cur is None else excess[cur], minlength=nb), 0)
         full = int((cum <= rest).sum())  # bins 0..full-1 fit entirely (cum is non-decreasing)
-        take[cur[bins < full]] = True
-        if full == _BINS:
+        if cur is None:
+            take = bins < full
+        else:
+            take[cur[bins < full]] = True
+        if full == nb:
             return take
         rest -= float(cum[full - 1]) if full > 0 else 0.0
-        cur = cur[bins == full]
+        cur = (bins == full).nonzero().squeeze(1) if cur is None else cur[bins == full]
+    if take is None:
+        take = torch.zeros(excess.shape, dtype=torch.bool, device=excess.device)
+        cur = torch.arange(excess.numel(), device=excess.device)
     pv, order = torch.sort(excess[cur])
     k = int((torch.cumsum(pv, 0) <= rest).sum())
     if k:
@@ -374,16 +385,15 @@ def _prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None)
         # every weight within tau precedes every extra one: the cut lies inside
         return _k_smallest(d, inside, limit)
     slack = float((tau - d[inside]).double().sum()) if count_a else 0.0
-    chosen = inside
+    chosen, count = inside, count_a
     if slack > 0:
-        cand = (d > tau) & (d <= tau + slack)
-        if bool(cand.any()):
-            idx = cand.nonzero().squeeze(1)
-            extra = _extras_within_slack(d[idx], tau, slack)
-            if bool(extra.any()):
-                chosen = chosen.clone()
-                chosen[idx[extra]] = True
-    if limit is not None and int(chosen.sum()) > limit:
+        idx = (~inside).logical_and_(d <= tau + slack).nonzero().squeeze(1)  # tau < d <= tau + slack
+        if idx.numel():
+            extra = idx[_extras_within_slack(d[idx], tau, slack)]
+            if extra.numel():
+                chosen[extra] = True  # chosen is inside, made here
+                count += extra.numel()
+    if limit is not None and count > limit:
         return _k_smallest(d, chosen, limit)
     return chosen
 
@@ -524,6 +534,12 @@ class _Clustering:
                                 "tau": self.level.tau, "sweep": True, "d_max": float(d_max[j]),
                                 "d_sum": float(d_sum[j]), "d_sumsq": float(d_sumsq[j])})
 
+    def _distances(self, centre: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """``|mu - centre| / sigma`` of the free weights, ``inf`` at the fixed ones, written into ``out``
+        (a buffer of the last centre's, reused: no fresh allocation per centre)."""
+        out = torch.sub(self.mu_f, centre, out=out if out is not None else torch.empty_like(self.mu_f))
+        return out.abs_().div_(self.sig_f).masked_fill_(~self.alive, float("inf"))
+
     def _within_tau_counts(self, codebook: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per centre of the sorted ``codebook``: how many weights of ``mask`` lie within ``tau`` sigmas of it.
 
@@ -561,13 +577,14 @@ class _Clustering:
         if config.selection == "reference":
             counts = self._within_tau_counts(codebook, self.alive)
         tried = torch.zeros(k_codes, dtype=torch.bool, device=codebook.device)
+        d = None
         while self.need > 0:
             cand = counts.masked_fill(tried, 0)
             k = int(torch.argmax(cand))
             if int(cand[k]) <= 0:
                 break
             tried[k] = True
-            d = torch.where(self.alive, (self.mu_f - codebook[k]).abs() / self.sig_f, self.inf)
+            d = self._distances(codebook[k], d)
             if config.selection == "reference":
                 sel = _k_smallest(d, d <= self.level.tau, self.need)
             else:
