@@ -461,7 +461,7 @@ def pwfn_cluster(
         d0 = state.mu_f.abs() / state.sig_f
         sel = _k_smallest(d0, state.mu_f.abs() <= config.zero_fix, state.need)
         if bool(sel.any()):
-            state.fix(sel, 0.0)
+            state.fix(sel.nonzero().squeeze(1), 0.0)
     max_exp = config.max_exp if config.max_exp is not None else _auto_max_exp(mu)
     while state.need > 0:
         state.compact_()
@@ -481,9 +481,14 @@ class _Clustering:
         self.config, self.level = config, level
         self.fixed, self.fixed_loc, self.fixed_scale = fixed.clone(), fixed_loc.clone(), fixed_scale.clone()
         self.groups: list[dict] = []
-        self.free_idx = (~fixed).nonzero().squeeze(1)
-        self.mu_f, self.sig_f = mu[self.free_idx], sigma[self.free_idx]
+        if bool(fixed.any()):
+            self.free_idx = (~fixed).nonzero().squeeze(1)
+            self.mu_f, self.sig_f = mu[self.free_idx], sigma[self.free_idx]
+        else:  # all free: the inputs themselves (only read, never written)
+            self.free_idx = torch.arange(mu.numel(), device=mu.device)
+            self.mu_f, self.sig_f = mu, sigma
         self.alive = torch.ones(self.free_idx.numel(), dtype=torch.bool, device=mu.device)
+        self.num_alive = self.free_idx.numel()
         self.need = target - (mu.numel() - self.free_idx.numel())
         self.num_new = 0
         self.inf = torch.tensor(float("inf"), dtype=mu.dtype, device=mu.device)
@@ -491,12 +496,13 @@ class _Clustering:
 
     def compact_(self) -> None:
         """Drop the fixed weights from the working arrays once they are half of them."""
-        if int(self.alive.sum()) < self.alive.numel() // 2:
+        if self.num_alive < self.alive.numel() // 2:
             alive = self.alive
             self.free_idx, self.mu_f, self.sig_f = self.free_idx[alive], self.mu_f[alive], self.sig_f[alive]
             self.alive = torch.ones(self.free_idx.numel(), dtype=torch.bool, device=alive.device)
 
     def _freeze(self, sel: torch.Tensor, loc, scale) -> int:
+        """Fix the working positions ``sel`` (ascending indices) to ``loc`` with scale ``scale``."""
         gi = self.free_idx[sel]
         self.fixed[gi] = True
         self.fixed_loc[gi] = loc
@@ -505,10 +511,12 @@ class _Clustering:
         k = int(gi.numel())
         self.need -= k
         self.num_new += k
+        self.num_alive -= k
         return k
 
     def fix(self, sel: torch.Tensor, centre: float) -> None:
-        """Fix the free weights ``sel`` to ``centre``, with the (floored) std of their means as scale."""
+        """Fix the free weights at ``sel`` (ascending working indices) to ``centre``, with the
+        (floored) std of their means as scale."""
         vals = self.mu_f[sel]
         std = max(float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0, self.config.sigma_min)
         d = ((vals - centre).abs() / self.sig_f[sel]).double()
@@ -517,7 +525,8 @@ class _Clustering:
         self.groups.append({"centre": float(centre), "count": k, "std": std, "tau": self.level.tau, **move})
 
     def fix_many(self, sel: torch.Tensor, code_idx: torch.Tensor, codebook: torch.Tensor) -> None:
-        """Fix the weights ``sel`` to ``codebook[code_idx]``, one group per code (vectorized)."""
+        """Fix the weights at ``sel`` (ascending working indices) to ``codebook[code_idx]``, one group
+        per code (vectorized)."""
         k_codes = codebook.numel()
         vals = self.mu_f[sel].double()
         cnt = torch.bincount(code_idx, minlength=k_codes).double()
@@ -538,10 +547,12 @@ class _Clustering:
         """``|mu - centre| / sigma`` of the free weights, ``inf`` at the fixed ones, written into ``out``
         (a buffer of the last centre's, reused: no fresh allocation per centre)."""
         out = torch.sub(self.mu_f, centre, out=out if out is not None else torch.empty_like(self.mu_f))
-        return out.abs_().div_(self.sig_f).masked_fill_(~self.alive, float("inf"))
+        out.abs_().div_(self.sig_f)
+        return out if self.num_alive == out.numel() else out.masked_fill_(~self.alive, float("inf"))
 
     def _within_tau_counts(self, codebook: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per centre of the sorted ``codebook``: how many weights of ``mask`` lie within ``tau`` sigmas of it.
+        """Per centre of the sorted ``codebook``: how many weights of ``mask`` (a bool mask or ascending
+        working indices) lie within ``tau`` sigmas of it.
 
         The centres within ``tau`` sigmas of a weight form one run of the
         sorted codebook, found by two binary searches; the runs are summed
@@ -561,7 +572,8 @@ class _Clustering:
         config, level = self.config, self.level
         k_codes = codebook.numel()
         nearest = nearest_code_index(self.mu_f, codebook)
-        counts = torch.bincount(nearest[self.alive], minlength=k_codes)
+        all_alive = self.num_alive == self.alive.numel()
+        counts = torch.bincount(nearest if all_alive else nearest[self.alive], minlength=k_codes)
         if not level.codebook_grows(config):
             # The codebook can no longer grow, so failed levels only raise
             # tau: jump over the ones that cannot fix anything.
@@ -571,7 +583,7 @@ class _Clustering:
                 self.level = replace(level, tau=level.tau_after(config, d_min))
                 self.jumps += 1
                 if self.jumps > config.max_jumps:
-                    sel = _k_smallest(d_near, torch.isfinite(d_near), self.need)
+                    sel = _k_smallest(d_near, torch.isfinite(d_near), self.need).nonzero().squeeze(1)
                     self.fix_many(sel, nearest[sel], codebook)
                     return False
         if config.selection == "reference":
@@ -589,7 +601,8 @@ class _Clustering:
                 sel = _k_smallest(d, d <= self.level.tau, self.need)
             else:
                 sel = _prefix_within_tau(d, self.level.tau, limit=self.need)
-            if bool(sel.any()):
+            sel = sel.nonzero().squeeze(1)
+            if sel.numel():
                 if config.selection == "reference":
                     counts -= self._within_tau_counts(codebook, sel)
                 else:

@@ -337,7 +337,7 @@ def nearest_code_index(values: torch.Tensor, codebook: torch.Tensor) -> torch.Te
     lower_wins = torch.ones_like(cb, dtype=torch.bool)
     lower_wins[1:] = cb[:-1].abs() <= cb[1:].abs()
     pick_lo = (d_lo == d_hi).logical_and_(lower_wins[hi]).logical_or_(d_lo < d_hi)
-    return hi.sub_(pick_lo.to(hi.dtype)).clamp_(min=0).reshape(values.shape)
+    return hi.sub_(pick_lo.view(torch.uint8)).clamp_(min=0).reshape(values.shape)
 
 
 def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
