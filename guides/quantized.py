@@ -34,6 +34,7 @@ fewer than :data:`DETERMINISTIC_THRESHOLD` (1%) of its weights varying over
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Mapping, Optional
 
@@ -381,16 +382,20 @@ def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
 
 def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int, max_per_site=None, seed: int = 0) -> float:
     """Fraction of the weights of site ``name`` whose ``num_draws`` draws are not all equal (global RNG),
-    over a subsample of about ``max_per_site`` of them (:func:`_draw_subsample`, seeded by ``seed``)
+    over a subsample of about ``max_per_site`` of them (:func:`_subsample_block`, seeded by ``seed``)
     when the site is larger."""
     info = guide.sites[name]
-    posterior = guide.get_posterior(name)
-    base = getattr(posterior, "base_dist", posterior)
-    if not isinstance(base, QuantizedNormal):
-        # a float Normal draw differs from the next with probability 1 wherever its scale is positive
-        return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
-    if max_per_site is not None and info.numel > max_per_site:
-        base = _draw_subsample(base, max_per_site, torch.Generator().manual_seed(seed))
+    sub = max_per_site is not None and info.numel > max_per_site
+    base = _quantized_subsample(guide, name, max_per_site, seed) if sub else None
+    if base is None:
+        posterior = guide.get_posterior(name)
+        base = getattr(posterior, "base_dist", posterior)
+        if not isinstance(base, QuantizedNormal):
+            # a float Normal draw differs from the next with probability 1 wherever its scale is positive
+            return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
+        block = _subsample_block(base.quantizer, base.loc.shape, max_per_site, seed) if sub else None
+        if block is not None:
+            base = QuantizedNormal(block(base.loc), block(base.scale), base.quantizer, validate_args=False)
     varying = torch.zeros(base.loc.shape, dtype=torch.bool, device=base.loc.device)
     first = None
     block = max(2, _VARYING_BLOCK // max(1, base.loc.numel()))
@@ -405,37 +410,73 @@ def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int, max_per_s
     return float(varying.double().mean())
 
 
-def _draw_subsample(base: QuantizedNormal, size: int, generator: torch.Generator) -> QuantizedNormal:
-    """``base`` restricted to about ``size`` of its weights (picked with ``generator``); ``base``
-    itself where its quantizer's layout is unknown or its bits are per weight.
+def _quantized_subsample(guide, name: str, size: int, seed: int):
+    """The sample distribution of a :class:`QuantizedGuide`'s site on the subsample of
+    :func:`_subsample_block`, quantizing only the subsample of the float ``loc`` and ``scale``;
+    None where that does not apply (another guide, a float sample, a quantizer laid out otherwise).
+
+    The same values as the subsample of the whole site's quantized ``loc`` and ``scale``:
+    each element meets the same per-channel (or per-tensor) calibration either way.
+    """
+    sq = guide._site_quantizers(name) if isinstance(guide, QuantizedGuide) else None
+    if sq is None or sq.sample is None:
+        return None
+    shape = guide.sites[name].shape
+    layout = _block_layout(sq.sample, shape)
+    if layout is None or any(q is not None and _block_layout(q, shape) not in (layout, _per_tensor(shape))
+                             for q in (sq.loc, sq.scale)):
+        return None
+    block = _subsample_block(sq.sample, shape, size, seed)
+    if block is None:
+        return None
+    loc, scale = (block(t.detach()) for t in guide.base.get_loc_scale(name))
+    loc = sq.loc(loc) if sq.loc is not None else loc
+    scale = sq.scale(scale) if sq.scale is not None else scale
+    return QuantizedNormal(loc, scale, sq.sample, validate_args=False)
+
+
+def _per_tensor(shape) -> list:
+    return [1] * len(shape)
+
+
+def _block_layout(q, shape):
+    """The calibration shape of quantizer ``q`` on a site of ``shape`` (per tensor or per channel), or None
+    where it is unknown (not a packable quantizer) or per weight (a bits tensor)."""
+    if type(q).packed_type is None or isinstance(q.bits, torch.Tensor) or len(shape) == 0:
+        return None
+    return channel_range_shape(q.config(), list(shape))
+
+
+def _subsample_block(q, shape, size: int, seed: int):
+    """A function taking a tensor of the site's ``shape`` to about ``size`` of its elements, or None
+    (the site is small enough, or the layout of ``q`` is unknown or per weight).
 
     A packable quantizer's calibration is per tensor or per channel
     (:func:`~pyro_bq.quant.quantizers.channel_range_shape`), so the subsample
     keeps every channel, with ``m`` positions drawn uniformly (independently,
-    with replacement) within each: a ``[C, m]`` block with ``C * m`` about
-    ``size``, laid out so that the per-channel ranges broadcast against it as
-    against the whole site.
+    with replacement, from a generator seeded with ``seed``) within each: a
+    ``[C, m]`` block with ``C * m`` about ``size``, laid out so that the
+    per-channel ranges broadcast against it as against the whole site.
     """
-    q, loc = base.quantizer, base.loc
-    if type(q).packed_type is None or isinstance(q.bits, torch.Tensor) or loc.dim() == 0:
-        return base
-    ndim = loc.dim()
-    range_shape = channel_range_shape(q.config(), list(loc.shape))
-    d = next((i for i, r in enumerate(range_shape) if r > 1), 0)
-    c = int(range_shape[d])
-    cols = loc.numel() // c
+    layout = _block_layout(q, shape)
+    if layout is None:
+        return None
+    ndim = len(shape)
+    d = next((i for i, r in enumerate(layout) if r > 1), 0)
+    c = int(layout[d])
+    cols = math.prod(shape) // c
     m = max(1, size // c)
     if m >= cols:
-        return base
-    pick = torch.randint(cols, (c, m), generator=generator).to(loc.device)
+        return None
+    pick = torch.randint(cols, (c, m), generator=torch.Generator().manual_seed(seed))
 
     def block(t):  # [C, m] with the channel dim at d and m at another dim, ones elsewhere
-        rows = t.expand(loc.shape).movedim(d, 0).reshape(c, cols).gather(1, pick)
+        rows = t.expand(shape).movedim(d, 0).reshape(c, cols).gather(1, pick.to(t.device))
         if ndim == 1:
             return rows.reshape(m)
         return rows.reshape([c, m] + [1] * (ndim - 2)).movedim((0, 1), (d, (d + 1) % ndim))
 
-    return QuantizedNormal(block(loc), block(base.scale), q, validate_args=False)
+    return block
 
 
 @torch.no_grad()

@@ -49,3 +49,16 @@ def test_per_weight_bits_are_measured_whole_and_the_cap_is_checked():
         with pytest.raises(ValueError, match="max_per_site"):
             varying_fraction(qguide, max_per_site=bad)
     assert VARYING_SUBSAMPLE == 65536
+
+
+def test_subsample_of_the_float_parameters_draws_what_the_whole_site_would(monkeypatch):
+    import pyro_bq.guides.quantized as quantized
+
+    guide = _half_collapsed_guide()
+    for policy in (JQ(2, calib_width=1.0), JQ(3, site_quantizers={SITE: {"sample": UniformQuantizer(
+            3, symmetric=False, per_channel=True, channel_dim=1)}})):
+        qguide = quantize(guide, policy)
+        fast = varying_fraction(qguide, seed=2, max_per_site=3000)
+        monkeypatch.setattr(quantized, "_quantized_subsample", lambda *args: None)  # quantize the whole site
+        assert varying_fraction(qguide, seed=2, max_per_site=3000) == fast
+        monkeypatch.undo()
