@@ -58,3 +58,14 @@ def test_quantized_normal_draws_are_on_the_grid_and_seeded():
     torch.manual_seed(0)
     raw = torch.distributions.Normal(loc, torch.full_like(loc, 0.05)).sample((3,))
     assert torch.equal(w, q.decode(q.encode(raw), dtype=raw.dtype))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_log2_codes_are_the_rounded_clamped_exponents(per_channel):
+    from pyro_bq.quant.grids import log2_exponents
+
+    x = _inputs(4, torch.float32)
+    q = Log2Quantizer(3, per_channel=per_channel).calibrate(_inputs(5, torch.float32).abs() + 1e-6)
+    low, top = q.window()
+    e = torch.nan_to_num(torch.log2(x), nan=-1e9, neginf=-1e9)
+    assert torch.equal(q.encode(x), (log2_exponents(e, low, top) - low).to(torch.int64))
