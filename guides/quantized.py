@@ -28,7 +28,9 @@ signal is gone (e.g. JQ at 2 bits). :func:`varying_fraction` measures the
 fraction of weights whose draws still differ; :func:`quantize` warns with
 :class:`DeterministicDrawsWarning` when a site, or the guide as a whole, has
 fewer than :data:`DETERMINISTIC_THRESHOLD` (1%) of its weights varying over
-:data:`VARYING_DRAWS` (16) seeded draws.
+:data:`VARYING_DRAWS` (16) seeded draws (of at most :data:`VARYING_SUBSAMPLE`
+weights of each site, a seeded subsample of a larger one, so that the check
+costs the same at any model size).
 """
 
 from __future__ import annotations
