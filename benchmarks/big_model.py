@@ -113,6 +113,9 @@ def pack_and_load(model, guide, args, folder: Path) -> dict:
           f"{os.path.getsize(packed_path) / 1e6:8.1f} MB")
     print(f"JQ({args.bits}) quantize + pack: {tq:7.2f} s  ({tq / t_save:5.2f}x torch.save)  "
           f"floor < 3 s: {'ok' if tq < 3 else 'MISSED'}")
+    out = {"torch_save": t_save, "quantize": t_q, "save_packed": t_p}
+    if args.skip_predict:
+        return out
     x = torch.randn(args.images, *guide.input_shape) if hasattr(guide, "input_shape") else None
     if x is None:
         x = torch.randn(args.images, model.net[1].in_features)
@@ -124,8 +127,8 @@ def pack_and_load(model, guide, args, folder: Path) -> dict:
     print(f"baseline torch.load + float predict ({args.draws} draws x {args.images}): "
           f"{t_load:7.2f} + {t_fpred:7.2f} s")
     print(f"load_packed + predict: {t_qload:7.2f} + {t_qpred:7.2f} s  ({(t_qload + t_qpred) / base:5.2f}x baseline)")
-    return {"torch_save": t_save, "quantize": t_q, "save_packed": t_p, "torch_load": t_load,
-            "float_predict": t_fpred, "load_packed": t_qload, "quantized_predict": t_qpred}
+    return {**out, "torch_load": t_load, "float_predict": t_fpred, "load_packed": t_qload,
+            "quantized_predict": t_qpred}
 
 
 def main(argv=None) -> dict:
@@ -140,6 +143,7 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-pwfn", action="store_true")
     p.add_argument("--skip-allocators", action="store_true")
     p.add_argument("--skip-pack", action="store_true")
+    p.add_argument("--skip-predict", action="store_true", help="quantize + pack only, no load + predict")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# big-model paths: {args.n / 1e6:.1f}M weights, {args.threads} threads, median of {args.repeat}, "

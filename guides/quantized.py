@@ -28,14 +28,17 @@ signal is gone (e.g. JQ at 2 bits). :func:`varying_fraction` measures the
 fraction of weights whose draws still differ; :func:`quantize` warns with
 :class:`DeterministicDrawsWarning` when a site, or the guide as a whole, has
 fewer than :data:`DETERMINISTIC_THRESHOLD` (1%) of its weights varying over
-:data:`VARYING_DRAWS` (16) seeded draws.
+:data:`VARYING_DRAWS` (16) seeded draws (of at most :data:`VARYING_SUBSAMPLE`
+weights of each site, a seeded subsample of a larger one, so that the check
+costs the same at any model size).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
-from typing import Mapping
+from typing import Mapping, Optional
 
 import pyro.distributions as dist
 import torch
@@ -44,18 +47,20 @@ from torch import nn
 from torch.distributions.utils import _standard_normal
 
 from pyro_bq.quant.policies import Policy, SiteQuantizers
-from pyro_bq.quant.quantizers import Log2Quantizer
+from pyro_bq.quant.quantizers import Log2Quantizer, channel_range_shape
 
 from .base import AutoGaussianSites
 
 __all__ = ["QuantizedGuide", "QuantizedNormal", "PackedNormalBase", "copy_guide", "quantize", "calibrate_site",
            "varying_fraction", "deterministic_sites", "DeterministicDrawsWarning", "DETERMINISTIC_THRESHOLD",
-           "VARYING_DRAWS"]
+           "VARYING_DRAWS", "VARYING_SUBSAMPLE"]
 
 #: A site (or a guide) whose fraction of varying weights is below this is effectively deterministic.
 DETERMINISTIC_THRESHOLD = 0.01
 #: Draws per weight that :func:`varying_fraction` compares by default (and :func:`quantize` uses).
 VARYING_DRAWS = 16
+#: Weights per site at most that the warning of :func:`quantize` draws (a seeded subsample above it).
+VARYING_SUBSAMPLE = 1 << 16
 #: Draw elements (draws x weights) one vectorized block of :func:`varying_fraction` holds.
 _VARYING_BLOCK = 1 << 24
 
@@ -354,7 +359,8 @@ def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
         (``site_bits`` or ``site_quantizers`` key, ``skip`` entry, bits tensor) that fits no site.
     :warns DeterministicDrawsWarning: when fewer than :data:`DETERMINISTIC_THRESHOLD` (1%) of
         the weights of a site, or of the whole guide, vary over :data:`VARYING_DRAWS` draws
-        (measured with :func:`varying_fraction`, seed 0; the global RNG is untouched).
+        (measured with :func:`varying_fraction`, seed 0, on at most :data:`VARYING_SUBSAMPLE`
+        weights of a site; the global RNG is untouched).
 
     Usage::
 
@@ -376,17 +382,25 @@ def quantize(guide: AutoGaussianSites, policy: Policy) -> QuantizedGuide:
     return qguide
 
 
-def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int) -> float:
-    """Fraction of the weights of site ``name`` whose ``num_draws`` draws are not all equal (global RNG)."""
+def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int, max_per_site=None, seed: int = 0) -> float:
+    """Fraction of the weights of site ``name`` whose ``num_draws`` draws are not all equal (global RNG),
+    over a subsample of about ``max_per_site`` of them (:func:`_subsample_block`, seeded by ``seed``)
+    when the site is larger."""
     info = guide.sites[name]
-    posterior = guide.get_posterior(name)
-    base = getattr(posterior, "base_dist", posterior)
-    if not isinstance(base, QuantizedNormal):
-        # a float Normal draw differs from the next with probability 1 wherever its scale is positive
-        return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
-    varying = torch.zeros(info.shape, dtype=torch.bool, device=base.loc.device)
+    sub = max_per_site is not None and info.numel > max_per_site
+    base = _quantized_subsample(guide, name, max_per_site, seed) if sub else None
+    if base is None:
+        posterior = guide.get_posterior(name)
+        base = getattr(posterior, "base_dist", posterior)
+        if not isinstance(base, QuantizedNormal):
+            # a float Normal draw differs from the next with probability 1 wherever its scale is positive
+            return float((guide.get_loc_scale(name)[1].detach() > 0).double().mean())
+        block = _subsample_block(base.quantizer, base.loc.shape, max_per_site, seed) if sub else None
+        if block is not None:
+            base = QuantizedNormal(block(base.loc), block(base.scale), base.quantizer, validate_args=False)
+    varying = torch.zeros(base.loc.shape, dtype=torch.bool, device=base.loc.device)
     first = None
-    block = max(2, _VARYING_BLOCK // max(1, info.numel))
+    block = max(2, _VARYING_BLOCK // max(1, base.loc.numel()))
     done = 0
     while done < num_draws:  # blocks of draws, each compared at once with the first draw
         take = min(block, num_draws - done)
@@ -398,8 +412,78 @@ def _site_varying(guide: AutoGaussianSites, name: str, num_draws: int) -> float:
     return float(varying.double().mean())
 
 
+def _quantized_subsample(guide, name: str, size: int, seed: int):
+    """The sample distribution of a :class:`QuantizedGuide`'s site on the subsample of
+    :func:`_subsample_block`, quantizing only the subsample of the float ``loc`` and ``scale``;
+    None where that does not apply (another guide, a float sample, a quantizer laid out otherwise).
+
+    The same values as the subsample of the whole site's quantized ``loc`` and ``scale``:
+    each element meets the same per-channel (or per-tensor) calibration either way.
+    """
+    sq = guide._site_quantizers(name) if isinstance(guide, QuantizedGuide) else None
+    if sq is None or sq.sample is None:
+        return None
+    shape = guide.sites[name].shape
+    layout = _block_layout(sq.sample, shape)
+    if layout is None or any(q is not None and _block_layout(q, shape) not in (layout, _per_tensor(shape))
+                             for q in (sq.loc, sq.scale)):
+        return None
+    block = _subsample_block(sq.sample, shape, size, seed)
+    if block is None:
+        return None
+    loc, scale = (block(t.detach()) for t in guide.base.get_loc_scale(name))
+    loc = sq.loc(loc) if sq.loc is not None else loc
+    scale = sq.scale(scale) if sq.scale is not None else scale
+    return QuantizedNormal(loc, scale, sq.sample, validate_args=False)
+
+
+def _per_tensor(shape) -> list:
+    return [1] * len(shape)
+
+
+def _block_layout(q, shape):
+    """The calibration shape of quantizer ``q`` on a site of ``shape`` (per tensor or per channel), or None
+    where it is unknown (not a packable quantizer) or per weight (a bits tensor)."""
+    if type(q).packed_type is None or isinstance(q.bits, torch.Tensor) or len(shape) == 0:
+        return None
+    return channel_range_shape(q.config(), list(shape))
+
+
+def _subsample_block(q, shape, size: int, seed: int):
+    """A function taking a tensor of the site's ``shape`` to about ``size`` of its elements, or None
+    (the site is small enough, or the layout of ``q`` is unknown or per weight).
+
+    A packable quantizer's calibration is per tensor or per channel
+    (:func:`~pyro_bq.quant.quantizers.channel_range_shape`), so the subsample
+    keeps every channel, with ``m`` positions drawn uniformly (independently,
+    with replacement, from a generator seeded with ``seed``) within each: a
+    ``[C, m]`` block with ``C * m`` about ``size``, laid out so that the
+    per-channel ranges broadcast against it as against the whole site.
+    """
+    layout = _block_layout(q, shape)
+    if layout is None:
+        return None
+    ndim = len(shape)
+    d = next((i for i, r in enumerate(layout) if r > 1), 0)
+    c = int(layout[d])
+    cols = math.prod(shape) // c
+    m = max(1, size // c)
+    if m >= cols:
+        return None
+    pick = torch.randint(cols, (c, m), generator=torch.Generator().manual_seed(seed))
+
+    def block(t):  # [C, m] with the channel dim at d and m at another dim, ones elsewhere
+        rows = t.expand(shape).movedim(d, 0).reshape(c, cols).gather(1, pick.to(t.device))
+        if ndim == 1:
+            return rows.reshape(m)
+        return rows.reshape([c, m] + [1] * (ndim - 2)).movedim((0, 1), (d, (d + 1) % ndim))
+
+    return block
+
+
 @torch.no_grad()
-def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, seed: int = 0) -> dict:
+def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, seed: int = 0,
+                     max_per_site: Optional[int] = None) -> dict:
     """``{site: fraction of its weights whose draws are not all equal}`` over ``num_draws`` draws.
 
     A site whose samples are quantized (SPQ, JQ) is drawn ``num_draws`` times
@@ -409,9 +493,17 @@ def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, s
     weights with a positive scale (their draws differ with probability 1).
     A fraction near 0 means the site is effectively deterministic.
 
+    With ``max_per_site`` a quantized site of more weights is measured on a
+    seeded random subsample of about that many (every channel of a
+    per-channel quantizer kept, random positions in each), so the cost no
+    longer grows with the site; the fraction is then an estimate (standard
+    error at most ``0.5 / sqrt(max_per_site)``). A site whose quantizer has
+    per-weight bits is always measured whole. None (the default): every weight.
+
     :param guide: a set-up :class:`AutoGaussianSites` guide (quantized or not).
     :param num_draws: draws per weight, at least 2.
-    :param seed: seed of the draws.
+    :param seed: seed of the draws (and of the subsample).
+    :param max_per_site: weights drawn per site at most (an int >= 1), or None for all.
 
     Usage::
 
@@ -426,10 +518,13 @@ def varying_fraction(guide: AutoGaussianSites, num_draws: int = VARYING_DRAWS, s
         raise ValueError(f"num_draws must be an int >= 2 (draws to compare), got {num_draws!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if max_per_site is not None and (isinstance(max_per_site, bool) or not isinstance(max_per_site, int)
+                                     or max_per_site < 1):
+        raise ValueError(f"max_per_site must be an int >= 1 or None (every weight), got {max_per_site!r}")
     on = [t.device for t in guide.parameters() if t.device.type == "cuda"][:1]  # its CUDA RNG is put back too
     with torch.random.fork_rng(devices=on):
         torch.manual_seed(seed)
-        return {name: _site_varying(guide, name, num_draws) for name in guide.sites}
+        return {name: _site_varying(guide, name, num_draws, max_per_site, seed) for name in guide.sites}
 
 
 def deterministic_sites(fractions: Mapping[str, float], sizes: Mapping[str, int], *,
@@ -450,7 +545,7 @@ def deterministic_sites(fractions: Mapping[str, float], sizes: Mapping[str, int]
 
 def _warn_if_deterministic(qguide: QuantizedGuide) -> None:
     """Warn (:class:`DeterministicDrawsWarning`) when ``qguide`` or some of its sites barely vary."""
-    fractions = varying_fraction(qguide)
+    fractions = varying_fraction(qguide, max_per_site=VARYING_SUBSAMPLE)
     overall, sites = deterministic_sites(fractions, {n: i.numel for n, i in qguide.sites.items()})
     if overall < DETERMINISTIC_THRESHOLD or sites:
         what = "the whole guide" if overall < DETERMINISTIC_THRESHOLD else f"{len(sites)} of {len(fractions)} sites"

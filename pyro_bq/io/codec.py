@@ -72,7 +72,7 @@ def _as_codes(codes, num_symbols: int) -> np.ndarray:
         codes = codes.detach().cpu().numpy()
     if not isinstance(codes, np.ndarray) or codes.dtype == np.bool_ or not np.issubdtype(codes.dtype, np.integer):
         raise TypeError(f"codes must be an integer torch tensor or numpy array, got {type(codes).__name__}")
-    flat = codes.reshape(-1).astype(np.int64)
+    flat = codes.reshape(-1).astype(np.int64, copy=False)  # read only: no copy of int64 codes
     if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= num_symbols):
         raise ValueError(f"codes must lie in [0, num_symbols) = [0, {num_symbols}); got values in "
                          f"[{int(flat.min())}, {int(flat.max())}]")

@@ -297,28 +297,39 @@ _SORT_BELOW = 1 << 16
 def _extras_within_slack(vals: torch.Tensor, tau: float, slack: float) -> torch.Tensor:
     """Mask of the smallest ``vals`` (all > tau) whose summed ``val - tau`` stays within ``slack``.
 
-    Exact, in linear time: the excesses are bucketed into ``_BINS`` value
-    bins between their min and max; whole bins are taken while the running sum
-    fits, and the search continues inside the one bin where it stops, until
-    that bin is small enough to sort.
+    Exact, in linear time, ties taken by position: a radix selection on the
+    bit patterns of the excesses ``val - tau`` as doubles (for positive
+    doubles the order of the patterns, read as integers, is the order of the
+    values, and a scale-free one: heavy tails do not crowd one bin). Each pass
+    buckets the patterns into ``_BINS`` bins between their min and max, takes
+    the whole bins while the running sum fits, and goes on inside the one bin
+    where it stops, until that bin is small enough to sort.
     """
     excess = (vals - tau).double()
-    take = torch.zeros(excess.shape, dtype=torch.bool, device=excess.device)
-    cur = torch.arange(excess.numel(), device=excess.device)
+    key = excess.view(torch.int64)  # non-negative: the sign bit is clear
     rest = slack * (1 + 1e-12)
-    while cur.numel() > _SORT_BELOW:
-        v = excess[cur]
-        lo, hi = float(v.min()), float(v.max())
+    take, cur = None, None  # first pass over all of vals, without an index
+    while (excess if cur is None else cur).numel() > _SORT_BELOW:
+        k = key if cur is None else key[cur]
+        lo, hi = int(k.min()), int(k.max())
         if hi <= lo:
             break
-        bins = ((v - lo) * (_BINS / (hi - lo))).long().clamp_(0, _BINS - 1)  # monotone in the value
-        cum = torch.cumsum(torch.bincount(bins, weights=v, minlength=_BINS), 0)
+        shift = max(0, (hi - lo).bit_length() - _BINS.bit_length() + 1)
+        bins = torch.sub(k, lo).bitwise_right_shift_(shift)  # monotone in the value, < _BINS
+        nb = ((hi - lo) >> shift) + 1
+        cum = torch.cumsum(torch.bincount(bins, weights=excess if cur is None else excess[cur], minlength=nb), 0)
         full = int((cum <= rest).sum())  # bins 0..full-1 fit entirely (cum is non-decreasing)
-        take[cur[bins < full]] = True
-        if full == _BINS:
+        if cur is None:
+            take = bins < full
+        else:
+            take[cur[bins < full]] = True
+        if full == nb:
             return take
         rest -= float(cum[full - 1]) if full > 0 else 0.0
-        cur = cur[bins == full]
+        cur = (bins == full).nonzero().squeeze(1) if cur is None else cur[bins == full]
+    if take is None:
+        take = torch.zeros(excess.shape, dtype=torch.bool, device=excess.device)
+        cur = torch.arange(excess.numel(), device=excess.device)
     pv, order = torch.sort(excess[cur])
     k = int((torch.cumsum(pv, 0) <= rest).sum())
     if k:
@@ -374,16 +385,15 @@ def _prefix_within_tau(d: torch.Tensor, tau: float, limit: Optional[int] = None)
         # every weight within tau precedes every extra one: the cut lies inside
         return _k_smallest(d, inside, limit)
     slack = float((tau - d[inside]).double().sum()) if count_a else 0.0
-    chosen = inside
+    chosen, count = inside, count_a
     if slack > 0:
-        cand = (d > tau) & (d <= tau + slack)
-        if bool(cand.any()):
-            idx = cand.nonzero().squeeze(1)
-            extra = _extras_within_slack(d[idx], tau, slack)
-            if bool(extra.any()):
-                chosen = chosen.clone()
-                chosen[idx[extra]] = True
-    if limit is not None and int(chosen.sum()) > limit:
+        idx = (~inside).logical_and_(d <= tau + slack).nonzero().squeeze(1)  # tau < d <= tau + slack
+        if idx.numel():
+            extra = idx[_extras_within_slack(d[idx], tau, slack)]
+            if extra.numel():
+                chosen[extra] = True  # chosen is inside, made here
+                count += extra.numel()
+    if limit is not None and count > limit:
         return _k_smallest(d, chosen, limit)
     return chosen
 
@@ -451,7 +461,7 @@ def pwfn_cluster(
         d0 = state.mu_f.abs() / state.sig_f
         sel = _k_smallest(d0, state.mu_f.abs() <= config.zero_fix, state.need)
         if bool(sel.any()):
-            state.fix(sel, 0.0)
+            state.fix(sel.nonzero().squeeze(1), 0.0)
     max_exp = config.max_exp if config.max_exp is not None else _auto_max_exp(mu)
     while state.need > 0:
         state.compact_()
@@ -471,9 +481,14 @@ class _Clustering:
         self.config, self.level = config, level
         self.fixed, self.fixed_loc, self.fixed_scale = fixed.clone(), fixed_loc.clone(), fixed_scale.clone()
         self.groups: list[dict] = []
-        self.free_idx = (~fixed).nonzero().squeeze(1)
-        self.mu_f, self.sig_f = mu[self.free_idx], sigma[self.free_idx]
+        if bool(fixed.any()):
+            self.free_idx = (~fixed).nonzero().squeeze(1)
+            self.mu_f, self.sig_f = mu[self.free_idx], sigma[self.free_idx]
+        else:  # all free: the inputs themselves (only read, never written)
+            self.free_idx = torch.arange(mu.numel(), device=mu.device)
+            self.mu_f, self.sig_f = mu, sigma
         self.alive = torch.ones(self.free_idx.numel(), dtype=torch.bool, device=mu.device)
+        self.num_alive = self.free_idx.numel()
         self.need = target - (mu.numel() - self.free_idx.numel())
         self.num_new = 0
         self.inf = torch.tensor(float("inf"), dtype=mu.dtype, device=mu.device)
@@ -481,12 +496,13 @@ class _Clustering:
 
     def compact_(self) -> None:
         """Drop the fixed weights from the working arrays once they are half of them."""
-        if int(self.alive.sum()) < self.alive.numel() // 2:
+        if self.num_alive < self.alive.numel() // 2:
             alive = self.alive
             self.free_idx, self.mu_f, self.sig_f = self.free_idx[alive], self.mu_f[alive], self.sig_f[alive]
             self.alive = torch.ones(self.free_idx.numel(), dtype=torch.bool, device=alive.device)
 
     def _freeze(self, sel: torch.Tensor, loc, scale) -> int:
+        """Fix the working positions ``sel`` (ascending indices) to ``loc`` with scale ``scale``."""
         gi = self.free_idx[sel]
         self.fixed[gi] = True
         self.fixed_loc[gi] = loc
@@ -495,10 +511,12 @@ class _Clustering:
         k = int(gi.numel())
         self.need -= k
         self.num_new += k
+        self.num_alive -= k
         return k
 
     def fix(self, sel: torch.Tensor, centre: float) -> None:
-        """Fix the free weights ``sel`` to ``centre``, with the (floored) std of their means as scale."""
+        """Fix the free weights at ``sel`` (ascending working indices) to ``centre``, with the
+        (floored) std of their means as scale."""
         vals = self.mu_f[sel]
         std = max(float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0, self.config.sigma_min)
         d = ((vals - centre).abs() / self.sig_f[sel]).double()
@@ -507,7 +525,8 @@ class _Clustering:
         self.groups.append({"centre": float(centre), "count": k, "std": std, "tau": self.level.tau, **move})
 
     def fix_many(self, sel: torch.Tensor, code_idx: torch.Tensor, codebook: torch.Tensor) -> None:
-        """Fix the weights ``sel`` to ``codebook[code_idx]``, one group per code (vectorized)."""
+        """Fix the weights at ``sel`` (ascending working indices) to ``codebook[code_idx]``, one group
+        per code (vectorized)."""
         k_codes = codebook.numel()
         vals = self.mu_f[sel].double()
         cnt = torch.bincount(code_idx, minlength=k_codes).double()
@@ -524,8 +543,16 @@ class _Clustering:
                                 "tau": self.level.tau, "sweep": True, "d_max": float(d_max[j]),
                                 "d_sum": float(d_sum[j]), "d_sumsq": float(d_sumsq[j])})
 
+    def _distances(self, centre: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """``|mu - centre| / sigma`` of the free weights, ``inf`` at the fixed ones, written into ``out``
+        (a buffer of the last centre's, reused: no fresh allocation per centre)."""
+        out = torch.sub(self.mu_f, centre, out=out if out is not None else torch.empty_like(self.mu_f))
+        out.abs_().div_(self.sig_f)
+        return out if self.num_alive == out.numel() else out.masked_fill_(~self.alive, float("inf"))
+
     def _within_tau_counts(self, codebook: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per centre of the sorted ``codebook``: how many weights of ``mask`` lie within ``tau`` sigmas of it.
+        """Per centre of the sorted ``codebook``: how many weights of ``mask`` (a bool mask or ascending
+        working indices) lie within ``tau`` sigmas of it.
 
         The centres within ``tau`` sigmas of a weight form one run of the
         sorted codebook, found by two binary searches; the runs are summed
@@ -545,7 +572,8 @@ class _Clustering:
         config, level = self.config, self.level
         k_codes = codebook.numel()
         nearest = nearest_code_index(self.mu_f, codebook)
-        counts = torch.bincount(nearest[self.alive], minlength=k_codes)
+        all_alive = self.num_alive == self.alive.numel()
+        counts = torch.bincount(nearest if all_alive else nearest[self.alive], minlength=k_codes)
         if not level.codebook_grows(config):
             # The codebook can no longer grow, so failed levels only raise
             # tau: jump over the ones that cannot fix anything.
@@ -555,24 +583,26 @@ class _Clustering:
                 self.level = replace(level, tau=level.tau_after(config, d_min))
                 self.jumps += 1
                 if self.jumps > config.max_jumps:
-                    sel = _k_smallest(d_near, torch.isfinite(d_near), self.need)
+                    sel = _k_smallest(d_near, torch.isfinite(d_near), self.need).nonzero().squeeze(1)
                     self.fix_many(sel, nearest[sel], codebook)
                     return False
         if config.selection == "reference":
             counts = self._within_tau_counts(codebook, self.alive)
         tried = torch.zeros(k_codes, dtype=torch.bool, device=codebook.device)
+        d = None
         while self.need > 0:
             cand = counts.masked_fill(tried, 0)
             k = int(torch.argmax(cand))
             if int(cand[k]) <= 0:
                 break
             tried[k] = True
-            d = torch.where(self.alive, (self.mu_f - codebook[k]).abs() / self.sig_f, self.inf)
+            d = self._distances(codebook[k], d)
             if config.selection == "reference":
                 sel = _k_smallest(d, d <= self.level.tau, self.need)
             else:
                 sel = _prefix_within_tau(d, self.level.tau, limit=self.need)
-            if bool(sel.any()):
+            sel = sel.nonzero().squeeze(1)
+            if sel.numel():
                 if config.selection == "reference":
                     counts -= self._within_tau_counts(codebook, sel)
                 else:

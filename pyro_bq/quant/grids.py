@@ -330,10 +330,14 @@ def nearest_code_index(values: torch.Tensor, codebook: torch.Tensor) -> torch.Te
     cb = codebook.to(device=values.device, dtype=values.dtype)
     flat = values.reshape(-1).contiguous()
     hi = torch.searchsorted(cb, flat).clamp_(max=cb.numel() - 1)
-    lo = (hi - 1).clamp_(min=0)
-    d_lo, d_hi = (flat - cb[lo]).abs(), (cb[hi] - flat).abs()
-    pick_lo = (d_lo < d_hi) | ((d_lo == d_hi) & (cb[lo].abs() <= cb[hi].abs()))
-    return torch.where(pick_lo, lo, hi).reshape(values.shape)
+    # the neighbours' distances, in place; lo = hi - 1 except at the bottom (hi = 0, lo = 0)
+    d_lo = torch.sub(flat, cb[(hi - 1).clamp_(min=0)]).abs_()
+    d_hi = cb[hi].sub_(flat).abs_()
+    # a tie goes to the smaller magnitude: per upper index, whether the lower code wins it
+    lower_wins = torch.ones_like(cb, dtype=torch.bool)
+    lower_wins[1:] = cb[:-1].abs() <= cb[1:].abs()
+    pick_lo = (d_lo == d_hi).logical_and_(lower_wins[hi]).logical_or_(d_lo < d_hi)
+    return hi.sub_(pick_lo.view(torch.uint8)).clamp_(min=0).reshape(values.shape)
 
 
 def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

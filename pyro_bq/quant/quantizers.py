@@ -56,7 +56,6 @@ from .grids import (
     check_bits,
     check_rounding,
     interval_grid,
-    log2_exponents,
     log2_top,
     log2_window,
     matched_noise_scale,
@@ -508,6 +507,21 @@ class _OnUniformGrid:
         self._require()
         return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
 
+    def quantize(self, x):
+        # decode(encode(x)) without the int64 codes, in one buffer: uniform_codes then uniform_decode,
+        # step by step in place (the grid is in x's dtype, so no step changes a dtype). The floating
+        # codes are integers, which the int64 round trip keeps, except a code of -0.0 (from rounding
+        # a small negative value), which it makes +0.0; adding 0.0 does the same: the same bits
+        self._require()
+        with torch.no_grad():
+            step, zp, qmax = self._grid(x.dtype, x.device)
+            q = torch.div(x.detach(), step)
+            if q.dtype != step.dtype or q.dtype != zp.dtype or q.dtype != qmax.dtype:
+                return uniform_decode(uniform_codes(x.detach(), step, zp, qmax).add_(0.0), step, zp)
+            q.add_(zp).round_().clamp_(min=0)
+            torch.minimum(q, qmax, out=q)
+            return q.add_(0.0).sub_(zp).mul_(step)
+
     def decode(self, codes, dtype=torch.float32):
         self._require()
         step, zp, _ = self._grid(dtype, codes.device)
@@ -760,13 +774,27 @@ class Log2Quantizer(_RangeMixin, Quantizer):
     def encode(self, x):
         self._require()
         low, top = self._window(x)
-        e = torch.nan_to_num(torch.log2(x.detach().float()), nan=-1e9, neginf=-1e9)
-        return (log2_exponents(e, low, top) - low).to(torch.int64)
+        return self._exponents(x, low, top).sub_(low).to(torch.int64)
+
+    @staticmethod
+    def _exponents(x, low, top):
+        """:func:`~pyro_bq.quant.grids.log2_exponents` of ``log2(x)`` (zero, negative and NaN at the
+        bottom), computed in one new float32 buffer."""
+        e = torch.log2(x.detach().float()).nan_to_num_(nan=-1e9, neginf=-1e9)
+        return torch.clamp(e.round_(), min=low, max=top, out=e)
 
     def decode(self, codes, dtype=torch.float32):
         self._require()
         low, _ = self._window(codes)
         return torch.exp2(codes.float() + low).to(dtype)
+
+    def quantize(self, x):
+        # decode(encode(x)) without the integer codes: exponent - low + low is exact for these small
+        # integers, so the values are the same bits
+        self._require()
+        with torch.no_grad():
+            low, top = self._window(x)
+            return self._exponents(x, low, top).exp2_().to(x.dtype)
 
     def window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Lowest and highest exponent of the grid (per channel)."""
