@@ -99,7 +99,7 @@ def _predict_sets(model, guide, datasets: dict, labels: bool = False, **options)
     for name, data in datasets.items():
         x, y = _split(f"datasets[{name!r}]", data, need_labels=False)
         if first is not None and "samples" not in options:
-            options = _shared_draws(model, guide, x, options)
+            options = _shared_draws(model, guide, options)
         try:
             logits, read = predict_with_labels(model, guide, x, site="logits", name=name, **options)
         except (TypeError, ValueError) as err:
@@ -116,7 +116,7 @@ def _predict_sets(model, guide, datasets: dict, labels: bool = False, **options)
     return out
 
 
-def _shared_draws(model, guide, x, options: dict) -> dict:
+def _shared_draws(model, guide, options: dict) -> dict:
     """``options`` with ``samples=``: the draws every set would make again from the same ``seed``.
 
     Drawn once, after the first set ran (so its argument checks came first), where the
