@@ -37,7 +37,7 @@ from pyro_bq._validation import check_choice, check_int, resolve_device
 from .grids import check_bits, interval_grid, ste, uniform_quantize
 
 __all__ = ["FakeQuantActivation", "quantize_activations", "calibrate_activations_", "check_calibrated",
-           "UncalibratedActivationError", "BOUNDED_ACTIVATIONS"]
+           "UncalibratedActivationError", "BOUNDED_ACTIVATIONS", "round_to_grid"]
 
 #: what :func:`quantize_activations` uses of a :class:`~pyro_bq.models.BayesianModel` (duck-typed, so that
 #: this tensor-level package imports no model code)
@@ -144,10 +144,31 @@ class FakeQuantActivation(nn.Module):
                 f"FakeQuantActivation({type(self.activation).__name__}, bits={self.bits}) use {k + 1} has no "
                 f"calibrated range (it is 0..0, so every value would become 0 and every input would get the "
                 f"same prediction); {_CALIBRATE_HINT}")
-        return ste(y, uniform_quantize(y.detach(), *interval_grid(self.lo[k], self.hi[k], self.bits)))
+        grid = interval_grid(self.lo[k], self.hi[k], self.bits)
+        if y.requires_grad:
+            return ste(y, uniform_quantize(y.detach(), *grid))
+        return round_to_grid(y, *grid)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, range={self.range!r}"
+
+
+def round_to_grid(y: torch.Tensor, step, zp, qmax) -> torch.Tensor:
+    """:func:`~pyro_bq.quant.grids.uniform_quantize` of ``y``, bit for bit, in one new tensor.
+
+    The same operations in the same order (divide by ``step``, add ``zp``, round, clip to
+    ``[0, qmax]``, subtract ``zp``, multiply by ``step``), run in place on one copy of
+    ``y``: one allocation instead of seven. For values that need no gradient (evaluation);
+    ``y`` itself is not changed.
+
+    Usage::
+
+        y_q = round_to_grid(torch.rand(4, 8), *interval_grid(torch.tensor(0.0), torch.tensor(1.0), 8))
+    """
+    q = torch.div(y, step)
+    q.add_(zp).round_().clamp_(min=0)
+    torch.minimum(q, qmax, out=q)
+    return q.sub_(zp).mul_(step)
 
 
 def _check_activation_class(cls: type) -> type:

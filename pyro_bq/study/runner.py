@@ -374,6 +374,11 @@ ROW_BUILDERS: dict[str, Callable] = {
 # ---------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------
+#: inputs per network pass of the row evaluation and of the ArviZ export: equal batches give
+#: equal logits, so the export can take the evaluation's
+EVAL_BATCH = 500
+
+
 def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, row_dir: Path, extra: dict):
     eval_model = model
     if spec.act_bits is not None:
@@ -383,7 +388,7 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
     t0 = time.time()
     record, details = evaluate_details(
         eval_model, guide, tests["mnist"], tests["fashion"], ambiguous_data=tests["ambiguous"],
-        num_samples=cfg.num_samples, seed=cfg.seed,
+        num_samples=cfg.num_samples, seed=cfg.seed, batch_size=EVAL_BATCH, keep_logits=True,
     )
     extra_ood = _evaluate_extra_ood(cfg, eval_model, guide, tests)
     memory = memory_report(guide)
@@ -413,7 +418,7 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
         **({"extra": extra} if extra else {}),
     }
     _write_scores(row_dir / f"{spec.name}.scores.bq", spec.name, details, tests["mnist"].y, extra_ood.get("details", {}))
-    _write_arviz(cfg, eval_model, guide, tests, row_dir / f"{spec.name}.nc")
+    _write_arviz(cfg, eval_model, guide, tests, row_dir / f"{spec.name}.nc", _arviz_logits(cfg, details, tests))
     return row
 
 
@@ -451,9 +456,29 @@ def _write_scores(path: Path, name: str, details: dict, mnist_y: torch.Tensor, e
     write_container(path, "study-scores", {"config": name}, tensors)
 
 
-def _write_arviz(cfg, model, guide, tests, path: Path) -> None:
+def _arviz_logits(cfg: StudyConfig, details: dict, tests: dict):
+    """The MNIST logits of the evaluation that the ArviZ file would compute again, or ``None``.
+
+    Both draw with ``cfg.seed``; the evaluation's draws are the ArviZ draws when their numbers
+    agree, and its first ``n`` logits are bitwise those of the ArviZ pass when the first ``n``
+    inputs ran in the same batches of :data:`EVAL_BATCH` rows: ``n`` is all of the set or a
+    multiple of the batch. Otherwise the ArviZ export predicts for itself.
+    """
     n = min(cfg.arviz_limit, len(tests["mnist"]))
-    idata = to_arviz(model, guide, tests["mnist"].x[:n], tests["mnist"].y[:n], num_samples=cfg.arviz_samples, seed=cfg.seed)
+    logits = details["in"].get("logits")
+    if logits is None or cfg.arviz_samples != cfg.num_samples or logits.shape[:2] != (cfg.num_samples, len(tests["mnist"])):
+        return None
+    if n != len(tests["mnist"]) and n % EVAL_BATCH:
+        return None
+    return logits[:, :n]
+
+
+def _write_arviz(cfg, model, guide, tests, path: Path, logits=None) -> None:
+    """The row's ArviZ file; ``logits``: the network outputs of its draws on its inputs when known
+    (see :func:`_arviz_logits`)."""
+    n = min(cfg.arviz_limit, len(tests["mnist"]))
+    idata = to_arviz(model, guide, tests["mnist"].x[:n], tests["mnist"].y[:n], num_samples=cfg.arviz_samples,
+                     seed=cfg.seed, batch_size=EVAL_BATCH, logits=logits)
     # HDF5 is written to memory, then to disk with the package's atomic writer: a disk error
     # during HDF5's own writes leaves its objects broken, and their clean-up crashes the process
     buf = io.BytesIO()

@@ -53,6 +53,7 @@ def to_arviz(
     seed: int = 0,
     method: str = "auto",
     device=None,
+    logits: Optional[torch.Tensor] = None,
 ):
     """An :class:`arviz.InferenceData` of ``num_samples`` weight draws and their predictions.
 
@@ -76,6 +77,12 @@ def to_arviz(
         moved to the CPU (ArviZ holds numpy arrays).
     :param sites: site name(s) to keep in ``posterior``.
     :param max_values: upper bound on ``num_samples * (scalars in sites)``.
+    :param logits: the network outputs ``(num_samples, N, ...)`` of these very draws on ``x``,
+        computed elsewhere (e.g. ``details["in"]["logits"][:, :N]`` of
+        :func:`~pyro_bq.uncertainty.evaluate_details` with ``keep_logits=True``, the same
+        ``seed`` and ``num_samples`` and ``x`` the first ``N`` rows of its ``in_data``): the
+        network is then not run again. The caller vouches that they belong to the draws of
+        ``seed``; only their shape is checked. ``x`` must then be a tensor or a dataset.
     :raises ValueError: unknown sites, ``num_samples < 1``, mismatched ``y``,
         or a posterior larger than ``max_values``.
 
@@ -106,8 +113,12 @@ def to_arviz(
             f"the posterior of sites {chosen} would hold {size} values, more than max_values={max_values}; "
             "choose fewer sites, fewer num_samples, or raise max_values"
         )
-    out, read = predict_with_labels(model, guide, x, samples=draws, batch_size=batch_size, sample_chunk=sample_chunk,
-                                    method=method, site="loc" if regression else "logits", device=device)
+    if logits is None:
+        out, read = predict_with_labels(model, guide, x, samples=draws, batch_size=batch_size,
+                                        sample_chunk=sample_chunk, method=method,
+                                        site="loc" if regression else "logits", device=device)
+    else:
+        out, read = _given_outputs(logits, x, num_samples, streamed), None
     out, y = out.cpu(), (y if y is not None else read).cpu()
     _check_labels(y, out.shape[1])
     draws = {s: draws[s].cpu() for s in chosen}
@@ -123,6 +134,19 @@ def to_arviz(
         dims=dims,
         attrs={"inference_library": "pyro", "creation_library": "pyro_bq", "num_weight_draws": num_samples},
     )
+
+
+def _given_outputs(logits, x, num_samples: int, streamed: bool) -> torch.Tensor:
+    """``logits`` checked as the outputs of ``num_samples`` draws on the inputs ``x``."""
+    if streamed:
+        raise ValueError("logits= needs x as a tensor or a dataset (a source of batches has no known length)")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+        raise TypeError(f"logits must be a tensor of network outputs (num_samples, N, ...), got "
+                        f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}")
+    if tuple(logits.shape[:2]) != (num_samples, x.shape[0]):
+        raise ValueError(f"logits must have shape ({num_samples}, {x.shape[0]}, ...) for num_samples={num_samples} "
+                         f"draws on the {x.shape[0]} inputs of x, got {tuple(logits.shape)}")
+    return logits.detach().contiguous()
 
 
 def _check_labels(y, n: int) -> None:

@@ -20,7 +20,7 @@ from pyro_bq.guides.quantized import deterministic_sites, varying_fraction
 
 from .decompose import decompose
 from .metrics import DEFAULT_ECE_BINS, accuracy, auroc, brier, ece, nll
-from .predict import DEFAULT_NUM_SAMPLES, as_inputs, is_batch_source, predict_with_labels
+from .predict import DEFAULT_NUM_SAMPLES, as_inputs, is_batch_source, predict_with_labels, sample_weights
 
 __all__ = ["evaluate", "evaluate_details", "uncertainty_scores"]
 
@@ -98,6 +98,8 @@ def _predict_sets(model, guide, datasets: dict, labels: bool = False, **options)
     out, first = {}, None
     for name, data in datasets.items():
         x, y = _split(f"datasets[{name!r}]", data, need_labels=False)
+        if first is not None and "samples" not in options:
+            options = _shared_draws(model, guide, options)
         try:
             logits, read = predict_with_labels(model, guide, x, site="logits", name=name, **options)
         except (TypeError, ValueError) as err:
@@ -114,6 +116,21 @@ def _predict_sets(model, guide, datasets: dict, labels: bool = False, **options)
     return out
 
 
+def _shared_draws(model, guide, options: dict) -> dict:
+    """``options`` with ``samples=``: the draws every set would make again from the same ``seed``.
+
+    Drawn once, after the first set ran (so its argument checks came first), where the
+    draws depend on the seed alone: a set-up guide with ``sample_latents``, a seed given
+    and ``num_samples`` given. The draws are made as :func:`predict_with_labels` makes
+    them (``sample_weights`` under the seed), so the numbers are the same as drawing per set.
+    """
+    seed, num = options.get("seed"), options.get("num_samples")
+    if seed is None or num is None or not callable(getattr(guide, "sample_latents", None)) or (
+            getattr(guide, "prototype_trace", "missing") is None):
+        return options
+    return {**options, "samples": sample_weights(model, guide, num, seed=seed)}
+
+
 def evaluate_details(
     model,
     guide,
@@ -128,6 +145,7 @@ def evaluate_details(
     seed: int = 0,
     method: str = "auto",
     device=None,
+    keep_logits: bool = False,
 ) -> tuple[dict, dict]:
     """The record of :func:`evaluate` and the per-input decompositions behind it, for plots.
 
@@ -165,7 +183,9 @@ def evaluate_details(
         information as the score), ``auroc_total`` (predictive entropy) and
         ``auroc_aleatoric``; with ``ambiguous_data`` also ``*_ambiguous`` means,
         ``auroc_aleatoric_ambiguous`` and ``auroc_mi_ambiguous``. ``details`` holds
-        the decompositions ``{"in": ..., "ood": ..., "ambiguous": ...}`` of the given sets.
+        the decompositions ``{"in": ..., "ood": ..., "ambiguous": ...}`` of the given sets;
+        with ``keep_logits``, each also holds ``"logits"``, the network outputs ``(S, N, C)``
+        of the draws (e.g. for :func:`~pyro_bq.uncertainty.to_arviz`'s ``logits=``).
 
     Usage::
 
@@ -184,6 +204,9 @@ def evaluate_details(
     logits = {k: v[0] for k, v in logits.items()}
     suffix = {"in": "in", "ood": "out", "ambiguous": "ambiguous"}
     details = {key: decompose(logits[f"{key}_data"].softmax(-1)) for key in suffix if f"{key}_data" in logits}
+    if keep_logits:
+        for key, parts in details.items():
+            parts["logits"] = logits[f"{key}_data"]
     mean = details["in"]["mean_probs"]
     record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in),
                     "nll": nll(None, y_in, logits=logits["in_data"]),
