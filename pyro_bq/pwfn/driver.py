@@ -108,7 +108,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import pyro
 import torch

@@ -42,7 +42,7 @@ from typing import Mapping, Optional
 import torch
 
 from pyro_bq._validation import check_int
-from pyro_bq.uncertainty import accuracy, predictive_probs
+from pyro_bq.uncertainty import accuracy
 from pyro_bq.uncertainty.predict import predict_with_labels
 
 __all__ = [
