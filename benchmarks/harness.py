@@ -443,7 +443,8 @@ def memory_of(kind: str, net_name: str, row: str, steps: int, threads: int) -> f
     cmd = [sys.executable, __file__, "--memory-child", kind, net_name, row, "--memory-steps", str(steps),
            "--threads", str(threads), "--device", str(DEVICE)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
+    if out.returncode != 0:  # reported, and the row's figure left blank
+        print(f"memory of {kind} row {row!r} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return float("nan")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"] / 2**20
 
@@ -460,6 +461,31 @@ def table(title, times, base, mem, ref_rows=()):
     return "\n".join(lines), med
 
 
+def select(rows: dict, names, base: str) -> dict:
+    """The rows named in the comma-separated ``names`` (all where ``None``), with the baseline ``base``
+    always first.
+
+    :raises ValueError: naming a row that does not exist (e.g. a bayesian-torch row where it is not installed).
+    """
+    if names is None:
+        return rows
+    wanted = [n for n in names.split(",") if n]
+    unknown = [n for n in wanted if n not in rows]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose among {sorted(rows)}")
+    return {k: rows[k] for k in [base] + [n for n in wanted if n != base]}
+
+
+def memory_table(title: str, kind: str, net_name: str, rows: dict, args) -> str:
+    """Markdown table of each row's peak-memory growth (MiB, fresh subprocess) and its ratio to the first row."""
+    steps = args.memory_steps if kind == "train" else 1
+    mem = {k: memory_of(kind, net_name, k, steps, args.threads) for k in rows}
+    base = next(iter(mem.values()))
+    lines = [f"### {title}", "", f"| variant | peak MiB | x `{next(iter(mem))}` |", "|---|---:|---:|"]
+    lines += [f"| {k} | {m:.1f} | {m / base:.2f} |" for k, m in mem.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", default="lenet,mlp")
@@ -472,6 +498,8 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-steps", type=int, default=5)
     p.add_argument("--rows", default=None, help="comma-separated subset of training rows")
+    p.add_argument("--pred-rows", default=None, help="comma-separated subset of prediction rows")
+    p.add_argument("--memory-only", action="store_true", help="measure peak memory only, no timing")
     p.add_argument("--memory-child", nargs=3, metavar=("KIND", "NET", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the medians here")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]: build every row there; CUDA rows are "
@@ -491,9 +519,10 @@ def main(argv=None):
     results = {}
     for net_name in args.nets.split(","):
         if not args.skip_train:
-            rows = train_rows(net_name)
-            if args.rows:
-                rows = {k: v for k, v in rows.items() if k in args.rows.split(",") or k == "det"}
+            rows = select(train_rows(net_name), args.rows, "det")
+            if args.memory_only:
+                print(memory_table(f"{net_name}: peak memory of one training step", "train", net_name, rows, args))
+                continue
             fns = {k: make() for k, make in rows.items()}
             times = round_robin(fns, args.reps, args.warmup)
             mem = {} if args.no_memory else {k: memory_of("train", net_name, k, args.memory_steps, args.threads) for k in rows}
@@ -504,7 +533,11 @@ def main(argv=None):
             print(text + "\n", flush=True)
             results[f"{net_name}/train"] = med
         if not args.skip_prediction:
-            rows = pred_rows(net_name)
+            rows = select(pred_rows(net_name), args.pred_rows, "det x32")
+            if args.memory_only:
+                print(memory_table(f"{net_name}: peak memory of prediction, {PRED_S} samples x {PRED_N} images",
+                                   "pred", net_name, rows, args))
+                continue
             fns = {k: make() for k, make in rows.items()}
             times = round_robin(fns, args.pred_reps, 1)
             mem = {} if args.no_memory else {k: memory_of("pred", net_name, k, 1, args.threads) for k in rows}
