@@ -6,7 +6,8 @@ other processes hits them alike; the table reports medians and ratios to the
 plain PyTorch baseline of the same run. Peak memory of each row is measured in
 a fresh subprocess (``--memory``): the growth of the peak resident set size
 (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``
-after the set-up and one warm-up call) over the resident size at that point,
+after the set-up, one warm-up call and handing the allocator's free memory back to the
+system) over the resident size at that point,
 during ``--memory-steps`` further calls. (``tracemalloc`` does not see torch's
 allocations, so the operating system's count is used.) With ``--device cuda``
 every row runs on the GPU, is timed with CUDA events after the warm-up, and its
@@ -32,6 +33,10 @@ Training rows, batch 128, Adam(lr=1e-3), dataset size 60,000:
 * ``bt``        bayesian-torch ``dnn_to_bnn`` (Reparameterization layers), if installed
 * ``bt-flipout`` bayesian-torch Flipout layers, if installed
 
+The bayesian-torch rows need ``pip install bayesian-torch==0.5.0`` (not a
+dependency of pyro_bq); its ``dnn_to_bnn`` swaps the Linear and Conv2d layers and
+leaves BatchNorm as it is, so ResNet-20 converts too.
+
 Prediction rows, 32 weight samples over 1,000 images:
 
 * ``det x32``       32 deterministic forward passes (no_grad, eval)
@@ -44,12 +49,15 @@ Usage::
     python benchmarks/harness.py --reps 30 --threads 2
     python benchmarks/harness.py --nets mlp --skip-prediction --no-memory
     python benchmarks/harness.py --nets resnet20 --reps 10 --pred-reps 3
+    python benchmarks/harness.py --nets resnet20 --skip-train --memory-only --threads 1
+    python benchmarks/harness.py --nets resnet20 --rows bbb-w,bq,bt --pred-rows "bq batched,bt x32"
     python benchmarks/harness.py --nets lenet,mlp,resnet20 --device cuda --reps 50
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -417,6 +425,16 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Hand the allocator's free memory back to the system (glibc ``malloc_trim``), so that the resident
+    size the peak is measured from counts live memory only: freed heap memory a row reuses on its next
+    call would otherwise sit in that base and hide part of the row's working memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the base may include retained free memory
+        pass
+
+
 def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
     rows = train_rows(net_name) if kind == "train" else pred_rows(net_name)
     fn = rows[row]()
@@ -431,6 +449,7 @@ def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
         torch.cuda.synchronize(DEVICE)
         print(json.dumps({"peak_delta": torch.cuda.max_memory_allocated(DEVICE) - base}))
         return
+    _release_free_heap()
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
