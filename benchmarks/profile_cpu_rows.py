@@ -42,8 +42,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     rows = H.train_rows(args.net) if args.kind == "train" else H.pred_rows(args.net)
     base = "det" if args.kind == "train" else "det x32"
-    names = [base] + [r for r in (args.rows.split(",") if args.rows else rows) if r != base]
-    fns = {k: rows[k]() for k in names}
+    fns = {k: make() for k, make in H.select(rows, args.rows, base).items()}
     for fn in fns.values():
         fn()  # warm-up
     use = {k: [] for k in fns}
