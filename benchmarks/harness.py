@@ -6,7 +6,8 @@ other processes hits them alike; the table reports medians and ratios to the
 plain PyTorch baseline of the same run. Peak memory of each row is measured in
 a fresh subprocess (``--memory``): the growth of the peak resident set size
 (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``
-after the set-up and one warm-up call) over the resident size at that point,
+after the set-up, one warm-up call and handing the allocator's free memory back to the
+system) over the resident size at that point,
 during ``--memory-steps`` further calls. (``tracemalloc`` does not see torch's
 allocations, so the operating system's count is used.) With ``--device cuda``
 every row runs on the GPU, is timed with CUDA events after the warm-up, and its
@@ -32,6 +33,10 @@ Training rows, batch 128, Adam(lr=1e-3), dataset size 60,000:
 * ``bt``        bayesian-torch ``dnn_to_bnn`` (Reparameterization layers), if installed
 * ``bt-flipout`` bayesian-torch Flipout layers, if installed
 
+The bayesian-torch rows need ``pip install bayesian-torch==0.5.0`` (not a
+dependency of pyro_bq); its ``dnn_to_bnn`` swaps the Linear and Conv2d layers and
+leaves BatchNorm as it is, so ResNet-20 converts too.
+
 Prediction rows, 32 weight samples over 1,000 images:
 
 * ``det x32``       32 deterministic forward passes (no_grad, eval)
@@ -44,12 +49,15 @@ Usage::
     python benchmarks/harness.py --reps 30 --threads 2
     python benchmarks/harness.py --nets mlp --skip-prediction --no-memory
     python benchmarks/harness.py --nets resnet20 --reps 10 --pred-reps 3
+    python benchmarks/harness.py --nets resnet20 --skip-train --memory-only --threads 1
+    python benchmarks/harness.py --nets resnet20 --rows bbb-w,bq,bt --pred-rows "bq batched,bt x32"
     python benchmarks/harness.py --nets lenet,mlp,resnet20 --device cuda --reps 50
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -417,6 +425,16 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Hand the allocator's free memory back to the system (glibc ``malloc_trim``), so that the resident
+    size the peak is measured from counts live memory only: freed heap memory a row reuses on its next
+    call would otherwise sit in that base and hide part of the row's working memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the base may include retained free memory
+        pass
+
+
 def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
     rows = train_rows(net_name) if kind == "train" else pred_rows(net_name)
     fn = rows[row]()
@@ -431,6 +449,7 @@ def memory_child(kind: str, net_name: str, row: str, steps: int) -> None:
         torch.cuda.synchronize(DEVICE)
         print(json.dumps({"peak_delta": torch.cuda.max_memory_allocated(DEVICE) - base}))
         return
+    _release_free_heap()
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
@@ -443,7 +462,8 @@ def memory_of(kind: str, net_name: str, row: str, steps: int, threads: int) -> f
     cmd = [sys.executable, __file__, "--memory-child", kind, net_name, row, "--memory-steps", str(steps),
            "--threads", str(threads), "--device", str(DEVICE)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
+    if out.returncode != 0:  # reported, and the row's figure left blank
+        print(f"memory of {kind} row {row!r} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return float("nan")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"] / 2**20
 
@@ -460,6 +480,31 @@ def table(title, times, base, mem, ref_rows=()):
     return "\n".join(lines), med
 
 
+def select(rows: dict, names, base: str) -> dict:
+    """The rows named in the comma-separated ``names`` (all where ``None``), with the baseline ``base``
+    always first.
+
+    :raises ValueError: naming a row that does not exist (e.g. a bayesian-torch row where it is not installed).
+    """
+    if names is None:
+        return rows
+    wanted = [n for n in names.split(",") if n]
+    unknown = [n for n in wanted if n not in rows]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose among {sorted(rows)}")
+    return {k: rows[k] for k in [base] + [n for n in wanted if n != base]}
+
+
+def memory_table(title: str, kind: str, net_name: str, rows: dict, args) -> str:
+    """Markdown table of each row's peak-memory growth (MiB, fresh subprocess) and its ratio to the first row."""
+    steps = args.memory_steps if kind == "train" else 1
+    mem = {k: memory_of(kind, net_name, k, steps, args.threads) for k in rows}
+    base = next(iter(mem.values()))
+    lines = [f"### {title}", "", f"| variant | peak MiB | x `{next(iter(mem))}` |", "|---|---:|---:|"]
+    lines += [f"| {k} | {m:.1f} | {m / base:.2f} |" for k, m in mem.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nets", default="lenet,mlp")
@@ -472,6 +517,8 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-steps", type=int, default=5)
     p.add_argument("--rows", default=None, help="comma-separated subset of training rows")
+    p.add_argument("--pred-rows", default=None, help="comma-separated subset of prediction rows")
+    p.add_argument("--memory-only", action="store_true", help="measure peak memory only, no timing")
     p.add_argument("--memory-child", nargs=3, metavar=("KIND", "NET", "ROW"), help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the medians here")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]: build every row there; CUDA rows are "
@@ -491,9 +538,10 @@ def main(argv=None):
     results = {}
     for net_name in args.nets.split(","):
         if not args.skip_train:
-            rows = train_rows(net_name)
-            if args.rows:
-                rows = {k: v for k, v in rows.items() if k in args.rows.split(",") or k == "det"}
+            rows = select(train_rows(net_name), args.rows, "det")
+            if args.memory_only:
+                print(memory_table(f"{net_name}: peak memory of one training step", "train", net_name, rows, args))
+                continue
             fns = {k: make() for k, make in rows.items()}
             times = round_robin(fns, args.reps, args.warmup)
             mem = {} if args.no_memory else {k: memory_of("train", net_name, k, args.memory_steps, args.threads) for k in rows}
@@ -504,7 +552,11 @@ def main(argv=None):
             print(text + "\n", flush=True)
             results[f"{net_name}/train"] = med
         if not args.skip_prediction:
-            rows = pred_rows(net_name)
+            rows = select(pred_rows(net_name), args.pred_rows, "det x32")
+            if args.memory_only:
+                print(memory_table(f"{net_name}: peak memory of prediction, {PRED_S} samples x {PRED_N} images",
+                                   "pred", net_name, rows, args))
+                continue
             fns = {k: make() for k, make in rows.items()}
             times = round_robin(fns, args.pred_reps, 1)
             mem = {} if args.no_memory else {k: memory_of("pred", net_name, k, 1, args.threads) for k in rows}

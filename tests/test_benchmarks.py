@@ -69,3 +69,36 @@ def test_default_optimizer_frees_gradients_and_takes_the_same_steps_as_pyro_adam
     assert la == lb and torch.equal(loc_a, loc_b)
     assert grad_a is None  # freed once applied
     assert grad_b is not None and not grad_b.any()  # stock: zero-filled
+
+
+def test_row_selection_puts_the_baseline_first_and_rejects_unknown_rows(harness):
+    rows = harness.pred_rows("mlp")
+    chosen = harness.select(rows, "bq batched,det x32", "det x32")
+    assert list(chosen) == ["det x32", "bq batched"]
+    assert harness.select(rows, None, "det x32") is rows
+    with pytest.raises(ValueError, match="unknown rows"):
+        harness.select(rows, "bq batched,no-such-row", "det x32")
+
+
+def test_memory_only_prints_each_rows_peak_and_its_ratio_to_the_baseline(harness, capsys):
+    harness.main(["--nets", "mlp", "--skip-train", "--memory-only", "--pred-rows", "bq batched", "--threads", "1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| det x32") or ln.startswith("| bq")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["det x32", "bq batched"]
+    peaks = [float(ln.split("|")[2]) for ln in lines]
+    assert all(p == p for p in peaks)  # not NaN: each fresh subprocess ran and reported its peak
+    assert lines[0].split("|")[3].strip() == "1.00"
+
+
+def test_bayesian_torch_rows_train_and_predict_a_resnet20_with_batchnorm(harness):
+    pytest.importorskip("bayesian_torch")
+    import torch
+
+    assert {"bt", "bt-flipout"} <= set(harness.train_rows("resnet20"))
+    net = harness.bt_net("resnet20")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    x, _ = harness.data(4, 0, "resnet20")
+    with torch.no_grad():
+        a, b = net.eval()(x), net(x)
+    assert a.shape == (4, 10) and not torch.equal(a, b)  # each pass samples its own weights
+    for name in ("bt", "bt-flipout"):
+        harness.train_rows("resnet20")[name]()()
