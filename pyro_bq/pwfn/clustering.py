@@ -92,7 +92,9 @@ authors' code, and where this module departs from them:
   raises a free sigma by at most ``lr * alpha / (1 - momentum)`` (about
   ``5e-6``) a step, so it needs the paper's ~12,700 steps (27 epochs) to
   approach ``S = 0.05`` from the Eq. 12 start (~``2e-3``); 900 steps add
-  about ``4e-3``. The default stays ``"text"``.
+  about ``4e-3``. The default stays ``"text"``. The runs with the full paper
+  preset (3 epochs a round, both level rules) are in the acceptance table of
+  :mod:`pyro_bq.pwfn.driver`: 15 and 50 values, 3.1 and 3.0 bits.
 * The authors' code builds order-``r`` centres as sums of ``r`` powers drawn
   with replacement, between ``2**-b`` and the largest free ``|mu|``; we use
   sums of at most ``r`` distinct powers up to ``2**max_exp`` (every sum with
