@@ -127,10 +127,10 @@ def data(n: int, seed: int = 0, net_name: str = "lenet"):
 
 
 # -- (a) plain PyTorch ---------------------------------------------------------------------
-def det_step(net_name):
+def det_step(net_name, batch=None):
     net = make_net(net_name)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
-    x, y = data(BATCH, 0, net_name)
+    x, y = data(BATCH if batch is None else batch, 0, net_name)
 
     def step():
         opt.zero_grad()

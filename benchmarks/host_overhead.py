@@ -38,13 +38,12 @@ import time
 
 import pyro
 import torch
-import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import DATASET_SIZE, INIT_SCALE, LR, PRIOR_SCALE, data, make_net, naive_pyro_model  # noqa: E402
+from harness import DATASET_SIZE, INIT_SCALE, LR, PRIOR_SCALE, data, det_step, make_net, naive_pyro_model  # noqa: E402
 
 from pyro_bq import IIDNormal  # noqa: E402
 from pyro_bq.guides import AutoMeanFieldNormal  # noqa: E402
@@ -52,19 +51,6 @@ from pyro_bq.inference import MeanFieldELBO, default_optim  # noqa: E402
 from pyro_bq.inference import train  # noqa: E402
 from pyro_bq.inference.train import compile_network_  # noqa: E402
 from pyro_bq.models import BayesianClassifier  # noqa: E402
-
-
-def plain_step(net_name, batch):
-    net = make_net(net_name)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
-    x, y = data(batch, 0, net_name)
-
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-
-    return step
 
 
 _BUILT = {}
@@ -167,7 +153,7 @@ def main(argv=None):
         print(f"\n== {net}, {args.threads} thread(s), CPU ms per step (median of {args.reps})")
         med = {}
         for batch in (1, args.batch):
-            steps = {"plain": plain_step(net, batch), "naive": naive_step(net, batch),
+            steps = {"plain": det_step(net, batch), "naive": naive_step(net, batch),
                      "bq-before": bq_step(net, batch, before=True), "bq": bq_step(net, batch)}
             if args.compile:
                 steps["bq-compiled"] = bq_step(net, batch, compile_backend=args.compile)
