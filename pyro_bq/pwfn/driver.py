@@ -86,7 +86,14 @@ level rule     warm-up  accuracy  ensemble   unique  entropy  zeros   point file
 =============  =======  ========  =========  ======  =======  ======  ==========
 text           0        98.67%    98.68%     15      3.11     11.8%   4.08 bit/w
 reference      0        99.08%    99.10%     50      3.04     25.2%   6.09 bit/w
+text           10       98.72%    98.78%     14      2.58     11.7%   4.08 bit/w
 =============  =======  ========  =========  ======  =======  ======  ==========
+
+With ``--warmup-epochs 10`` (the authors' start: sigma and mu trained with the
+regulariser first, to 99.17% and a median sigma of 0.024) the free sigmas sit
+at ``S`` from round 4 on and the first nine rounds use at most 9 values; the
+last round, which must fix every remaining weight, raises the level and brings
+the count to 14. The entropy falls from 3.11 to 2.58 bits, still twice the floor.
 
 Both rules keep the accuracy (+0.06 and +0.47 points against the pretrained
 net) and the point file within ``ceil(log2 K) + 0.1`` bits a weight, but
