@@ -102,3 +102,22 @@ def test_bayesian_torch_rows_train_and_predict_a_resnet20_with_batchnorm(harness
     assert a.shape == (4, 10) and not torch.equal(a, b)  # each pass samples its own weights
     for name in ("bt", "bt-flipout"):
         harness.train_rows("resnet20")[name]()()
+
+
+def test_isolated_rows_each_run_in_a_fresh_process_and_report_a_ratio(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_profile_cpu_rows", BENCH / "profile_cpu_rows.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        med = module.main(["--net", "lenet", "--rows", "det,bq", "--reps", "1", "--isolated", "--calls", "1",
+                           "--warmup", "1"])
+    finally:
+        sys.path.remove(str(BENCH))
+    out = capsys.readouterr().out
+    assert "a fresh process per row and round" in out
+    rows = [ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("| det") or ln.startswith("| bq")]
+    assert rows == ["det", "bq"] and set(med) == {"det", "bq"}
+    assert all(v > 0 for v in med.values())  # each child ran a step and reported its CPU time
+    with pytest.raises(ValueError, match="unknown rows"):
+        module.main(["--net", "lenet", "--rows", "det,nope", "--isolated"])
