@@ -53,6 +53,20 @@ def tiny_classifier(net_name: str = "mlp", n: int = 32, seed: int = 0):
     return model, x, y
 
 
+def spread_guide(scale: float, net_name: str = "mlp"):
+    """``(model, guide, x, y)``: :func:`tiny_classifier` (64 inputs) with a mean-field guide whose
+    every scale is ``scale`` and whose locs are spread uniformly over [-1, 1] (seeded)."""
+    from pyro_bq.guides import AutoMeanFieldNormal
+
+    model, x, y = tiny_classifier(net_name, n=64)
+    guide = AutoMeanFieldNormal(model, init_scale=scale)
+    guide(x, y)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        guide.loc.copy_(torch.rand(guide.loc.shape, generator=gen) * 2 - 1)
+    return model, guide, x, y
+
+
 def float_guide(net_name: str = "mlp", n: int = 32):
     """``(model, guide, x, y)``: :func:`tiny_classifier` with a set-up mean-field guide (scale 0.05)."""
     from pyro_bq.guides import AutoMeanFieldNormal

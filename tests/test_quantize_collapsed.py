@@ -4,28 +4,17 @@ import warnings
 
 import pytest
 import torch
-from guide_contract import tiny_classifier
+from guide_contract import spread_guide
 
-from pyro_bq.guides import (DETERMINISTIC_THRESHOLD, AutoMeanFieldNormal, DeterministicDrawsWarning, quantize,
+from pyro_bq.guides import (DETERMINISTIC_THRESHOLD, DeterministicDrawsWarning, quantize,
                             varying_fraction)
 from pyro_bq.io import memory_report
 from pyro_bq.quant import JQ, VPQ
 from pyro_bq.uncertainty import evaluate
 
 
-def _guide(scale: float):
-    """A tiny MLP classifier and a guide whose every scale is ``scale``, its locs spread over [-1, 1]."""
-    model, x, y = tiny_classifier("mlp", n=64)
-    guide = AutoMeanFieldNormal(model, init_scale=scale)
-    guide(x, y)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        guide.loc.copy_(torch.rand(guide.loc.shape, generator=gen) * 2 - 1)
-    return model, guide, x, y
-
-
 def test_tiny_scales_at_two_bits_collapse_the_draws_and_warn():
-    model, guide, x, y = _guide(1e-4)
+    model, guide, x, y = spread_guide(1e-4)
     with pytest.warns(DeterministicDrawsWarning, match="whole guide"):
         qguide = quantize(guide, JQ(2, calib_width=1.0))
     fractions = varying_fraction(qguide, num_draws=16, seed=0)
@@ -39,7 +28,7 @@ def test_tiny_scales_at_two_bits_collapse_the_draws_and_warn():
 
 
 def test_large_scales_keep_the_draws_varying_without_a_warning():
-    model, guide, x, y = _guide(0.5)
+    model, guide, x, y = spread_guide(0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeterministicDrawsWarning)
         qguide = quantize(guide, JQ(2))
@@ -51,7 +40,7 @@ def test_large_scales_keep_the_draws_varying_without_a_warning():
 
 
 def test_varying_fraction_is_seeded_and_leaves_the_global_rng_alone():
-    model, guide, x, y = _guide(0.3)
+    model, guide, x, y = spread_guide(0.3)
     qguide = quantize(guide, JQ(3))
     state = torch.get_rng_state()
     assert varying_fraction(qguide, seed=3) == varying_fraction(qguide, seed=3)

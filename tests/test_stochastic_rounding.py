@@ -7,12 +7,12 @@ import warnings
 import pyro
 import pytest
 import torch
-from guide_contract import tiny_classifier
+from guide_contract import spread_guide
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import Predictive
 
-from pyro_bq.guides import AutoMeanFieldNormal, DeterministicDrawsWarning, quantize, varying_fraction
+from pyro_bq.guides import DeterministicDrawsWarning, quantize, varying_fraction
 from pyro_bq.inference.prediction import batched_forward
 from pyro_bq.io import load_packed, memory_report, save_packed
 from pyro_bq.io.packed import _upgrade_cfg
@@ -70,18 +70,8 @@ def test_the_matched_noise_keeps_the_total_variance_where_sigma_allows_it():
         assert abs(float(stochastic_round(x).var() / sigma[i] ** 2) - 1) < 0.03
 
 
-def _guide(scale: float, net: str = "mlp"):
-    model, x, y = tiny_classifier(net, n=64)
-    guide = AutoMeanFieldNormal(model, init_scale=scale)
-    guide(x, y)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        guide.loc.copy_(torch.rand(guide.loc.shape, generator=gen) * 2 - 1)
-    return model, guide, x, y
-
-
 def test_stochastic_rounding_keeps_tiny_scale_draws_varying_where_nearest_collapses():
-    model, guide, x, y = _guide(1e-4)
+    model, guide, x, y = spread_guide(1e-4)
     with pytest.warns(DeterministicDrawsWarning):
         nearest = quantize(guide, SPQ(2, calib_width=1.0))
     with warnings.catch_warnings():
@@ -107,7 +97,7 @@ def test_the_straight_through_gradient_is_one_inside_the_range():
     (q(w) * torch.arange(200.0)).sum().backward()
     assert torch.equal(w.grad, torch.arange(200.0))
     # through a sampled guide site: d w / d loc = 1 and d w / d scale = eps, as for round to nearest
-    model, guide, x, y = _guide(0.05)
+    model, guide, x, y = spread_guide(0.05)
     for rounding in ("nearest", "stochastic"):
         qguide = quantize(guide, SPQ(3, rounding=rounding))
         name = next(iter(guide.sites))
@@ -120,7 +110,7 @@ def test_the_straight_through_gradient_is_one_inside_the_range():
 
 
 def test_draws_are_reproducible_under_the_seed_and_the_vectorized_path_matches_predictive():
-    model, guide, x, y = _guide(0.02, "cnn")
+    model, guide, x, y = spread_guide(0.02, "cnn")
     qguide = quantize(guide, JQ(2, rounding="stochastic"))
     pyro.set_rng_seed(5)
     a = qguide.sample_latents(6)
@@ -135,7 +125,7 @@ def test_draws_are_reproducible_under_the_seed_and_the_vectorized_path_matches_p
 
 
 def test_a_reloaded_packed_guide_rounds_the_same_way_and_predicts_identically(tmp_path):
-    model, guide, x, y = _guide(0.02)
+    model, guide, x, y = spread_guide(0.02)
     for rounding in ("stochastic", "stochastic-matched"):
         qguide = quantize(guide, SPQ(2, rounding=rounding))
         path = tmp_path / f"{rounding}.bq"
@@ -159,7 +149,7 @@ def test_packed_configs_written_before_the_rounding_key_read_as_nearest():
 
 
 def test_memory_report_counts_the_uniform_numbers_a_device_draws():
-    model, guide, x, y = _guide(0.05)
+    model, guide, x, y = spread_guide(0.05)
     plain = memory_report(quantize(guide, SPQ(3)))
     sr = memory_report(quantize(guide, SPQ(3, rounding="stochastic")))
     n = sum(i.numel for i in guide.sites.values())
@@ -169,7 +159,7 @@ def test_memory_report_counts_the_uniform_numbers_a_device_draws():
 
 
 def test_the_variance_matched_rule_narrows_the_gaussian_noise():
-    model, guide, x, y = _guide(0.3)
+    model, guide, x, y = spread_guide(0.3)
     qguide = quantize(guide, SPQ(2, rounding="stochastic-matched"))
     name = next(iter(guide.sites))
     loc, scale = qguide.get_loc_scale(name)
@@ -199,7 +189,7 @@ def test_onnx_export_refuses_stochastic_rounding_naming_the_site(tmp_path):
     pytest.importorskip("onnx")
     from pyro_bq.export import to_onnx, weights_from_eps
 
-    model, guide, x, y = _guide(0.05)
+    model, guide, x, y = spread_guide(0.05)
     qguide = quantize(guide, SPQ(3, rounding="stochastic"))
     name = next(iter(guide.sites))
     with pytest.raises(ValueError, match=f"site '{name}' sample: rounding='stochastic' has no ONNX form"):
@@ -217,7 +207,7 @@ def test_the_study_has_stochastic_rounding_rows_next_to_round_to_nearest(tmp_pat
     rows = cfg.rows()
     assert [r.name for r in rows] == ["float", "spq3", "spq2", "jq3", "jq2", "spq2-sr", "jq3-sr", "jq2-sr"]
     assert {r.training for r in rows} == {"data-free"}
-    model, guide, x, y = _guide(0.05)
+    model, guide, x, y = spread_guide(0.05)
     ctx = RowContext(cfg, model, guide, None, tmp_path)
     qguide, extra = ROW_BUILDERS["jq-sr"](ctx, RowSpec("jq-sr", 2))
     assert extra["rounding"] == "stochastic-matched" and qguide.policy.mode == "jq"
