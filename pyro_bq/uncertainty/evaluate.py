@@ -207,9 +207,21 @@ def evaluate_details(
     if keep_logits:
         for key, parts in details.items():
             parts["logits"] = logits[f"{key}_data"]
+    record = _record(details, logits["in_data"], y_in, num_samples, num_bins, suffix)
+    if isinstance(guide, AutoGaussianSites):
+        fractions = varying_fraction(guide, seed=0 if seed is None else seed)
+        record["varying_fraction"], record["deterministic_sites"] = deterministic_sites(
+            fractions, {name: info.numel for name, info in guide.sites.items()})
+        record["varying_fraction_sites"] = fractions
+    return record, details
+
+
+def _record(details: dict, logits_in: torch.Tensor, y_in: torch.Tensor, num_samples: int, num_bins: int,
+            suffix: dict) -> dict:
+    """The figures of :func:`evaluate_details`'s record computed from the per-set decompositions."""
     mean = details["in"]["mean_probs"]
     record: dict = {"num_samples": num_samples, "accuracy": accuracy(mean, y_in),
-                    "nll": nll(None, y_in, logits=logits["in_data"]),
+                    "nll": nll(None, y_in, logits=logits_in),
                     "brier": brier(mean, y_in), "ece": ece(mean, y_in, num_bins)}
     for key, parts in details.items():
         for part in ("total", "aleatoric", "epistemic"):
@@ -221,12 +233,7 @@ def evaluate_details(
     if "ambiguous" in details:
         for part, name in (("aleatoric", "aleatoric"), ("epistemic", "mi")):
             record[f"auroc_{name}_ambiguous"] = auroc(d_in[part], details["ambiguous"][part])
-    if isinstance(guide, AutoGaussianSites):
-        fractions = varying_fraction(guide, seed=0 if seed is None else seed)
-        record["varying_fraction"], record["deterministic_sites"] = deterministic_sites(
-            fractions, {name: info.numel for name, info in guide.sites.items()})
-        record["varying_fraction_sites"] = fractions
-    return record, details
+    return record
 
 
 def evaluate(model, guide, in_data, ood_data=None, **options) -> dict:
