@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--pretrain-epochs", type=int, default=15)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--pretrain-autocast", default="none", choices=["none", "bf16"],
+                   help="bf16: mixed-precision pretraining (bfloat16 products, float32 weights); "
+                        "several times faster on CPUs with AMX or AVX-512 BF16 and on recent GPUs")
     p.add_argument("--pretrained", default=None, help="pretrained net checkpoint: resumed/loaded if present")
+    p.add_argument("--svi-checkpoint-dir", default=None,
+                   help="fit_svi checkpoints (every 100 steps): a rerun with the same folder resumes the BNN")
     p.add_argument("--svi-epochs", type=int, default=3)
     p.add_argument("--svi-lr", type=float, default=1e-4, help="Adam learning rate of the means")
     p.add_argument("--scale-lr", type=float, default=1e-2, help="Adam learning rate of the scales")
@@ -135,7 +140,8 @@ def run(args) -> dict:
     times, rows = {}, []
     t = time.perf_counter()
     net = pretrain(make, loader, epochs=args.pretrain_epochs, lr=args.pretrain_lr, seed=args.seed,
-                   checkpoint=args.pretrained, progress=not args.no_progress, device=device)
+                   checkpoint=args.pretrained, progress=not args.no_progress, device=device,
+                   autocast=torch.bfloat16 if args.pretrain_autocast == "bf16" else None)
     times["pretrain"] = time.perf_counter() - t
     print(f"pretrained ResNet ({args.blocks} blocks/stage) in {times['pretrain']:.0f}s: "
           f"accuracy {100 * _net_accuracy(net, test, device):.2f}%")
@@ -144,7 +150,7 @@ def run(args) -> dict:
     model = BayesianClassifier(copy.deepcopy(net), IIDNormal(args.prior_scale), dataset_size=size)
     guide, _ = fit_meanfield_bnn(model, loader, pretrained=net, lr=args.svi_lr, scale_lr=args.scale_lr,
                                  num_epochs=args.svi_epochs, seed=args.seed, device=device,
-                                 progress=not args.no_progress)
+                                 checkpoint_dir=args.svi_checkpoint_dir, progress=not args.no_progress)
     times["svi"] = time.perf_counter() - t
     evaluate_options = {"num_samples": args.num_samples, "seed": args.seed}
     rows.append(_row("float (mean-field)", evaluate(model, guide, test, ood, **evaluate_options), 32.0))

@@ -19,7 +19,7 @@ def _example():
 
 def test_the_small_run_fills_every_row(data_root):
     out = _example().main(["--data-dir", str(data_root), "--train-limit", "128", "--test-limit", "64", "--blocks", "1",
-                           "--pretrain-epochs", "1", "--svi-epochs", "1", "--num-samples", "2", "--pwfn-steps", "2",
+                           "--pretrain-epochs", "1", "--pretrain-autocast", "bf16", "--svi-epochs", "1", "--num-samples", "2", "--pwfn-steps", "2",
                            "--pwfn-schedule", "1.0", "--rb-steps", "3", "--batch-size", "64", "--no-progress",
                            "--device", "cpu"])
     methods = [r["method"] for r in out["rows"]]

@@ -9,7 +9,8 @@ from pyro_bq import IIDNormal
 from pyro_bq.data import InMemoryDataset
 from pyro_bq.guides import AutoLogQuantNormal, AutoMeanFieldNormal
 from pyro_bq.inference import MeanFieldELBO
-from pyro_bq.models import MLP, BayesianClassifier
+from pyro_bq.models import MLP, BayesianClassifier, LeNet5
+from pyro_bq.uncertainty import accuracy
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide, scale_aware_adam
 
 
@@ -73,3 +74,21 @@ def test_fit_meanfield_bnn_starts_at_the_pretrained_weights_and_round_trips(data
     assert torch.equal(again.loc, guide.loc) and torch.equal(again.scale_raw, guide.scale_raw)
     assert load_meanfield_guide(path, model, data.x[:2], key={"epochs": 2}) is None
     assert load_meanfield_guide(tmp_path / "missing.bq", model, data.x[:2]) is None
+
+
+def test_pretrain_with_bfloat16_autocast_trains_a_float32_net_on_real_mnist(mnist_small):
+    train, test = mnist_small
+    mixed = pretrain(LeNet5, train, epochs=3, lr=2e-3, seed=0, autocast=torch.bfloat16)
+    full = pretrain(LeNet5, train, epochs=3, lr=2e-3, seed=0)
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    # bfloat16 products change the trajectory: the autocast was applied ...
+    assert not all(torch.equal(a, b) for a, b in zip(mixed.parameters(), full.parameters()))
+    with torch.no_grad():
+        acc_mixed = accuracy(mixed(test.x).softmax(-1), test.y)
+        acc_full = accuracy(full(test.x).softmax(-1), test.y)
+    # ... and the net learns as well as in float32
+    assert acc_mixed > 0.8 and abs(acc_mixed - acc_full) < 0.03, (acc_mixed, acc_full)
+    with pytest.raises(ValueError, match="autocast=torch.float16"):
+        pretrain(_mlp, train, epochs=1, autocast=torch.float16)
+    with pytest.raises(TypeError, match="autocast"):
+        pretrain(_mlp, train, epochs=1, autocast="bf16")
