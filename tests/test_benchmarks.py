@@ -121,3 +121,14 @@ def test_isolated_rows_each_run_in_a_fresh_process_and_report_a_ratio(capsys):
     assert all(v > 0 for v in med.values())  # each child ran a step and reported its CPU time
     with pytest.raises(ValueError, match="unknown rows"):
         module.main(["--net", "lenet", "--rows", "det,nope", "--isolated"])
+
+
+def test_autocast_pretrain_times_both_precisions_and_rejects_an_unknown_net(capsys):
+    spec = importlib.util.spec_from_file_location("autocast_pretrain", BENCH / "autocast_pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--nets", "lenet", "--batch", "8", "--reps", "1", "--threads", "1"])
+    assert set(out["lenet"]) == {"float32", "bfloat16"} and all(v > 0 for v in out["lenet"].values())
+    assert "x float32" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown net"):
+        module.main(["--nets", "vgg"])
