@@ -72,3 +72,25 @@ def test_prediction_draws_never_update_running_statistics_and_both_paths_agree(m
     assert all(torch.equal(before[k], v) for k, v in _stats(model).items())
     assert torch.allclose(fast, slow, atol=1e-4)  # both normalize with the running statistics
     assert model.training == mode
+
+
+def test_train_mode_false_keeps_batchnorm_a_fixed_affine_map_and_a_resume_must_agree(mnist_small, tmp_path):
+    train = mnist_small[0].subset(40)
+    net, model = _bn_model()
+    model.train()
+    guide = AutoMeanFieldNormal(model, init_loc_fn=init_to_pretrained(net), init_scale=1e-3)
+    before = _stats(model)
+    result = fit_svi(model, guide, train, num_steps=2, batch_size=20, progress=False, train_mode=False,
+                     checkpoint_dir=tmp_path)
+    assert result.steps == 2
+    after = _stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics neither used up nor moved
+    assert model.training  # each module back in its own mode
+    # the loss sees the weight noise through the frozen statistics: the guide's loc moved
+    assert any(not torch.equal(guide.get_loc_scale(n)[0], init) for n, init in
+               ((n, net.state_dict()[n.removeprefix("net.")]) for n in guide.sites))
+    with pytest.raises(ValueError, match="train_mode=False"):
+        fit_svi(model, guide, train, num_steps=3, batch_size=20, progress=False, train_mode=True,
+                checkpoint_dir=tmp_path)
+    with pytest.raises(TypeError, match="train_mode"):
+        fit_svi(model, guide, train, num_steps=1, batch_size=20, progress=False, train_mode="eval")

@@ -378,18 +378,19 @@ def _describe_data(fp: dict) -> str:
 
 
 def _check_settings(saved, settings: dict, where: str) -> None:
-    """Refuse to resume from a checkpoint written with another seed, batch_size or dataset."""
+    """Refuse to resume from a checkpoint written with another seed, batch_size, train_mode or dataset."""
     if saved is None:  # written by an older pyro_bq: nothing to compare
         return
     if not isinstance(saved, dict):
         raise ValueError(f"checkpoint {where} has malformed 'settings'; delete it or choose another checkpoint_dir")
     advice = ("; resume with the same settings, or pass another checkpoint_dir (or resume=False to start over "
               "and overwrite it)")
-    for key in ("seed", "batch_size"):
+    for key, what in (("seed", "another data order"), ("batch_size", "another data order"),
+                      ("train_mode", "with BatchNorm in another mode")):
         if key in saved and saved[key] != settings[key]:
             raise ValueError(
                 f"checkpoint {where} was written with {key}={saved[key]!r}, but this run has {key}={settings[key]!r}: "
-                f"resuming would continue another data order{advice}"
+                f"resuming would continue {what}{advice}"
             )
     if "data" in saved and saved["data"] != settings["data"]:
         raise ValueError(
@@ -493,6 +494,7 @@ class _Run:
     distributed: Optional[bool]
     callback: Optional[Callable[[int, float], None]] = None
     step_hook: Optional[Callable[[], None]] = None
+    train_mode: bool = True  # the modules' mode during the steps (BatchNorm: batch or running statistics)
     settings: Optional[dict] = None  # what a checkpoint records, and a resume must match
     result: FitResult = field(default_factory=FitResult)
     step: int = 0
@@ -519,7 +521,8 @@ class _Run:
         """Fix the settings a checkpoint records, make the folder (rank 0), check that every rank has the same;
         seed, create the guide's parameters, resume from the folder's latest checkpoint, share rank 0's state."""
         if self.folder is not None or self.strategy.distributed:  # the data's fingerprint only when needed
-            self.settings = {"seed": self.seed, "batch_size": self.batch_size, "data": _fingerprint(self.data)}
+            self.settings = {"seed": self.seed, "batch_size": self.batch_size, "train_mode": self.train_mode,
+                             "data": _fingerprint(self.data)}
         self.strategy.agree(
             {"seed": self.seed, "batch_size": self.batch_size, "num_steps": total, "checkpoint_every": checkpoint_every,
              "resume": resume, "on_nonfinite": self.on_nonfinite, "data": (self.settings or {}).get("data")},
@@ -615,7 +618,9 @@ class _Run:
         bar = self.strategy.main_only(tqdm, total=total, initial=self.step, desc="SVI", dynamic_ncols=True,
                                       leave=False) if progress else None
         try:
-            with module_mode(self.model, True):  # BatchNorm: batch statistics, running statistics updated
+            # train_mode: BatchNorm normalizes with batch statistics and updates the running ones;
+            # eval mode: BatchNorm is the fixed affine map of its running statistics
+            with module_mode(self.model, self.train_mode):
                 self._loop(total, checkpoint_every, bar)
         finally:
             if bar is not None:
@@ -672,7 +677,7 @@ def fit_svi(
     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: int = 100, resume: bool = True,
     on_nonfinite: str = "raise", progress: bool = True, callback: Optional[Callable[[int, float], None]] = None,
     step_hook: Optional[Callable[[], None]] = None, distributed: Optional[bool] = None,
-    dataset_size: Optional[int] = None, device=None,
+    dataset_size: Optional[int] = None, device=None, train_mode: bool = True,
 ) -> FitResult:
     """Train ``guide`` for ``model`` with SVI on ``data``.
 
@@ -698,6 +703,12 @@ def fit_svi(
     :param elbo: default :class:`~pyro_bq.inference.elbo.MeanFieldELBO` (``TraceMeanField_ELBO``
         without the log-densities its loss never reads; same loss and gradients).
     :param seed: data order and weight noise, an int in ``[0, 2**32 - 1]``.
+    :param train_mode: the mode the model's modules take during the steps. ``True`` (default):
+        training mode, BatchNorm normalizes each sampled network with its batch's statistics and
+        updates its running statistics. ``False``: eval mode, BatchNorm is a fixed affine map
+        with the running statistics it came with (e.g. a pretrained network's), never updated:
+        the weight noise then reaches the output, so the likelihood bounds the scales of the
+        weights before a BatchNorm, which batch statistics would renormalize away.
     :param checkpoint_dir: where ``ckpt-{step}.bq`` files go; with ``resume`` the
         run continues from the latest valid one there. A checkpoint records
         ``seed``, ``batch_size`` and a fingerprint of ``data`` (size, shapes,
@@ -741,6 +752,6 @@ def fit_svi(
     optim = optim if optim is not None else default_optim(lr)
     elbo = elbo if elbo is not None else MeanFieldELBO()
     run = _Run(model, guide, optim, elbo, batches, batch_size, seed, on_nonfinite, folder, distributed,
-               callback=callback, step_hook=step_hook)
+               callback=callback, step_hook=step_hook, train_mode=check_bool("train_mode", train_mode))
     run.start(total, checkpoint_every, resume)
     return run.train(total, checkpoint_every, progress)

@@ -248,6 +248,8 @@ class PWFN:
         authors' pipeline starts its rounds from a Bayesian net already
         trained with the regulariser, see the module docstring).
     :param seed: base seed (round ``t`` trains with ``seed + t``; the warm-up with ``seed + 10**6``).
+    :param train_mode: the modules' mode while training (:func:`~pyro_bq.inference.fit_svi`'s
+        ``train_mode``; ``False`` keeps BatchNorm the fixed map of its running statistics).
     :param checkpoint_dir: folder for the per-round checkpoints (resume on rerun).
     :param eval_samples: ensemble size of the final evaluation (20 in the paper).
     :param progress: show progress bars. :param log: function called with each round's log line.
@@ -286,6 +288,7 @@ class PWFN:
         scale_step=_UNSET,
         warmup_epochs=_UNSET,
         seed: int = 0,
+        train_mode: bool = True,
         checkpoint_dir=None,
         eval_samples: int = 20,
         eval_batch_size: int = 1000,
@@ -331,6 +334,7 @@ class PWFN:
             raise ValueError('scale_step="sigma" needs optimizer="sgd" (use scale_step="raw" with Adam)')
         self.warmup_epochs = check_int("warmup_epochs", opts["warmup_epochs"], low=0)
         self.seed = check_int("seed", seed, low=0)
+        self.train_mode = check_bool("train_mode", train_mode)
         self.checkpoint_dir = None if checkpoint_dir is None else check_path("checkpoint_dir", checkpoint_dir)
         self.eval_samples = check_int("eval_samples", eval_samples, low=1)
         self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
@@ -411,7 +415,7 @@ class PWFN:
             self.model, self.guide, self.train_data, num_epochs=self.warmup_epochs, batch_size=self.batch_size,
             optim=self._optimizer(), elbo=self.objective, seed=self.seed + 10**6, dataset_size=self.dataset_size,
             device=self.device, checkpoint_dir=(self.checkpoint_dir / "warmup") if self.checkpoint_dir else None,
-            progress=self.progress, step_hook=self.guide.enforce_fixed_,
+            progress=self.progress, step_hook=self.guide.enforce_fixed_, train_mode=self.train_mode,
         ).steps
         sigma_q = self._free_sigma_quantiles()
         acc = self._accuracy()
@@ -436,7 +440,7 @@ class PWFN:
                 batch_size=self.batch_size, optim=self._optimizer(), elbo=self.objective, seed=self.seed + t,
                 dataset_size=self.dataset_size, device=self.device,
                 checkpoint_dir=(self.checkpoint_dir / f"round-{t + 1}") if self.checkpoint_dir else None,
-                progress=self.progress, step_hook=self.guide.enforce_fixed_,
+                progress=self.progress, step_hook=self.guide.enforce_fixed_, train_mode=self.train_mode,
             ).steps
         t_train = time.perf_counter() - t0
         sigma_q = self._free_sigma_quantiles()
