@@ -3,6 +3,8 @@ the pretrained net, JQ at 4 and 3 bits, PWFN and Random Bits, each scored on acc
 mutual information against MNIST (out-of-distribution) and bits per weight.
 
     python examples/resnet_fashion.py --data-dir ../shared/data --device auto          # full run (defaults)
+    python examples/resnet_fashion.py --data-dir ../shared/data --pretrain-autocast bf16 --num-samples 16 \\
+        --pretrained runs/resnet20.bq --svi-checkpoint-dir runs/svi   # the README's CPU run (resumable)
     python examples/resnet_fashion.py --train-limit 512 --test-limit 256 --blocks 1 \\
         --pretrain-epochs 1 --svi-epochs 1 --num-samples 4 --pwfn-steps 2 --rb-steps 5   # a quick look
 

@@ -199,3 +199,23 @@ def test_warmup_epochs_is_validated(mnist_small, lenet_small):
     model, guide = _setup(train, lenet_small)
     with pytest.raises(ValueError, match="warmup_epochs"):
         PWFN(model, guide, train, warmup_epochs=-1, progress=False)
+
+
+def test_train_mode_reaches_every_training_call_and_is_validated(mnist_small, lenet_small, monkeypatch):
+    import pyro_bq.pwfn.driver as driver
+
+    train, _ = mnist_small
+    seen = []
+    real = driver.fit_svi
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["train_mode"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "fit_svi", spy)
+    model, guide = _setup(train, lenet_small)
+    PWFN(model, guide, train, schedule=(0.5, 1.0), num_steps=1, batch_size=200, warmup_epochs=1, train_mode=False,
+         eval_samples=1, progress=False, log=None).run()
+    assert seen == [False, False, False]  # the warm-up and both rounds
+    with pytest.raises(TypeError, match="train_mode"):
+        PWFN(model, guide, train, train_mode="eval", progress=False)

@@ -711,7 +711,7 @@ def fit_svi(
         weights before a BatchNorm, which batch statistics would renormalize away.
     :param checkpoint_dir: where ``ckpt-{step}.bq`` files go; with ``resume`` the
         run continues from the latest valid one there. A checkpoint records
-        ``seed``, ``batch_size`` and a fingerprint of ``data`` (size, shapes,
+        ``seed``, ``batch_size``, ``train_mode`` and a fingerprint of ``data`` (size, shapes,
         dtypes, a cheap checksum); resuming with other ones, or with a model or
         guide whose parameters do not fit, raises ``ValueError`` naming the file.
     :param resume: continue from the latest checkpoint (``True``/``False``).
