@@ -703,12 +703,9 @@ def fit_svi(
     :param elbo: default :class:`~pyro_bq.inference.elbo.MeanFieldELBO` (``TraceMeanField_ELBO``
         without the log-densities its loss never reads; same loss and gradients).
     :param seed: data order and weight noise, an int in ``[0, 2**32 - 1]``.
-    :param train_mode: the mode the model's modules take during the steps. ``True`` (default):
-        training mode, BatchNorm normalizes each sampled network with its batch's statistics and
-        updates its running statistics. ``False``: eval mode, BatchNorm is a fixed affine map
-        with the running statistics it came with (e.g. a pretrained network's), never updated:
-        the weight noise then reaches the output, so the likelihood bounds the scales of the
-        weights before a BatchNorm, which batch statistics would renormalize away.
+    :param train_mode: the modules' mode during the steps: ``True``, BatchNorm uses and updates
+        batch statistics; ``False``, BatchNorm is the fixed map of its running statistics (e.g. a
+        pretrained net's), so the likelihood bounds the scales of the weights it would renormalize.
     :param checkpoint_dir: where ``ckpt-{step}.bq`` files go; with ``resume`` the
         run continues from the latest valid one there. A checkpoint records
         ``seed``, ``batch_size``, ``train_mode`` and a fingerprint of ``data`` (size, shapes,
