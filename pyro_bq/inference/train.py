@@ -703,9 +703,8 @@ def fit_svi(
     :param elbo: default :class:`~pyro_bq.inference.elbo.MeanFieldELBO` (``TraceMeanField_ELBO``
         without the log-densities its loss never reads; same loss and gradients).
     :param seed: data order and weight noise, an int in ``[0, 2**32 - 1]``.
-    :param train_mode: the modules' mode during the steps: ``True``, BatchNorm uses and updates
-        batch statistics; ``False``, BatchNorm is the fixed map of its running statistics (e.g. a
-        pretrained net's), so the likelihood bounds the scales of the weights it would renormalize.
+    :param train_mode: the modules' mode in the steps: ``True``, BatchNorm uses and updates batch statistics;
+        ``False``, it is the fixed map of its running statistics (e.g. a pretrained net's).
     :param checkpoint_dir: where ``ckpt-{step}.bq`` files go; with ``resume`` the
         run continues from the latest valid one there. A checkpoint records
         ``seed``, ``batch_size``, ``train_mode`` and a fingerprint of ``data`` (size, shapes,

@@ -209,11 +209,15 @@ def evaluate_details(
             parts["logits"] = logits[f"{key}_data"]
     record = _record(details, logits["in_data"], y_in, num_samples, num_bins, suffix)
     if isinstance(guide, AutoGaussianSites):
-        fractions = varying_fraction(guide, seed=0 if seed is None else seed)
-        record["varying_fraction"], record["deterministic_sites"] = deterministic_sites(
-            fractions, {name: info.numel for name, info in guide.sites.items()})
-        record["varying_fraction_sites"] = fractions
+        record.update(_varying_record(guide, 0 if seed is None else seed))
     return record, details
+
+
+def _varying_record(guide, seed: int) -> dict:
+    """The record's ``varying_fraction``, ``deterministic_sites`` and ``varying_fraction_sites``."""
+    fractions = varying_fraction(guide, seed=seed)
+    overall, deterministic = deterministic_sites(fractions, {name: info.numel for name, info in guide.sites.items()})
+    return {"varying_fraction": overall, "deterministic_sites": deterministic, "varying_fraction_sites": fractions}
 
 
 def _record(details: dict, logits_in: torch.Tensor, y_in: torch.Tensor, num_samples: int, num_bins: int,
