@@ -28,11 +28,9 @@ from pyro_bq.guides import DeterministicDrawsWarning, quantize
 from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.priors import LayerwiseNormal
 from pyro_bq.quant import FloatPolicy, make_policy
+from pyro_bq.quant.grids import ROUNDINGS
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, save_meanfield_guide
 from pyro_bq.uncertainty import evaluate
-
-ROUNDINGS = ("nearest", "stochastic", "stochastic-matched")
-
 
 @torch.no_grad()
 def variance_ratios(qguide, num_draws: int = 64, seed: int = 0) -> tuple[float, float]:

@@ -6,9 +6,11 @@ import torch
 from guide_contract import tiny_classifier
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
+from pyro_bq import IIDNormal
 from pyro_bq.guides import AutoLogQuantNormal, AutoMeanFieldNormal, QuantizedGuide, QuantizedNormal, quantize
 from pyro_bq.inference import batched_forward
 from pyro_bq.io import memory_report
+from pyro_bq.models import BayesianClassifier, ResNet20
 from pyro_bq.quant import (
     JQ,
     SPQ,
@@ -20,6 +22,9 @@ from pyro_bq.quant import (
     Log2Quantizer,
     UniformQuantizer,
     calibrate_activations_,
+    default_loc_quantizer,
+    default_sample_quantizer,
+    end_sites,
     make_policy,
     quantize_activations,
 )
@@ -44,6 +49,37 @@ def _on_uniform_grid(q, v):
 def _is_pow2(v):
     e = torch.log2(v)
     return torch.equal(e, torch.round(e))
+
+
+def test_end_sites_are_the_first_and_the_last_layer_of_a_real_resnet():
+    model = BayesianClassifier(ResNet20(num_classes=10, in_channels=1, blocks_per_stage=1), IIDNormal(1.0),
+                               dataset_size=100)
+    guide = AutoMeanFieldNormal(model)
+    guide(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
+    ends = end_sites(guide.sites)
+    assert ends == ["net.conv1.weight", "net.linear.weight", "net.linear.bias"]
+    # a policy built from them keeps those sites at 8 bits and every other at 4
+    qguide = quantize(guide, JQ(4, site_bits={name: 8 for name in ends}))
+    assert {name for name in guide.sites if qguide.quantizers[name].loc.bits == 8} == set(ends)
+    assert end_sites(["a.w", "b.w", "b.b"]) == ["a.w", "b.w", "b.b"]
+    with pytest.raises(ValueError, match="site_names is empty"):
+        end_sites([])
+    with pytest.raises(TypeError, match="site_names entry"):
+        end_sites(["a.w", 3])
+
+
+def test_the_default_grids_take_a_range_and_mse_clips_outliers():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 500, generator=gen)
+    w[:, 0] = 8.0  # one outlier per channel stretches the min/max range
+    err = {}
+    for rng in ("auto", "mse"):
+        q = default_loc_quantizer(rng).with_bits(4).calibrate(w)
+        err[rng] = float((q.quantize(w) - w).pow(2).mean())
+    assert err["mse"] < 0.9 * err["auto"]
+    assert default_loc_quantizer().range == "auto" and default_sample_quantizer("mse").range == "mse"
+    with pytest.raises(ValueError, match="range"):
+        default_loc_quantizer("best")
 
 
 def test_vpq_quantizes_loc_and_scale_and_samples_stay_float(trained):

@@ -21,7 +21,19 @@ from .activation import (FakeQuantActivation, UncalibratedActivationError, calib
 from .codebook import pow2_codebook, pow2_family
 from .grids import MAX_BITS, check_bits, nearest_code, nearest_code_index, ste
 from .lloyd_max import gaussian_levels, gaussian_quantile_levels, lloyd_max_median
-from .policies import JQ, QUANTITIES, SPQ, VPQ, FloatPolicy, Policy, SiteQuantizers, make_policy
+from .policies import (
+    JQ,
+    QUANTITIES,
+    SPQ,
+    VPQ,
+    FloatPolicy,
+    Policy,
+    SiteQuantizers,
+    default_loc_quantizer,
+    default_sample_quantizer,
+    end_sites,
+    make_policy,
+)
 from .quantizers import (
     CodebookQuantizer,
     GaussianLloydQuantizer,
@@ -67,6 +79,9 @@ __all__ = [
     "SiteQuantizers",
     "QUANTITIES",
     "make_policy",
+    "end_sites",
+    "default_loc_quantizer",
+    "default_sample_quantizer",
     # activations
     "FakeQuantActivation",
     "quantize_activations",

@@ -48,7 +48,8 @@ from pyro_bq._validation import check_float, check_type
 from .grids import check_bits, check_rounding
 from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer
 
-__all__ = ["Policy", "VPQ", "SPQ", "JQ", "FloatPolicy", "SiteQuantizers", "QUANTITIES", "make_policy"]
+__all__ = ["Policy", "VPQ", "SPQ", "JQ", "FloatPolicy", "SiteQuantizers", "QUANTITIES", "make_policy", "end_sites",
+           "default_loc_quantizer", "default_sample_quantizer"]
 
 QUANTITIES = ("loc", "scale", "sample")
 MODES = ("float", "vpq", "spq", "jq")
@@ -73,9 +74,15 @@ class SiteQuantizers:
         return self.loc is None and self.scale is None and self.sample is None
 
 
-def default_loc_quantizer() -> UniformQuantizer:
-    """Per-channel asymmetric uniform grid; min/max range at >= 4 bits, 0.5/99.5 percentiles below."""
-    return UniformQuantizer(8, symmetric=False, per_channel=True, range="auto")
+def default_loc_quantizer(range: str = "auto") -> UniformQuantizer:
+    """Per-channel asymmetric uniform grid; ``range="auto"``: min/max range at >= 4 bits, 0.5/99.5
+    percentiles below (any ``range`` of :class:`UniformQuantizer`, e.g. ``"mse"``).
+
+    Usage::
+
+        policy = JQ(4, loc_quantizer=default_loc_quantizer("mse"), sample_quantizer=default_sample_quantizer("mse"))
+    """
+    return UniformQuantizer(8, symmetric=False, per_channel=True, range=range)
 
 
 def default_scale_quantizer() -> Log2Quantizer:
@@ -83,9 +90,14 @@ def default_scale_quantizer() -> Log2Quantizer:
     return Log2Quantizer(4, per_channel=True)
 
 
-def default_sample_quantizer() -> UniformQuantizer:
-    """Per-channel asymmetric uniform grid; min/max range at >= 4 bits, 0.5/99.5 percentiles below."""
-    return UniformQuantizer(8, symmetric=False, per_channel=True, range="auto")
+def default_sample_quantizer(range: str = "auto") -> UniformQuantizer:
+    """The sample grid: the same per-channel asymmetric uniform grid as :func:`default_loc_quantizer`.
+
+    Usage::
+
+        policy = SPQ(4, sample_quantizer=default_sample_quantizer("mse"))
+    """
+    return default_loc_quantizer(range)
 
 
 def _check_bits_value(name, value):
@@ -339,3 +351,28 @@ def make_policy(mode: str, bits: int = 8, **kwargs) -> Policy:
     if not isinstance(mode, str) or mode.lower() not in _BY_MODE:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
     return _BY_MODE[mode.lower()](bits, **kwargs)
+
+
+def end_sites(site_names: Iterable[str]) -> list[str]:
+    """The sites of the first and the last layer, in the network's order of ``site_names``:
+    every name whose module (the name up to its last dot) is the first or the last name's module.
+
+    Low-bit studies often keep these layers at higher precision, e.g. with
+    ``site_bits={name: 8 for name in end_sites(guide.sites)}``.
+
+    :raises ValueError: for an empty ``site_names``.
+    :raises TypeError: for a name that is not a string.
+
+    Usage::
+
+        end_sites(["net.conv1.weight", "net.conv2.weight", "net.fc.weight", "net.fc.bias"])
+        # ['net.conv1.weight', 'net.fc.weight', 'net.fc.bias']
+        policy = JQ(4, site_bits={name: 8 for name in end_sites(guide.sites)})
+    """
+    names = list(site_names)
+    if not names:
+        raise ValueError("site_names is empty: pass the guide's sites (e.g. guide.sites) after set-up")
+    for name in names:
+        check_type("site_names entry", name, str)
+    ends = {names[0].rsplit(".", 1)[0], names[-1].rsplit(".", 1)[0]}
+    return [name for name in names if name.rsplit(".", 1)[0] in ends]

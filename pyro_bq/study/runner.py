@@ -52,7 +52,7 @@ from pyro_bq.mixed import quantile_inform, random_bits, smol
 from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.priors import LayerwiseNormal
 from pyro_bq.pwfn import PWFN, AutoPWFN, codebook_policy
-from pyro_bq.quant import JQ, make_policy, quantize_activations
+from pyro_bq.quant import JQ, end_sites, make_policy, quantize_activations
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide, scale_aware_adam
 from pyro_bq.uncertainty import auroc, evaluate_details, to_arviz, uncertainty_scores
 
@@ -279,20 +279,13 @@ def _row_post_hoc(ctx: RowContext, spec: RowSpec):
     (``cfg.sr_rounding``: variance-matched by default)."""
     site_bits = None
     if ctx.cfg.ends_bits is not None and ctx.cfg.ends_bits > spec.bits:
-        site_bits = {name: ctx.cfg.ends_bits for name in _end_sites(ctx.guide)}
+        site_bits = {name: ctx.cfg.ends_bits for name in end_sites(ctx.guide.sites)}
     extra = {"ends_bits": ctx.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
     rounding = ctx.cfg.sr_rounding if spec.family.endswith("-sr") else None
     if rounding:
         extra["rounding"] = rounding
     policy = make_policy(spec.family.removesuffix("-sr"), spec.bits, site_bits=site_bits, rounding=rounding)
     return quantize(ctx.guide, policy), extra
-
-
-def _end_sites(guide) -> list[str]:
-    """The weight sites of the first and the last layer (e.g. ``net.conv1.*`` and ``net.fc3.*``)."""
-    names = list(guide.sites)
-    first, last = names[0].rsplit(".", 1)[0], names[-1].rsplit(".", 1)[0]
-    return [n for n in names if n.rsplit(".", 1)[0] in (first, last)]
 
 
 def _row_logquant(ctx: RowContext, spec: RowSpec):
