@@ -32,6 +32,7 @@ from pyro_bq.quant.grids import ROUNDINGS
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, save_meanfield_guide
 from pyro_bq.uncertainty import evaluate
 
+
 @torch.no_grad()
 def variance_ratios(qguide, num_draws: int = 64, seed: int = 0) -> tuple[float, float]:
     """``(median over weights of Var[draw] / scale**2, sum of Var[draw] / sum of scale**2)`` over

@@ -53,7 +53,7 @@ from pyro_bq.io import memory_report
 from pyro_bq.mixed import evaluate_allocation, random_bits
 from pyro_bq.models import BayesianClassifier, ResNet20
 from pyro_bq.pwfn import PWFN, AutoPWFN, ClusterConfig, compression_stats
-from pyro_bq.quant import JQ, check_bits, default_loc_quantizer, default_sample_quantizer, end_sites
+from pyro_bq.quant import JQ, check_bits, default_loc_quantizer, default_sample_quantizer, end_site_bits
 from pyro_bq.recipes import fit_meanfield_bnn, pretrain
 from pyro_bq.uncertainty import evaluate
 
@@ -117,14 +117,13 @@ def _ends_bits(text: str):
 def _jq_rows(args, model, guide, test, ood, options) -> list[dict]:
     """JQ at 4 and 3 bits on ``--jq-range`` grids; the first and the last layer at ``--ends-bits`` when that
     is more."""
+    grids = {"loc_quantizer": default_loc_quantizer(args.jq_range),
+             "sample_quantizer": default_sample_quantizer(args.jq_range)}
     rows = []
     for bits in (4, 3):
-        ends = args.ends_bits is not None and args.ends_bits > bits
-        site_bits = {name: args.ends_bits for name in end_sites(guide.sites)} if ends else None
-        grids = {"loc_quantizer": default_loc_quantizer(args.jq_range),
-                 "sample_quantizer": default_sample_quantizer(args.jq_range)}
+        site_bits = end_site_bits(guide.sites, args.ends_bits, bits)
         qguide = quantize(guide, JQ(bits, site_bits=site_bits, **grids))
-        notes = ([f"ends {args.ends_bits}"] if ends else []) + (["mse range"] if args.jq_range == "mse" else [])
+        notes = ([f"ends {args.ends_bits}"] if site_bits else []) + (["mse range"] if args.jq_range == "mse" else [])
         label = f"JQ{bits} ({', '.join(notes)})" if notes else f"JQ{bits}"
         rows.append(_row(label, evaluate(model, qguide, test, ood, **options), memory_report(qguide).bits_per_param))
     return rows

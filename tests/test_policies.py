@@ -24,6 +24,7 @@ from pyro_bq.quant import (
     calibrate_activations_,
     default_loc_quantizer,
     default_sample_quantizer,
+    end_site_bits,
     end_sites,
     make_policy,
     quantize_activations,
@@ -66,6 +67,12 @@ def test_end_sites_are_the_first_and_the_last_layer_of_a_real_resnet():
         end_sites([])
     with pytest.raises(TypeError, match="site_names entry"):
         end_sites(["a.w", 3])
+
+
+def test_end_site_bits_raise_only_the_ends_and_only_above_the_row_bits():
+    names = ["net.conv1.weight", "net.conv2.weight", "net.fc.weight", "net.fc.bias"]
+    assert end_site_bits(names, 8, 4) == {"net.conv1.weight": 8, "net.fc.weight": 8, "net.fc.bias": 8}
+    assert end_site_bits(names, 8, 8) is None and end_site_bits(names, None, 2) is None
 
 
 def test_the_default_grids_take_a_range_and_mse_clips_outliers():

@@ -31,6 +31,7 @@ from .policies import (
     SiteQuantizers,
     default_loc_quantizer,
     default_sample_quantizer,
+    end_site_bits,
     end_sites,
     make_policy,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "QUANTITIES",
     "make_policy",
     "end_sites",
+    "end_site_bits",
     "default_loc_quantizer",
     "default_sample_quantizer",
     # activations

@@ -49,7 +49,7 @@ from .grids import check_bits, check_rounding
 from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer
 
 __all__ = ["Policy", "VPQ", "SPQ", "JQ", "FloatPolicy", "SiteQuantizers", "QUANTITIES", "make_policy", "end_sites",
-           "default_loc_quantizer", "default_sample_quantizer"]
+           "end_site_bits", "default_loc_quantizer", "default_sample_quantizer"]
 
 QUANTITIES = ("loc", "scale", "sample")
 MODES = ("float", "vpq", "spq", "jq")
@@ -376,3 +376,17 @@ def end_sites(site_names: Iterable[str]) -> list[str]:
         check_type("site_names entry", name, str)
     ends = {names[0].rsplit(".", 1)[0], names[-1].rsplit(".", 1)[0]}
     return [name for name in names if name.rsplit(".", 1)[0] in ends]
+
+
+def end_site_bits(site_names: Iterable[str], ends_bits: Optional[int], bits: int) -> Optional[dict]:
+    """``{site: ends_bits}`` for the :func:`end_sites` when ``ends_bits`` is more than the row's
+    ``bits``, else ``None`` (every layer at ``bits``): the ``site_bits`` of a policy that keeps the
+    first and the last layer at higher precision.
+
+    Usage::
+
+        policy = JQ(3, site_bits=end_site_bits(guide.sites, 8, 3))
+    """
+    if ends_bits is None or ends_bits <= bits:
+        return None
+    return {name: ends_bits for name in end_sites(site_names)}

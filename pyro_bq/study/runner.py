@@ -52,7 +52,7 @@ from pyro_bq.mixed import quantile_inform, random_bits, smol
 from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.priors import LayerwiseNormal
 from pyro_bq.pwfn import PWFN, AutoPWFN, codebook_policy
-from pyro_bq.quant import JQ, end_sites, make_policy, quantize_activations
+from pyro_bq.quant import JQ, end_site_bits, make_policy, quantize_activations
 from pyro_bq.recipes import fit_meanfield_bnn, load_meanfield_guide, pretrain, save_meanfield_guide, scale_aware_adam
 from pyro_bq.uncertainty import auroc, evaluate_details, to_arviz, uncertainty_scores
 
@@ -277,9 +277,7 @@ def _row_post_hoc(ctx: RowContext, spec: RowSpec):
     """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more.
     A family ending in ``-sr`` (``spq-sr``, ``jq-sr``) rounds the sampled weights stochastically
     (``cfg.sr_rounding``: variance-matched by default)."""
-    site_bits = None
-    if ctx.cfg.ends_bits is not None and ctx.cfg.ends_bits > spec.bits:
-        site_bits = {name: ctx.cfg.ends_bits for name in end_sites(ctx.guide.sites)}
+    site_bits = end_site_bits(ctx.guide.sites, ctx.cfg.ends_bits, spec.bits)
     extra = {"ends_bits": ctx.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
     rounding = ctx.cfg.sr_rounding if spec.family.endswith("-sr") else None
     if rounding:
