@@ -2,9 +2,10 @@
 
 Trains a mean-field LeNet-5 on MNIST (``fit_meanfield_bnn``, ``init_scale=1e-3``
 by default), quantizes every layer with each policy and each rounding rule
-(``nearest``, ``stochastic``, ``stochastic-matched``) and prints per row:
+(every rule of ``ROUNDINGS``) and prints per row:
 accuracy on MNIST test, the fraction of weights whose 16 draws are not all
-equal, the variance of the quantized draws over the posterior's (mean over
+equal, the fraction rounded stochastically (``memory_report``'s uniforms per
+draw over the weights), the variance of the quantized draws over the posterior's (mean over
 weights of the per-weight ratio of draw variance to ``scale**2``, from 64 draws,
 and the same ratio of the totals), the mean mutual information on MNIST and
 Fashion-MNIST and the AUROC of the MI for telling them apart.
@@ -25,6 +26,7 @@ import torch
 
 from pyro_bq.data import load_fashion_mnist, load_mnist
 from pyro_bq.guides import DeterministicDrawsWarning, quantize
+from pyro_bq.io import memory_report
 from pyro_bq.models import BayesianClassifier, LeNet5
 from pyro_bq.priors import LayerwiseNormal
 from pyro_bq.quant import FloatPolicy, make_policy
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
     scales = guide.flat_loc_scale()[1].detach()
     print(f"trained: {args.train_limit} images, {args.epochs} epoch(s), init_scale {args.init_scale}; scale median "
           f"{scales.median():.2e}; test {args.test_limit} MNIST vs {args.test_limit} Fashion, {args.num_samples} draws")
-    print(f"{'policy':8s} {'rounding':19s} {'acc':>7s} {'varying':>8s} {'var/s2 med':>10s} {'var/s2 tot':>10s} "
+    print(f"{'policy':8s} {'rounding':29s} {'acc':>7s} {'varying':>8s} {'SR':>7s} {'var/s2 med':>10s} {'var/s2 tot':>10s} "
           f"{'MI MNIST':>10s} {'MI Fashion':>10s} {'AUROC MI':>9s}")
     for name in args.policies.split(","):
         for rounding in (("-",) if name == "float" else args.roundings.split(",")):
@@ -94,7 +96,10 @@ def main(argv=None) -> None:
                 qguide = quantize(guide, policy)
             record = evaluate(model, qguide, test, fashion, num_samples=args.num_samples, seed=args.seed)
             med, tot = variance_ratios(qguide, seed=args.seed)
-            print(f"{name:8s} {rounding:19s} {record['accuracy']:7.4f} {record['varying_fraction']:8.2%} {med:10.3g} "
+            memory = memory_report(qguide)
+            stochastic = memory.uniforms_per_draw / memory.num_params
+            print(f"{name:8s} {rounding:29s} {record['accuracy']:7.4f} {record['varying_fraction']:8.2%} "
+                  f"{stochastic:7.1%} {med:10.3g} "
                   f"{tot:10.3g} {record['epistemic_in']:10.2e} {record['epistemic_out']:10.2e} "
                   f"{record['auroc_mi']:9.4f}", flush=True)
 

@@ -46,6 +46,7 @@ from pyro.nn.module import PyroModule, _Context
 from torch import nn
 from torch.distributions.utils import _standard_normal
 
+from pyro_bq.quant.grids import MATCHED_ROUNDINGS
 from pyro_bq.quant.policies import Policy, SiteQuantizers
 from pyro_bq.quant.quantizers import Log2Quantizer, channel_range_shape
 
@@ -105,7 +106,8 @@ class QuantizedNormal(dist.Normal):
 
     ``log_prob`` and the KL divergence are those of the Gaussian. The quantizer's rounding rule
     decides how a draw reaches the grid; a variance-matched stochastic rounding draws the
-    Gaussian noise with the smaller :meth:`~pyro_bq.quant.Quantizer.noise_scale`.
+    Gaussian noise with the smaller :meth:`~pyro_bq.quant.Quantizer.noise_scale`, and the
+    weights of :meth:`~pyro_bq.quant.Quantizer.stochastic_mask` are the ones it rounds stochastically.
 
     Usage::
 
@@ -113,16 +115,19 @@ class QuantizedNormal(dist.Normal):
         w = d.rsample((8,))        # on the grid
     """
 
-    def __init__(self, loc, scale, quantizer, validate_args=None):
+    def __init__(self, loc, scale, quantizer, validate_args=None, *, rule=None):
         self.quantizer = quantizer
+        #: ``quantizer.draw_rule(loc, scale)`` when the caller has it already (``None``: computed per draw)
+        self.rule = rule
         super().__init__(loc, scale, validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()):
-        scale = self.quantizer.noise_scale(self.loc, self.scale)
-        if scale is self.scale:
+        ratio, stochastic = self.quantizer.draw_rule(self.loc, self.scale) if self.rule is None else self.rule
+        if ratio is None and stochastic is None:
             return self.quantizer(super().rsample(sample_shape))
+        scale = self.scale if ratio is None else self.scale * ratio
         eps = _standard_normal(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
-        return self.quantizer(self.loc + eps * scale)
+        return self.quantizer(self.loc + eps * scale, stochastic=stochastic)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():
@@ -131,6 +136,7 @@ class QuantizedNormal(dist.Normal):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(QuantizedNormal, _instance)
         new.quantizer = self.quantizer
+        new.rule = self.rule  # per weight: it broadcasts against the new batch dimensions
         return super().expand(batch_shape, _instance=new)
 
 
@@ -218,6 +224,7 @@ class QuantizedGuide(AutoGaussianSites):
             raise ValueError(f"quantizers given for unknown sites {sorted(unknown)}; sites are {list(self.sites)}")
         self.quantizers = dict(quantizers)
         self.policy = policy
+        self._draw_rules = {}  # {site: (quantizers, (loc, scale), draw rule)}: see _draw_rule
         #: False: always draw site by site. Starts as the wrapped guide draws (so a float
         #: policy draws exactly what its guide draws under the same seed); load_packed
         #: sets it to match the saved guide.
@@ -243,7 +250,22 @@ class QuantizedGuide(AutoGaussianSites):
         if sq is None or sq.sample is None:
             return super().get_posterior(name)
         loc, scale = self.get_loc_scale(name)
-        return QuantizedNormal(loc, scale, sq.sample, validate_args=False).to_event(self.sites[name].event_dim)
+        rule = self._draw_rule(name, sq, loc, scale)
+        return QuantizedNormal(loc, scale, sq.sample, validate_args=False, rule=rule).to_event(self.sites[name].event_dim)
+
+    def _draw_rule(self, name, sq, loc, scale):
+        """``sq.sample.draw_rule(loc, scale)``, computed again only when the site's quantizers or its
+        quantized ``loc`` and ``scale`` have changed (the variance-matched rules solve for their noise
+        per weight, which costs more than a draw; SVI steps change the parameters, predictions do not)."""
+        if sq.sample.rounding not in MATCHED_ROUNDINGS:
+            return None
+        loc, scale = loc.detach(), scale.detach()
+        hit = self._draw_rules.get(name)
+        if not (hit is not None and all(a is b for a, b in zip(hit[0], (sq.loc, sq.scale, sq.sample)))
+                and all(_same(a, b) for a, b in zip(hit[1], (loc, scale)))):
+            hit = ((sq.loc, sq.scale, sq.sample), (loc.clone(), scale.clone()), sq.sample.draw_rule(loc, scale))
+            self._draw_rules[name] = hit
+        return hit[2]
 
     def fused_loc_scale(self):
         # Sites that sample a plain Normal (float and VPQ sites) can share the
@@ -293,6 +315,11 @@ class QuantizedGuide(AutoGaussianSites):
     def extra_repr(self) -> str:
         n = sum(1 for s in self.quantizers.values() if not s.is_float)
         return f"policy={self.policy!r}, quantized_sites={n}/{len(self.sites)}"
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors: same shape, dtype, device and values."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def calibrate_site(policy: Policy, name: str, loc: torch.Tensor, scale: torch.Tensor, *,

@@ -38,6 +38,9 @@ FACTORIES = [
     GuideCase("quant-jq4-mlp", _quantized(lambda: JQ(4)), reload=packed_reload),
     GuideCase("quant-jq2-lenet", _quantized(lambda: JQ(2), "lenet"), reload=packed_reload),
     GuideCase("quant-jq3-mixed-bits-mlp", _quantized(_mixed_bits), reload=packed_reload),
+    GuideCase("quant-spq3-stochastic-mlp", _quantized(lambda: SPQ(3, rounding="stochastic")), reload=packed_reload),
+    GuideCase("quant-jq2-matched-or-nearest-lenet",
+              _quantized(lambda: JQ(2, rounding="stochastic-matched-or-nearest"), "lenet"), reload=packed_reload),
     GuideCase("logquant-mlp", _logquant()),
     GuideCase("logquant-mlp-packed", _logquant(bits=4), reload=packed_reload),
 ]

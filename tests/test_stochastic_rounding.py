@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.infer import Predictive
 
-from pyro_bq.guides import DeterministicDrawsWarning, quantize, varying_fraction
+from pyro_bq.guides import DeterministicDrawsWarning, QuantizedNormal, quantize, varying_fraction
 from pyro_bq.inference.prediction import batched_forward
 from pyro_bq.io import load_packed, memory_report, save_packed
 from pyro_bq.io.packed import _upgrade_cfg
 from pyro_bq.quant import JQ, SPQ, IntervalQuantizer, Log2Quantizer, SignedGridQuantizer, UniformQuantizer, make_policy
-from pyro_bq.quant.grids import matched_noise_scale, rounding_variance, stochastic_round
+from pyro_bq.quant.grids import matchable, matched_noise_scale, rounding_variance, stochastic_round
 
 GRIDS = {
     "uniform-asym": lambda b: UniformQuantizer(b, symmetric=False, rounding="stochastic"),
@@ -70,6 +70,48 @@ def test_the_matched_noise_keeps_the_total_variance_where_sigma_allows_it():
         assert abs(float(stochastic_round(x).var() / sigma[i] ** 2) - 1) < 0.03
 
 
+def test_matched_or_nearest_matches_mean_and_variance_where_it_can_and_rounds_to_nearest_elsewhere():
+    q = UniformQuantizer(2, symmetric=False, rounding="stochastic-matched-or-nearest").calibrate(
+        torch.linspace(0.0, 3.0, 13, dtype=torch.float64))
+    assert float(q.step()) == 1.0  # grid positions are the values themselves: levels 0, 1, 2, 3
+    loc = torch.tensor([1.3, 1.0, 1.5, 1.3, 2.0], dtype=torch.float64)
+    scale = torch.tensor([0.2, 0.1, 0.6, 0.7, 0.0], dtype=torch.float64)
+    mask = q.stochastic_mask(loc, scale)
+    # 1.3 with sigma 0.2: rounding the mean alone adds 0.21 > 0.04, more than the posterior's variance
+    assert mask.tolist() == [False, True, True, True, False]
+    assert torch.equal(mask, matchable(loc, scale))
+    n = 200_000
+    pyro.set_rng_seed(4)
+    draws = QuantizedNormal(loc, scale, q, validate_args=False).rsample((n,))
+    pyro.set_rng_seed(4)
+    nearest = QuantizedNormal(loc, scale, q.with_rounding("nearest"), validate_args=False).rsample((n,))
+    assert torch.equal(draws[:, ~mask], nearest[:, ~mask])  # the same Gaussian draw, rounded to nearest
+    assert torch.allclose(draws[:, mask].mean(0), loc[mask], atol=5 * float(scale.max()) / n**0.5)
+    assert torch.allclose(draws[:, mask].var(0) / scale[mask] ** 2, torch.ones(3, dtype=torch.float64), atol=0.03)
+    assert torch.allclose(q.noise_scale(loc, scale)[~mask], scale[~mask])
+    with pytest.raises(ValueError, match="stochastic_mask"):
+        q(loc)  # the rule decides per weight from the posterior, which a bare value does not carry
+    assert q.with_rounding("stochastic").stochastic_mask(loc, scale) is None
+
+
+def test_the_guide_solves_the_matched_noise_once_and_again_after_the_parameters_change():
+    model, guide, x, y = spread_guide(0.12)
+    qguide = quantize(guide, JQ(2, rounding="stochastic-matched-or-nearest"))
+    name = next(iter(guide.sites))
+    first = qguide.get_posterior(name).base_dist.rule
+    assert qguide.get_posterior(name).base_dist.rule is first  # a prediction reuses it
+    loc, scale = qguide.get_loc_scale(name)
+    expected = qguide.quantizers[name].sample.draw_rule(loc, scale)
+    assert all(torch.equal(a, b) for a, b in zip(first, expected))
+    with torch.no_grad():
+        qguide.base.loc.data.mul_(0.5)  # any in-place change, even one that bypasses autograd's version counter
+    loc, scale = qguide.get_loc_scale(name)
+    again = qguide.get_posterior(name).base_dist.rule
+    assert again is not first
+    assert all(torch.equal(a, b) for a, b in zip(again, qguide.quantizers[name].sample.draw_rule(loc, scale)))
+    assert not torch.equal(again[1], first[1])
+
+
 def test_stochastic_rounding_keeps_tiny_scale_draws_varying_where_nearest_collapses():
     model, guide, x, y = spread_guide(1e-4)
     with pytest.warns(DeterministicDrawsWarning):
@@ -98,7 +140,7 @@ def test_the_straight_through_gradient_is_one_inside_the_range():
     assert torch.equal(w.grad, torch.arange(200.0))
     # through a sampled guide site: d w / d loc = 1 and d w / d scale = eps, as for round to nearest
     model, guide, x, y = spread_guide(0.05)
-    for rounding in ("nearest", "stochastic"):
+    for rounding in ("nearest", "stochastic", "stochastic-matched-or-nearest"):
         qguide = quantize(guide, SPQ(3, rounding=rounding))
         name = next(iter(guide.sites))
         loc = qguide.base.loc
@@ -125,13 +167,16 @@ def test_draws_are_reproducible_under_the_seed_and_the_vectorized_path_matches_p
 
 
 def test_a_reloaded_packed_guide_rounds_the_same_way_and_predicts_identically(tmp_path):
-    model, guide, x, y = spread_guide(0.02)
-    for rounding in ("stochastic", "stochastic-matched"):
-        qguide = quantize(guide, SPQ(2, rounding=rounding))
+    model, guide, x, y = spread_guide(0.12)
+    n = sum(i.numel for i in guide.sites.values())
+    for rounding in ("stochastic", "stochastic-matched", "stochastic-matched-or-nearest"):
+        qguide = quantize(guide, JQ(2, rounding=rounding))
         path = tmp_path / f"{rounding}.bq"
         save_packed(qguide, path)
         loaded = load_packed(path, model)
         assert {q.sample.rounding for q in loaded.quantizers.values()} == {rounding}
+        uniforms = memory_report(loaded).uniforms_per_draw  # the same weights rounded stochastically
+        assert uniforms == memory_report(qguide).uniforms_per_draw and 0 < uniforms <= n
         outs = []
         for g in (qguide, loaded):
             pyro.set_rng_seed(3)
@@ -156,6 +201,13 @@ def test_memory_report_counts_the_uniform_numbers_a_device_draws():
     assert plain.uniforms_per_draw == 0 and plain.normals_per_draw == n
     assert sr.uniforms_per_draw == n and "uniform" in sr.table()
     assert {s.rounding for s in sr.sites} == {"stochastic"}
+    # the matched-or-nearest rule: one uniform for each weight it rounds stochastically, fewer than all
+    model, guide, x, y = spread_guide(0.12)
+    qguide = quantize(guide, SPQ(2, rounding="stochastic-matched-or-nearest"))
+    report = memory_report(qguide)
+    masks = {k: q.sample.stochastic_mask(*qguide.get_loc_scale(k)) for k, q in qguide.quantizers.items()}
+    assert report.uniforms_per_draw == sum(int(m.sum()) for m in masks.values())
+    assert 0 < report.uniforms_per_draw < n
 
 
 def test_the_variance_matched_rule_narrows_the_gaussian_noise():
@@ -210,8 +262,8 @@ def test_the_study_has_stochastic_rounding_rows_next_to_round_to_nearest(tmp_pat
     model, guide, x, y = spread_guide(0.05)
     ctx = RowContext(cfg, model, guide, None, tmp_path)
     qguide, extra = ROW_BUILDERS["jq-sr"](ctx, RowSpec("jq-sr", 2))
-    assert extra["rounding"] == "stochastic-matched" and qguide.policy.mode == "jq"
-    assert {q.sample.rounding for q in qguide.quantizers.values()} == {"stochastic-matched"}
+    assert extra["rounding"] == "stochastic-matched-or-nearest" and qguide.policy.mode == "jq"
+    assert {q.sample.rounding for q in qguide.quantizers.values()} == {"stochastic-matched-or-nearest"}
     plain_ctx = RowContext(dataclasses.replace(cfg, sr_rounding="stochastic"), model, guide, None, tmp_path)
     qguide, extra = ROW_BUILDERS["jq-sr"](plain_ctx, RowSpec("jq-sr", 2))
     assert extra["rounding"] == "stochastic"

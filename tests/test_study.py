@@ -83,6 +83,7 @@ def test_rows_carry_training_labels_draw_figures_and_allocation_bits(tiny_run):
         assert 0.0 <= r["varying_fraction"] <= 1.0 and isinstance(r["collapsed"], bool), name
         assert len(r["details"]["varying_fraction_sites"]) == 10, name  # LeNet-5: 5 layers, weight and bias
         assert r["collapsed"] == bool(r["details"]["deterministic_sites"] or r["varying_fraction"] < 0.01)
+        assert r["stochastic_fraction"] == 0.0, name  # every row rounds its draws to nearest (or keeps them float)
     assert rows["float"]["varying_fraction"] == 1.0 and not rows["float"]["collapsed"]
     assert rows["jq4"]["code_bits"] is None  # allocation rows only
     md = (tiny_run / "results.md").read_text()

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from pyro_bq.guides.quantized import (DETERMINISTIC_THRESHOLD, VARYING_DRAWS, QuantizedGuide, deterministic_sites,
                                       varying_fraction)
 
@@ -41,9 +43,11 @@ class SiteMemory:
     actual_bits: int = 0
     #: fraction of the site's weights whose draws are not all equal (:func:`~pyro_bq.guides.varying_fraction`)
     varying_fraction: float = 1.0
-    #: how the site's sampled weights are rounded: ``"float"`` (not quantized), ``"nearest"``,
-    #: ``"stochastic"`` or ``"stochastic-matched"``
+    #: how the site's sampled weights are rounded: ``"float"`` (not quantized) or a rule of
+    #: :data:`~pyro_bq.quant.grids.ROUNDINGS`
     rounding: str = "float"
+    #: the weights whose draws are rounded stochastically (:meth:`~pyro_bq.quant.Quantizer.stochastic_mask`)
+    stochastic_weights: int = 0
 
     @property
     def normals_per_draw(self) -> int:
@@ -52,8 +56,8 @@ class SiteMemory:
 
     @property
     def uniforms_per_draw(self) -> int:
-        """Uniform random numbers per weight draw: one per weight where draws are rounded stochastically."""
-        return self.numel if self.rounding.startswith("stochastic") else 0
+        """Uniform random numbers per weight draw: one per weight whose draws are rounded stochastically."""
+        return self.stochastic_weights
 
     @property
     def total_bits(self) -> int:
@@ -81,9 +85,12 @@ class MemoryReport:
     their draws agree, so they add no epistemic uncertainty).
     ``normals_per_draw`` and ``uniforms_per_draw`` are the random numbers a
     device computes per weight draw: one Gaussian per weight, plus one uniform
-    per weight of a site whose draws are rounded stochastically (its
-    ``rounding``); the variance-matched rule's smaller noise scale is fixed per
-    weight, so it can be computed once, not per draw.
+    per weight whose draws are rounded stochastically (every weight of a site
+    whose ``rounding`` is ``"stochastic"`` or ``"stochastic-matched"``, the
+    weights of its :meth:`~pyro_bq.quant.Quantizer.stochastic_mask` for
+    ``"stochastic-matched-or-nearest"``); the variance-matched rule's smaller
+    noise scale and that mask are fixed per weight, so they can be computed
+    once, not per draw.
 
     Usage::
 
@@ -162,6 +169,15 @@ def _file_bytes(meta: dict, stream_bytes: dict) -> int:
     return _FRAMING + len(header.encode()) + offset
 
 
+def _stochastic_weights(guide, site: SiteMemory, sample) -> int:
+    """How many of ``site``'s weights the sample quantizer rounds stochastically."""
+    if sample is None or sample.rounding == "nearest":
+        return 0
+    with torch.no_grad():
+        mask = sample.stochastic_mask(*guide.get_loc_scale(site.name))
+    return site.numel if mask is None else int(mask.sum())
+
+
 def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
     """Bits per parameter and bytes of ``guide`` (quantized or float), against its float version.
 
@@ -200,6 +216,7 @@ def memory_report(guide, *, codec: Optional[str] = None) -> MemoryReport:
         site.varying_fraction = fractions.get(site.name, 1.0)
         sample = getattr(quantizers.get(site.name), "sample", None)
         site.rounding = "float" if sample is None else sample.rounding
+        site.stochastic_weights = _stochastic_weights(guide, site, sample)
     report.varying_fraction, report.deterministic_sites = deterministic_sites(
         fractions, {s.name: s.numel for s in report.sites if s.name in fractions})
     return report

@@ -31,7 +31,7 @@ these functions; none of them rounds on its own.
   on a uniform grid (codes outside ``[0, qmax]`` are clamped, so the mean is
   ``t`` only inside the grid). :func:`rounding_variance` is the variance it
   adds, :func:`matched_noise_scale` the Gaussian noise that keeps the total
-  variance at a target.
+  variance at a target, and :func:`matchable` where that target can be met.
 * :func:`ste` (the straight-through estimator) and :func:`check_bits` with
   :data:`MAX_BITS`.
 
@@ -72,11 +72,13 @@ __all__ = [
     "nearest_code_index",
     "nearest_code",
     "ROUNDINGS",
+    "MATCHED_ROUNDINGS",
     "check_rounding",
     "stochastic_round",
     "uniform_codes_stochastic",
     "rounding_variance",
     "matched_noise_scale",
+    "matchable",
 ]
 
 #: the widest code: a packed file stores widths from 1 to 16 (its bit map holds ``bits - 1`` in 4 bits)
@@ -352,10 +354,13 @@ def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return codebook.to(device=values.device, dtype=values.dtype)[idx]
 
 
-#: rounding rules of weight draws: round to nearest (half to even), stochastic rounding, and
+#: rounding rules of weight draws: round to nearest (half to even), stochastic rounding,
 #: stochastic rounding with the Gaussian noise shrunk so that the total variance matches (see
-#: :func:`matched_noise_scale`)
-ROUNDINGS = ("nearest", "stochastic", "stochastic-matched")
+#: :func:`matched_noise_scale`), and that matched rule only where it can give the posterior's
+#: variance, round to nearest for the other weights (see :func:`matchable`)
+ROUNDINGS = ("nearest", "stochastic", "stochastic-matched", "stochastic-matched-or-nearest")
+#: the rules whose draws need a per-weight noise scale (:meth:`pyro_bq.quant.Quantizer.draw_rule`)
+MATCHED_ROUNDINGS = ("stochastic-matched", "stochastic-matched-or-nearest")
 
 
 def check_rounding(name: str, rounding) -> str:
@@ -452,4 +457,18 @@ def matched_noise_scale(t: torch.Tensor, sigma: torch.Tensor, iters: int = 24) -
         over = mid * mid + rounding_variance(t, mid) > target
         hi = torch.where(over, mid, hi)
         lo = torch.where(over, lo, mid)
-    return torch.where(rounding_variance(t) >= target, torch.zeros_like(sigma), (lo + hi) / 2)
+    return torch.where(matchable(t, sigma), (lo + hi) / 2, torch.zeros_like(sigma))
+
+
+def matchable(t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Where stochastic rounding can give a draw both the posterior's mean and its variance:
+    the rounding variance ``f (1 - f)`` of the mean alone (``t``: its grid position) is below
+    ``sigma**2`` (``sigma`` in units of ``step``). There :func:`matched_noise_scale` is positive
+    and the draws have the variance ``sigma**2``; elsewhere every unbiased rounding onto the
+    grid has more, and the rule ``"stochastic-matched-or-nearest"`` rounds those weights to nearest.
+
+    Usage::
+
+        stochastic = matchable(loc / step + zp, scale / step)   # a bool tensor of loc's shape
+    """
+    return rounding_variance(t) < sigma * sigma

@@ -27,9 +27,11 @@ site's shape (per-parameter precision). A bit allocation of
 ``rounding`` chooses how the sample quantizer rounds each weight draw
 (SPQ, JQ, and any policy that quantizes samples): ``"nearest"``, ``"stochastic"``
 (unbiased; keeps draws varying where the posterior scale is far below the grid
-step) or ``"stochastic-matched"`` (stochastic rounding of a narrower Gaussian,
-so the draw's variance stays the posterior's where it can); see
-:mod:`pyro_bq.quant.quantizers`. ``None`` keeps the template's own rule.
+step), ``"stochastic-matched"`` (stochastic rounding of a narrower Gaussian,
+so the draw's variance stays the posterior's where it can) or
+``"stochastic-matched-or-nearest"`` (the matched rule only for the weights
+whose variance it matches, round to nearest for the others); see
+:mod:`pyro_bq.quant.quantizers` and docs/stochastic_rounding.md. ``None`` keeps the template's own rule.
 
 The one extension point is :meth:`Policy.configure_site`, which returns the
 (uncalibrated) quantizers of one site.
@@ -132,8 +134,9 @@ class Policy:
         per-channel :class:`Log2Quantizer` for ``scale``.
     :param calib_width: the sample quantizer is calibrated on
         ``loc +- calib_width * scale`` (SPQ, JQ).
-    :param rounding: how sampled weights are rounded: ``"nearest"``, ``"stochastic"`` or
-        ``"stochastic-matched"`` (:data:`~pyro_bq.quant.grids.ROUNDINGS`); it replaces the
+    :param rounding: how sampled weights are rounded: ``"nearest"``, ``"stochastic"``,
+        ``"stochastic-matched"`` or ``"stochastic-matched-or-nearest"``
+        (:data:`~pyro_bq.quant.grids.ROUNDINGS`); it replaces the
         rounding of every sample quantizer (policy-wide and per-site templates), which must
         then be uniform-grid quantizers. ``None``: each template's own (round to nearest by default).
 

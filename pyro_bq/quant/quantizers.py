@@ -53,11 +53,13 @@ from pyro_bq._validation import check_choice, check_float, check_int, check_type
 
 from .codebook import pow2_family
 from .grids import (
+    MATCHED_ROUNDINGS,
     check_bits,
     check_rounding,
     interval_grid,
     log2_top,
     log2_window,
+    matchable,
     matched_noise_scale,
     minmax_range,
     nearest_code_index,
@@ -241,40 +243,88 @@ class Quantizer:
     #: quantizers take anything but ``"nearest"``
     rounding = "nearest"
 
-    def quantize_draw(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_draw(self, x: torch.Tensor, stochastic: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Grid values of the weight draws ``x`` under :attr:`rounding` (no gradient).
 
         ``"nearest"``: :meth:`quantize`. The stochastic rules draw one uniform number per
-        element of ``x`` from the global torch generator.
+        element of ``x`` from the global torch generator. ``stochastic``: a bool tensor that
+        broadcasts to ``x``, the weights rounded stochastically (the others to nearest); the rule
+        ``"stochastic-matched-or-nearest"`` needs it (:meth:`stochastic_mask`), the other
+        rules round every element by their rule when it is ``None``.
         """
         self._require()
         if self.rounding == "nearest":
             return self.quantize(x)
+        if stochastic is None and self.rounding == "stochastic-matched-or-nearest":
+            raise ValueError("stochastic is None: rounding='stochastic-matched-or-nearest' chooses per weight from the "
+                             "posterior; pass stochastic=quantizer.stochastic_mask(loc, scale) (QuantizedNormal does)")
         with torch.no_grad():
-            return self._stochastic_values(x.detach())
+            values = self._stochastic_values(x.detach())
+            return values if stochastic is None else torch.where(stochastic, values, self.quantize(x))
 
     def _stochastic_values(self, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(self).__name__} has no stochastic rounding; use a uniform-grid quantizer "
                          "(UniformQuantizer, IntervalQuantizer, SignedGridQuantizer)")
 
-    def noise_scale(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The standard deviation of the Gaussian noise added to ``loc`` before this quantizer rounds it.
+    def draw_rule(self, loc: torch.Tensor, scale: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(noise_ratio, stochastic)``: how this quantizer's rounding rule draws from the posterior
+        ``Normal(loc, scale)``, fixed per weight. The Gaussian noise has the standard deviation
+        ``scale * noise_ratio`` (``None``: ``scale``); ``stochastic`` is :meth:`stochastic_mask`.
 
-        ``scale`` itself, except for ``rounding="stochastic-matched"``: the smaller noise for
-        which noise plus stochastic rounding has the variance ``scale**2``, ``0`` where the
-        rounding variance of ``loc`` alone exceeds it. The gradient flows through ``scale``
-        times the (constant) shrink factor.
+        ``"stochastic-matched"``: the ratio of the smaller noise for which noise plus stochastic
+        rounding has the variance ``scale**2``, ``0`` where the rounding variance of ``loc`` alone
+        exceeds it. ``"stochastic-matched-or-nearest"``: that ratio where ``stochastic`` holds,
+        ``1`` at the weights rounded to nearest. Both are ``None`` for the other rules.
+
+        Usage::
+
+            ratio, stochastic = q.draw_rule(loc, scale)   # (None, None) for "nearest" and "stochastic"
+            w = q(loc + scale * ratio * eps, stochastic=stochastic)
+        """
+        if self.rounding not in MATCHED_ROUNDINGS:
+            return None, None
+        self._require()
+        ratio = self._matched_ratio(loc.detach(), scale.detach())
+        stochastic = self.stochastic_mask(loc, scale)
+        if stochastic is not None:
+            ratio = torch.where(stochastic, ratio, torch.ones_like(ratio))
+        return ratio, stochastic
+
+    def noise_scale(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The standard deviation of the Gaussian noise added to ``loc`` before this quantizer rounds
+        it: ``scale`` times the ratio of :meth:`draw_rule` (``scale`` itself for the rules without
+        one). The gradient flows through ``scale`` times the (constant) ratio.
 
         Usage::
 
             s = q.noise_scale(loc, scale)     # loc + s * eps, then q(...)
         """
-        if self.rounding != "stochastic-matched":
-            return scale
+        ratio = self.draw_rule(loc, scale)[0]
+        return scale if ratio is None else scale * ratio
+
+    def stochastic_mask(self, loc: torch.Tensor, scale: torch.Tensor) -> Optional[torch.Tensor]:
+        """The weights of the posterior ``Normal(loc, scale)`` whose draws this quantizer rounds
+        stochastically, as a bool tensor of their shape; ``None`` where the rule decides alone
+        (every weight for ``"stochastic"`` and ``"stochastic-matched"``, none for ``"nearest"``).
+
+        ``"stochastic-matched-or-nearest"``: the weights for which the variance-matched rule
+        gives the posterior's variance (:func:`~pyro_bq.quant.grids.matchable`); the others
+        are rounded to nearest.
+
+        Usage::
+
+            mask = q.stochastic_mask(loc, scale)
+            w = q(loc + q.noise_scale(loc, scale) * eps, stochastic=mask)
+        """
+        if self.rounding != "stochastic-matched-or-nearest":
+            return None
         self._require()
-        return scale * self._matched_ratio(loc.detach(), scale.detach())
+        return self._matchable(loc.detach(), scale.detach())
 
     def _matched_ratio(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no stochastic rounding")
+
+    def _matchable(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(self).__name__} has no stochastic rounding")
 
     def with_rounding(self, rounding: str) -> "Quantizer":
@@ -294,9 +344,10 @@ class Quantizer:
         new.rounding = rounding
         return new
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the grid (rounded by :attr:`rounding`), with a straight-through gradient."""
-        return ste(x, self.quantize_draw(x))
+    def __call__(self, x: torch.Tensor, stochastic: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x`` on the grid (rounded by :attr:`rounding`; ``stochastic`` as in :meth:`quantize_draw`),
+        with a straight-through gradient."""
+        return ste(x, self.quantize_draw(x, stochastic))
 
     # -- accounting and storage ---------------------------------------------------------
     def code_bits(self) -> Union[int, torch.Tensor]:
@@ -503,6 +554,10 @@ class _OnUniformGrid:
         s = matched_noise_scale(loc / step + zp, sigma)
         return torch.where(sigma > 0, s / sigma.clamp(min=torch.finfo(sigma.dtype).tiny), torch.ones_like(s))
 
+    def _matchable(self, loc, scale):
+        step, zp, _ = self._grid(loc.dtype, loc.device)
+        return matchable(loc / step + zp, scale / step)
+
     def encode(self, x):
         self._require()
         return uniform_codes(x.detach(), *self._grid(x.dtype, x.device)).to(torch.int64)
@@ -551,8 +606,10 @@ class UniformQuantizer(_OnUniformGrid, _RangeMixin, Quantizer):
         strided values of the tensor).
     :param rounding: how the call rounds weight draws: ``"nearest"``, ``"stochastic"``
         (unbiased inside the grid; adds ``f (1 - f) step**2`` of variance, at most
-        ``step**2 / 4``) or ``"stochastic-matched"`` (also shrinks the Gaussian noise,
-        :meth:`~Quantizer.noise_scale`, so the total variance stays ``scale**2`` where it can).
+        ``step**2 / 4``), ``"stochastic-matched"`` (also shrinks the Gaussian noise,
+        :meth:`~Quantizer.noise_scale`, so the total variance stays ``scale**2`` where it can)
+        or ``"stochastic-matched-or-nearest"`` (the matched rule where it gives the variance
+        ``scale**2``, round to nearest for the other weights: :meth:`~Quantizer.stochastic_mask`).
         :meth:`encode` and :meth:`quantize` round to nearest whatever the rule.
 
     Usage::

@@ -60,8 +60,9 @@ def build_parser(prog: str = "pyro-bq study") -> argparse.ArgumentParser:
     p.add_argument("--act-policies", type=_name_list, default=d.act_policies,
                    help="rows that also get an activation-quantized variant (default: float,jq,logquant; '' for none)")
     p.add_argument("--sr-rounding", choices=SR_ROUNDINGS, default=d.sr_rounding,
-                   help="rounding rule of the -sr rows (spq2-sr, jq3-sr, jq2-sr): the variance-matched variant or "
-                   "plain stochastic rounding (default: %(default)s)")
+                   help="rounding rule of the -sr rows (spq2-sr, jq3-sr, jq2-sr): the variance-matched rule where it "
+                   "matches the posterior's variance and round to nearest elsewhere, the variance-matched rule "
+                   "everywhere, or plain stochastic rounding (default: %(default)s)")
     p.add_argument("--num-epochs", type=int, default=d.num_epochs, help="SVI epochs over Dirty-MNIST")
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
                    help="epochs of the deterministic LeNet-5 the guide starts from (0: start from the initialisation)")

@@ -29,6 +29,7 @@ COLUMNS = (
     "training",
     "mi_in",
     "varying_fraction",
+    "stochastic_fraction",
     "collapsed",
     "code_bits",
     "storage_bits",
@@ -57,6 +58,7 @@ HEADERS = {
     "training": "training",
     "mi_in": "mean MI (MNIST)",
     "varying_fraction": "varying weights",
+    "stochastic_fraction": "stochastic weights",
     "collapsed": "collapsed draws",
     "code_bits": "code bits",
     "storage_bits": "storage bits",
@@ -114,7 +116,7 @@ def _fmt(key, value) -> str:
             return f"{value:.4f}"
         if key == "mi_in":
             return f"{value:.2e}"
-        if key == "varying_fraction":
+        if key in ("varying_fraction", "stochastic_fraction"):
             return f"{value:.1%}"
         return f"{value:.2f}"
     return str(value)
@@ -169,7 +171,7 @@ def write_tables(rows: list[dict], out: Path, *, data_info: Optional[dict] = Non
     md.append("training: `trained` rows train beyond the shared float guide (log-quantized guide, PWFN, SMOL, QAT); "
               "`data-free` rows only quantize it. mean MI (MNIST): the mutual information (nats) averaged over the "
               "MNIST test inputs. varying weights: the fraction of the guide's weights whose 16 seeded draws are not "
-              f"all equal; collapsed draws: **yes** when it is below {DETERMINISTIC_THRESHOLD:.0%} for the guide or "
+              f"all equal; stochastic weights: the fraction whose draws are rounded stochastically (the `-sr` rows); collapsed draws: **yes** when it is below {DETERMINISTIC_THRESHOLD:.0%} for the guide or "
               "for some site (those weights are deterministic, so the mutual information loses their part of the "
               "epistemic signal). code bits: bits per weight of the codes alone; storage bits: per weight, "
               "everything needed to decode (allocation rows only). matched baseline: the float guide trained as "

@@ -276,7 +276,8 @@ def _row_float(ctx: RowContext, spec: RowSpec):
 def _row_post_hoc(ctx: RowContext, spec: RowSpec):
     """VPQ, SPQ or JQ at the row's bits; the first and the last layer at ``ends_bits`` when that is more.
     A family ending in ``-sr`` (``spq-sr``, ``jq-sr``) rounds the sampled weights stochastically
-    (``cfg.sr_rounding``: variance-matched by default)."""
+    (``cfg.sr_rounding``: by default the variance-matched rule where it matches the posterior's variance,
+    round to nearest elsewhere)."""
     site_bits = end_site_bits(ctx.guide.sites, ctx.cfg.ends_bits, spec.bits)
     extra = {"ends_bits": ctx.cfg.ends_bits, "end_sites": sorted(site_bits)} if site_bits else {}
     rounding = ctx.cfg.sr_rounding if spec.family.endswith("-sr") else None
@@ -399,6 +400,7 @@ def _evaluate_row(cfg: StudyConfig, spec: RowSpec, model, guide, tests, train, r
         "training": spec.training,
         "mi_in": record["epistemic_in"],
         "varying_fraction": record.get("varying_fraction"),
+        "stochastic_fraction": memory.uniforms_per_draw / memory.num_params,
         "collapsed": _collapsed(record),
         "code_bits": extra.get("code_bits"),
         "storage_bits": extra.get("storage_bits"),
