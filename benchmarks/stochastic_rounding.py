@@ -86,7 +86,8 @@ def main(argv=None) -> None:
     scales = guide.flat_loc_scale()[1].detach()
     print(f"trained: {args.train_limit} images, {args.epochs} epoch(s), init_scale {args.init_scale}; scale median "
           f"{scales.median():.2e}; test {args.test_limit} MNIST vs {args.test_limit} Fashion, {args.num_samples} draws")
-    print(f"{'policy':8s} {'rounding':29s} {'acc':>7s} {'varying':>8s} {'SR':>7s} {'var/s2 med':>10s} {'var/s2 tot':>10s} "
+    print(f"{'policy':8s} {'rounding':29s} {'acc':>7s} {'varying':>8s} {'SR':>7s} {'var/s2 med':>10s} "
+          f"{'var/s2 tot':>10s} "
           f"{'MI MNIST':>10s} {'MI Fashion':>10s} {'AUROC MI':>9s}")
     for name in args.policies.split(","):
         for rounding in (("-",) if name == "float" else args.roundings.split(",")):

@@ -108,6 +108,8 @@ class QuantizedNormal(dist.Normal):
     decides how a draw reaches the grid; a variance-matched stochastic rounding draws the
     Gaussian noise with the smaller :meth:`~pyro_bq.quant.Quantizer.noise_scale`, and the
     weights of :meth:`~pyro_bq.quant.Quantizer.stochastic_mask` are the ones it rounds stochastically.
+    ``rule``: the quantizer's :meth:`~pyro_bq.quant.Quantizer.draw_rule` for ``(loc, scale)`` when the
+    caller has it already (:class:`QuantizedGuide` keeps it between draws); ``None``: computed per draw.
 
     Usage::
 
@@ -117,7 +119,6 @@ class QuantizedNormal(dist.Normal):
 
     def __init__(self, loc, scale, quantizer, validate_args=None, *, rule=None):
         self.quantizer = quantizer
-        #: ``quantizer.draw_rule(loc, scale)`` when the caller has it already (``None``: computed per draw)
         self.rule = rule
         super().__init__(loc, scale, validate_args=validate_args)
 
@@ -251,12 +252,15 @@ class QuantizedGuide(AutoGaussianSites):
             return super().get_posterior(name)
         loc, scale = self.get_loc_scale(name)
         rule = self._draw_rule(name, sq, loc, scale)
-        return QuantizedNormal(loc, scale, sq.sample, validate_args=False, rule=rule).to_event(self.sites[name].event_dim)
+        draws = QuantizedNormal(loc, scale, sq.sample, validate_args=False, rule=rule)
+        return draws.to_event(self.sites[name].event_dim)
 
     def _draw_rule(self, name, sq, loc, scale):
-        """``sq.sample.draw_rule(loc, scale)``, computed again only when the site's quantizers or its
-        quantized ``loc`` and ``scale`` have changed (the variance-matched rules solve for their noise
-        per weight, which costs more than a draw; SVI steps change the parameters, predictions do not)."""
+        """``sq.sample.draw_rule(loc, scale)``, computed again only when the site's quantizers (by
+        identity: quantizers are not changed in place, ``calibrate`` and ``with_rounding`` return copies)
+        or its quantized ``loc`` and ``scale`` (by value) have changed. The variance-matched rules solve
+        for their noise per weight, which costs more than a draw; SVI steps change the parameters,
+        predictions do not."""
         if sq.sample.rounding not in MATCHED_ROUNDINGS:
             return None
         loc, scale = loc.detach(), scale.detach()

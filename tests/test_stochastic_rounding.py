@@ -56,6 +56,14 @@ def test_the_rounding_variance_formula_and_its_smoothed_form():
         total = stochastic_round(x).var()
         predicted = noise**2 + rounding_variance(torch.tensor(pos, dtype=torch.float64), noise)
         assert abs(float(total - predicted)) < 0.01
+    # small noise near a level: the smoothed variance is E[f (1 - f)] itself (about 0.8 noise on a level),
+    # which a truncated Fourier series cannot resolve
+    for pos, noise in ((0.0, 0.001), (0.0, 0.01), (0.97, 0.05), (0.5, 0.24), (0.5, 0.26)):
+        x = pos + noise * torch.randn(1_000_000, dtype=torch.float64)
+        frac = x - torch.floor(x)
+        expected = float((frac * (1 - frac)).mean())
+        predicted = float(rounding_variance(torch.tensor(pos, dtype=torch.float64), noise))
+        assert predicted == pytest.approx(expected, rel=0.02)
 
 
 def test_the_matched_noise_keeps_the_total_variance_where_sigma_allows_it():
@@ -68,6 +76,14 @@ def test_the_matched_noise_keeps_the_total_variance_where_sigma_allows_it():
     for i in range(1, 4):
         x = t[i] + s[i] * torch.randn(200_000, dtype=torch.float64)
         assert abs(float(stochastic_round(x).var() / sigma[i] ** 2) - 1) < 0.03
+    # a mean on a level with a sigma of a few hundredths of a step: rare jumps, still the posterior's variance
+    on_level = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    small = torch.tensor([0.03, 0.06], dtype=torch.float64)
+    s = matched_noise_scale(on_level, small)
+    assert (s > 0).all() and (s < small).all()
+    for i in range(2):
+        x = on_level[i] + s[i] * torch.randn(4_000_000, dtype=torch.float64)
+        assert abs(float(stochastic_round(x).var() / small[i] ** 2) - 1) < 0.1
 
 
 def test_matched_or_nearest_matches_mean_and_variance_where_it_can_and_rounds_to_nearest_elsewhere():

@@ -406,8 +406,13 @@ def uniform_codes_stochastic(x: torch.Tensor, step, zp, qmax, u: torch.Tensor = 
     return torch.minimum(stochastic_round(x / step + zp, u).clamp(min=0), qmax)
 
 
-#: Fourier terms of :func:`rounding_variance` (the truncation error is below ``1 / (pi**2 * terms)``)
+#: Fourier terms of :func:`rounding_variance` for noise of at least :data:`_SERIES_NOISE` steps; the
+#: damping makes the truncation error below ``1e-30`` there
 _VARIANCE_TERMS = 48
+#: below this noise (in steps) :func:`rounding_variance` sums the exact Gaussian expectation over
+#: the :data:`_NEAR_LEVELS` levels on each side of ``t`` (more than 12 noise widths)
+_SERIES_NOISE = 0.25
+_NEAR_LEVELS = 3
 
 
 def rounding_variance(t: torch.Tensor, noise=0.0) -> torch.Tensor:
@@ -416,23 +421,52 @@ def rounding_variance(t: torch.Tensor, noise=0.0) -> torch.Tensor:
     ``noise`` (in units of ``step``): the standard deviation of Gaussian noise added to ``t``
     before rounding; the result is then the expectation over that noise. With ``noise = 0`` it is
     exactly ``f * (1 - f)`` (``f = t - floor(t)``), between 0 on a level and ``1/4`` half-way;
-    averaged over positions it is ``1/6``. With noise it is the Gaussian smoothing of the Fourier
-    series ``f(1 - f) = 1/6 - sum_k cos(2 pi k t) / (pi k)**2`` (each term damped by
-    ``exp(-2 (pi k noise)**2)``), which tends to ``1/6`` once the noise exceeds about a third of a step.
+    averaged over positions it is ``1/6``. With noise below a quarter step it is the exact
+    Gaussian expectation of ``f (1 - f)``, piece by piece between the levels near ``t``
+    (:func:`_smoothed_rounding_variance`; on a level it grows as ``0.8 noise`` for small noise);
+    above, the Gaussian smoothing of the Fourier series ``f(1 - f) = 1/6 - sum_k cos(2 pi k t) / (pi k)**2``
+    (each term damped by ``exp(-2 (pi k noise)**2)``), which tends to ``1/6`` once the noise exceeds
+    about a third of a step.
 
     Usage::
 
         v = rounding_variance(torch.tensor([0.0, 0.5, 0.25]))   # 0, 0.25, 0.1875
     """
     noise = torch.as_tensor(noise, dtype=t.dtype, device=t.device)
-    frac = t - torch.floor(t)
-    exact = frac * (1 - frac)
-    k = torch.arange(1, _VARIANCE_TERMS + 1, dtype=t.dtype, device=t.device)
-    shape = (-1,) + (1,) * max(t.dim(), noise.dim())
-    kk = k.reshape(shape)
+    frac, noise = torch.broadcast_tensors(t - torch.floor(t), noise)
+    out = frac * (1 - frac)
+    small = (noise > 0) & (noise < _SERIES_NOISE)
+    large = noise >= _SERIES_NOISE
+    out = out.masked_scatter(small, _smoothed_rounding_variance(frac[small], noise[small]))
+    return out.masked_scatter(large, _series_rounding_variance(frac[large], noise[large])).clamp(0, 0.25)
+
+
+def _series_rounding_variance(frac: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``E[g(frac + noise Z)]`` (``g``: see :func:`_smoothed_rounding_variance`) from the damped
+    Fourier series of :func:`rounding_variance`, for 1-d ``frac`` and ``noise``."""
+    kk = torch.arange(1, _VARIANCE_TERMS + 1, dtype=frac.dtype, device=frac.device).unsqueeze(1)
     damp = torch.exp(-2 * (torch.pi * kk * noise) ** 2)
-    series = 1 / 6 - (torch.cos(2 * torch.pi * kk * frac) * damp / (torch.pi * kk) ** 2).sum(0)
-    return torch.where(noise > 0, series.clamp(0, 0.25), exact)
+    return 1 / 6 - (torch.cos(2 * torch.pi * kk * frac) * damp / (torch.pi * kk) ** 2).sum(0)
+
+
+def _smoothed_rounding_variance(frac: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``E[g(frac + noise Z)]`` for ``g(x) = f (1 - f)`` of ``x``'s fractional part and a standard
+    normal ``Z``, exactly for ``noise`` below :data:`_SERIES_NOISE` (in float64): on each interval
+    ``[j, j + 1)`` near ``frac``, ``g(x) = u (1 - u)`` with ``u = x - j``, whose Gaussian
+    expectation over the interval follows from the partial moments of the normal distribution."""
+    dtype = noise.dtype
+    frac, s = frac.double(), noise.double()
+    total = torch.zeros_like(frac)
+    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64, device=frac.device), 1.0)
+    for j in range(-_NEAR_LEVELS, _NEAR_LEVELS + 1):
+        mu = frac - j  # u = x - j is Normal(mu, s**2); the interval is 0 <= u < 1
+        a, b = -mu / s, (1 - mu) / s
+        pa, pb = normal.log_prob(a).exp(), normal.log_prob(b).exp()
+        mass = normal.cdf(b) - normal.cdf(a)
+        m1 = mu * mass + s * (pa - pb)
+        m2 = (mu * mu + s * s) * mass + s * (mu * pa - (1 + mu) * pb)
+        total = total + (m1 - m2)
+    return total.to(dtype)
 
 
 def matched_noise_scale(t: torch.Tensor, sigma: torch.Tensor, iters: int = 24) -> torch.Tensor:

@@ -251,6 +251,11 @@ class Quantizer:
         broadcasts to ``x``, the weights rounded stochastically (the others to nearest); the rule
         ``"stochastic-matched-or-nearest"`` needs it (:meth:`stochastic_mask`), the other
         rules round every element by their rule when it is ``None``.
+
+        Usage::
+
+            w = q.quantize_draw(loc + scale * eps)                                   # "stochastic"
+            w = q.quantize_draw(draws, stochastic=q.stochastic_mask(loc, scale))     # any rule
         """
         self._require()
         if self.rounding == "nearest":
@@ -266,7 +271,8 @@ class Quantizer:
         raise ValueError(f"{type(self).__name__} has no stochastic rounding; use a uniform-grid quantizer "
                          "(UniformQuantizer, IntervalQuantizer, SignedGridQuantizer)")
 
-    def draw_rule(self, loc: torch.Tensor, scale: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def draw_rule(self, loc: torch.Tensor,
+                  scale: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``(noise_ratio, stochastic)``: how this quantizer's rounding rule draws from the posterior
         ``Normal(loc, scale)``, fixed per weight. The Gaussian noise has the standard deviation
         ``scale * noise_ratio`` (``None``: ``scale``); ``stochastic`` is :meth:`stochastic_mask`.
@@ -279,7 +285,7 @@ class Quantizer:
         Usage::
 
             ratio, stochastic = q.draw_rule(loc, scale)   # (None, None) for "nearest" and "stochastic"
-            w = q(loc + scale * ratio * eps, stochastic=stochastic)
+            w = q(loc + q.noise_scale(loc, scale) * eps, stochastic=stochastic)
         """
         if self.rounding not in MATCHED_ROUNDINGS:
             return None, None
@@ -297,7 +303,7 @@ class Quantizer:
 
         Usage::
 
-            s = q.noise_scale(loc, scale)     # loc + s * eps, then q(...)
+            s = q.noise_scale(loc, scale)     # loc + s * eps, then q(..., stochastic=q.stochastic_mask(loc, scale))
         """
         ratio = self.draw_rule(loc, scale)[0]
         return scale if ratio is None else scale * ratio

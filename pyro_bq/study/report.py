@@ -171,9 +171,11 @@ def write_tables(rows: list[dict], out: Path, *, data_info: Optional[dict] = Non
     md.append("training: `trained` rows train beyond the shared float guide (log-quantized guide, PWFN, SMOL, QAT); "
               "`data-free` rows only quantize it. mean MI (MNIST): the mutual information (nats) averaged over the "
               "MNIST test inputs. varying weights: the fraction of the guide's weights whose 16 seeded draws are not "
-              f"all equal; stochastic weights: the fraction whose draws are rounded stochastically (the `-sr` rows); collapsed draws: **yes** when it is below {DETERMINISTIC_THRESHOLD:.0%} for the guide or "
+              f"all equal; collapsed draws: **yes** when it is below {DETERMINISTIC_THRESHOLD:.0%} for the guide or "
               "for some site (those weights are deterministic, so the mutual information loses their part of the "
-              "epistemic signal). code bits: bits per weight of the codes alone; storage bits: per weight, "
+              "epistemic signal). stochastic weights: the fraction of the weights whose draws are rounded "
+              "stochastically (the `-sr` rows). code bits: bits per weight of the codes alone; storage bits: "
+              "per weight, "
               "everything needed to decode (allocation rows only). matched baseline: the float guide trained as "
               "many more SVI steps (`float+N`) from the same start as the trained row; the Δ columns are the "
               "trained row minus that baseline, so an advantage that comes from the extra training alone shows as 0.")
