@@ -44,6 +44,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Union
 
@@ -73,6 +74,7 @@ __all__ = [
     "nearest_code",
     "ROUNDINGS",
     "MATCHED_ROUNDINGS",
+    "MATCHED_OR_NEAREST",
     "check_rounding",
     "stochastic_round",
     "uniform_codes_stochastic",
@@ -354,13 +356,15 @@ def nearest_code(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return codebook.to(device=values.device, dtype=values.dtype)[idx]
 
 
+#: the rule that rounds only some weights stochastically (:meth:`pyro_bq.quant.Quantizer.stochastic_mask`)
+MATCHED_OR_NEAREST = "stochastic-matched-or-nearest"
 #: rounding rules of weight draws: round to nearest (half to even), stochastic rounding,
 #: stochastic rounding with the Gaussian noise shrunk so that the total variance matches (see
 #: :func:`matched_noise_scale`), and that matched rule only where it can give the posterior's
 #: variance, round to nearest for the other weights (see :func:`matchable`)
-ROUNDINGS = ("nearest", "stochastic", "stochastic-matched", "stochastic-matched-or-nearest")
+ROUNDINGS = ("nearest", "stochastic", "stochastic-matched", MATCHED_OR_NEAREST)
 #: the rules whose draws need a per-weight noise scale (:meth:`pyro_bq.quant.Quantizer.draw_rule`)
-MATCHED_ROUNDINGS = ("stochastic-matched", "stochastic-matched-or-nearest")
+MATCHED_ROUNDINGS = ("stochastic-matched", MATCHED_OR_NEAREST)
 
 
 def check_rounding(name: str, rounding) -> str:
@@ -457,12 +461,11 @@ def _smoothed_rounding_variance(frac: torch.Tensor, noise: torch.Tensor) -> torc
     dtype = noise.dtype
     frac, s = frac.double(), noise.double()
     total = torch.zeros_like(frac)
-    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64, device=frac.device), 1.0)
     for j in range(-_NEAR_LEVELS, _NEAR_LEVELS + 1):
         mu = frac - j  # u = x - j is Normal(mu, s**2); the interval is 0 <= u < 1
         a, b = -mu / s, (1 - mu) / s
-        pa, pb = normal.log_prob(a).exp(), normal.log_prob(b).exp()
-        mass = normal.cdf(b) - normal.cdf(a)
+        pa, pb = (torch.exp(-z * z / 2) / math.sqrt(2 * math.pi) for z in (a, b))
+        mass = torch.special.ndtr(b) - torch.special.ndtr(a)
         m1 = mu * mass + s * (pa - pb)
         m2 = (mu * mu + s * s) * mass + s * (mu * pa - (1 + mu) * pb)
         total = total + (m1 - m2)

@@ -53,6 +53,7 @@ from pyro_bq._validation import check_choice, check_float, check_int, check_type
 
 from .codebook import pow2_family
 from .grids import (
+    MATCHED_OR_NEAREST,
     MATCHED_ROUNDINGS,
     check_bits,
     check_rounding,
@@ -260,7 +261,7 @@ class Quantizer:
         self._require()
         if self.rounding == "nearest":
             return self.quantize(x)
-        if stochastic is None and self.rounding == "stochastic-matched-or-nearest":
+        if stochastic is None and self.rounding == MATCHED_OR_NEAREST:
             raise ValueError("stochastic is None: rounding='stochastic-matched-or-nearest' chooses per weight from the "
                              "posterior; pass stochastic=quantizer.stochastic_mask(loc, scale) (QuantizedNormal does)")
         with torch.no_grad():
@@ -322,7 +323,7 @@ class Quantizer:
             mask = q.stochastic_mask(loc, scale)
             w = q(loc + q.noise_scale(loc, scale) * eps, stochastic=mask)
         """
-        if self.rounding != "stochastic-matched-or-nearest":
+        if self.rounding != MATCHED_OR_NEAREST:
             return None
         self._require()
         return self._matchable(loc.detach(), scale.detach())
